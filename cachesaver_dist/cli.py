@@ -1,0 +1,190 @@
+"""``cachesaver-dist``: workers, the demo, the simulator and the stats table.
+
+Every command connects to ``--redis-url`` (default: ``REDIS_URL``); with neither, it
+uses the embedded server of ``--data-dir`` (started if no live process runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from .protocol import DEFAULT_PREFIX, Keys
+from .scripts import DEFAULT_RUN_TTL_S
+
+log = logging.getLogger("cachesaver_dist")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis URL (default: $REDIS_URL, else the embedded server)")
+    p.add_argument("--data-dir", default=os.environ.get("CACHESAVER_DATA_DIR", ".cachesaver"),
+                   help="data folder of the embedded server (default: .cachesaver)")
+    p.add_argument("--prefix", default=os.environ.get("CACHESAVER_PREFIX", DEFAULT_PREFIX),
+                   help=f"key prefix in Redis (default: {DEFAULT_PREFIX})")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachesaver-dist", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="run a cache or batch worker")
+    kinds = worker.add_subparsers(dest="kind", required=True)
+    cache = kinds.add_parser("cache", help="bookkeeping worker (arq, fast queue)")
+    _common(cache)
+    cache.add_argument("--poll-delay", type=float, default=0.005,
+                       help="seconds between queue polls (default: 0.005)")
+    cache.add_argument("--max-jobs", type=int, default=50, help="jobs at once (default: 50)")
+    cache.add_argument("--run-ttl", type=int, default=DEFAULT_RUN_TTL_S,
+                       help="seconds an idle run's counters are kept (default: 7 days)")
+    batch = kinds.add_parser("batch", help="generation worker: calls the models")
+    _common(batch)
+    batch.add_argument("--model", action="append", required=True, metavar="NAME",
+                       help="model to serve: sim:<name> or package.module:factory (repeatable)")
+    batch.add_argument("--batch-size", type=int, default=32, help="entries per read (32)")
+    batch.add_argument("--batch-wait", type=float, default=0.005,
+                       help="seconds to wait for a batch to fill (0.005)")
+    batch.add_argument("--concurrency", type=int, default=32,
+                       help="generation work in flight at once (32)")
+    batch.add_argument("--lease", type=float, default=30.0,
+                       help="seconds before a dead worker's work is taken over (30)")
+    batch.add_argument("--sim-latency", type=float, default=0.05,
+                       help="seconds per call of sim: models (0.05)")
+
+    demo = sub.add_parser("demo", help="the main job: a reasoning workload, run twice")
+    _common(demo)
+    demo.add_argument("--puzzles", type=int, default=12, help="puzzles per pass (12)")
+    demo.add_argument("--latency", type=float, default=0.05, help="model latency, s (0.05)")
+
+    stats = sub.add_parser("stats", help="what the cache saved, per run and in total")
+    _common(stats)
+    stats.add_argument("--run", help="one run only (default: every run and the total)")
+
+    drop = sub.add_parser("drop-run", help="forget a run's namespace counters (samples stay)")
+    _common(drop)
+    drop.add_argument("run", help="the run id")
+
+    from . import simulator
+
+    sim = sub.add_parser("simulator", help="a local OpenAI-compatible LLM simulator server")
+    simulator.add_arguments(sim)
+    return parser
+
+
+def _logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 1:
+        logging.getLogger("arq").setLevel(logging.WARNING)
+
+
+def _redis_url(args: argparse.Namespace) -> tuple[str, Any]:
+    from .server import resolve_redis_url
+
+    return resolve_redis_url(args.redis_url, args.data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "simulator":
+        from . import simulator
+
+        simulator.main_from_args(args)
+        return 0
+    _logging(args.verbose)
+    url, server = _redis_url(args)
+    keys = Keys(args.prefix)
+    try:
+        if args.command == "worker" and args.kind == "cache":
+            return _run_cache_worker(url, keys, args)
+        if args.command == "worker":
+            return asyncio.run(_run_batch_worker(url, keys, args))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(url, keys, args.puzzles, args.latency))
+        if args.command == "stats":
+            from .report import print_stats
+
+            return asyncio.run(print_stats(url, keys, args.run))
+        if args.command == "drop-run":
+            return asyncio.run(_drop_run(url, keys, args.run))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+    return 2
+
+
+def _run_cache_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
+    from arq.connections import RedisSettings
+
+    from workers.cache_worker import cache_worker
+
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_retries, settings.conn_retry_delay = 30, 1
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker = cache_worker(keys, redis_settings=settings, poll_delay=args.poll_delay,
+                          max_jobs=args.max_jobs, run_ttl_s=args.run_ttl)
+    log.info("cache worker on %s (queue %s)", _safe(url), keys.cache_queue)
+    worker.run()
+    return 0
+
+
+async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
+    from workers.batch_worker import BatchWorker, BatchWorkerConfig
+
+    from .models import load_model
+    from .pipelines import connect
+
+    try:
+        models = {name: load_model(name, sim_latency=args.sim_latency) for name in args.model}
+    except (ValueError, TypeError) as exc:
+        print(f"cachesaver-dist: {exc}", file=sys.stderr)
+        return 2
+    redis = connect(url)
+    worker = BatchWorker(redis, keys, models, BatchWorkerConfig(
+        batch_size=args.batch_size, batch_wait=args.batch_wait,
+        concurrency=args.concurrency, lease=args.lease))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info("batch worker on %s", _safe(url))
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+    return 0
+
+
+async def _drop_run(url: str, keys: Keys, run: str) -> int:
+    from .pipelines import connect
+
+    redis = connect(url)
+    try:
+        dropped = await redis.delete(keys.usage(run))
+    finally:
+        await redis.aclose()
+    print(f"run {run!r}: " + ("counters dropped" if dropped else "no counters found"))
+    return 0
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+if __name__ == "__main__":
+    sys.exit(main())

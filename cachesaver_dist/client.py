@@ -1,0 +1,148 @@
+"""The client transport: enqueue batches for the cache workers, wait for replies.
+
+One pattern subscription per client receives every reply; it is confirmed before the
+first enqueue. Pub/sub delivers at most once, so a request with no reply after
+``reply_timeout`` is asked again with the same id (its reservation is idempotent);
+the wait between re-asks doubles up to 30 s, until ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .beacon import alive_workers
+from .errors import GenerationError, ReplyTimeoutError
+from .protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_reply, encode_job
+from .scripts import WorkItem
+
+log = logging.getLogger("cachesaver_dist.client")
+
+MAX_REASK_WAIT_S = 30.0
+
+
+class CacheClient:
+    """Sends request batches through Redis and returns the raw replies."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, reply_timeout: float = 2.0,
+                 request_timeout: float = 600.0) -> None:
+        self.redis, self.keys = redis, keys
+        self.reply_timeout, self.request_timeout = reply_timeout, request_timeout
+        self.client_id = uuid.uuid4().hex
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task | None = None
+        self._arq = ArqRedis(connection_pool=redis.connection_pool,
+                             job_serializer=arq_serialize, job_deserializer=arq_deserialize,
+                             default_queue_name=keys.cache_queue)
+
+    async def start(self) -> None:
+        """Subscribe to this client's replies and wait until Redis confirms."""
+        self._pubsub = self.redis.pubsub()
+        await self._pubsub.psubscribe(self.keys.reply_pattern(self.client_id))
+        deadline = time.monotonic() + 10
+        while True:
+            msg = await self._pubsub.get_message(timeout=1.0)
+            if msg and msg["type"] == "psubscribe":
+                break
+            if time.monotonic() > deadline:
+                raise ConnectionError("Redis did not confirm the reply subscription in 10 s")
+        self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def _read_replies(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+                backoff = 0.1
+            except (RedisError, OSError) as exc:  # reconnects and re-subscribes next call
+                log.warning("reply subscription lost (%s); reconnecting", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if not msg or msg["type"] != "pmessage":
+                continue
+            try:
+                reply = decode_reply(msg["data"])
+            except Exception as exc:
+                log.error("unreadable reply on %s: %s", msg["channel"], exc)
+                continue
+            fut = self._waiting.get(reply["id"])
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def submit(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        """Send ``items`` as one batch; return their replies in the same order."""
+        loop = asyncio.get_running_loop()
+        futures = {it.uuid: loop.create_future() for it in items}
+        self._waiting.update(futures)
+        try:
+            deadline = time.monotonic() + self.request_timeout
+            pending, wait = items, self.reply_timeout
+            while pending:
+                await self._enqueue(pending)
+                left = deadline - time.monotonic()
+                await asyncio.wait([futures[it.uuid] for it in pending], timeout=min(wait, left))
+                pending = [it for it in pending if not futures[it.uuid].done()]
+                if pending and time.monotonic() >= deadline:
+                    raise ReplyTimeoutError(await self._timeout_message(pending))
+                if pending:
+                    log.debug("%d requests without reply after %.1f s; asking again",
+                              len(pending), wait)
+                wait = min(wait * 2, MAX_REASK_WAIT_S)
+        finally:
+            for it in items:
+                self._waiting.pop(it.uuid, None)
+        replies = [futures[it.uuid].result() for it in items]
+        for it, reply in zip(items, replies):
+            if "error" in reply:
+                raise GenerationError(reply["error"]["message"] +
+                                      f" (request_id {it.request_id!r})")
+        return replies
+
+    async def _enqueue(self, items: list[WorkItem]) -> None:
+        payload = encode_job(self.client_id, [it.to_wire() for it in items])
+        backoff = 0.1
+        while True:
+            try:
+                await self._arq.enqueue_job(CACHE_JOB, payload, _expires=self.request_timeout)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("enqueue failed (%s); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _timeout_message(self, pending: list[WorkItem]) -> str:
+        routes = sorted({it.route for it in pending})
+        hints = []
+        with contextlib.suppress(RedisError, OSError):
+            if not await alive_workers(self.redis, self.keys, "cache"):
+                hints.append("no cache worker is alive: start one with "
+                             "'cachesaver-dist worker cache'")
+            for route in routes:
+                if not await alive_workers(self.redis, self.keys, route):
+                    hints.append(f"no batch worker serves model {route!r}: start one with "
+                                 f"'cachesaver-dist worker batch --model {route}'")
+        hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
+        return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
+                f"({hint}); samples generated meanwhile stay cached")

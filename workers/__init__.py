@@ -1,0 +1,1 @@
+"""Worker-side logic: cache workers (arq) and batch workers (Redis streams)."""

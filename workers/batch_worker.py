@@ -1,0 +1,197 @@
+"""Batch workers: collect generation work from all clients, call the model, fill.
+
+Work arrives on one Redis stream per route (model name), read through a consumer
+group. An entry is one prompt key with the indices claimed for it. An entry that is
+read but not acknowledged is leased: the worker refreshes its lease while the model
+call runs; entries of a worker that died are claimed by another one once their lease
+has run out, and generated again (late fills are ignored: set-if-absent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from cachesaver_dist.beacon import beacon_loop, worker_name
+from cachesaver_dist.models import generate
+from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_spec
+from cachesaver_dist.scripts import fill, release
+
+from .outbox import Outbox
+
+log = logging.getLogger("cachesaver_dist.batch_worker")
+
+
+@dataclass
+class Work:
+    """Generation work for one prompt key, merged from one or more stream entries."""
+
+    route: str
+    key: str
+    fields: dict[str, Any]
+    model_id: str
+    indices: list[int] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchWorkerConfig:
+    batch_size: int = 32
+    batch_wait: float = 0.005
+    concurrency: int = 32
+    lease: float = 30.0
+
+
+class BatchWorker:
+    """Serves the work streams of ``models`` (route -> model object) until stopped."""
+
+    def __init__(self, redis: Redis, keys: Keys, models: Mapping[str, Any],
+                 config: BatchWorkerConfig | None = None, name: str | None = None) -> None:
+        self.redis, self.keys, self.models = redis, keys, dict(models)
+        self.config = config or BatchWorkerConfig()
+        self.name = name or worker_name()
+        self.streams = {keys.work_stream(route): route for route in self.models}
+        self._inflight: dict[str, set[str]] = {s: set() for s in self.streams}
+        self._tasks: set[asyncio.Task] = set()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Read, generate and fill until ``stop()``; then finish the calls in flight."""
+        await self._ensure_groups()
+        beacon = beacon_loop(self.redis, self.keys, *self.models)
+        log.info("batch worker %s serving %s", self.name, ", ".join(self.models))
+        next_upkeep = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if time.monotonic() >= next_upkeep:
+                        await self._upkeep()
+                        next_upkeep = time.monotonic() + self.config.lease / 3
+                    await self._read_once()
+                except (RedisError, OSError) as exc:
+                    log.warning("redis unavailable (%s); retrying in 1 s", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            beacon.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _ensure_groups(self) -> None:
+        for stream in self.streams:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+
+    def _free(self) -> int:
+        return self.config.concurrency - sum(len(v) for v in self._inflight.values())
+
+    async def _read_once(self) -> None:
+        free = self._free()
+        if free <= 0:
+            await asyncio.sleep(0.005)
+            return
+        count = min(self.config.batch_size, free)
+        block = int(min(1.0, self.config.lease / 3) * 1000)
+        got = await self.redis.xreadgroup(
+            CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count, block=block
+        )
+        if got and self.config.batch_wait > 0 and _size(got) < count:
+            await asyncio.sleep(self.config.batch_wait)
+            more = await self.redis.xreadgroup(
+                CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"),
+                count=count - _size(got),
+            )
+            got = list(got) + list(more or [])
+        self._dispatch([(s.decode(), entries) for s, entries in got or []])
+
+    async def _upkeep(self) -> None:
+        """Refresh our leases, take over expired ones of dead workers."""
+        lease_ms = int(self.config.lease * 1000)
+        for stream, ids in self._inflight.items():
+            if ids:
+                await self.redis.xclaim(stream, CONSUMER_GROUP, self.name, 0, list(ids),
+                                        justid=True)
+        free = self._free()
+        for stream in self.streams:
+            if free <= 0:
+                return
+            _, entries, _ = await self.redis.xautoclaim(
+                stream, CONSUMER_GROUP, self.name, lease_ms, "0-0", count=free
+            )
+            if entries:
+                log.warning("took over %d expired work entries on %s", len(entries), stream)
+                self._dispatch([(stream, entries)])
+                free -= len(entries)
+
+    def _dispatch(self, got: list[tuple[str, list]]) -> None:
+        by_route: dict[str, dict[str, Work]] = {}
+        for stream, entries in got:
+            route = self.streams[stream]
+            works = by_route.setdefault(route, {})
+            for entry_id, data in entries:
+                if not data:  # deleted meanwhile
+                    continue
+                eid = entry_id.decode()
+                self._inflight[stream].add(eid)
+                key = data[b"key"].decode()
+                work = works.get(key)
+                if work is None:
+                    spec = decode_spec(data[b"spec"])
+                    work = works[key] = Work(route, key, spec["fields"], spec["model_id"])
+                work.indices += [int(i) for i in data[b"idx"].split(b",")]
+                work.entries.append(eid)
+        for route, works in by_route.items():
+            task = asyncio.create_task(self._generate(route, list(works.values())))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _generate(self, route: str, works: list[Work]) -> None:
+        stream = self.keys.work_stream(route)
+        for work in works:  # a fill may already cover some indices (a takeover)
+            work.indices = sorted(set(work.indices))
+        try:
+            started = time.monotonic()
+            results = await generate(self.models[route], [(w.fields, len(w.indices))
+                                                          for w in works])
+            log.debug("%s: %d keys generated in %.3f s", route, len(works),
+                      time.monotonic() - started)
+            outbox = Outbox(self.keys)
+            for work, result in zip(works, results):
+                if isinstance(result, Exception):
+                    await self._fail(outbox, work, result)
+                else:
+                    for w in await fill(self.redis, self.keys, work.key,
+                                        dict(zip(work.indices, result))):
+                        outbox.reply(w.waiter_id, w.flags, w.samples, w.run, w.model_id)
+            await outbox.send(self.redis)
+            ids = [eid for w in works for eid in w.entries]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("%s: could not store results (%s); the entries stay leased and "
+                        "will be generated again", route, exc)
+        finally:
+            for w in works:
+                self._inflight[stream].difference_update(w.entries)
+
+    async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
+        message = f"model {work.model_id!r} failed: {type(error).__name__}: {error}"
+        log.error("%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
+        for w in await release(self.redis, self.keys, work.key, work.indices):
+            outbox.error(w.waiter_id, "model_error", message)
+
+
+def _size(got: Any) -> int:
+    return sum(len(entries) for _, entries in got or [])

@@ -1,0 +1,90 @@
+"""Cache workers: one arq job per client batch.
+
+A job reorders its requests by ``request_id``, reserves indices for all of them in
+one script call (which also hands claimed indices to the batch workers), and
+publishes every reply that is already complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.worker import Worker, func
+
+from cachesaver_dist.beacon import beacon_loop
+from cachesaver_dist.protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_job
+from cachesaver_dist.scripts import DEFAULT_RUN_TTL_S, WorkItem, reserve
+
+from .outbox import Outbox
+
+log = logging.getLogger("cachesaver_dist.cache_worker")
+
+JOB_TIMEOUT_S = 10
+
+
+async def handle_batch(
+    redis: Any, keys: Keys, payload: bytes, run_ttl_s: int = DEFAULT_RUN_TTL_S
+) -> int:
+    """Serve one client batch; return how many requests were answered at once."""
+    job = decode_job(payload)
+    client = job["client"]
+    items = sorted((WorkItem.from_wire(r) for r in job["requests"]), key=lambda it: it.request_id)
+    reservations = await reserve(redis, keys, client, items, run_ttl_s)
+    outbox = Outbox(keys)
+    for r in reservations:
+        if r.complete:
+            it = r.item
+            outbox.reply(f"{client}:{it.uuid}", r.flags, r.samples, it.run, it.model_id,
+                         first=r.new)
+    await outbox.send(redis)
+    log.debug("batch of %d from %s: %d answered from cache", len(items), client,
+              len(outbox.messages))
+    return sum(r.complete for r in reservations)
+
+
+async def process_batch(ctx: dict[str, Any], payload: bytes) -> int:
+    """The arq job function."""
+    return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    ctx["beacon"] = beacon_loop(ctx["redis"], ctx["keys"], "cache")
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    if "beacon" in ctx:
+        ctx["beacon"].cancel()
+
+
+def cache_worker(
+    keys: Keys,
+    *,
+    redis_pool: ArqRedis | None = None,
+    redis_settings: Any = None,
+    poll_delay: float = 0.005,
+    max_jobs: int = 50,
+    run_ttl_s: int = DEFAULT_RUN_TTL_S,
+    handle_signals: bool = True,
+) -> Worker:
+    """An arq worker for the cache queue, msgpack-serialized, with a short job timeout."""
+    return Worker(
+        functions=[func(process_batch, name=CACHE_JOB, timeout=JOB_TIMEOUT_S, max_tries=5,
+                        keep_result=0)],
+        queue_name=keys.cache_queue,
+        redis_pool=redis_pool,
+        redis_settings=redis_settings,
+        poll_delay=poll_delay,
+        max_jobs=max_jobs,
+        keep_result=0,
+        job_serializer=arq_serialize,
+        job_deserializer=arq_deserialize,
+        handle_signals=handle_signals,
+        health_check_interval=15,
+        health_check_key=f"{keys.prefix}health:cache",
+        ctx={"keys": keys, "run_ttl_s": run_ttl_s},
+        on_startup=_startup,
+        on_shutdown=_shutdown,
+        log_results=False,
+    )
