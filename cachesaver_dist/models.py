@@ -116,7 +116,9 @@ def make_request(fields: dict[str, Any], n: int, request_id: str = "") -> Reques
     return _request_class(extra)(n=n, request_id=request_id, namespace=None, **fields)
 
 
-async def generate(model: Any, jobs: list[tuple[dict[str, Any], int]]) -> list[list[bytes] | Exception]:
+async def generate(
+    model: Any, jobs: list[tuple[dict[str, Any], int]]
+) -> list[list[bytes] | Exception]:
     """Ask ``model`` for ``n`` samples per job; per job, the encoded samples or the error.
 
     A model with ``request()`` gets one call per job (failures stay separate); a

@@ -155,14 +155,13 @@ class OnlineAPI:
         self._flush()
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
-        for worker, task in self._background:
-            if hasattr(worker, "stop"):
-                worker.stop()
-                await asyncio.gather(task, return_exceptions=True)
-            else:
-                await worker.close()
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._background:
+            from workers.cache_worker import stop_worker
+
+            (cw, cw_task), (bw, bw_task) = self._background
+            bw.stop()
+            await asyncio.gather(bw_task, return_exceptions=True)
+            await stop_worker(cw, cw_task)
         self._background = []
         if self._client:
             await self._client.close()
@@ -235,5 +234,7 @@ def _response(reply: dict[str, Any]) -> Response:
         data=[s["data"] for s in samples],
         cached=[f == CACHED for f in flags],
         duplicated=[f == DUPLICATED for f in flags],
-        metadata=[{k: v for k, v in s.items() if k not in ("v", "data")} for s in samples],
+        metadata=[{"index": reply["start"] + i, **{k: v for k, v in s.items()
+                                                   if k not in ("v", "data")}}
+                  for i, s in enumerate(samples)],
     )

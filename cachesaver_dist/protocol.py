@@ -154,12 +154,15 @@ def decode_sample(data: bytes) -> dict[str, Any]:
     return _check(unpack(data), "sample")
 
 
-def encode_reply(request_uuid: str, flags: str, samples: list[bytes]) -> bytes:
-    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "flags": flags, "samples": samples})
+def encode_reply(request_uuid: str, start: int, flags: str, samples: list[bytes]) -> bytes:
+    """Samples ``start, start+1, ...`` of a request, with their flags."""
+    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "start": start, "flags": flags,
+                 "samples": samples})
 
 
 def encode_error_reply(request_uuid: str, kind: str, message: str) -> bytes:
-    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "error": {"kind": kind, "message": message}})
+    error = {"kind": kind, "message": message}
+    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "error": error})
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:

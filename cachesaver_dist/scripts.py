@@ -65,6 +65,7 @@ class Reservation:
     item: WorkItem
     complete: bool
     new: bool
+    start: int
     flags: str
     samples: list[bytes]
 
@@ -94,7 +95,7 @@ async def reserve(
                  waiter_info(it.run, it.model_id), it.key, it.spec]
     raw = await _script(redis, "reserve")(keys=k, args=argv)
     return [
-        Reservation(it, bool(r[0]), bool(r[1]), _text(r[2]), list(r[3:]))
+        Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
         for it, r in zip(items, raw)
     ]
 

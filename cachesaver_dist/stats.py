@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from .protocol import CACHED, DUPLICATED, GENERATED, Keys, decode_sample
 
 KIND_NAMES = {CACHED: "cached", DUPLICATED: "deduplicated", GENERATED: "generated"}
-COUNTERS = ("requests",) + tuple(
+COUNTERS = ("requests", *(
     f"{what}_{kind}"
     for kind in KIND_NAMES.values()
     for what in ("samples", "prompt_tokens", "completion_tokens")
-)
+))
 
 
 def account(tally: Counter, run: str, model_id: str, flags: str, samples: list[bytes]) -> None:

@@ -172,7 +172,8 @@ class BatchWorker:
                 else:
                     for w in await fill(self.redis, self.keys, work.key,
                                         dict(zip(work.indices, result))):
-                        outbox.reply(w.waiter_id, w.flags, w.samples, w.run, w.model_id)
+                        outbox.reply(w.waiter_id, w.start, w.flags, w.samples, w.run,
+                                     w.model_id)
             await outbox.send(self.redis)
             ids = [eid for w in works for eid in w.entries]
             pipe = self.redis.pipeline(transaction=False)

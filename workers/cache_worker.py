@@ -7,6 +7,7 @@ publishes every reply that is already complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -36,7 +37,7 @@ async def handle_batch(
     for r in reservations:
         if r.complete:
             it = r.item
-            outbox.reply(f"{client}:{it.uuid}", r.flags, r.samples, it.run, it.model_id,
+            outbox.reply(f"{client}:{it.uuid}", r.start, r.flags, r.samples, it.run, it.model_id,
                          first=r.new)
     await outbox.send(redis)
     log.debug("batch of %d from %s: %d answered from cache", len(items), client,
@@ -56,6 +57,17 @@ async def _startup(ctx: dict[str, Any]) -> None:
 async def _shutdown(ctx: dict[str, Any]) -> None:
     if "beacon" in ctx:
         ctx["beacon"].cancel()
+
+
+async def stop_worker(worker: Worker, task: asyncio.Task) -> None:
+    """Stop an in-process worker: no new jobs, let running jobs finish, release Redis."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    if worker.on_shutdown:
+        await worker.on_shutdown(worker.ctx)
+    if worker._pool is not None:  # arq has no public way to stop without cancelling jobs
+        await worker.pool.aclose(close_connection_pool=True)
 
 
 def cache_worker(

@@ -19,13 +19,13 @@ class Outbox:
         self.tally: Counter = Counter()
 
     def reply(
-        self, waiter_id: str, flags: str, samples: list[bytes], run: str, model_id: str,
-        *, first: bool = True,
+        self, waiter_id: str, start: int, flags: str, samples: list[bytes], run: str,
+        model_id: str, *, first: bool = True,
     ) -> None:
         """Answer one request; ``first`` is false for a repeat answer (not counted again)."""
         client, uuid = waiter_id.split(":", 1)
         self.messages.append(
-            (self.keys.reply_channel(client, uuid), encode_reply(uuid, flags, samples))
+            (self.keys.reply_channel(client, uuid), encode_reply(uuid, start, flags, samples))
         )
         if first:
             account(self.tally, run, model_id, flags, samples)

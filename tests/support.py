@@ -1,0 +1,38 @@
+"""Models for tests, loadable by batch worker processes via ``tests.support:<factory>``."""
+
+from __future__ import annotations
+
+import os
+
+from redis.asyncio import Redis
+
+from cachesaver_dist import Request, Response, SimModel
+
+COUNTER_ENV = "CACHESAVER_TEST_COUNTER"
+
+
+class CountingModel(SimModel):
+    """The simulator, plus a Redis hash of samples generated per prompt (across processes)."""
+
+    def __init__(self) -> None:
+        super().__init__("counting", latency=float(os.environ.get("TEST_MODEL_LATENCY", "0.02")))
+        self.counter_key = os.environ[COUNTER_ENV]
+        self._redis: Redis | None = None
+
+    async def request(self, request: Request) -> Response:
+        response = await super().request(request)
+        if self._redis is None:
+            self._redis = Redis.from_url(os.environ["REDIS_URL"])
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(self.counter_key, str(request.prompt), request.n)
+        pipe.hincrby(self.counter_key, "__calls__", 1)
+        await pipe.execute()
+        return response
+
+
+def counting_model() -> CountingModel:
+    return CountingModel()
+
+
+def not_a_model() -> object:
+    return object()

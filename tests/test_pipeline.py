@@ -1,0 +1,220 @@
+"""The semantics of DESIGN section 5, through OnlineAPI on a real Redis server.
+
+The model runs in-process here; cache and batch workers are the same code the
+worker pool runs (cross-process behaviour is in test_processes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from cachesaver_dist import (
+    Batch,
+    GenerationError,
+    InvalidRequestError,
+    OnlineAPI,
+    Request,
+    Response,
+    SimModel,
+    SingleRequestModel,
+)
+from cachesaver_dist.protocol import Keys
+
+
+@dataclass(frozen=True)
+class DecodingRequest(Request):
+    temperature: float = 1
+    max_completion_tokens: int | None = None
+
+
+def api(model, redis_url: str, keys: Keys, **kw) -> OnlineAPI:
+    return OnlineAPI(model, cache=redis_url, prefix=keys.prefix, **kw)
+
+
+async def test_reuse_across_namespaces_one_call(redis_url, keys):
+    model = SimModel("reuse", latency=0.05)
+    async with api(model, redis_url, keys) as pipe:
+        a, b = await asyncio.gather(
+            pipe.request(Request("What is 2+2?", 1, "a", "ns1")),
+            pipe.request(Request("What is 2+2?", 1, "b", "ns2")),
+        )
+    assert model.calls == [("What is 2+2?", 1)]
+    assert a.data == b.data
+    assert sorted([a.duplicated[0], b.duplicated[0]]) == [False, True]
+
+
+async def test_fresh_within_namespace_one_call_n2(redis_url, keys):
+    model = SimModel("fresh")
+    async with api(model, redis_url, keys) as pipe:
+        r1, r2 = await pipe.batch_request(Batch([Request("p", 1, "1", "ns"),
+                                                 Request("p", 1, "2", "ns")]))
+    assert model.calls == [("p", 2)]
+    assert r1.data != r2.data
+    assert (r1.metadata[0]["index"], r2.metadata[0]["index"]) == (0, 1)
+
+
+async def test_minimal_generation_asks_only_missing(redis_url, keys):
+    model = SimModel("minimal")
+    async with api(model, redis_url, keys) as pipe:
+        first = await pipe.request(Request("q", 2, "x", "ns1"))
+        third = await pipe.request(Request("q", 3, "y", "ns2"))
+    assert model.calls == [("q", 2), ("q", 1)]
+    assert third.data[:2] == first.data
+    assert third.cached == [True, True, False]
+    assert third.duplicated == [False, False, False]
+
+
+async def test_batch_is_ordered_by_request_id(redis_url, keys):
+    model = SimModel("order")
+    batch = Batch([Request("same", 1, rid, "ns") for rid in ("3", "1", "2")])
+    async with api(model, redis_url, keys) as pipe:
+        responses = await pipe.batch_request(batch)
+    index = {r.request_id: resp.metadata[0]["index"] for r, resp in zip(batch.requests, responses)}
+    assert index == {"1": 0, "2": 1, "3": 2}
+    assert model.calls == [("same", 3)]
+
+
+async def test_flags_cached_and_duplicated(redis_url, keys):
+    model = SimModel("flags", latency=0.05)
+    async with api(model, redis_url, keys) as pipe:
+        gen, dup = await pipe.batch_request(Batch([Request("f", 2, "a", "n1"),
+                                                   Request("f", 2, "b", "n2")]))
+        again = await pipe.request(Request("f", 3, "c", "n3"))
+    assert (gen.cached, gen.duplicated) == ([False, False], [False, False])
+    assert (dup.cached, dup.duplicated) == ([False, False], [True, True])
+    assert dup.data == gen.data
+    assert again.cached == [True, True, False] and again.duplicated == [False] * 3
+
+
+async def test_model_identity_is_part_of_the_key(redis_url, keys):
+    m1, m2 = SimModel("one"), SimModel("two")
+    async with api(m1, redis_url, keys) as p1, api(m2, redis_url, keys) as p2:
+        await p1.request(Request("shared prompt", 1, "a", "ns"))
+        await p2.request(Request("shared prompt", 1, "a", "ns"))
+    assert m1.calls == m2.calls == [("shared prompt", 1)]
+
+
+async def test_decoding_fields_are_in_the_key_and_reach_the_model(redis_url, keys):
+    seen = []
+
+    class Recorder(SingleRequestModel):
+        model = "recorder"
+
+        async def request(self, request):
+            seen.append((request.temperature, request.max_completion_tokens, request.top_p))
+            return Response(data=[f"t={request.temperature}"] * request.n)
+
+    async with api(Recorder(), redis_url, keys) as pipe:
+        hot = await pipe.request(DecodingRequest("x", 1, "a", "ns", temperature=0.9))
+        cold = await pipe.request(DecodingRequest("x", 1, "b", "ns2", temperature=0.1,
+                                                  max_completion_tokens=5))
+        same = await pipe.request(DecodingRequest("x", 1, "c", "ns3", temperature=0.9))
+    assert seen == [(0.9, None, None), (0.1, 5, None)]
+    assert (hot.data, cold.data) == (["t=0.9"], ["t=0.1"])
+    assert same.cached == [True]
+
+
+async def test_runs_new_instance_rereads_and_shared_run_shares(redis_url, keys):
+    model = SimModel("runs")
+    async with api(model, redis_url, keys) as first:
+        a = await first.request(Request("r", 2, "1", "ns"))
+    async with api(model, redis_url, keys) as second:  # a fresh run: index 0 again
+        b = await second.request(Request("r", 2, "1", "ns"))
+    assert b.data == a.data and b.cached == [True, True]
+    assert len(model.calls) == 1
+
+    async with api(model, redis_url, keys, run="shared") as p1, \
+            api(model, redis_url, keys, run="shared") as p2:
+        x = await p1.request(Request("r", 2, "1", "ns"))
+        y = await p2.request(Request("r", 2, "2", "ns"))
+    assert [m["index"] for m in x.metadata + y.metadata] == [0, 1, 2, 3]
+    assert model.calls == [("r", 2), ("r", 2)]
+
+
+async def test_concurrent_request_calls_are_batched_and_deterministic(redis_url, keys):
+    model = SimModel("batched")
+    async with api(model, redis_url, keys, batch_size=8, timeout=0.05) as pipe:
+        responses = await asyncio.gather(*(
+            pipe.request(Request("p", 1, f"{i:02d}", "ns")) for i in range(8)))
+    assert [r.metadata[0]["index"] for r in responses] == list(range(8))
+    assert model.calls == [("p", 8)]
+
+
+async def test_notebook_surface_with_import_changed(redis_url, keys):
+    """The seed notebook's pipeline cell, with only the import changed."""
+
+    class OnlineLLM(SimModel):
+        def __init__(self, client, model: str):
+            super().__init__(model)
+            self.client = client
+
+    model = OnlineLLM(client=None, model="meta-llama/Llama-3.3-70B-Instruct-Turbo-Free")
+    request1 = DecodingRequest(prompt="What is the meaning of life?", n=2, request_id="sth1",
+                               namespace="sth", max_completion_tokens=10)
+    request2 = DecodingRequest(prompt="Cats or dogs?", n=1, request_id="sth2",
+                               namespace="sth", max_completion_tokens=10)
+    pipeline = OnlineAPI(model=model, cache=redis_url, batch_size=2, timeout=1,
+                         prefix=keys.prefix)
+    single = await pipeline.request(request1)
+    both = await pipeline.batch_request(Batch(requests=[request1, request2]))
+    await pipeline.close()
+    assert len(single.data) == 2 and single.cached == [False, False]
+    assert both[0].data != single.data  # same namespace: fresh samples
+    assert [len(r.data) for r in both] == [2, 1]
+
+
+async def test_permanent_model_error_reaches_waiters_and_releases_claim(redis_url, keys):
+    class Flaky(SingleRequestModel):
+        model = "flaky"
+        broken = True
+
+        async def request(self, request):
+            if self.broken:
+                raise ValueError("invalid api key")
+            return Response(data=["ok"] * request.n)
+
+    model = Flaky()
+    async with api(model, redis_url, keys) as pipe:
+        results = await asyncio.gather(pipe.request(Request("e", 1, "a", "ns1")),
+                                       pipe.request(Request("e", 1, "b", "ns2")),
+                                       return_exceptions=True)
+        assert all(isinstance(r, GenerationError) for r in results)
+        assert "invalid api key" in str(results[0]) and "flaky" in str(results[0])
+        model.broken = False
+        later = await pipe.request(Request("e", 1, "c", "ns3"))
+    assert later.data == ["ok"] and later.metadata[0]["index"] == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (Request("p", 0, "a", "ns"), "n must be"),
+    (Request("p", True, "a", "ns"), "n must be"),
+    (Request(123, 1, "a", "ns"), "prompt must be"),
+    (Request("p", 1, "a", 5), "namespace must be a str"),
+    (Request("p", 1, "a", ""), "namespace must have"),
+    (Request("p", 1, "a", "bad\nname"), "control characters"),
+    (Request("p", 1, 7, "ns"), "request_id must be a str"),
+    (DecodingRequest("p", 1, "a", "ns", temperature=object()), "field 'temperature'"),
+    (Request("x" * 2_000_000, 1, "a", "ns"), "over the limit"),
+])
+async def test_bad_input_is_refused_and_nothing_is_written(redis_url, keys, redis, bad, message):
+    model = SimModel("bad")
+    async with api(model, redis_url, keys) as pipe:
+        with pytest.raises(InvalidRequestError, match=message):
+            await pipe.request(bad)
+        with pytest.raises(InvalidRequestError, match=message):
+            await pipe.batch_request(Batch([Request("good", 1, "g", "ns"), bad]))
+    assert model.calls == []
+    data = ("s:", "g:", "w:", "u:", "r:", "queue:", "stats")
+    written = [k async for k in redis.scan_iter(match=f"{keys.prefix}*")
+               if k.decode()[len(keys.prefix):].startswith(data)]
+    assert written == []
+
+
+def test_bad_arguments_are_refused_early():
+    with pytest.raises(InvalidRequestError, match="run id"):
+        OnlineAPI("sim:x", run="has space")
+    with pytest.raises(TypeError, match="neither request"):
+        OnlineAPI(object())

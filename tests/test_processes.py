@@ -1,0 +1,155 @@
+"""Cross-process behaviour: client processes, CLI worker processes, crashes.
+
+Real Redis, real OS processes. Every process is bounded in time and stopped by the
+``processes`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+import redis as sync_redis
+
+from cachesaver_dist import prompt_key
+from tests.conftest import ROOT, Processes, subprocess_env
+from tests.support import COUNTER_ENV
+
+MODEL = "tests.support:counting_model"
+pytestmark = pytest.mark.processes
+
+
+def start_clients(redis_url, keys, run, namespaces, count, seed0=0):
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.client_proc", keys.prefix, run, MODEL, ns,
+             str(seed0 + i), str(count)],
+            env=subprocess_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=ROOT)
+        for i, ns in enumerate(namespaces)
+    ]
+
+
+def collect(clients, timeout=120):
+    results = []
+    for proc in clients:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        results.append(json.loads(out))
+    return results
+
+
+def start_pool(processes: Processes, cache_workers=2, batch_args=(), counter=""):
+    for _ in range(cache_workers):
+        processes.cli("worker", "cache", name="cache")
+    batch = processes.cli("worker", "batch", "--model", MODEL, *batch_args, name="batch",
+                          env={COUNTER_ENV: counter})
+    processes.wait_alive("cache", cache_workers)
+    processes.wait_alive(MODEL, 1)
+    return batch
+
+
+def check_invariants(results, redis_url, keys, counter):
+    """No index twice in one namespace; samples generated == highest index + 1."""
+    handed = defaultdict(list)  # (namespace, prompt) -> indices
+    texts = {}
+    for ns, answers in results:
+        for a in answers:
+            assert len(a["data"]) == a["n"] == len(a["index"])
+            handed[ns, a["prompt"]] += a["index"]
+            for i, text in zip(a["index"], a["data"]):
+                assert texts.setdefault((a["prompt"], i), text) == text  # never overwritten
+    for (ns, prompt), indices in handed.items():
+        assert len(indices) == len(set(indices)), f"index handed out twice in {ns}/{prompt}"
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        generated = {k.decode(): int(v) for k, v in client.hgetall(counter).items()}
+        for prompt in {p for _, p in handed}:
+            highest = max(max(ix) for (_, p), ix in handed.items() if p == prompt)
+            stored = client.hlen(keys.samples(prompt_key(MODEL, {"prompt": prompt})))
+            assert stored == highest + 1, prompt
+            assert generated.get(prompt) == highest + 1, (prompt, generated.get(prompt))
+    finally:
+        client.close()
+    return generated
+
+
+def test_many_clients_many_workers_one_namespace(redis_url, keys, processes):
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=2, counter=counter)
+    clients = start_clients(redis_url, keys, "shared-run", ["shared"] * 4, count=60)
+    results = collect(clients)
+    assert sum(len(r) for r in results) == 240
+    check_invariants([("shared", r) for r in results], redis_url, keys, counter)
+    # one shared namespace: the indices of a prompt are exactly 0..k-1
+    per_prompt = defaultdict(list)
+    for answers in results:
+        for a in answers:
+            per_prompt[a["prompt"]] += a["index"]
+    for prompt, indices in per_prompt.items():
+        assert sorted(indices) == list(range(len(indices))), prompt
+
+
+def test_distinct_namespaces_reuse_samples(redis_url, keys, processes):
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=1, counter=counter)
+    namespaces = ["m1", "m2", "m3", "m4"]
+    results = collect(start_clients(redis_url, keys, "ablation", namespaces, count=40))
+    generated = check_invariants(list(zip(namespaces, results)), redis_url, keys, counter)
+    # every namespace walks from index 0: generated = the largest need of any namespace
+    need = defaultdict(lambda: defaultdict(int))
+    for ns, answers in zip(namespaces, results):
+        for a in answers:
+            need[a["prompt"]][ns] += a["n"]
+    for prompt, by_ns in need.items():
+        assert generated[prompt] == max(by_ns.values())
+
+
+def test_killed_batch_worker_work_is_taken_over(redis_url, keys, processes):
+    counter = f"{keys.prefix}test-counter"
+    slow = processes.cli("worker", "batch", "--model", MODEL, "--lease", "1.5", name="slow",
+                         env={COUNTER_ENV: counter, "TEST_MODEL_LATENCY": "30"})
+    processes.cli("worker", "cache", name="cache")
+    processes.wait_alive("cache")
+    processes.wait_alive(MODEL)
+    clients = start_clients(redis_url, keys, "crash", ["ns"], count=20)
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        stream = keys.work_stream(MODEL)
+        deadline = time.monotonic() + 20
+        while not client.xpending(stream, "batch-workers")["pending"]:
+            assert time.monotonic() < deadline, "slow worker never took the work"
+            time.sleep(0.05)
+    finally:
+        client.close()
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    processes.cli("worker", "batch", "--model", MODEL, "--lease", "1.5", name="rescuer",
+                  env={COUNTER_ENV: counter})
+    results = collect(clients, timeout=60)
+    assert len(results[0]) == 20
+    check_invariants([("ns", results[0])], redis_url, keys, counter)
+
+
+def test_killed_cache_worker_requests_still_complete(redis_url, keys, processes):
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=2, counter=counter)
+    clients = start_clients(redis_url, keys, "cache-crash", ["a", "b"], count=80)
+    client = sync_redis.Redis.from_url(redis_url)
+    try:  # kill while the load is on: once the first requests have been answered
+        deadline = time.monotonic() + 30
+        while not client.exists(keys.stats()):
+            assert time.monotonic() < deadline, "no request answered"
+            time.sleep(0.01)
+    finally:
+        client.close()
+    victim = next(p for p in processes.procs if "cache" in p.log_path)
+    victim.send_signal(signal.SIGKILL)
+    results = collect(clients, timeout=90)
+    assert [len(r) for r in results] == [80, 80]
+    check_invariants(list(zip(["a", "b"], results)), redis_url, keys, counter)
