@@ -1,0 +1,95 @@
+"""The embedded default: no Redis configured, a private server that keeps its data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cachesaver_dist import OnlineAPI, Request, SimModel
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.fixture
+def no_redis_env(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_no_redis_configured_works_and_keeps_data(no_redis_env, tmp_path):
+    model = SimModel("embedded")
+    async with OnlineAPI(model, data_dir=tmp_path) as first:
+        a = await first.request(Request("kept?", 2, "1", "ns"))
+    assert not (tmp_path / "server.json").exists()  # the server was stopped
+    async with OnlineAPI(model, data_dir=tmp_path) as second:
+        b = await second.request(Request("kept?", 2, "1", "ns"))
+    assert b.data == a.data and b.cached == [True, True]
+    assert model.calls == [("kept?", 2)]
+
+
+KILLED_RUN = """
+import asyncio, sys
+from cachesaver_dist import OnlineAPI, Request, SimModel
+async def main():
+    api = OnlineAPI(SimModel("embedded"), data_dir=sys.argv[1])
+    r = await api.request(Request("survives a kill", 1, "1", "ns"))
+    print(r.data[0], flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_killed_runs_server_is_cleaned_up_by_the_next(no_redis_env, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(CACHESAVER_NO_PDEATHSIG="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        text = proc.stdout.readline().decode().strip()
+        assert text, proc.stderr.read().decode()[-2000:]
+        stale_pid = json.loads((tmp_path / "server.json").read_text())["pid"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _alive(stale_pid)  # left behind by the killed run
+    model = SimModel("embedded")
+    async with OnlineAPI(model, data_dir=tmp_path) as api:
+        r = await api.request(Request("survives a kill", 1, "1", "ns"))
+        assert not _alive(stale_pid)
+    assert r.data == [text] and r.cached == [True]
+    assert model.calls == []
+
+
+def test_demo_command_runs_on_the_embedded_default(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["COLUMNS"] = "120"
+    cmd = [sys.executable, "-m", "cachesaver_dist.cli", "demo", "--puzzles", "3",
+           "--latency", "0.01"]
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        outputs.append(done.stdout.decode())
+    rows = [re.findall(r"│ (pass[^│]*?)\s+│\s+(\d+) │\s+(\d+) │\s+(\d+) │", out)
+            for out in outputs]
+    first_run, second_run = rows
+    assert int(first_run[0][2]) > 0, outputs[0]  # pass 1 generated samples
+    assert int(first_run[1][2]) == 0 and int(first_run[1][3]) > 0  # pass 2 from cache
+    assert all(int(r[2]) == 0 for r in second_run), outputs[1]  # data kept across runs
+    assert (tmp_path / ".cachesaver").is_dir() and not time.time() < 0

@@ -1,0 +1,121 @@
+"""Unit tests of the reserve/fill/release scripts and the protocol, on fakeredis."""
+
+from __future__ import annotations
+
+import fakeredis
+import msgpack
+import pytest
+
+from cachesaver_dist.protocol import (
+    Keys,
+    ProtocolError,
+    arq_deserialize,
+    arq_serialize,
+    decode_job,
+    encode_spec,
+    prompt_key,
+)
+from cachesaver_dist.scripts import WorkItem, fill, release, reserve
+
+KEYS = Keys("unit:")
+
+
+@pytest.fixture
+async def r():
+    client = fakeredis.FakeAsyncRedis()
+    yield client
+    await client.aclose()
+
+
+def item(uuid, ns="ns", n=1, key="k1", run="run", rid=""):
+    return WorkItem(uuid, rid, key, ns, n, run, "sim:x", "sim:x", encode_spec("sim:x", "sim:x",
+                                                                               {"prompt": key}))
+
+
+async def stream_entries(r, route="sim:x"):
+    return [(fields[b"key"].decode(), fields[b"idx"].decode())
+            for _, fields in await r.xrange(KEYS.work_stream(route))]
+
+
+async def test_claim_then_fill_completes_waiter(r):
+    [res] = await reserve(r, KEYS, "c", [item("u1", n=2)])
+    assert (res.complete, res.new, res.start, res.flags) == (False, True, 0, "gg")
+    assert await stream_entries(r) == [("k1", "0,1")]
+    done = await fill(r, KEYS, "k1", {0: b"s0"})
+    assert done == []  # index 1 still missing
+    [w] = await fill(r, KEYS, "k1", {1: b"s1"})
+    assert (w.waiter_id, w.start, w.flags, w.samples) == ("c:u1", 0, "gg", [b"s0", b"s1"])
+    assert await r.hlen(KEYS.waiters("k1")) == 0
+
+
+async def test_retry_with_same_uuid_is_idempotent(r):
+    await reserve(r, KEYS, "c", [item("u1", n=2)])
+    await fill(r, KEYS, "k1", {0: b"s0", 1: b"s1"})
+    [again] = await reserve(r, KEYS, "c", [item("u1", n=2)])
+    assert (again.complete, again.new, again.start, again.flags) == (True, False, 0, "gg")
+    [other] = await reserve(r, KEYS, "c", [item("u2", n=1)])
+    assert other.start == 2  # the retry did not advance the counter
+    assert await stream_entries(r) == [("k1", "0,1"), ("k1", "2")]
+
+
+async def test_in_flight_indices_are_waited_for_not_claimed(r):
+    a, b = await reserve(r, KEYS, "c", [item("u1", ns="a", n=2), item("u2", ns="b", n=3)])
+    assert (a.flags, b.flags) == ("gg", "ddg")
+    assert await stream_entries(r) == [("k1", "0,1,2")]  # one entry for the key
+    waiters = {w.waiter_id for w in await fill(r, KEYS, "k1", {0: b"0", 1: b"1", 2: b"2"})}
+    assert waiters == {"c:u1", "c:u2"}
+
+
+async def test_cached_samples_are_returned_in_the_same_call(r):
+    await reserve(r, KEYS, "c", [item("u1", n=2)])
+    await fill(r, KEYS, "k1", {0: b"s0", 1: b"s1"})
+    [hit] = await reserve(r, KEYS, "c", [item("u2", ns="other", n=2)])
+    assert (hit.complete, hit.flags, hit.samples) == (True, "cc", [b"s0", b"s1"])
+
+
+async def test_release_tells_waiters_and_lets_the_next_request_claim(r):
+    await reserve(r, KEYS, "c", [item("u1", ns="a"), item("u2", ns="b")])
+    failed = await release(r, KEYS, "k1", [0])
+    assert {w.waiter_id for w in failed} == {"c:u1", "c:u2"}
+    [retry] = await reserve(r, KEYS, "c", [item("u3", ns="c")])
+    assert retry.flags == "g" and retry.start == 0
+    assert await stream_entries(r) == [("k1", "0"), ("k1", "0")]
+
+
+async def test_late_fill_never_overwrites(r):
+    await reserve(r, KEYS, "c", [item("u1")])
+    await fill(r, KEYS, "k1", {0: b"first"})
+    await fill(r, KEYS, "k1", {0: b"late"})
+    assert await r.hget(KEYS.samples("k1"), 0) == b"first"
+
+
+async def test_usage_counter_expires_after_idle_ttl(r):
+    await reserve(r, KEYS, "c", [item("u1")], run_ttl_s=100)
+    ttl = await r.pttl(KEYS.usage("run"))
+    assert 0 < ttl <= 100_000
+
+
+def test_prompt_key_is_canonical():
+    base = prompt_key("m", {"prompt": "p", "temperature": 0.5, "stop": None})
+    assert base == prompt_key("m", {"temperature": 0.5, "prompt": "p"})
+    assert base != prompt_key("other-model", {"prompt": "p", "temperature": 0.5})
+    assert prompt_key("m", {"prompt": "p", "t": 1.0}) == prompt_key("m", {"prompt": "p", "t": 1})
+    msgs = [{"role": "user", "content": "hi"}]
+    assert prompt_key("m", {"prompt": msgs}) == prompt_key(
+        "m", {"prompt": [{"content": "hi", "role": "user"}]})
+    with pytest.raises(TypeError):
+        prompt_key("m", {"prompt": object()})
+
+
+def test_messages_carry_a_schema_version():
+    with pytest.raises(ProtocolError, match="schema version 99"):
+        decode_job(msgpack.packb({"v": 99}))
+
+
+def test_arq_serializer_is_msgpack_not_pickle():
+    job = {"t": 1, "f": "process_batch", "a": [b"payload"], "k": {}, "et": 5}
+    data = arq_serialize(job)
+    assert not data.startswith(b"\x80")  # pickle protocol header
+    assert arq_deserialize(data) == job
+    failed = arq_deserialize(arq_serialize({"r": ValueError("boom")}))
+    assert failed == {"r": "ValueError: boom"}
