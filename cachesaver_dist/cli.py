@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from .protocol import DEFAULT_PREFIX, Keys
@@ -124,25 +125,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_cache_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
-    from arq.connections import RedisSettings
+    from arq.connections import ArqRedis
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     from workers.cache_worker import cache_worker
 
-    settings = RedisSettings.from_dsn(url)
-    settings.conn_retries, settings.conn_retry_delay = 30, 1
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    worker = cache_worker(keys, redis_settings=settings, poll_delay=args.poll_delay,
-                          max_jobs=args.max_jobs, run_ttl_s=args.run_ttl)
+    from .connection import connection_pool
+
     log.info("cache worker on %s (queue %s)", _safe(url), keys.cache_queue)
-    worker.run()
-    return 0
+    while True:  # Redis gone for longer than the connection retries: start over
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool(url)),
+                              poll_delay=args.poll_delay, max_jobs=args.max_jobs,
+                              run_ttl_s=args.run_ttl)
+        try:
+            worker.run()
+            return 0
+        except (RedisConnectionError, OSError) as exc:
+            log.warning("lost Redis (%s); restarting the worker in 2 s", exc)
+            time.sleep(2)
 
 
 async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     from workers.batch_worker import BatchWorker, BatchWorkerConfig
 
+    from .connection import connect
     from .models import load_model
-    from .pipelines import connect
 
     try:
         models = {name: load_model(name, sim_latency=args.sim_latency) for name in args.model}
@@ -165,7 +173,7 @@ async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> i
 
 
 async def _drop_run(url: str, keys: Keys, run: str) -> int:
-    from .pipelines import connect
+    from .connection import connect
 
     redis = connect(url)
     try:

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .beacon import alive_workers
-from .pipelines import OnlineAPI, connect
+from .connection import connect
+from .pipelines import OnlineAPI
 from .protocol import Keys
 from .stats import read_stats
 from .typedefs import Request

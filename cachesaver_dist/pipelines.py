@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio import Redis
 
 from .client import CacheClient
+from .connection import connect
 from .errors import CacheSaverError
 from .models import check_model, model_identity
 from .prepare import DEFAULT_MAX_PROMPT_BYTES, check_run, prepare
@@ -26,15 +23,6 @@ from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
 log = logging.getLogger("cachesaver_dist")
-
-
-def connect(url: str) -> Redis:
-    """A Redis client that rides out restarts (reconnects with backoff)."""
-    return Redis.from_url(
-        url, decode_responses=False, health_check_interval=30, socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-    )
 
 
 class OnlineAPI:
@@ -136,8 +124,8 @@ class OnlineAPI:
         from workers.cache_worker import cache_worker
 
         pool = self._redis.connection_pool
-        arq_pool = ArqRedis(connection_pool=ConnectionPool(
-            connection_class=pool.connection_class, **pool.connection_kwargs))
+        arq_pool = ArqRedis(pool.__class__(connection_class=pool.connection_class,
+                                           **pool.connection_kwargs))
         cw = cache_worker(self.keys, redis_pool=arq_pool, run_ttl_s=self._run_ttl_s,
                           handle_signals=False)
         bw = BatchWorker(self._redis, self.keys, {self.route: self._model},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .pipelines import connect
+from .connection import connect
 from .protocol import Keys
 from .stats import list_runs, read_stats
 

@@ -70,7 +70,7 @@ class Processes:
 
     def cli(self, *args: str, name: str = "proc", env: dict[str, str] | None = None
             ) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "cachesaver_dist.cli", *args, "--prefix", self.keys.prefix],
             env=subprocess_env(self.redis_url, **(env or {})), stdout=log, stderr=subprocess.STDOUT,
