@@ -91,8 +91,8 @@ class CacheClient:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    async def submit(self, items: list[WorkItem]) -> list[dict[str, Any]]:
-        """Send ``items`` as one batch; return their replies in the same order."""
+    async def submit(self, items: list[WorkItem]) -> list[dict[str, Any] | GenerationError]:
+        """Send ``items`` as one batch; return their replies (or errors) in the same order."""
         loop = asyncio.get_running_loop()
         futures = {it.uuid: loop.create_future() for it in items}
         self._waiting.update(futures)
@@ -114,11 +114,8 @@ class CacheClient:
             for it in items:
                 self._waiting.pop(it.uuid, None)
         replies = [futures[it.uuid].result() for it in items]
-        for it, reply in zip(items, replies):
-            if "error" in reply:
-                raise GenerationError(reply["error"]["message"] +
-                                      f" (request_id {it.request_id!r})")
-        return replies
+        return [GenerationError(f"{r['error']['message']} (request_id {it.request_id!r})")
+                if "error" in r else r for it, r in zip(items, replies)]
 
     async def _enqueue(self, items: list[WorkItem]) -> None:
         payload = encode_job(self.client_id, [it.to_wire() for it in items])

@@ -183,7 +183,11 @@ class OnlineAPI:
         if not items:
             return []
         await self.start()
-        return [_response(reply) for reply in await self._client.submit(items)]
+        replies = await self._client.submit(items)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_response(reply) for reply in replies]
 
     def _flush(self) -> None:
         if self._flush_timer is not None:
@@ -200,10 +204,6 @@ class OnlineAPI:
         try:
             replies = await self._client.submit([item for item, _ in pending])
         except BaseException as exc:
-            # The whole batch shares the outcome; resend one by one to keep others' results.
-            if len(pending) > 1 and isinstance(exc, CacheSaverError):
-                await asyncio.gather(*(self._send([p]) for p in pending))
-                return
             for _, fut in pending:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -211,7 +211,11 @@ class OnlineAPI:
                 raise
             return
         for (_, fut), reply in zip(pending, replies):
-            if not fut.done():
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
                 fut.set_result(reply)
 
 

@@ -1,6 +1,11 @@
-"""The ``stats`` table: samples and tokens generated vs served from cache, per run."""
+"""The ``stats`` table: samples, tokens and dollars generated vs served from cache."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -9,34 +14,88 @@ from .connection import connect
 from .protocol import Keys
 from .stats import list_runs, read_stats
 
-COLUMNS = [
-    ("requests", "requests"),
-    ("generated", "samples_generated"),
-    ("cached", "samples_cached"),
-    ("deduplicated", "samples_deduplicated"),
-    ("tokens generated", "completion_tokens_generated"),
-    ("tokens from cache", "completion_tokens_cached"),
-    ("tokens deduplicated", "completion_tokens_deduplicated"),
-]
+DEFAULT_PRICES = Path(__file__).with_name("prices.json")
+SAVED_KINDS = ("cached", "deduplicated")
 
 
-async def print_stats(url: str, keys: Keys, run: str | None = None) -> int:
+def load_prices(path: str | Path | None = None) -> dict[str, tuple[float, float]]:
+    """``{model: (input $/1M tokens, output $/1M tokens)}`` from a JSON file."""
+    path = path or os.environ.get("CACHESAVER_PRICES") or DEFAULT_PRICES
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {m: (float(p[0]), float(p[1])) for m, p in raw.items() if not m.startswith("_")}
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"price file {path} is not readable as "
+                         f'{{"model": [input_per_1M, output_per_1M]}}: {exc}') from exc
+
+
+def price_of(model_id: str, prices: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
+    name = model_id.split(":", 1)[1] if model_id.split(":", 1)[0] in ("together", "openai") \
+        else model_id
+    return prices.get(model_id) or prices.get(name)
+
+
+def summarize(counters: dict[str, float], price: tuple[float, float] | None) -> dict[str, Any]:
+    """One row: samples and tokens by kind, dollars spent and saved (None if unpriced)."""
+    row: dict[str, Any] = {"requests": int(counters.get("requests", 0))}
+    for kind in ("generated", *SAVED_KINDS):
+        row[f"samples_{kind}"] = int(counters.get(f"samples_{kind}", 0))
+        row[f"tokens_{kind}"] = round(counters.get(f"prompt_tokens_{kind}", 0)
+                                      + counters.get(f"completion_tokens_{kind}", 0))
+
+    def dollars(kind: str) -> float:
+        assert price is not None
+        return (counters.get(f"prompt_tokens_{kind}", 0) * price[0]
+                + counters.get(f"completion_tokens_{kind}", 0) * price[1]) / 1e6
+
+    row["dollars_spent"] = dollars("generated") if price else None
+    row["dollars_saved"] = sum(dollars(k) for k in SAVED_KINDS) if price else None
+    return row
+
+
+async def collect(url: str, keys: Keys, run: str | None = None,
+                  prices: dict[str, tuple[float, float]] | None = None) -> list[dict[str, Any]]:
+    """Rows for one run, or for every run and the total (``run`` None in the last rows)."""
+    prices = load_prices() if prices is None else prices
     redis = connect(url)
     try:
-        runs = [run] if run else [r for r, _ in await list_runs(redis, keys)] + [None]
-        table = Table(title="cachesaver-dist: what the cache saved")
-        table.add_column("run")
-        table.add_column("model")
-        for title, _ in COLUMNS:
-            table.add_column(title, justify="right")
+        runs: list[str | None] = [run] if run else [r for r, _ in await list_runs(redis, keys)]
+        if not run:
+            runs.append(None)
+        rows = []
         for r in runs:
             for model_id, counters in sorted((await read_stats(redis, keys, r)).items()):
-                table.add_row(r or "[bold]all runs[/]", model_id,
-                              *(f"{counters[c]:.0f}" for _, c in COLUMNS))
+                rows.append({"run": r, "model": model_id,
+                             **summarize(counters, price_of(model_id, prices))})
+        return rows
     finally:
         await redis.aclose()
-    if not table.row_count:
+
+
+COLUMNS = [("requests", "requests"), ("generated", "samples_generated"),
+           ("cached", "samples_cached"), ("dedup", "samples_deduplicated"),
+           ("tokens generated", "tokens_generated"), ("tokens cached", "tokens_cached"),
+           ("tokens dedup", "tokens_deduplicated"), ("$ spent", "dollars_spent"),
+           ("$ saved", "dollars_saved")]
+
+
+async def print_stats(url: str, keys: Keys, run: str | None = None, *, as_json: bool = False,
+                      prices_path: str | None = None) -> int:
+    rows = await collect(url, keys, run, load_prices(prices_path))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
         print("no statistics yet" + (f" for run {run!r}" if run else ""))
-        return 0 if not run else 1
+        return 1 if run else 0
+    table = Table(title="cachesaver-dist: what the cache saved")
+    table.add_column("run")
+    table.add_column("model")
+    for title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for row in rows:
+        cells = [("-" if row[c] is None else f"{row[c]:.4f}") if c.startswith("dollars")
+                 else str(row[c]) for _, c in COLUMNS]
+        table.add_row(row["run"] or "[bold]all runs[/]", row["model"], *cells)
     Console().print(table)
     return 0
