@@ -39,15 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = worker.add_subparsers(dest="kind", required=True)
     cache = kinds.add_parser("cache", help="bookkeeping worker (arq, fast queue)")
     _common(cache)
-    cache.add_argument("--poll-delay", type=float, default=0.005,
-                       help="seconds between queue polls (default: 0.005)")
+    cache.add_argument("--poll-delay", type=float, default=0.5,
+                       help="longest wait between queue polls; clients wake the worker "
+                            "at once (default: 0.5)")
     cache.add_argument("--max-jobs", type=int, default=50, help="jobs at once (default: 50)")
     cache.add_argument("--run-ttl", type=int, default=DEFAULT_RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
     batch = kinds.add_parser("batch", help="generation worker: calls the models")
     _common(batch)
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
-                       help="model to serve: sim:<name> or package.module:factory (repeatable)")
+                       help="model to serve: sim:<name>, together:<model>, openai:<model> or "
+                            "package.module:factory (repeatable)")
     batch.add_argument("--batch-size", type=int, default=32, help="entries per read (32)")
     batch.add_argument("--batch-wait", type=float, default=0.005,
                        help="seconds to wait for a batch to fill (0.005)")
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds before a dead worker's work is taken over (30)")
     batch.add_argument("--sim-latency", type=float, default=0.05,
                        help="seconds per call of sim: models (0.05)")
+    _backend_flags(batch)
 
     demo = sub.add_parser("demo", help="the main job: a reasoning workload, run twice")
     _common(demo)
@@ -66,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="what the cache saved, per run and in total")
     _common(stats)
     stats.add_argument("--run", help="one run only (default: every run and the total)")
+    stats.add_argument("--json", action="store_true", help="print the rows as JSON")
+    stats.add_argument("--prices", default=None,
+                       help="JSON price file {model: [input, output] $ per 1M tokens} "
+                            "(default: $CACHESAVER_PRICES, else the built-in table)")
 
     drop = sub.add_parser("drop-run", help="forget a run's namespace counters (samples stay)")
     _common(drop)
@@ -76,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulator", help="a local OpenAI-compatible LLM simulator server")
     simulator.add_arguments(sim)
     return parser
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the together:/openai: backends (secrets come only from the environment)."""
+    g = p.add_argument_group("provider backends (together:<model>, openai:<model>)")
+    g.add_argument("--base-url", help="provider URL (default: $TOGETHER_BASE_URL or the SDK's "
+                   "for together:, $OPENAI_BASE_URL for openai:); API keys only from "
+                   "$TOGETHER_API_KEY / $OPENAI_API_KEY")
+    g.add_argument("--max-n", type=int, default=16,
+                   help="samples per provider call; larger requests are split (16)")
+    g.add_argument("--rpm", type=int, help="requests per --rate-window per model, shared by "
+                   "all batch workers (default: unlimited)")
+    g.add_argument("--tpm", type=int, help="estimated tokens (prompt chars/4 + max_tokens x n) "
+                   "per --rate-window per model, cluster-wide (default: unlimited)")
+    g.add_argument("--max-concurrent", type=int,
+                   help="calls in flight per model, cluster-wide (default: unlimited)")
+    g.add_argument("--rate-window", type=float, default=60.0,
+                   help="window of --rpm and --tpm, whole seconds (60)")
+    g.add_argument("--retry-budget", type=int, default=6,
+                   help="attempts per call on 429/5xx/timeouts, with backoff (6)")
+    g.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds per provider call (120)")
 
 
 def _logging(verbose: int) -> None:
@@ -113,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             from .report import print_stats
 
-            return asyncio.run(print_stats(url, keys, args.run))
+            return asyncio.run(print_stats(url, keys, args.run, as_json=args.json,
+                                           prices_path=args.prices))
         if args.command == "drop-run":
             return asyncio.run(_drop_run(url, keys, args.run))
     except KeyboardInterrupt:
@@ -149,15 +179,24 @@ def _run_cache_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
 async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     from workers.batch_worker import BatchWorker, BatchWorkerConfig
 
+    from .backends import BackendOptions
     from .connection import connect
     from .models import load_model
 
+    if args.verbose < 2:  # one line per HTTP call otherwise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    redis = connect(url)
     try:
-        models = {name: load_model(name, sim_latency=args.sim_latency) for name in args.model}
+        options = BackendOptions(
+            base_url=args.base_url, max_n=args.max_n, timeout=args.request_timeout,
+            retry_budget=args.retry_budget, rpm=args.rpm, tpm=args.tpm,
+            max_concurrent=args.max_concurrent, rate_window=args.rate_window)
+        models = {name: load_model(name, sim_latency=args.sim_latency, options=options,
+                                   redis=redis, keys=keys) for name in args.model}
     except (ValueError, TypeError) as exc:
+        await redis.aclose()
         print(f"cachesaver-dist: {exc}", file=sys.stderr)
         return 2
-    redis = connect(url)
     worker = BatchWorker(redis, keys, models, BatchWorkerConfig(
         batch_size=args.batch_size, batch_wait=args.batch_wait,
         concurrency=args.concurrency, lease=args.lease))
@@ -168,6 +207,9 @@ async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> i
     try:
         await worker.run()
     finally:
+        for model in models.values():
+            if callable(getattr(model, "aclose", None)):
+                await model.aclose()
         await redis.aclose()
     return 0
 

@@ -27,6 +27,7 @@ from .scripts import WorkItem
 log = logging.getLogger("cachesaver_dist.client")
 
 MAX_REASK_WAIT_S = 30.0
+WAKE_TOKENS_KEPT = 64
 
 
 class CacheClient:
@@ -123,6 +124,10 @@ class CacheClient:
         while True:
             try:
                 await self._arq.enqueue_job(CACHE_JOB, payload, _expires=self.request_timeout)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.lpush(self.keys.cache_wake, 1)
+                pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+                await pipe.execute()
                 return
             except (RedisError, OSError) as exc:
                 log.warning("enqueue failed (%s); retrying in %.1f s", exc, backoff)

@@ -1,7 +1,8 @@
 """Models the batch workers can serve, and how they are called.
 
-A model name is either ``sim:<name>`` (the built-in in-process simulator) or an
-import path ``package.module:factory`` whose factory, called with no arguments,
+A model name is ``sim:<name>`` (the built-in in-process simulator), a provider
+backend ``together:<model>`` / ``openai:<model>`` (see ``cachesaver_dist.backends``),
+or an import path ``package.module:factory`` whose factory, called with no arguments,
 returns a ``SingleRequestModel`` or ``BatchRequestModel``.
 """
 
@@ -63,15 +64,25 @@ class SimModel(SingleRequestModel, BatchRequestModel):
         return list(await asyncio.gather(*(self.request(r) for r in batch.requests)))
 
 
-def load_model(name: str, *, sim_latency: float = 0.0) -> Any:
-    """Build the model a worker serves under ``name``; clear errors for bad names."""
+def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redis: Any = None,
+               keys: Any = None) -> Any:
+    """Build the model a worker serves under ``name``; clear errors for bad names.
+
+    ``options`` (``backends.BackendOptions``), ``redis`` and ``keys`` configure the
+    provider backends and their cluster-wide limits.
+    """
     if name.startswith("sim:"):
         return SimModel(name, latency=sim_latency)
+    from .backends import make_backend
+
+    backend = make_backend(name, options, redis, keys)
+    if backend is not None:
+        return backend
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ValueError(
-            f"model name {name!r} is neither 'sim:<name>' nor an import path "
-            "'package.module:factory'"
+            f"model name {name!r} is none of 'sim:<name>', 'together:<model>', "
+            "'openai:<model>' or an import path 'package.module:factory'"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)

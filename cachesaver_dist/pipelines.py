@@ -31,8 +31,9 @@ class OnlineAPI:
     ``model`` is a model object (cache and batch workers then run in this process,
     with the same code as the worker pool) or the name of a model the worker pool
     serves. ``cache`` is a Redis URL, a ``redis.asyncio.Redis``, or ``None``
-    (``REDIS_URL``, else a private server persisting to ``data_dir``). ``timeout`` is
-    how long ``request()`` waits to fill a batch of ``batch_size``. ``run`` scopes the
+    (``REDIS_URL``, else a private server persisting to ``data_dir``). Concurrent
+    ``request()`` calls are sent together: at once when no batch is in flight, else
+    after up to ``timeout`` seconds or when ``batch_size`` requests are waiting. ``run`` scopes the
     namespace counters (``None``: a fresh run, so samples are re-read from index 0).
     """
 
@@ -76,6 +77,7 @@ class OnlineAPI:
         self._pending: list[tuple[WorkItem, asyncio.Future]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
+        self._batches_in_flight = 0
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -174,7 +176,10 @@ class OnlineAPI:
         if len(self._pending) >= self.batch_size:
             self._flush()
         elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(self.timeout, self._flush)
+            # Idle: send at the next loop turn (requests made together still share a
+            # batch). Busy: wait up to ``timeout`` for the batch to fill.
+            delay = self.timeout if self._batches_in_flight else 0
+            self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
         return _response(await future)
 
     async def batch_request(self, batch: Batch) -> list[Response]:
@@ -201,6 +206,7 @@ class OnlineAPI:
         task.add_done_callback(self._flushes.discard)
 
     async def _send(self, pending: list[tuple[WorkItem, asyncio.Future]]) -> None:
+        self._batches_in_flight += 1
         try:
             replies = await self._client.submit([item for item, _ in pending])
         except BaseException as exc:
@@ -210,6 +216,8 @@ class OnlineAPI:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._batches_in_flight -= 1
         for (_, fut), reply in zip(pending, replies):
             if fut.done():
                 continue

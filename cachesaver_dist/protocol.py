@@ -65,6 +65,11 @@ class Keys:
         """The arq queue of the cache workers."""
         return f"{self.prefix}queue:cache"
 
+    @property
+    def cache_wake(self) -> str:
+        """List: a token per enqueued job, to wake an idle cache worker."""
+        return f"{self.prefix}queue:cache:wake"
+
     def work_stream(self, route: str) -> str:
         """Stream of generation work for the batch workers serving ``route``."""
         return f"{self.prefix}llm:{route}"

@@ -3,6 +3,10 @@
 A job reorders its requests by ``request_id``, reserves indices for all of them in
 one script call (which also hands claimed indices to the batch workers), and
 publishes every reply that is already complete.
+
+arq finds jobs by polling; clients also push a token to a wake-up list after each
+enqueue, and the worker blocks on that list between polls, so a job starts within a
+round trip while an idle worker costs next to nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +63,26 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         ctx["beacon"].cancel()
 
 
+class CacheWorker(Worker):
+    """An arq worker that waits for a wake-up token (or ``poll_delay``) between polls."""
+
+    def __init__(self, *args: Any, wake_key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wake_key = wake_key
+
+    async def main(self) -> None:
+        # arq's main loop, with its fixed sleep replaced by a blocking pop.
+        if self._pool is None:
+            raise RuntimeError("CacheWorker needs redis_pool")
+        log.info("cache worker started (queue %s)", self.queue_name)
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        while True:
+            await self._poll_iteration()
+            await self.pool.blpop([self.wake_key], timeout=self.poll_delay_s)
+
+
 async def stop_worker(worker: Worker, task: asyncio.Task) -> None:
     """Stop an in-process worker: no new jobs, let running jobs finish, release Redis."""
     task.cancel()
@@ -73,20 +97,19 @@ async def stop_worker(worker: Worker, task: asyncio.Task) -> None:
 def cache_worker(
     keys: Keys,
     *,
-    redis_pool: ArqRedis | None = None,
-    redis_settings: Any = None,
-    poll_delay: float = 0.005,
+    redis_pool: ArqRedis,
+    poll_delay: float = 0.5,
     max_jobs: int = 50,
     run_ttl_s: int = DEFAULT_RUN_TTL_S,
     handle_signals: bool = True,
-) -> Worker:
-    """An arq worker for the cache queue, msgpack-serialized, with a short job timeout."""
-    return Worker(
+) -> CacheWorker:
+    """A worker for the cache queue: msgpack jobs, short job timeout, woken by clients."""
+    return CacheWorker(
+        wake_key=keys.cache_wake,
         functions=[func(process_batch, name=CACHE_JOB, timeout=JOB_TIMEOUT_S, max_tries=5,
                         keep_result=0)],
         queue_name=keys.cache_queue,
         redis_pool=redis_pool,
-        redis_settings=redis_settings,
         poll_delay=poll_delay,
         max_jobs=max_jobs,
         keep_result=0,
