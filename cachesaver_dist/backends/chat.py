@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..models import ModelError
 from ..typedefs import Request, Response, SingleRequestModel
+from . import BackendOptions
 from .retry import ProviderError, RetryPolicy, with_retry
 
 if TYPE_CHECKING:
-    from . import BackendOptions
     from .limiter import ClusterLimiter
 
 # Completion tokens assumed per sample when a request sets no max_tokens.
@@ -112,11 +112,12 @@ class ChatBackend(SingleRequestModel, abc.ABC):
 
     provider = "chat"
 
-    def __init__(self, name: str, options: BackendOptions,
+    def __init__(self, name: str, options: BackendOptions | None = None,
                  limiter: ClusterLimiter | None = None) -> None:
         self.model, self.provider_model = name, name.partition(":")[2]
-        self.options, self.limiter = options, limiter
-        self.policy = RetryPolicy(options.retry_budget, options.backoff_base, options.backoff_cap)
+        self.options, self.limiter = options or BackendOptions(), limiter
+        opts = self.options
+        self.policy = RetryPolicy(opts.retry_budget, opts.backoff_base, opts.backoff_cap)
 
     async def request(self, request: Request) -> Response:
         """Exactly ``request.n`` samples, from one call per ``max_n`` of them."""

@@ -10,9 +10,16 @@
   expires after ``slot_ttl`` seconds.
 
 Over a limit, a call waits (until the window frees, from ``get_window_stats``)
-rather than fail. Keys: ``{prefix}limit:requests/{model}/...``,
-``{prefix}limit:{tokens/{model}/...}`` and ``{prefix}limit:{model}:concurrent``.
-Windows use the workers' clocks: keep the machines in NTP sync.
+rather than fail. It takes tokens, then a request, then a concurrency slot, so the
+slot is held only while the call runs (its expiry stays meaningful); a call that
+waits for a slot has already spent its tokens and request in the window.
+The windows are exact where they are taken, in the workers; the provider sees each
+call one network hop later. Windows use the workers' clocks (keep them in NTP sync).
+
+Keys: ``{prefix}limit:requests/{model}/{limit}/{window}/second`` (list),
+``{prefix}limit:{tokens/{model}/...}`` and ``.../-1`` (counters), and
+``{prefix}limit:{model}:concurrent`` (sorted set). Workers configured with other
+limits use other keys: give every worker of a model the same flags.
 """
 
 from __future__ import annotations

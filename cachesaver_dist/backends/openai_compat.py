@@ -26,9 +26,10 @@ class OpenAIBackend(ChatBackend):
 
     provider = "openai"
 
-    def __init__(self, name: str, options: BackendOptions,
+    def __init__(self, name: str, options: BackendOptions | None = None,
                  limiter: ClusterLimiter | None = None) -> None:
         super().__init__(name, options, limiter)
+        options = self.options
         base_url = options.base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise ValueError(f"model {name!r} needs the server's base URL: pass --base-url or "

@@ -77,7 +77,7 @@ async def with_retry(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, *
                                     f"{exc.detail} (gave up after {policy.budget} attempts)",
                                     kind=exc.kind) from exc
             wait = policy.delay(k, exc.retry_after, rand)
-            log.warning("%s; retry %d/%d in %.2f s", exc, k + 1, policy.budget - 1, wait)
+            log.warning("%s (retry %d/%d in %.2f s)", exc, k + 1, policy.budget - 1, wait)
             await sleep(wait)
     raise ValueError(f"retry budget must be >= 1, got {policy.budget}")
 

@@ -21,15 +21,18 @@ if TYPE_CHECKING:
     from . import BackendOptions
     from .limiter import ClusterLimiter
 
+_SDK_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout", "stream"})
+
 
 class TogetherBackend(ChatBackend):
     """Chat completions through ``together.AsyncTogether``."""
 
     provider = "together"
 
-    def __init__(self, name: str, options: BackendOptions,
+    def __init__(self, name: str, options: BackendOptions | None = None,
                  limiter: ClusterLimiter | None = None) -> None:
         super().__init__(name, options, limiter)
+        options = self.options
         key = os.environ.get("TOGETHER_API_KEY")
         if not key:
             raise ValueError(f"model {name!r} needs TOGETHER_API_KEY in the environment: "
@@ -38,7 +41,8 @@ class TogetherBackend(ChatBackend):
                                               max_retries=0, timeout=options.timeout)
         self.base_url = str(self._client.base_url)
         self._create = self._client.chat.completions.create
-        self._sdk_params = set(inspect.signature(self._create).parameters)
+        # Body fields the SDK takes as arguments; the rest goes in extra_body.
+        self._sdk_params = set(inspect.signature(self._create).parameters) - _SDK_OPTIONS
 
     async def _post(self, body: dict[str, Any]) -> Any:
         known = {k: v for k, v in body.items() if k in self._sdk_params}
