@@ -1,0 +1,64 @@
+"""Accounting: the ``stats`` command's figures equal what the simulator counted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cachesaver_dist import OnlineAPI, Request
+from cachesaver_dist.report import load_prices, price_of, summarize
+from tests.conftest import ROOT, subprocess_env
+from tests.test_backends import MODEL, admin, sim, sim_counters, start_workers  # noqa: F401
+
+pytestmark = pytest.mark.processes
+ROUTE = f"openai:{MODEL}"
+
+
+def stats_rows(redis_url: str, prefix: str, run: str, prices: str) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "stats", "--run", run, "--json",
+         "--prefix", prefix, "--prices", prices],
+        env=subprocess_env(redis_url), capture_output=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+async def test_stats_equal_what_the_simulator_counted(sim, redis_url, keys, processes,  # noqa: F811
+                                                      tmp_path):
+    start_workers(processes, ROUTE, sim, "sk-test")
+    prompts = [f"stats prompt {i}" for i in range(6)]
+    async with OnlineAPI(ROUTE, cache=redis_url, prefix=keys.prefix, run="acct") as api:
+        for ns, n in (("a", 2), ("b", 3), ("a", 1)):  # b reuses a's 2, then a takes index 2
+            for i, p in enumerate(prompts):
+                await api.request(Request(p, n, f"{ns}{i}", ns))
+    counted = await sim_counters(sim)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({MODEL: [1.0, 2.0]}))
+    [row] = stats_rows(redis_url, keys.prefix, "acct", str(prices))
+    assert row["model"] == ROUTE
+    assert row["requests"] == 18
+    assert row["samples_generated"] == counted["samples"] == 6 * 3
+    assert row["samples_cached"] == 6 * 2 + 6 * 1  # b's first two; a's third from b
+    assert row["samples_deduplicated"] == 0
+    assert row["tokens_generated"] == counted["prompt_tokens"] + counted["completion_tokens"]
+    spent = (counted["prompt_tokens"] * 1.0 + counted["completion_tokens"] * 2.0) / 1e6
+    assert row["dollars_spent"] == pytest.approx(spent)
+    assert row["dollars_saved"] > 0
+
+
+def test_price_table_matches_provider_prefixes_and_reports_unpriced():
+    prices = load_prices()
+    assert price_of("together:meta-llama/Llama-3.3-70B-Instruct-Turbo", prices) == (0.88, 0.88)
+    assert price_of("sim:demo", prices) is None
+    row = summarize({"requests": 1, "samples_cached": 2, "completion_tokens_cached": 10}, None)
+    assert row["samples_cached"] == 2 and row["dollars_saved"] is None
+
+
+def test_bad_price_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="price file .* is not readable"):
+        load_prices(bad)
