@@ -1,8 +1,10 @@
 """The demo: a tree-of-thought style workload, run as three methods sharing one cache.
 
-It starts a cache worker and a batch worker as separate processes (the shape of a
-real deployment), then runs the workload twice. The first pass pays only for samples
-no method has asked for before; the second pass (a new run) is served from cache.
+It starts the LLM simulator server, a cache worker and a batch worker as separate
+processes (the shape of a real deployment; the batch worker talks to the simulator
+over HTTP as it would to an OpenAI-compatible provider), then runs the workload
+twice. The first pass pays only for samples no method has asked for before; the
+second pass (a new run) is served from cache.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from .beacon import alive_workers
 from .connection import connect
 from .pipelines import OnlineAPI
 from .protocol import Keys
-from .stats import read_stats
+from .report import collect
 from .typedefs import Request
 
-MODEL = "sim:demo"
+# Priced like Together's Llama 3.3 70B (prices.json); answered by the local simulator.
+PROVIDER_MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
+MODEL = f"openai:{PROVIDER_MODEL}"
 PUZZLES = ["4 4 6 8", "1 2 3 4", "2 3 5 12", "1 1 4 6", "3 3 8 8", "1 5 5 5", "2 7 7 10",
            "4 6 6 9", "1 3 4 6", "5 5 9 9", "2 2 2 9", "3 4 7 8", "1 6 8 9", "2 4 4 10"]
 
@@ -86,27 +90,28 @@ async def _run_pass(url: str, keys: Keys, puzzles: list[str], label: str,
                 progress.advance(task)
 
             await asyncio.gather(*(one(m, p) for p in puzzles for m in METHODS))
-        run = api.run
-    redis = connect(url)
-    try:
-        counters = (await read_stats(redis, keys, run)).get(MODEL, {})
-    finally:
-        await redis.aclose()
-    return {"pass": label, "run": run, "requests": requests,
-            "generated": counters.get("samples_generated", 0),
-            "cached": counters.get("samples_cached", 0),
-            "deduplicated": counters.get("samples_deduplicated", 0),
+    [row] = [r for r in await collect(url, keys, api.run) if r["model"] == MODEL]
+    return {**row, "pass": label, "requests": requests,
             "seconds": time.monotonic() - started}
 
 
-def _spawn_workers(url: str, keys: Keys, latency: float) -> list[subprocess.Popen]:
+def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Popen]:
+    """The simulator (its URL read from its first line), a cache and a batch worker."""
+    cli = [sys.executable, "-m", "cachesaver_dist.cli"]
+    simulator = subprocess.Popen([*cli, "simulator", "--port", "0", "--latency", str(latency)],
+                                 stdout=subprocess.PIPE, text=True)
+    line = simulator.stdout.readline() if simulator.stdout else ""
+    if "http" not in line:
+        simulator.kill()
+        raise RuntimeError(f"the simulator did not start: {line!r}")
+    base_url = line.strip().split()[-1]
     env = {**os.environ, "REDIS_URL": url}
-    base = [sys.executable, "-m", "cachesaver_dist.cli", "worker"]
     common = ["--prefix", keys.prefix]
     return [
-        subprocess.Popen([*base, "cache", *common], env=env),
-        subprocess.Popen([*base, "batch", *common, "--model", MODEL,
-                          "--sim-latency", str(latency)], env=env),
+        simulator,
+        subprocess.Popen([*cli, "worker", "cache", *common], env=env),
+        subprocess.Popen([*cli, "worker", "batch", *common, "--model", MODEL,
+                          "--base-url", base_url], env=env),
     ]
 
 
@@ -116,7 +121,7 @@ async def _wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a worker process exited at start; see its log above")
+                raise RuntimeError("a process exited at start; see its log above")
             if await alive_workers(redis, keys, "cache") and \
                     await alive_workers(redis, keys, MODEL):
                 return
@@ -132,9 +137,9 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
     chosen = (PUZZLES * (puzzles // len(PUZZLES) + 1))[:puzzles]
     chosen = [f"{p} #{i}" if i >= len(PUZZLES) else p for i, p in enumerate(chosen)]
     console.print(f"[bold]cachesaver-dist demo[/]: {len(chosen)} puzzles x "
-                  f"{len(METHODS)} methods ({', '.join(METHODS)}), model {MODEL} "
-                  f"at {latency * 1000:.0f} ms per call")
-    procs = _spawn_workers(url, keys, latency)
+                  f"{len(METHODS)} methods ({', '.join(METHODS)}); {PROVIDER_MODEL} played "
+                  f"by the local simulator at {latency * 1000:.0f} ms per call")
+    procs = _spawn_processes(url, keys, latency)
     try:
         await _wait_for_workers(url, keys, procs)
         rows = [await _run_pass(url, keys, chosen, label, console)
@@ -146,15 +151,20 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=15)
     table = Table(title="samples per pass: generated (paid) vs served from cache")
-    for col in ("pass", "requests", "generated", "cached", "deduplicated", "seconds"):
+    for col in ("pass", "requests", "generated", "cached", "deduplicated", "tokens paid",
+                "$ spent", "$ saved", "seconds"):
         table.add_column(col, justify="left" if col == "pass" else "right")
     for r in rows:
-        table.add_row(r["pass"], str(r["requests"]), f"{r['generated']:.0f}",
-                      f"{r['cached']:.0f}", f"{r['deduplicated']:.0f}", f"{r['seconds']:.2f}")
+        table.add_row(r["pass"], str(r["requests"]), str(r["samples_generated"]),
+                      str(r["samples_cached"]), str(r["samples_deduplicated"]),
+                      str(r["tokens_generated"]), f"{r['dollars_spent']:.5f}",
+                      f"{r['dollars_saved']:.5f}", f"{r['seconds']:.2f}")
     console.print(table)
-    total = sum(r["generated"] + r["cached"] + r["deduplicated"] for r in rows)
-    paid = sum(r["generated"] for r in rows)
-    console.print(f"{total:.0f} samples served, {paid:.0f} generated: the cache saved "
+    total = sum(r["samples_generated"] + r["samples_cached"] + r["samples_deduplicated"]
+                for r in rows)
+    paid = sum(r["samples_generated"] for r in rows)
+    console.print(f"{total} samples served, {paid} generated: the cache saved "
                   f"{(1 - paid / total) * 100 if total else 0:.0f}% of model samples. "
-                  "Run it again: the data is kept, so every pass is served from cache.")
+                  "Run it again: the data is kept, so every pass is served from cache. "
+                  "'cachesaver-dist stats' shows the totals.")
     return 0
