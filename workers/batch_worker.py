@@ -151,9 +151,16 @@ class BatchWorker:
                 work.indices += [int(i) for i in data[b"idx"].split(b",")]
                 work.entries.append(eid)
         for route, works in by_route.items():
-            task = asyncio.create_task(self._generate(route, list(works.values())))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # A model with request() gets one call per key, each filled as soon as it
+            # returns; a batch-only model gets the whole batch in one call.
+            if callable(getattr(self.models[route], "request", None)):
+                groups = [[w] for w in works.values()]
+            else:
+                groups = [list(works.values())]
+            for group in groups:
+                task = asyncio.create_task(self._generate(route, group))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _generate(self, route: str, works: list[Work]) -> None:
         stream = self.keys.work_stream(route)
