@@ -60,5 +60,5 @@ def test_price_table_matches_provider_prefixes_and_reports_unpriced():
 def test_bad_price_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="price file .* is not readable"):
+    with pytest.raises(ValueError, match=r"price file .* is not readable"):
         load_prices(bad)

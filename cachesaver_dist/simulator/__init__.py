@@ -1,0 +1,35 @@
+"""Local OpenAI-compatible LLM simulator (``POST /v1/chat/completions``) for tests and benches.
+
+Samples are fake but distinct: ``<8-hex tag> word word ...`` from a SHA-256 of (model, messages,
+temperature, top_p, salt); the salt is a per-server nonce (``rng_seed`` if set) plus a sample
+counter, or (``seed``, choice index) when the request has a ``seed`` (then it is reproducible).
+Tokens ~= whitespace-separated words, for prompt and completion alike.
+
+Rate limit: per-model *sliding window log* (at most ``rate_limit`` admitted requests in any
+``rate_window`` s; rejected ones take no slot); a 429 has ``Retry-After`` (fractional seconds
+like ``"0.25"``, or a ceil'd integer with ``retry_after_integer``) and ``retry-after-ms``.
+
+Modules: ``config`` (settings, fault rules), ``wire`` (OpenAI request/response format),
+``state`` (counters, rate windows, samples), ``app`` (routes, serving), ``cli`` (flags).
+"""
+
+from .app import STATE, build_app, root_url, running_simulator, serve, together_base_url
+from .cli import add_arguments, config_from_args, main_from_args
+from .config import FaultRule, SimulatorConfig
+from .state import COUNTER_KEYS, MAX_REQUEST_TIMES
+
+__all__ = [
+    "COUNTER_KEYS",
+    "MAX_REQUEST_TIMES",
+    "STATE",
+    "FaultRule",
+    "SimulatorConfig",
+    "add_arguments",
+    "build_app",
+    "config_from_args",
+    "main_from_args",
+    "root_url",
+    "running_simulator",
+    "serve",
+    "together_base_url",
+]
