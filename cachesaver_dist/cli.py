@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from .connection import safe_url
 from .protocol import DEFAULT_PREFIX, Keys
 from .scripts import DEFAULT_RUN_TTL_S
 
@@ -162,7 +163,7 @@ def _run_cache_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
 
     from .connection import connection_pool
 
-    log.info("cache worker on %s (queue %s)", _safe(url), keys.cache_queue)
+    log.info("cache worker on %s (queue %s)", safe_url(url), keys.cache_queue)
     while True:  # Redis gone for longer than the connection retries: start over
         asyncio.set_event_loop(asyncio.new_event_loop())
         worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool(url)),
@@ -203,7 +204,7 @@ async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stop)
-    log.info("batch worker on %s", _safe(url))
+    log.info("batch worker on %s", safe_url(url))
     try:
         await worker.run()
     finally:
@@ -224,16 +225,6 @@ async def _drop_run(url: str, keys: Keys, run: str) -> int:
         await redis.aclose()
     print(f"run {run!r}: " + ("counters dropped" if dropped else "no counters found"))
     return 0
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -29,3 +30,23 @@ def connection_pool(url: str) -> ConnectionPool:
 def connect(url: str) -> Redis:
     """A Redis client for ``url`` that reconnects on its own."""
     return Redis(connection_pool=connection_pool(url))
+
+
+async def check_reachable(url: str) -> None:
+    """Fail fast, with a clear message, when nothing answers at ``url``."""
+    probe = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        await probe.ping()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise ConnectionError(
+            f"cannot reach Redis at {safe_url(url)} ({exc}); start it, fix REDIS_URL/cache, "
+            "or leave both unset to use the embedded server"
+        ) from exc
+    finally:
+        await probe.aclose()
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url

@@ -13,7 +13,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from .client import CacheClient
-from .connection import connect
+from .connection import check_reachable, connect
 from .errors import CacheSaverError
 from .models import check_model, model_identity
 from .prepare import DEFAULT_MAX_PROMPT_BYTES, check_run, prepare
@@ -117,9 +117,8 @@ class OnlineAPI:
             # A diskcache.Cache from single-process code: keep its folder as the data home.
             self._data_dir, cache = Path(directory) / "cachesaver-redis", None
         url, self._server = await asyncio.to_thread(resolve_redis_url, cache, self._data_dir)
-        redis = connect(url)
-        await redis.ping()
-        return redis
+        await check_reachable(url)
+        return connect(url)
 
     def _start_local_workers(self) -> None:
         from workers.batch_worker import BatchWorker, BatchWorkerConfig

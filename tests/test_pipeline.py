@@ -218,3 +218,13 @@ def test_bad_arguments_are_refused_early():
         OnlineAPI("sim:x", run="has space")
     with pytest.raises(TypeError, match="neither request"):
         OnlineAPI(object())
+
+
+async def test_unreachable_redis_is_a_clear_error_fast():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/0"):
+        async with OnlineAPI("sim:x", cache="redis://127.0.0.1:1/0"):
+            pass
+    assert time.monotonic() - started < 10

@@ -62,3 +62,17 @@ def test_bad_price_file_is_a_clear_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=r"price file .* is not readable"):
         load_prices(bad)
+
+
+async def test_drop_run_resets_a_runs_counters(redis_url, keys):
+    from cachesaver_dist import SimModel
+
+    model = SimModel("drop")
+    async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, run="exp-1") as api:
+        first = await api.request(Request("d", 2, "a", "ns"))
+        done = subprocess.run(
+            [sys.executable, "-m", "cachesaver_dist.cli", "drop-run", "exp-1", "--prefix",
+             keys.prefix], env=subprocess_env(redis_url), capture_output=True, timeout=60)
+        assert done.returncode == 0 and b"counters dropped" in done.stdout, done.stderr
+        again = await api.request(Request("d", 2, "b", "ns"))
+    assert again.data == first.data and again.cached == [True, True]
