@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from .beacon import alive_workers
 from .errors import GenerationError, ReplyTimeoutError
-from .protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_reply, encode_job
+from .protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_replies, encode_job
 from .scripts import WorkItem
 
 log = logging.getLogger("cachesaver_dist.client")
@@ -84,13 +84,14 @@ class CacheClient:
             if not msg or msg["type"] != "pmessage":
                 continue
             try:
-                reply = decode_reply(msg["data"])
-            except Exception as exc:
+                replies = decode_replies(msg["data"])
+            except Exception as exc:  # one bad message must not stop the reader
                 log.error("unreadable reply on %s: %s", msg["channel"], exc)
                 continue
-            fut = self._waiting.get(reply["id"])
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            for reply in replies:
+                fut = self._waiting.get(reply["id"])
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
 
     async def submit(self, items: list[WorkItem]) -> list[dict[str, Any] | GenerationError]:
         """Send ``items`` as one batch; return their replies (or errors) in the same order."""

@@ -159,19 +159,23 @@ def decode_sample(data: bytes) -> dict[str, Any]:
     return _check(unpack(data), "sample")
 
 
-def encode_reply(request_uuid: str, start: int, flags: str, samples: list[bytes]) -> bytes:
+def reply(request_uuid: str, start: int, flags: str, samples: list[bytes]) -> dict[str, Any]:
     """Samples ``start, start+1, ...`` of a request, with their flags."""
-    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "start": start, "flags": flags,
-                 "samples": samples})
+    return {"id": request_uuid, "start": start, "flags": flags, "samples": samples}
 
 
-def encode_error_reply(request_uuid: str, kind: str, message: str) -> bytes:
-    error = {"kind": kind, "message": message}
-    return pack({"v": SCHEMA_VERSION, "id": request_uuid, "error": error})
+def error_reply(request_uuid: str, kind: str, message: str) -> dict[str, Any]:
+    return {"id": request_uuid, "error": {"kind": kind, "message": message}}
 
 
-def decode_reply(data: bytes) -> dict[str, Any]:
-    return _check(unpack(data), "reply")
+def encode_replies(replies: list[dict[str, Any]]) -> bytes:
+    """One message with the replies to one client (published on its first request's
+    channel: the client's pattern subscription receives every one of them)."""
+    return pack({"v": SCHEMA_VERSION, "replies": replies})
+
+
+def decode_replies(data: bytes) -> list[dict[str, Any]]:
+    return _check(unpack(data), "reply")["replies"]
 
 
 def waiter_info(run: str, model_id: str) -> str:

@@ -44,9 +44,9 @@ async def handle_batch(
             outbox.reply(f"{client}:{it.uuid}", r.start, r.flags, r.samples, it.run, it.model_id,
                          first=r.new)
     await outbox.send(redis)
-    log.debug("batch of %d from %s: %d answered from cache", len(items), client,
-              len(outbox.messages))
-    return sum(r.complete for r in reservations)
+    answered = sum(r.complete for r in reservations)
+    log.debug("batch of %d from %s: %d answered from cache", len(items), client, answered)
+    return answered
 
 
 async def process_batch(ctx: dict[str, Any], payload: bytes) -> int:

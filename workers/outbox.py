@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+from typing import Any
 
 from redis.asyncio import Redis
 
-from cachesaver_dist.protocol import Keys, encode_error_reply, encode_reply
+from cachesaver_dist.protocol import Keys, encode_replies, error_reply, reply
 from cachesaver_dist.stats import account, write_tally
 
 
 class Outbox:
-    """Collects replies and counters, then sends them in one pipeline."""
+    """Collects replies and counters, then sends them in one pipeline.
+
+    The replies to one client go out as one message: a client batch costs one
+    PUBLISH, not one per request.
+    """
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
-        self.messages: list[tuple[str, bytes]] = []
+        self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.tally: Counter = Counter()
 
     def reply(
@@ -24,25 +29,22 @@ class Outbox:
     ) -> None:
         """Answer one request; ``first`` is false for a repeat answer (not counted again)."""
         client, uuid = waiter_id.split(":", 1)
-        self.messages.append(
-            (self.keys.reply_channel(client, uuid), encode_reply(uuid, start, flags, samples))
-        )
+        self.replies[client].append(reply(uuid, start, flags, samples))
         if first:
             account(self.tally, run, model_id, flags, samples)
 
     def error(self, waiter_id: str, kind: str, message: str) -> None:
         client, uuid = waiter_id.split(":", 1)
-        self.messages.append(
-            (self.keys.reply_channel(client, uuid), encode_error_reply(uuid, kind, message))
-        )
+        self.replies[client].append(error_reply(uuid, kind, message))
 
     async def send(self, redis: Redis) -> None:
-        if not self.messages and not self.tally:
+        if not self.replies and not self.tally:
             return
         pipe = redis.pipeline(transaction=False)
-        for channel, message in self.messages:
-            pipe.publish(channel, message)
+        for client, replies in self.replies.items():
+            pipe.publish(self.keys.reply_channel(client, replies[0]["id"]),
+                         encode_replies(replies))
         write_tally(pipe, self.keys, self.tally)
         await pipe.execute()
-        self.messages.clear()
+        self.replies.clear()
         self.tally.clear()
