@@ -36,12 +36,13 @@ def account(tally: Counter, run: str, model_id: str, flags: str, samples: list[b
 
 def write_tally(pipe: Any, keys: Keys, tally: Counter) -> None:
     """Queue the increments of ``tally`` on a Redis pipeline."""
-    now = time.time()
     for (run, field), value in tally.items():
         incr = pipe.hincrby if isinstance(value, int) else pipe.hincrbyfloat
         incr(keys.stats(run), field, value)
         incr(keys.stats(), field, value)
-        pipe.zadd(keys.runs, {run: now})
+    runs = {run for run, _ in tally}
+    if runs:
+        pipe.zadd(keys.runs, dict.fromkeys(runs, time.time()))
 
 
 async def read_stats(
