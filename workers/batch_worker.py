@@ -59,7 +59,11 @@ class BatchWorker:
         self.config = config or BatchWorkerConfig()
         self.name = name or worker_name()
         self.streams = {keys.work_stream(route): route for route in self.models}
+        # Entries read and not yet acknowledged (their leases are refreshed), and how
+        # many of them are in a model call right now (what ``concurrency`` bounds).
         self._inflight: dict[str, set[str]] = {s: set() for s in self.streams}
+        self._calling = 0
+        self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
 
@@ -93,12 +97,14 @@ class BatchWorker:
                 await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
 
     def _free(self) -> int:
-        return self.config.concurrency - sum(len(v) for v in self._inflight.values())
+        return self.config.concurrency - self._calling
 
     async def _read_once(self) -> None:
         free = self._free()
         if free <= 0:
-            await asyncio.sleep(0.005)
+            self._slot_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), timeout=1.0)
             return
         count = min(self.config.batch_size, free)
         block = int(min(1.0, self.config.lease / 3) * 1000)
@@ -143,6 +149,7 @@ class BatchWorker:
                     continue
                 eid = entry_id.decode()
                 self._inflight[stream].add(eid)
+                self._calling += 1
                 key = data[b"key"].decode()
                 work = works.get(key)
                 if work is None:
@@ -166,10 +173,15 @@ class BatchWorker:
         stream = self.keys.work_stream(route)
         for work in works:  # a fill may already cover some indices (a takeover)
             work.indices = sorted(set(work.indices))
+        entries = sum(len(w.entries) for w in works)
         try:
             started = time.monotonic()
-            results = await generate(self.models[route], [(w.fields, len(w.indices))
-                                                          for w in works])
+            try:
+                results = await generate(self.models[route], [(w.fields, len(w.indices))
+                                                              for w in works])
+            finally:  # the call slot is free; the entries stay leased until acknowledged
+                self._calling -= entries
+                self._slot_freed.set()
             log.debug("%s: %d keys generated in %.3f s", route, len(works),
                       time.monotonic() - started)
             outbox = Outbox(self.keys)
