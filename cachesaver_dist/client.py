@@ -15,13 +15,14 @@ import time
 import uuid
 from typing import Any
 
-from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .beacon import alive_workers
 from .errors import GenerationError, ReplyTimeoutError
-from .protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_replies, encode_job
+from .protocol import CACHE_JOB, Keys, arq_serialize, decode_replies, encode_job
 from .scripts import WorkItem
 
 log = logging.getLogger("cachesaver_dist.client")
@@ -41,9 +42,6 @@ class CacheClient:
         self._waiting: dict[str, asyncio.Future] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task | None = None
-        self._arq = ArqRedis(connection_pool=redis.connection_pool,
-                             job_serializer=arq_serialize, job_deserializer=arq_deserialize,
-                             default_queue_name=keys.cache_queue)
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
@@ -120,12 +118,22 @@ class CacheClient:
                 if "error" in r else r for it, r in zip(items, replies)]
 
     async def _enqueue(self, items: list[WorkItem]) -> None:
-        payload = encode_job(self.client_id, [it.to_wire() for it in items])
+        """Enqueue one arq job and wake a cache worker, in one round trip.
+
+        The job is written as arq's ``enqueue_job`` writes it, without its check for an
+        existing job id (ours are random): that check costs three round trips.
+        """
+        keep_s = int(self.request_timeout) + 60
+        payload = encode_job(self.client_id, [it.to_wire() for it in items], keep_s)
         backoff = 0.1
         while True:
+            job_id = uuid.uuid4().hex
+            now_ms = int(time.time() * 1000)
+            job = serialize_job(CACHE_JOB, (payload,), {}, None, now_ms, serializer=arq_serialize)
             try:
-                await self._arq.enqueue_job(CACHE_JOB, payload, _expires=self.request_timeout)
-                pipe = self.redis.pipeline(transaction=False)
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.psetex(job_key_prefix + job_id, int(self.request_timeout * 1000), job)
+                pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
                 pipe.lpush(self.keys.cache_wake, 1)
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
                 await pipe.execute()

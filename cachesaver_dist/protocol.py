@@ -126,12 +126,14 @@ def _check(message: Any, kind: str) -> dict[str, Any]:
     return message
 
 
-def encode_job(client: str, requests: list[list[Any]]) -> bytes:
+def encode_job(client: str, requests: list[list[Any]], keep_s: int) -> bytes:
     """A client batch for the cache workers.
 
-    Each request is ``[uuid, request_id, key, namespace, n, run, route, model_id, spec]``.
+    Each request is ``[uuid, request_id, key, namespace, n, run, route, model_id, spec]``;
+    ``keep_s``: how long the reservations must outlive the job (the client's retries).
     """
-    return pack({"v": SCHEMA_VERSION, "client": client, "requests": requests})
+    return pack({"v": SCHEMA_VERSION, "client": client, "requests": requests,
+                 "keep_s": keep_s})
 
 
 def decode_job(data: bytes) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from redis.commands.core import AsyncScript
 
 from .protocol import Keys, waiter_info
 
-RESERVATION_TTL_S = 24 * 3600
 DEFAULT_RUN_TTL_S = 7 * 24 * 3600
 
 _HERE = Path(__file__).parent
@@ -83,11 +82,15 @@ class Waiter:
 
 
 async def reserve(
-    redis: Redis, keys: Keys, client: str, items: list[WorkItem], run_ttl_s: int = DEFAULT_RUN_TTL_S
+    redis: Redis, keys: Keys, client: str, items: list[WorkItem],
+    run_ttl_s: int = DEFAULT_RUN_TTL_S, reservation_ttl_s: int = 3600,
 ) -> list[Reservation]:
-    """Reserve indices for ``items`` in the given order, in one round trip."""
+    """Reserve indices for ``items`` in the given order, in one round trip.
+
+    A reservation record lives ``reservation_ttl_s`` (as long as its client may retry).
+    """
     k: list[str] = []
-    argv: list[Any] = [RESERVATION_TTL_S * 1000, run_ttl_s * 1000]
+    argv: list[Any] = [reservation_ttl_s * 1000, run_ttl_s * 1000]
     for it in items:
         k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
               keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]

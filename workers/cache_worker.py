@@ -36,7 +36,7 @@ async def handle_batch(
     job = decode_job(payload)
     client = job["client"]
     items = sorted((WorkItem.from_wire(r) for r in job["requests"]), key=lambda it: it.request_id)
-    reservations = await reserve(redis, keys, client, items, run_ttl_s)
+    reservations = await reserve(redis, keys, client, items, run_ttl_s, job["keep_s"])
     outbox = Outbox(keys)
     for r in reservations:
         if r.complete:

@@ -1,0 +1,184 @@
+"""Driver of cachesaver-dist (runs in ``/work/main/.venv``): the client side only.
+
+Reads a JSON spec on stdin, prints one JSON line. The cache and batch workers are
+separate processes started by the study; this process is a plain user of
+``OnlineAPI("<model route>", cache=REDIS_URL, prefix=...)``.
+
+With ``count_round_trips`` it counts this process's Redis round trips: every
+``send_packed_command`` of redis-py's asyncio connection is one write followed by one
+read (a pipeline is one call), so the count is the client's round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cachesaver_dist import OnlineAPI, Request
+
+from bench import workloads as W
+
+ROUND_TRIPS = {"n": 0}
+
+
+def count_round_trips() -> None:
+    from redis.asyncio.connection import AbstractConnection
+
+    original = AbstractConnection.send_packed_command
+
+    async def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        ROUND_TRIPS["n"] += 1
+        return await original(self, command, check_health)
+
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class BenchRequest(Request):
+    temperature: float = 0.7
+    max_tokens: int = 64
+
+
+def asker(api: OnlineAPI) -> W.Ask:
+    async def ask(prompt: str, n: int, namespace: str, request_id: str) -> W.Answer:
+        r = await api.request(BenchRequest(prompt=prompt, n=n, request_id=request_id,
+                                           namespace=namespace))
+        return W.Answer(list(r.data), list(r.cached), list(r.duplicated),
+                        [m["index"] for m in r.metadata])
+    return ask
+
+
+def api_for(spec: dict[str, Any], **kw: Any) -> OnlineAPI:
+    return OnlineAPI(spec["model"], cache=spec["url"], prefix=spec["prefix"],
+                     request_timeout=spec.get("request_timeout", 60), **kw)
+
+
+async def hits(spec: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"phases": {}}
+    if spec.get("warm", True):
+        async with api_for(spec, batch_size=32, timeout=0.005) as api:
+            await W.warm(asker(api), spec["prompts"])
+    for ph in spec["phases"]:
+        async with api_for(spec, batch_size=ph["batch_size"], timeout=ph["timeout"]) as api:
+            ask = asker(api)
+            if ph.get("warmup", 0):
+                await W.closed_loop(ask, callers=ph["callers"], duration=ph["warmup"],
+                                    max_requests=ph["max_requests"], prompts=spec["prompts"],
+                                    tag=f"{ph['name']}-warmup")
+            rt0 = ROUND_TRIPS["n"]
+            res = await W.closed_loop(ask, callers=ph["callers"], duration=ph["duration"],
+                                      max_requests=ph["max_requests"], prompts=spec["prompts"],
+                                      tag=ph["name"], start_at=spec.get("start_at"),
+                                      watch=spec.get("watch"))
+            res["round_trips"] = ROUND_TRIPS["n"] - rt0
+            if not spec.get("keep_latencies", True):
+                res.pop("latencies_ms")
+            out["phases"][ph["name"]] = res
+    return out
+
+
+async def burst(spec: dict[str, Any]) -> dict[str, Any]:
+    rounds = []
+    for r in range(spec["rounds"]):
+        async with api_for(spec, batch_size=spec["batch_size"], timeout=spec["timeout"]) as api:
+            rounds.append(await W.burst(asker(api), spec["count"], f"{spec['tag']}-{r}"))
+    return {"rounds": rounds}
+
+
+async def mp_client(spec: dict[str, Any]) -> dict[str, Any]:
+    async with api_for(spec, batch_size=spec["batch_size"], timeout=spec["timeout"],
+                       run=spec["run"]) as api:
+        answers = await W.mp_client(asker(api), scenario=spec["scenario"],
+                                    prompts=spec["prompts"], n=spec["n"],
+                                    namespace=spec["namespace"], seed=spec["seed"],
+                                    concurrency=spec["concurrency"], start_at=spec["start_at"])
+    return {"answers": answers}
+
+
+async def savings(spec: dict[str, Any]) -> dict[str, Any]:
+    from cachesaver_dist.pipelines import connect
+    from cachesaver_dist.protocol import Keys
+    from cachesaver_dist.stats import read_stats
+
+    redis = connect(spec["url"])
+    run = spec["run"]
+
+    async def snapshot() -> dict[str, float]:
+        await asyncio.sleep(0.1)  # the last replies' tallies are written with the replies
+        c = (await read_stats(redis, Keys(spec["prefix"]), run)).get(spec["model"], {})
+        return {"samples": c.get("samples_generated", 0),
+                "prompt_tokens": c.get("prompt_tokens_generated", 0),
+                "completion_tokens": c.get("completion_tokens_generated", 0),
+                "deduplicated": c.get("samples_deduplicated", 0),
+                "cached": c.get("samples_cached", 0)}
+
+    t0 = time.perf_counter()
+    try:
+        async with api_for(spec, batch_size=32, timeout=0.005, run=run) as api:
+            rows = await W.savings(asker(api), spec["puzzles"], snapshot)
+    finally:
+        await redis.aclose()
+    return {"rows": rows, "seconds": time.perf_counter() - t0}
+
+
+async def direct_hits(spec: dict[str, Any]) -> dict[str, Any]:
+    """What-if (not the package's path): the client runs the reserve script itself, one
+    round trip per batch, no cache worker; hits are decoded as ``OnlineAPI`` would."""
+    import uuid
+
+    from cachesaver_dist.prepare import prepare
+    from cachesaver_dist.protocol import Keys, decode_sample
+    from cachesaver_dist.scripts import reserve
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(spec["url"])
+    keys, client = Keys(spec["prefix"]), uuid.uuid4().hex
+    out: dict[str, Any] = {"phases": {}}
+    for ph in spec["phases"]:
+        run = f"direct-{uuid.uuid4().hex[:8]}"
+        tag, size, prompts = ph["name"], ph["batch_size"], spec["prompts"]
+        latencies: list[float] = []
+        misses, i = 0, 0
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        end = t0 + ph["duration"]
+        while time.perf_counter() < end and i < ph["max_requests"]:
+            b0 = time.perf_counter()
+            items = sorted((prepare(BenchRequest(prompt=W.hit_prompt(j % prompts), n=1,
+                                                 request_id=f"{tag}/{j:08d}",
+                                                 namespace=f"{tag}-{j // prompts}"),
+                                    run=run, route=spec["model"], model_id=spec["model"])
+                            for j in range(i, i + size)), key=lambda it: it.request_id)
+            res = await reserve(redis, keys, client, items)
+            for r in res:
+                misses += not r.complete
+                _ = [decode_sample(x)["data"] for x in r.samples]
+            dt = (time.perf_counter() - b0) * 1000
+            latencies += [dt] * size
+            i += size
+        wall = time.perf_counter() - t0
+        out["phases"][tag] = {"latencies_ms": latencies, "wall": wall, "count": len(latencies),
+                              "misses": misses, "throughput": len(latencies) / wall,
+                              "cpu": {"client": time.process_time() - cpu0}}
+    await redis.aclose()
+    return out
+
+
+MODES = {"hits": hits, "direct_hits": direct_hits, "burst": burst, "mp_client": mp_client,
+         "savings": savings}
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    if spec.get("count_round_trips"):
+        count_round_trips()
+    result = asyncio.run(MODES[spec["mode"]](spec))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
