@@ -283,62 +283,52 @@ def findings(d: dict[str, Any], orig: dict[str, Any], whatif: dict[str, Any]) ->
               f"{C.fmt(whatif['c32']['throughput'], 0)} req/s "
               f"({whatif['c32']['throughput'] / orig['c32']['thr']:.1f}× the original) and a "
               f"{C.summary(whatif['seq']['latencies_ms'])['p50']:.2f} ms sequential hit.")
-    return f"""### Findings (hot spots and proposed fixes)
+    return f"""### Findings (hot spots, what was fixed, what is proposed)
 
 * **Why c32 is short of 10×.** With 32 closed-loop callers and batch size 32 exactly
   one batch is in flight, so throughput = 32 / batch latency, and the batch latency is
   the CPU spent on it in series: client {cpu.get('client', 0):.0f} µs + cache worker
   {cpu.get('worker', 0):.0f} µs + redis-server {cpu.get('redis', 0):.0f} µs per hit
   ≈ {serial:.0f} µs × 32 ≈ {serial * 32 / 1000:.1f} ms (measured p50
-  {d['c32']['p50']:.1f} ms), plus ~10 sequential Redis round trips (arq: enqueue 3 +
-  wake 1, pickup 4, job read 1, finish 1; reserve 1; publish 1). The original spends
-  ~{orig['c32']['cpu_us'].get('client', 0):.0f} µs per hit (three `DeepHash`es per
-  request), so 10× needs ≤ ~{need:.0f} µs per hit on the whole serial path; more
-  cache workers cannot help a single in-flight batch (see `scaling`).{wi}
-* **Cache worker** (profile above): socket writes + epoll ≈ half of its samples, then
-  redis-py command packing (`AbstractConnection.pack_command`, `Encoder.encode`):
-  `scripts.reserve` sends 6 keys + 6 args per request, including the request's full
-  generation `spec` (prompt + fields, 208 bytes here, the whole few-shot prompt in
-  real use) although only a claim (a miss) needs it; `Outbox.send` pipelines the
-  replies (one PUBLISH per request before commit cff8f71, one per client batch since)
-  and the stats increments; `stats.account` msgpack-decodes every sample just to read
-  its token usage.
-* **Client**: `prepare.prepare` ≈ 16 µs per request (micro-benchmark: it msgpacks the
-  fields twice, for `prompt_key` and `encode_spec`, plus `uuid4` 3 µs and blake2b),
-  `pipelines._response` ≈ 6 µs, arq's `enqueue_job` 3 sequential round trips (WATCH,
-  EXISTS, MULTI/EXEC) + the wake-up pipeline.
+  {d['c32']['p50']:.1f} ms), over ~10 sequential Redis round trips per batch (client
+  enqueue 1; worker: wake 1, arq pickup 5 — ZRANGEBYSCORE, WATCH, EXISTS, ZSCORE,
+  MULTI/EXEC —, job read 1, reserve 1, replies + stats 1; arq's finish 1 after the
+  reply). The original spends ~{orig['c32']['cpu_us'].get('client', 0):.0f} µs per hit
+  (three `DeepHash`es per request), so 10× needs ≤ ~{need:.0f} µs per hit on the whole
+  serial path; more cache workers cannot help a single in-flight batch (see
+  `scaling`).{wi}
+* **Fixed since the first profile** (package commits e968291…e8a3736): the client's
+  batcher sends at once when no batch is in flight (it waited `timeout`, ~5 ms, before
+  every request); cache workers block on a wake-up list between polls (idle CPU ~0 at
+  the 0.5 s default); one reply message per client batch (was one PUBLISH per request);
+  one stats ZADD per run (was one per counter); `CacheClient._enqueue` writes arq's job,
+  the queue entry and the wake token in one MULTI (was `enqueue_job`'s WATCH, EXISTS,
+  MULTI/EXEC + a wake pipeline: 4 round trips); reservation records live
+  `request_timeout` + 60 s (660 s by default, was 24 h).
+* **Where the CPU goes now.** Cache worker: socket writes + epoll ≈ half its samples,
+  then redis-py command packing: `scripts.reserve` sends 6 keys + 6 args per request,
+  including the full generation `spec` (208 bytes here, the whole few-shot prompt in
+  real use) that only a claim (a miss) needs; `stats.account` msgpack-decodes every
+  sample to read its token usage. Client: `prepare.prepare` ≈ 16 µs per request (it
+  msgpacks the fields twice, plus `uuid4` 3 µs and blake2b), `pipelines._response`
+  ≈ 6 µs.
 
-Proposed fixes, in order of effect (package code, not changed here):
+Still proposed (package code, not changed here), in order of effect:
 
-1. **Hits without the worker hop** — `cachesaver_dist/client.py` `CacheClient.submit`:
-   sort the batch by `request_id` and call `scripts.reserve` from the client (what
-   `workers/cache_worker.py` `handle_batch` does now); answer the complete reservations
-   from the script's return value and wait on pub/sub only for the others. Nothing
-   else changes: the script already queues claims on the batch workers' stream and
-   registers waiters atomically, and the batch worker's fill already publishes their
-   replies; a re-ask reruns reserve with the same uuid (idempotent). Move the hit
-   accounting (`Outbox.reply` → `stats.account`) into the client or into the script
-   (HINCRBY per flag). One round trip per batch: the what-if measures
+1. **Hits without the worker hop** — `CacheClient.submit` sorts its batch by
+   `request_id` and calls `scripts.reserve` itself, answers complete reservations from
+   the script's return value and waits on pub/sub only for the rest (the script
+   already queues claims and registers waiters; a re-ask reruns reserve with the same
+   uuid). One round trip per batch: the what-if measures
    {C.fmt(whatif['c32']['throughput'], 0) if wi else '?'} vs {C.fmt(d['c32']['thr'], 0)}
-   req/s. It departs from the design card's client → cache-worker arrow (DESIGN §2),
-   so it needs that decision; the cache worker would remain for re-asks and recovery.
-2. If the worker hop stays: `client.py` `CacheClient._enqueue` — write arq's job key,
-   queue ZADD and the wake LPUSH/LTRIM in one MULTI pipeline (job ids are random, so
-   arq's WATCH/EXISTS uniqueness check buys nothing): 4 round trips → 1 per batch.
-3. `scripts.reserve` / `reserve.lua`: pass a request's `spec` only for indices it
-   claims (e.g. reserve returns the claims, and the worker XADDs them with their specs
-   in the pipeline that publishes the replies; the lease recovery already covers a
-   crash in between) — hits then send ~40 % fewer bytes per request and far fewer
-   with long prompts.
-4. `prepare.prepare`: msgpack the canonical fields once and derive both the key and
-   the spec from that blob; per-client counter ids instead of `uuid4`.
-5. `stats.account`: keep token usage next to each sample (e.g. a second hash field
-   written by `fill.lua`) so accounting a hit needs no msgpack decode.
-6. Memory (see `scaling`, keys/bytes kept per request): `reserve.lua` writes a
-   reservation record per request with a 24 h TTL (`scripts.RESERVATION_TTL_S`), even
-   for complete hits: at 5,000 hits/s that is ~430 M keys a day. Use the client's
-   `request_timeout` + a margin as the TTL (a re-ask can only come within it), and with
-   fix 1 skip the record for complete hits (their reply cannot be lost).
+   req/s. It departs from the design's client → cache worker hop, so it needs that
+   decision; complete hits would then need no reservation record either.
+2. `reserve.lua`: take a request's `spec` only for the indices it claims (fewer bytes
+   packed and sent per hit; far fewer with long prompts).
+3. `prepare.prepare`: msgpack the canonical fields once for both key and spec;
+   per-client counter ids instead of `uuid4`.
+4. `stats.account`: keep token usage next to each sample (written by `fill.lua`) so a
+   hit is accounted without a msgpack decode.
 """
 
 

@@ -157,32 +157,36 @@ def report(env: dict[str, Any], orig: list[dict[str, Any]], orig_short: list[dic
         lines += [link, ""]
     ours_first = C.median([r["first_reply"] for r in ours])
     per_wave = 1000 * (w_ours - ours_first - (waves - 1) * LATENCY) / (waves - 1)
+    bw = prof.get("batch worker process", {})
+    cpu_note = ""
+    if bw.get("samples"):  # 250 Hz over 4 s of backlog: at most 20 waves of 200 ms
+        cpu_note = (f"; the profile puts ≥ {bw['samples'] * 4 / 20:.0f} ms of batch-worker "
+                    f"CPU in each 200 ms wave (overhead per wave: {per_wave:.0f} ms)")
     lines += [
         "### Findings (ours)\n",
         f"The miss path is latency-bound, not CPU-bound: in the profile below (4 s of "
         f"backlog, sampled at 250 Hz) the processes are on CPU in few samples. The time "
         f"over ideal is {1000 * (ours_first - LATENCY):.0f} "
         f"ms before the first model call returns, then ~{per_wave:.0f} ms each time one "
-        f"of the {CONCURRENCY} model-call slots is handed on ({waves - 1} times). In "
-        f"`workers/batch_worker.py`:",
+        f"of the {CONCURRENCY} model-call slots is handed on ({waves - 1} times).",
         "",
-        "1. `BatchWorker._generate` frees a slot (`_inflight` discard, in `finally`) only "
-        "after the fill script, the reply `Outbox.send` and the XACK/XDEL pipeline, three "
-        "sequential round trips after the model call returns. Count model calls in "
-        "flight separately from entries awaiting their ack (the lease refresh still needs "
-        "the latter), and release the call slot as soon as `generate()` returns.",
-        "2. `BatchWorker._read_once` polls with `asyncio.sleep(0.005)` while all slots "
-        "are busy, and after a short read sleeps `batch_wait` (5 ms) for more: wake the "
-        "read loop with an `asyncio.Event` set when a slot frees, and skip `batch_wait` "
-        "when the read already returned every free slot's worth or the stream was "
-        "backlogged (a full previous read).",
-        "3. Fill + reply + ack in one round trip: `fill.lua` can `PUBLISH` the completed "
-        "waiters' replies and `XACK`/`XDEL` the entry itself (stream key in `KEYS`), so a "
-        "returned call costs one script call instead of three round trips.",
-        "4. Start-up: the 8 client batches go through the cache worker (arq pickup, "
-        "reserve, XADD) before the batch worker's blocking XREADGROUP returns; the first "
-        "read often returns one entry and then waits `batch_wait`. With the fixes above the "
-        "remaining gap to ideal is the start-up, ~one cache-worker job.",
+        "Fixed in `workers/batch_worker.py` (package commits bdaf228, f2ffd98): a call "
+        "slot frees as soon as the model returns, before fill, reply and ack (it used to "
+        "wait for those three round trips); the read loop waits on an `asyncio.Event` set "
+        "when a slot frees (was a 5 ms sleep-poll); with a model that has `request()` "
+        "each key is filled as soon as its own call returns. Earlier runs of this study: "
+        "1.148× ideal (first profile), 1.10× (before f2ffd98: 50 ms start-up, ~16 ms per "
+        "wave). Still proposed:",
+        "",
+        f"1. Per wave: the 32 calls return together, and the batch worker's one event "
+        f"loop runs their fill, reply and ack (three round trips each) interleaved with "
+        f"the reads that refill the slots{cpu_note}. Fill + reply + ack in one round "
+        f"trip (`fill.lua` `PUBLISH`es the completed waiters' replies and `XACK`/`XDEL`s "
+        f"the entry itself, stream key in `KEYS`) makes it one round trip per return.",
+        "2. Start-up: the client batches go through the cache worker (arq pickup, "
+        "reserve, XADD) before the batch worker's blocking XREADGROUP returns, and a "
+        "short first read waits `batch_wait` (5 ms) for more: about one cache-worker job "
+        "before the first call starts.",
         "",
     ]
     if prof:
