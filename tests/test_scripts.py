@@ -119,3 +119,14 @@ def test_arq_serializer_is_msgpack_not_pickle():
     assert arq_deserialize(data) == job
     failed = arq_deserialize(arq_serialize({"r": ValueError("boom")}))
     assert failed == {"r": "ValueError: boom"}
+
+
+def test_hiredis_packer_writes_what_redis_py_writes():
+    from redis.asyncio import Connection
+
+    from cachesaver_dist.connection import HiredisPackConnection
+
+    args = ("EVALSHA", "abc", 2, b"\x00bin\xff", "näme|ns", 1.5, 10**12, "")
+    plain = b"".join(Connection().pack_command(*args))
+    fast = b"".join(HiredisPackConnection().pack_command(*args))
+    assert fast == plain
