@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import httpx
 from redis.asyncio import Redis
 
 from cachesaver_dist import Request, Response, SimModel
+from cachesaver_dist.simulator import root_url
 
 COUNTER_ENV = "CACHESAVER_TEST_COUNTER"
 
@@ -36,3 +38,11 @@ def counting_model() -> CountingModel:
 
 def not_a_model() -> object:
     return object()
+
+
+async def admin(url: str, method: str, path: str, body: object = None) -> dict:
+    """Call one of the simulator's admin endpoints (``url`` is its ``/v1`` base)."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        r = await client.request(method, f"{root_url(url)}{path}", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import redis as sync_redis
 
@@ -26,11 +25,11 @@ from cachesaver_dist.models import ModelError
 from cachesaver_dist.protocol import Keys, decode_sample
 from cachesaver_dist.simulator import (
     SimulatorConfig,
-    root_url,
     running_simulator,
     together_base_url,
 )
 from tests.conftest import Processes
+from tests.support import admin
 
 MODEL = "sim-model"
 
@@ -45,13 +44,6 @@ class DecodingRequest(Request):
 async def sim() -> AsyncIterator[str]:
     async with running_simulator(SimulatorConfig()) as url:
         yield url
-
-
-async def admin(url: str, method: str, path: str, body: object = None) -> dict:
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        r = await client.request(method, f"{root_url(url)}{path}", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
 
 
 async def sim_counters(url: str) -> dict:

@@ -17,7 +17,8 @@ from cachesaver_dist import OnlineAPI, Request
 from cachesaver_dist.backends.limiter import ClusterLimiter
 from cachesaver_dist.models import ModelError
 from cachesaver_dist.simulator import SimulatorConfig, root_url, running_simulator
-from tests.test_backends import MODEL, admin, assert_secret_nowhere, start_workers
+from tests.support import admin
+from tests.test_backends import MODEL, assert_secret_nowhere, start_workers
 
 # The limiter times calls in the workers, the simulator on arrival: the hop between
 # the two varies (a worker's first call opens its connection; 2 busy cores add tens of ms).

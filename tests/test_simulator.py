@@ -25,6 +25,7 @@ from cachesaver_dist.simulator import (
     running_simulator,
     together_base_url,
 )
+from tests.support import admin
 
 MSGS = [{"role": "user", "content": "Say something nice about caches"}]
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +45,6 @@ def tclient(url: str, **kw: object) -> together.AsyncTogether:
 async def post(url: str, body: object, timeout: float = 5.0) -> httpx.Response:
     async with httpx.AsyncClient(timeout=timeout) as c:
         return await c.post(f"{url}/chat/completions", json=body)
-
-
-async def admin(url: str, method: str, path: str, body: object = None) -> dict:
-    async with httpx.AsyncClient(timeout=5.0) as c:
-        r = await c.request(method, f"{root_url(url)}{path}", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
 
 
 async def test_together_sdk_n_samples(sim: str) -> None:

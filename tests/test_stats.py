@@ -11,7 +11,7 @@ import pytest
 from cachesaver_dist import OnlineAPI, Request
 from cachesaver_dist.report import load_prices, price_of, summarize
 from tests.conftest import ROOT, subprocess_env
-from tests.test_backends import MODEL, admin, sim, sim_counters, start_workers  # noqa: F401
+from tests.test_backends import MODEL, sim, sim_counters, start_workers  # noqa: F401
 
 pytestmark = pytest.mark.processes
 ROUTE = f"openai:{MODEL}"
