@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = kinds.add_parser("cache", help="bookkeeping worker (arq, fast queue)")
     _common(cache)
     cache.add_argument("--poll-delay", type=float, default=0.5,
-                       help="longest wait between queue polls; clients wake the worker "
-                            "at once (default: 0.5)")
+                       help="seconds between arq's queue polls; jobs named on the wake-up "
+                            "list start at once (default: 0.5)")
     cache.add_argument("--max-jobs", type=int, default=50, help="jobs at once (default: 50)")
     cache.add_argument("--run-ttl", type=int, default=DEFAULT_RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from .beacon import alive_workers
 from .errors import GenerationError, ReplyTimeoutError
-from .protocol import CACHE_JOB, Keys, arq_serialize, decode_replies, encode_job
+from .protocol import CACHE_JOB, Keys, arq_serialize, decode_replies, encode_job, unique_id
 from .scripts import WorkItem
 
 log = logging.getLogger("cachesaver_dist.client")
@@ -127,14 +127,14 @@ class CacheClient:
         payload = encode_job(self.client_id, [it.to_wire() for it in items], keep_s)
         backoff = 0.1
         while True:
-            job_id = uuid.uuid4().hex
+            job_id = unique_id()
             now_ms = int(time.time() * 1000)
             job = serialize_job(CACHE_JOB, (payload,), {}, None, now_ms, serializer=arq_serialize)
             try:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.psetex(job_key_prefix + job_id, int(self.request_timeout * 1000), job)
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake, 1)
+                pipe.lpush(self.keys.cache_wake, job_id)
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
                 await pipe.execute()
                 return

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import uuid
 from typing import Any
 
 from .errors import InvalidRequestError
-from .protocol import encode_spec, prompt_key
+from .protocol import encode_spec, prompt_key, unique_id
 from .scripts import WorkItem
 from .typedefs import Request
 
@@ -99,7 +98,7 @@ def prepare(
             f"request is {len(spec)} bytes encoded, over the limit of {max_prompt_bytes}; "
             "shorten the prompt or raise max_prompt_bytes"
         )
-    return WorkItem(uuid.uuid4().hex, request_id or "", key, namespace, n, run, route,
+    return WorkItem(unique_id(), request_id or "", key, namespace, n, run, route,
                     model_id, spec)
 
 

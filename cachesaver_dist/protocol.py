@@ -6,7 +6,10 @@ Everything stored in or sent through Redis is msgpack with a schema version ``v`
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +70,7 @@ class Keys:
 
     @property
     def cache_wake(self) -> str:
-        """List: a token per enqueued job, to wake an idle cache worker."""
+        """List: the id of each enqueued job, newest first, to wake a cache worker."""
         return f"{self.prefix}queue:cache:wake"
 
     def work_stream(self, route: str) -> str:
@@ -85,6 +88,24 @@ class Keys:
         return f"{self.prefix}reply:{client}:*"
 
 
+def _new_id_source() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix, _id_counter = uuid.uuid4().hex[:20], itertools.count()
+
+
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)
+
+
+def unique_id() -> str:
+    """A cluster-unique id: a random per-process prefix (80 bits) and a counter.
+
+    ``uuid4`` reads the OS random source on every call, a costly system call per
+    request on some virtual machines; a forked child gets a fresh prefix.
+    """
+    return f"{_id_prefix}{next(_id_counter):x}"
+
+
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -93,11 +114,17 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+_AS_IS = (str, int, bytes)  # bool is an int
+
+
 def _canonical(value: Any) -> Any:
+    if isinstance(value, _AS_IS):
+        return value
     if isinstance(value, dict):
-        return [[k, _canonical(v)] for k, v in sorted(value.items()) if v is not None]
+        return [[k, v if isinstance(v, _AS_IS) else _canonical(v)]
+                for k, v in sorted(value.items()) if v is not None]
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [v if isinstance(v, _AS_IS) else _canonical(v) for v in value]
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -200,5 +227,16 @@ def arq_serialize(obj: dict[str, Any]) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, default=_arq_default)
 
 
+class Payload(bytes):
+    """A job's msgpack payload: arq logs ``repr(args)`` for every job, and the repr of
+    a large ``bytes`` object costs more than serving the batch."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
 def arq_deserialize(data: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if isinstance(obj, dict) and isinstance(obj.get("a"), list):
+        obj["a"] = [Payload(a) if isinstance(a, bytes) else a for a in obj["a"]]
+    return obj

@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from .protocol import Keys, waiter_info
+from .protocol import Keys, ProtocolError, waiter_info
 
 DEFAULT_RUN_TTL_S = 7 * 24 * 3600
 
@@ -85,22 +85,30 @@ async def reserve(
     redis: Redis, keys: Keys, client: str, items: list[WorkItem],
     run_ttl_s: int = DEFAULT_RUN_TTL_S, reservation_ttl_s: int = 3600,
 ) -> list[Reservation]:
-    """Reserve indices for ``items`` in the given order, in one round trip.
+    """Reserve indices for ``items`` in the given order.
 
+    One round trip when every request is a hit or waits on others; a request that
+    claims indices needs its spec (its whole prompt), so from the first such request
+    on, the rest are sent again with their specs: a second round trip.
     A reservation record lives ``reservation_ttl_s`` (as long as its client may retry).
     """
-    k: list[str] = []
-    argv: list[Any] = [reservation_ttl_s * 1000, run_ttl_s * 1000]
-    for it in items:
-        k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
-              keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
-        argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
-                 waiter_info(it.run, it.model_id), it.key, it.spec]
-    raw = await _script(redis, "reserve")(keys=k, args=argv)
-    return [
-        Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
-        for it, r in zip(items, raw)
-    ]
+    out: list[Reservation] = []
+    for with_specs in (False, True):
+        k: list[str] = []
+        argv: list[Any] = [reservation_ttl_s * 1000, run_ttl_s * 1000]
+        for it in items:
+            k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
+                  keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
+            argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
+                     waiter_info(it.run, it.model_id), it.key, it.spec if with_specs else b""]
+        raw, stopped_at = await _script(redis, "reserve")(keys=k, args=argv)
+        out += [Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
+                for it, r in zip(items, raw)]
+        if stopped_at < 0:
+            return out
+        items = items[stopped_at:]
+    raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
+                        "come from prepare(); do not build WorkItems by hand")
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 __all__ = ["Batch", "BatchRequestModel", "Request", "Response", "SingleRequestModel"]
@@ -34,11 +35,12 @@ class Request:
 
     def model_fields(self) -> dict[str, Any]:
         """Everything that shapes generation: all fields but n, request_id and namespace."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ROUTING_FIELDS
-        }
+        return {name: getattr(self, name) for name in _model_field_names(type(self))}
+
+
+@cache
+def _model_field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ROUTING_FIELDS)
 
 
 @dataclass(frozen=True)

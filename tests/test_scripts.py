@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import fakeredis
 import msgpack
 import pytest
@@ -14,8 +16,9 @@ from cachesaver_dist.protocol import (
     decode_job,
     encode_spec,
     prompt_key,
+    unique_id,
 )
-from cachesaver_dist.scripts import WorkItem, fill, release, reserve
+from cachesaver_dist.scripts import WorkItem, _script, fill, release, reserve
 
 KEYS = Keys("unit:")
 
@@ -35,6 +38,25 @@ def item(uuid, ns="ns", n=1, key="k1", run="run", rid=""):
 async def stream_entries(r, route="sim:x"):
     return [(fields[b"key"].decode(), fields[b"idx"].decode())
             for _, fields in await r.xrange(KEYS.work_stream(route))]
+
+
+async def stream_specs(r, route="sim:x"):
+    return [fields[b"spec"] for _, fields in await r.xrange(KEYS.work_stream(route))]
+
+
+@pytest.fixture
+def specs_sent(r, monkeypatch):
+    """The specs of each reserve script call, as sent."""
+    calls = []
+    original = r.evalsha
+
+    async def evalsha(sha, numkeys, *args):
+        argv = args[numkeys:]
+        calls.append([argv[i] for i in range(7, len(argv), 6)])
+        return await original(sha, numkeys, *args)
+
+    monkeypatch.setattr(r, "evalsha", evalsha)
+    return calls
 
 
 async def test_claim_then_fill_completes_waiter(r):
@@ -80,6 +102,42 @@ async def test_release_tells_waiters_and_lets_the_next_request_claim(r):
     [retry] = await reserve(r, KEYS, "c", [item("u3", ns="c")])
     assert retry.flags == "g" and retry.start == 0
     assert await stream_entries(r) == [("k1", "0"), ("k1", "0")]
+    assert (await stream_specs(r))[-1] == item("u3").spec  # the re-claim has its spec
+
+
+async def test_hits_are_reserved_in_one_call_without_their_specs(r, specs_sent):
+    await reserve(r, KEYS, "c", [item("u1", key="k1"), item("u2", key="k2")])
+    await fill(r, KEYS, "k1", {0: b"a"})
+    await fill(r, KEYS, "k2", {0: b"b"})
+    specs_sent.clear()
+    hits = await reserve(r, KEYS, "c", [item("u3", ns="b", key="k1"),
+                                        item("u4", ns="b", key="k2")])
+    assert [(h.complete, h.samples) for h in hits] == [(True, [b"a"]), (True, [b"b"])]
+    assert specs_sent == [[b"", b""]]
+
+
+async def test_a_claim_sends_the_rest_of_the_batch_again_with_specs(r, specs_sent):
+    await reserve(r, KEYS, "c", [item("u1", key="k1")])
+    await fill(r, KEYS, "k1", {0: b"a"})
+    specs_sent.clear()
+    batch = [item("u2", ns="b", key="k1"), item("u3", ns="b", key="k2", n=2),
+             item("u4", ns="c", key="k1")]
+    a, b, c = await reserve(r, KEYS, "c", batch)
+    assert [(x.item.uuid, x.flags, x.start) for x in (a, b, c)] == [
+        ("u2", "c", 0), ("u3", "gg", 0), ("u4", "c", 0)]
+    assert specs_sent == [[b"", b"", b""], [batch[1].spec, batch[2].spec]]
+    assert await stream_entries(r) == [("k1", "0"), ("k2", "0,1")]
+    assert (await stream_specs(r))[-1] == batch[1].spec
+    assert await r.hget(KEYS.usage("run"), "k2b") == b"2"  # counted once, not per pass
+
+
+async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
+    it = item("u1", n=3)
+    argv = [3_600_000, 3_600_000, it.key + it.namespace, it.n, "c:u1", "run|sim:x", it.key, b""]
+    keys = [KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"), KEYS.usage("run"),
+            KEYS.reservation("u1"), KEYS.work_stream("sim:x")]
+    assert await _script(r, "reserve")(keys=keys, args=argv) == [[], 0]
+    assert [await r.exists(k) for k in keys] == [0] * 6  # no counter, record, claim or entry
 
 
 async def test_late_fill_never_overwrites(r):
@@ -103,8 +161,26 @@ def test_prompt_key_is_canonical():
     msgs = [{"role": "user", "content": "hi"}]
     assert prompt_key("m", {"prompt": msgs}) == prompt_key(
         "m", {"prompt": [{"content": "hi", "role": "user"}]})
+    nested = {"prompt": [{"content": "x", "w": 2.0, "meta": {"b": None, "a": [1.0]}}],
+              "stop": ("a", 3.0)}
+    assert prompt_key("m", nested) == prompt_key(
+        "m", {"stop": ["a", 3], "prompt": [{"meta": {"a": [1]}, "w": 2, "content": "x"}]})
+    assert prompt_key("m", {"prompt": "p", "t": 0.5}) != prompt_key("m", {"prompt": "p", "t": 1})
     with pytest.raises(TypeError):
         prompt_key("m", {"prompt": object()})
+
+
+def test_unique_ids_are_unique_in_forked_children_too():
+    ids = {unique_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids must not repeat the parent's
+        os.write(write, unique_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    assert child not in ids and child[:20] != next(iter(ids))[:20]
 
 
 def test_messages_carry_a_schema_version():
@@ -117,6 +193,8 @@ def test_arq_serializer_is_msgpack_not_pickle():
     data = arq_serialize(job)
     assert not data.startswith(b"\x80")  # pickle protocol header
     assert arq_deserialize(data) == job
+    big = arq_deserialize(arq_serialize({**job, "a": [b"x" * 100_000]}))["a"][0]
+    assert big == b"x" * 100_000 and repr(big) == "<100000 bytes>"  # arq logs repr(args)
     failed = arq_deserialize(arq_serialize({"r": ValueError("boom")}))
     assert failed == {"r": "ValueError: boom"}
 

@@ -4,18 +4,22 @@ A job reorders its requests by ``request_id``, reserves indices for all of them 
 one script call (which also hands claimed indices to the batch workers), and
 publishes every reply that is already complete.
 
-arq finds jobs by polling; clients also push a token to a wake-up list after each
-enqueue, and the worker blocks on that list between polls, so a job starts within a
-round trip while an idle worker costs next to nothing.
+arq finds jobs by polling; clients also push each job's id to a wake-up list, and the
+worker blocks on that list between polls and starts the job it pops at once, so a job
+starts within a round trip while an idle worker costs next to nothing. arq's full poll
+still runs every ``poll_delay`` and picks up whatever the list missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
 
 from cachesaver_dist.beacon import beacon_loop
@@ -27,6 +31,7 @@ from .outbox import Outbox
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
 JOB_TIMEOUT_S = 10
+CLAIM_JOBS_LUA = (Path(__file__).parent / "claim_jobs.lua").read_text()
 
 
 async def handle_batch(
@@ -64,11 +69,50 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 
 class CacheWorker(Worker):
-    """An arq worker that waits for a wake-up token (or ``poll_delay``) between polls."""
+    """An arq worker that starts the jobs named on the wake-up list as they come, and
+    polls arq's queue every ``poll_delay``."""
 
     def __init__(self, *args: Any, wake_key: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.wake_key = wake_key
+        self._claim_jobs: Any = None
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
+        round trips per job) done by one script call for all of them, same checks."""
+        await self._start_jobs(job_ids)
+
+    async def _start_jobs(self, job_ids: list[bytes]) -> int:
+        ids: list[str] = []
+        for job_id in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                break
+            self.job_counter += 1
+            ids.append(job_id.decode())
+        if not ids:
+            return 0
+        if self._claim_jobs is None:
+            self._claim_jobs = self.pool.register_script(CLAIM_JOBS_LUA)
+        try:
+            scores = await self._claim_jobs(
+                keys=[self.queue_name, *(in_progress_key_prefix + i for i in ids)],
+                args=[int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *ids])
+        except BaseException:
+            for _ in ids:
+                self._release_sem_dec_counter_on_complete()
+            raise
+        started = 0
+        for job_id, score in zip(ids, scores):
+            if score is None:  # running elsewhere, finished, or deferred
+                self._release_sem_dec_counter_on_complete()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+            started += 1
+        return started
 
     async def main(self) -> None:
         # arq's main loop, with its fixed sleep replaced by a blocking pop.
@@ -78,9 +122,14 @@ class CacheWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
+        next_poll = 0.0
         while True:
-            await self._poll_iteration()
-            await self.pool.blpop([self.wake_key], timeout=self.poll_delay_s)
+            if time.monotonic() >= next_poll:
+                await self._poll_iteration()
+                next_poll = time.monotonic() + self.poll_delay_s
+            popped = await self.pool.brpop([self.wake_key], timeout=self.poll_delay_s)
+            if popped and not await self._start_jobs([popped[1]]):
+                next_poll = 0.0  # not a startable job id: poll the queue itself
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task) -> None:

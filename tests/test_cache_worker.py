@@ -1,0 +1,100 @@
+"""The cache worker's job pick-up: the claim script, wake-up tokens and arq's poll."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import fakeredis
+import pytest
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+
+from cachesaver_dist.connection import connection_pool
+from cachesaver_dist.prepare import prepare
+from cachesaver_dist.protocol import CACHE_JOB, arq_serialize, encode_job
+from cachesaver_dist.scripts import fill, reserve
+from cachesaver_dist.typedefs import Request
+from workers.cache_worker import CLAIM_JOBS_LUA, cache_worker, stop_worker
+
+QUEUE = "unit:queue:cache"
+
+
+async def claim(r, now_ms: int, *job_ids: str) -> list:
+    script = r.register_script(CLAIM_JOBS_LUA)
+    return await script(keys=[QUEUE, *(in_progress_key_prefix + j for j in job_ids)],
+                        args=[now_ms, 60_000, *job_ids])
+
+
+async def test_claim_script_starts_each_due_job_once():
+    r = fakeredis.FakeAsyncRedis()
+    await r.zadd(QUEUE, {"due": 1000, "later": 5000, "taken": 1000})
+    await r.set(in_progress_key_prefix + "taken", b"1")
+    assert await claim(r, 2000, "due", "later", "taken", "gone") == [b"1000", None, None, None]
+    assert 0 < await r.pttl(in_progress_key_prefix + "due") <= 60_000
+    assert await claim(r, 2000, "due") == [None]  # a second worker gets nothing
+    await r.aclose()
+
+
+@pytest.fixture
+async def worker(redis_url, keys):
+    """An in-process cache worker with a long poll delay: only wake-ups start jobs fast."""
+    pool = ArqRedis(connection_pool=connection_pool(redis_url))
+    w = cache_worker(keys, redis_pool=pool, poll_delay=5.0, handle_signals=False)
+    task = asyncio.create_task(w.async_run())
+    yield w
+    await stop_worker(w, task)
+
+
+async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list) -> None:
+    """A job as arq's own ``enqueue_job`` writes it: no wake-up token."""
+    item = prepare(Request("p", namespace="b"), run="run", route="sim:x", model_id="sim:x")
+    request_uuid_holder.append(item.uuid)
+    arq = ArqRedis(connection_pool=connection_pool(redis_url), job_serializer=arq_serialize)
+    await arq.enqueue_job(CACHE_JOB, encode_job("c", [item.to_wire()], 60),
+                          _queue_name=keys.cache_queue)
+    await arq.aclose()
+
+
+async def served_within(redis, keys, request_uuid: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await redis.exists(keys.reservation(request_uuid)):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def warm(redis, keys) -> None:
+    """Sample 0 of prompt "p" exists, so a job for it is a pure hit."""
+    item = prepare(Request("p", namespace="a"), run="run", route="sim:x", model_id="sim:x")
+    await reserve(redis, keys, "c", [item])
+    await fill(redis, keys, item.key, {0: b"sample"})
+
+
+async def test_a_job_named_on_the_wake_list_starts_at_once(redis_url, keys, redis, worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)  # the worker's first poll is done; it now waits on the list
+    uuids: list[str] = []
+    await enqueue_plain_arq(redis_url, keys, uuids)
+    job_id = (await redis.zrange(keys.cache_queue, 0, -1))[0]
+    await redis.lpush(keys.cache_wake, job_id)
+    assert await served_within(redis, keys, uuids[0], 2.0)
+
+
+async def test_a_stale_token_makes_the_worker_poll_the_queue(redis_url, keys, redis, worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    uuids: list[str] = []
+    await enqueue_plain_arq(redis_url, keys, uuids)  # no token of its own
+    await redis.lpush(keys.cache_wake, b"1")  # what older clients push
+    assert await served_within(redis, keys, uuids[0], 2.0)  # well before the 5 s poll
+
+
+async def test_a_job_without_token_is_found_by_arqs_poll(redis_url, keys, redis, worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    uuids: list[str] = []
+    await enqueue_plain_arq(redis_url, keys, uuids)
+    assert not await served_within(redis, keys, uuids[0], 1.0)  # nobody woke the worker
+    assert await served_within(redis, keys, uuids[0], 6.0)  # the next poll finds it
