@@ -1,0 +1,41 @@
+"""The pooled connections: hiredis packing and the cheap stale-data check."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis._parsers.hiredis import _AsyncHiredisParser
+
+from cachesaver_dist.connection import HiredisPackConnection, connect
+
+
+async def test_a_pooled_connection_with_an_unread_reply_is_replaced(redis_url):
+    client = connect(redis_url)
+    pool = client.connection_pool
+    assert pool.connection_class is HiredisPackConnection
+    conn = await pool.get_connection()
+    assert isinstance(conn._parser, _AsyncHiredisParser)  # the buffered check, no read
+    assert await conn.can_read_destructive() is False  # clean
+    await conn.send_command("PING")  # its reply is never read
+    await asyncio.sleep(0.1)  # let the event loop buffer the reply
+    assert await conn.can_read_destructive() is True
+    await pool.release(conn)
+    assert await client.ping() is True  # the pool reconnected instead of reading "PONG" late
+    assert await client.echo("x") == b"x"
+    await client.aclose()
+
+
+async def test_a_connection_closed_by_the_server_is_replaced(redis_url):
+    client = connect(redis_url)
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    await conn.send_command("CLIENT", "ID")
+    my_id = await conn.read_response()
+    killer = connect(redis_url)
+    await killer.client_kill_filter(_id=my_id)
+    await killer.aclose()
+    await asyncio.sleep(0.1)
+    assert await conn.can_read_destructive() is True  # end of stream seen
+    await pool.release(conn)
+    assert await client.get("nothing-here") is None  # served on a fresh connection
+    await client.aclose()
