@@ -30,7 +30,7 @@ class SimModel(SingleRequestModel):
         self.in_flight = self.max_in_flight = 0
 
     async def request(self, request: Request) -> Response:
-        prompt = request.kwargs["prompt"]
+        prompt = request.kwargs.get("prompt") or str(request.kwargs["messages"])
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -51,10 +51,12 @@ class SimModel(SingleRequestModel):
 
 
 def asker(api: OnlineAPI) -> W.Ask:
-    async def ask(prompt: str, n: int, namespace: str, request_id: str) -> W.Answer:
-        r = await api.request(Request(args=(), kwargs={"prompt": prompt, "temperature": 0.7,
-                                                       "max_tokens": 64},
-                                      n=n, request_id=request_id, namespace=namespace))
+    async def ask(prompt: W.Prompt, n: int, namespace: str, request_id: str) -> W.Answer:
+        fields = ({"prompt": prompt, "temperature": 0.7, "max_tokens": 64}
+                  if isinstance(prompt, str)
+                  else {"messages": prompt, "temperature": 0.7, **W.CHAT_PARAMS})
+        r = await api.request(Request(args=(), kwargs=fields, n=n, request_id=request_id,
+                                      namespace=namespace))
         return W.Answer(list(r.data), list(r.cached or [False] * n),
                         list(r.duplicated or [False] * n))
     return ask
@@ -64,7 +66,7 @@ async def hits(spec: dict[str, Any]) -> dict[str, Any]:
     model = SimModel(0.0)
     out: dict[str, Any] = {"phases": {}}
     async with OnlineAPI(model, Cache(spec["cache_dir"]), batch_size=32, timeout=0.005) as api:
-        await W.warm(asker(api), spec["prompts"])
+        await W.warm(asker(api), spec["prompts"], workload=spec.get("workload", "short"))
     for ph in spec["phases"]:
         async with OnlineAPI(model, Cache(spec["cache_dir"]), batch_size=ph["batch_size"],
                              timeout=ph["timeout"]) as api:
@@ -72,11 +74,13 @@ async def hits(spec: dict[str, Any]) -> dict[str, Any]:
             if ph.get("warmup", 0):
                 await W.closed_loop(ask, callers=ph["callers"], duration=ph["warmup"],
                                     max_requests=ph["max_requests"], prompts=spec["prompts"],
-                                    tag=f"{ph['name']}-warmup")
+                                    tag=f"{ph['name']}-warmup",
+                                    workload=spec.get("workload", "short"))
             out["phases"][ph["name"]] = await W.closed_loop(
                 ask, callers=ph["callers"], duration=ph["duration"],
                 max_requests=ph["max_requests"], prompts=spec["prompts"], tag=ph["name"],
-                start_at=spec.get("start_at"), watch=spec.get("watch"))
+                start_at=spec.get("start_at"), watch=spec.get("watch"),
+                workload=spec.get("workload", "short"))
     return out
 
 

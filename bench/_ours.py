@@ -43,10 +43,24 @@ class BenchRequest(Request):
     max_tokens: int = 64
 
 
+@dataclass(frozen=True)
+class BenchChatRequest(Request):
+    temperature: float = 0.7
+    max_tokens: int = W.CHAT_PARAMS["max_tokens"]
+    top_p: float = W.CHAT_PARAMS["top_p"]
+    stop: tuple[str, ...] = tuple(W.CHAT_PARAMS["stop"])
+
+
+def bench_request(prompt: W.Prompt, **kw: Any) -> Request:
+    """The same fields the original's driver sends, as a ``Request`` of ours."""
+    return (BenchRequest(prompt=prompt, **kw) if isinstance(prompt, str)
+            else BenchChatRequest(prompt=prompt, **kw))
+
+
 def asker(api: OnlineAPI) -> W.Ask:
-    async def ask(prompt: str, n: int, namespace: str, request_id: str) -> W.Answer:
-        r = await api.request(BenchRequest(prompt=prompt, n=n, request_id=request_id,
-                                           namespace=namespace))
+    async def ask(prompt: W.Prompt, n: int, namespace: str, request_id: str) -> W.Answer:
+        r = await api.request(bench_request(prompt, n=n, request_id=request_id,
+                                            namespace=namespace))
         return W.Answer(list(r.data), list(r.cached), list(r.duplicated),
                         [m["index"] for m in r.metadata])
     return ask
@@ -61,19 +75,21 @@ async def hits(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"phases": {}}
     if spec.get("warm", True):
         async with api_for(spec, batch_size=32, timeout=0.005) as api:
-            await W.warm(asker(api), spec["prompts"])
+            await W.warm(asker(api), spec["prompts"], workload=spec.get("workload", "short"))
     for ph in spec["phases"]:
         async with api_for(spec, batch_size=ph["batch_size"], timeout=ph["timeout"]) as api:
             ask = asker(api)
             if ph.get("warmup", 0):
                 await W.closed_loop(ask, callers=ph["callers"], duration=ph["warmup"],
                                     max_requests=ph["max_requests"], prompts=spec["prompts"],
-                                    tag=f"{ph['name']}-warmup")
+                                    tag=f"{ph['name']}-warmup",
+                                    workload=spec.get("workload", "short"))
             rt0 = ROUND_TRIPS["n"]
             res = await W.closed_loop(ask, callers=ph["callers"], duration=ph["duration"],
                                       max_requests=ph["max_requests"], prompts=spec["prompts"],
                                       tag=ph["name"], start_at=spec.get("start_at"),
-                                      watch=spec.get("watch"))
+                                      watch=spec.get("watch"),
+                                      workload=spec.get("workload", "short"))
             res["round_trips"] = ROUND_TRIPS["n"] - rt0
             if not spec.get("keep_latencies", True):
                 res.pop("latencies_ms")
@@ -148,9 +164,10 @@ async def direct_hits(spec: dict[str, Any]) -> dict[str, Any]:
         end = t0 + ph["duration"]
         while time.perf_counter() < end and i < ph["max_requests"]:
             b0 = time.perf_counter()
-            items = sorted((prepare(BenchRequest(prompt=W.hit_prompt(j % prompts), n=1,
-                                                 request_id=f"{tag}/{j:08d}",
-                                                 namespace=f"{tag}-{j // prompts}"),
+            prompt_of = W.HIT_WORKLOADS[spec.get("workload", "short")]
+            items = sorted((prepare(bench_request(prompt_of(j % prompts), n=1,
+                                                  request_id=f"{tag}/{j:08d}",
+                                                  namespace=f"{tag}-{j // prompts}"),
                                     run=run, route=spec["model"], model_id=spec["model"])
                             for j in range(i, i + size)), key=lambda it: it.request_id)
             res = await reserve(redis, keys, client, items)
@@ -168,8 +185,37 @@ async def direct_hits(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MODES = {"hits": hits, "direct_hits": direct_hits, "burst": burst, "mp_client": mp_client,
-         "savings": savings}
+async def round_trip_cost(spec: dict[str, Any]) -> dict[str, Any]:
+    """CPU µs and wall µs of one Redis round trip (PING) on this machine: through the
+    package's connection (redis-py asyncio) and over a bare socket."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from cachesaver_dist.pipelines import connect
+
+    count, out = spec.get("count", 3000), {}
+    redis = connect(spec["url"])
+    await redis.ping()
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        await redis.ping()
+    out["redis-py asyncio"] = ((time.process_time() - c0) / count * 1e6,
+                               (time.perf_counter() - t0) / count * 1e6)
+    await redis.aclose()
+    url = urlsplit(spec["url"])
+    with socket.create_connection((url.hostname, url.port or 6379)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(count):
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            sock.recv(64)
+        out["bare socket"] = ((time.process_time() - c0) / count * 1e6,
+                              (time.perf_counter() - t0) / count * 1e6)
+    return out
+
+
+MODES = {"hits": hits, "round_trip_cost": round_trip_cost, "direct_hits": direct_hits,
+         "burst": burst, "mp_client": mp_client, "savings": savings}
 
 
 def main() -> None:

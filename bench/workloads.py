@@ -27,7 +27,8 @@ class Answer:
     indices: list[int] | None = None  # ours only: the sample index of each text
 
 
-Ask = Callable[[str, int, str, str], Awaitable[Answer]]
+Prompt = str | list[dict[str, str]]  # a completion prompt or chat messages
+Ask = Callable[[Prompt, int, str, str], Awaitable[Answer]]
 
 
 def words(text: str) -> int:
@@ -51,6 +52,19 @@ def hit_prompt(i: int) -> str:
             f"step briefly before giving the final answer.")
 
 
+def chat_prompt(i: int) -> list[dict[str, str]]:
+    """A chat request as a tree-of-thought run sends it: system prompt + few-shot user
+    turn, ~1.5 kB (the original hashes it in ~0.4-0.5 ms, the cost the issue quoted)."""
+    return [{"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": _PROPOSE + f"Input: {PUZZLES[i % len(PUZZLES)]} "
+                                                   f"(instance {i}). Possible next steps:"}]
+
+
+# The decoding fields a chat request carries besides its messages and temperature.
+CHAT_PARAMS: dict[str, Any] = {"max_tokens": 256, "top_p": 0.95, "stop": ["\nInput:"]}
+HIT_WORKLOADS: dict[str, Callable[[int], Prompt]] = {"short": hit_prompt, "chat": chat_prompt}
+
+
 # --- closed-loop callers (hit path, scaling) ------------------------------------------
 
 
@@ -66,12 +80,14 @@ def proc_cpu(pid: int) -> float:
 
 async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: int,
                       prompts: int, tag: str, start_at: float | None = None,
-                      watch: dict[str, int] | None = None) -> dict[str, Any]:
+                      watch: dict[str, int] | None = None,
+                      workload: str = "short") -> dict[str, Any]:
     """``callers`` coroutines each send one request at a time until ``duration`` s or
     ``max_requests`` in total. Request ``i`` is prompt ``i % prompts`` in namespace
     ``tag-(i // prompts)``: every request is a cross-namespace reuse of sample 0, a hit.
     ``watch``: processes (name -> pid) whose CPU seconds over the loop are reported,
-    this one included as ``client``."""
+    this one included as ``client``. ``workload``: a key of ``HIT_WORKLOADS``."""
+    prompt_of = HIT_WORKLOADS[workload]
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
     watch = {"client": os.getpid(), **(watch or {})}
@@ -89,7 +105,7 @@ async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: 
             if i >= max_requests or time.perf_counter() >= end:
                 return
             t0 = time.perf_counter()
-            a = await ask(hit_prompt(i % prompts), 1, f"{tag}-{i // prompts}", f"{tag}/{i:08d}")
+            a = await ask(prompt_of(i % prompts), 1, f"{tag}-{i // prompts}", f"{tag}/{i:08d}")
             latencies.append((time.perf_counter() - t0) * 1000)
             misses += not all(a.cached)
 
@@ -100,13 +116,14 @@ async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: 
             "throughput": len(latencies) / wall if wall else 0.0, "cpu": cpu}
 
 
-async def warm(ask: Ask, prompts: int, concurrency: int = 64) -> None:
-    """Generate sample 0 of every hit prompt."""
+async def warm(ask: Ask, prompts: int, concurrency: int = 64, workload: str = "short") -> None:
+    """Generate sample 0 of every hit prompt of ``workload``."""
+    prompt_of = HIT_WORKLOADS[workload]
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with sem:
-            await ask(hit_prompt(i), 1, "warm", f"warm/{i:06d}")
+            await ask(prompt_of(i), 1, "warm", f"warm/{i:06d}")
 
     await asyncio.gather(*(one(i) for i in range(prompts)))
 
@@ -160,6 +177,9 @@ PUZZLES = ["4 4 6 8", "1 2 3 4", "2 3 5 12", "1 1 4 6", "3 3 8 8", "1 5 5 5", "2
            "4 6 6 9", "1 3 4 6", "5 5 9 9", "2 2 2 9", "3 4 7 8", "1 6 8 9", "2 4 4 10",
            "1 1 11 11", "3 3 7 7", "1 4 5 6", "2 5 5 10", "6 6 6 6", "1 2 7 7"]
 
+_SYSTEM = ("You are a careful assistant that solves arithmetic puzzles. Reason one step at a "
+           "time, use each number exactly once, show every intermediate result, and never "
+           "skip a step. Answer in the format of the examples.")
 _PROPOSE = ("Use numbers and basic arithmetic operations (+ - * /) to obtain 24. In each step "
             "you may only use two of the remaining numbers. Example: Input: 2 8 8 14. Possible "
             "next steps: 2 + 8 = 10 (left: 8 10 14); 8 / 2 = 4 (left: 4 8 14); 14 + 2 = 16 "
