@@ -193,9 +193,9 @@ class BatchWorker:
                                         dict(zip(work.indices, result))):
                         outbox.reply(w.waiter_id, w.start, w.flags, w.samples, w.run,
                                      w.model_id)
-            await outbox.send(self.redis)
             ids = [eid for w in works for eid in w.entries]
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)  # replies first, then the ack
+            outbox.queue(pipe)
             pipe.xack(stream, CONSUMER_GROUP, *ids)
             pipe.xdel(stream, *ids)
             await pipe.execute()

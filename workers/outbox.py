@@ -41,10 +41,14 @@ class Outbox:
         if not self.replies and not self.tally:
             return
         pipe = redis.pipeline(transaction=False)
+        self.queue(pipe)
+        await pipe.execute()
+
+    def queue(self, pipe: Any) -> None:
+        """Queue the replies and counters on ``pipe`` (to share its round trip)."""
         for client, replies in self.replies.items():
             pipe.publish(self.keys.reply_channel(client, replies[0]["id"]),
                          encode_replies(replies))
         write_tally(pipe, self.keys, self.tally)
-        await pipe.execute()
         self.replies.clear()
         self.tally.clear()
