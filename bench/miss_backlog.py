@@ -174,15 +174,18 @@ def report(env: dict[str, Any], orig: list[dict[str, Any]], orig_short: list[dic
         "slot frees as soon as the model returns, before fill, reply and ack (it used to "
         "wait for those three round trips); the read loop waits on an `asyncio.Event` set "
         "when a slot frees (was a 5 ms sleep-poll); with a model that has `request()` "
-        "each key is filled as soon as its own call returns. Earlier runs of this study: "
-        "1.148× ideal (first profile), 1.10× (before f2ffd98: 50 ms start-up, ~16 ms per "
-        "wave). Still proposed:",
+        "each key is filled as soon as its own call returns; since 9edc4d3 the replies "
+        "and the stream ack of a return share one round trip (fill, then replies + ack: "
+        "two, was three). Earlier runs of this study: 1.148× ideal (first profile), 1.10× "
+        "(before f2ffd98: 50 ms start-up, ~16 ms per wave), 1.132× (before 9edc4d3, on "
+        "this machine in a slower spell: 39 ms start-up, ~25 ms per wave). Still "
+        "proposed:",
         "",
         f"1. Per wave: the 32 calls return together, and the batch worker's one event "
-        f"loop runs their fill, reply and ack (three round trips each) interleaved with "
-        f"the reads that refill the slots{cpu_note}. Fill + reply + ack in one round "
-        f"trip (`fill.lua` `PUBLISH`es the completed waiters' replies and `XACK`/`XDEL`s "
-        f"the entry itself, stream key in `KEYS`) makes it one round trip per return.",
+        f"loop runs their fill and replies + ack (two round trips each) interleaved with "
+        f"the reads that refill the slots{cpu_note}. One round trip per return needs "
+        f"`fill.lua` to publish the completed waiters' replies itself (built in Lua) and "
+        f"`XACK`/`XDEL` the entry, stream key in `KEYS`.",
         "2. Start-up: the client batches go through the cache worker (arq pickup, "
         "reserve, XADD) before the batch worker's blocking XREADGROUP returns, and a "
         "short first read waits `batch_wait` (5 ms) for more: about one cache-worker job "
