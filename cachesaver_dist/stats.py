@@ -7,12 +7,14 @@ Counters live in one Redis hash per run (and one over all runs); a field is
 from __future__ import annotations
 
 import time
-from collections import Counter
+from functools import lru_cache
 from typing import Any
 
 from redis.asyncio import Redis
 
 from .protocol import CACHED, DUPLICATED, GENERATED, Keys, decode_sample
+
+Tally = dict[tuple[str, str], float]  # (run, field) -> increment
 
 KIND_NAMES = {CACHED: "cached", DUPLICATED: "deduplicated", GENERATED: "generated"}
 COUNTERS = ("requests", *(
@@ -22,19 +24,30 @@ COUNTERS = ("requests", *(
 ))
 
 
-def account(tally: Counter, run: str, model_id: str, flags: str, samples: list[bytes]) -> None:
+def account(tally: Tally, run: str, model_id: str, flags: str, samples: list[bytes]) -> None:
     """Add one completed request to ``tally`` (keyed by ``(run, field)``)."""
-    tally[run, f"{model_id}|requests"] += 1
+    key = run, f"{model_id}|requests"
+    tally[key] = tally.get(key, 0) + 1
     for flag, raw in zip(flags, samples):
-        kind = KIND_NAMES[flag]
-        tally[run, f"{model_id}|samples_{kind}"] += 1
-        usage = decode_sample(raw).get("usage") or {}
-        for what in ("prompt_tokens", "completion_tokens"):
-            if usage.get(what):
-                tally[run, f"{model_id}|{what}_{kind}"] += usage[what]
+        names = _field_names(model_id, flag)
+        key = run, names[0]
+        tally[key] = tally.get(key, 0) + 1
+        usage = decode_sample(raw).get("usage")
+        if usage:
+            for name, what in zip(names[1:], ("prompt_tokens", "completion_tokens")):
+                if usage.get(what):
+                    key = run, name
+                    tally[key] = tally.get(key, 0) + usage[what]
 
 
-def write_tally(pipe: Any, keys: Keys, tally: Counter) -> None:
+@lru_cache(maxsize=1024)
+def _field_names(model_id: str, flag: str) -> tuple[str, str, str]:
+    kind = KIND_NAMES[flag]
+    return (f"{model_id}|samples_{kind}", f"{model_id}|prompt_tokens_{kind}",
+            f"{model_id}|completion_tokens_{kind}")
+
+
+def write_tally(pipe: Any, keys: Keys, tally: Tally) -> None:
     """Queue the increments of ``tally`` on a Redis pipeline."""
     for (run, field), value in tally.items():
         incr = pipe.hincrby if isinstance(value, int) else pipe.hincrbyfloat

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any
 
 from redis.asyncio import Redis
 
 from cachesaver_dist.protocol import Keys, encode_replies, error_reply, reply
-from cachesaver_dist.stats import account, write_tally
+from cachesaver_dist.stats import Tally, account, write_tally
 
 
 class Outbox:
@@ -21,7 +21,7 @@ class Outbox:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.tally: Counter = Counter()
+        self.tally: Tally = {}
 
     def reply(
         self, waiter_id: str, start: int, flags: str, samples: list[bytes], run: str,
