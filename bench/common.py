@@ -46,7 +46,7 @@ def reexec_in_project_venv() -> None:
     of the committed HEAD (so edits in progress in the work tree cannot break a run)."""
     study = Path(sys.argv[0]).stem
     if os.environ.get("BENCH_SRC", "").upper() == "HEAD" and not os.environ.get("BENCH_SNAPSHOT"):
-        rev, src = export_head()
+        rev, src = export_rev("HEAD")
         env = {**os.environ, "BENCH_SNAPSHOT": rev, "BENCH_HOME": str(BENCH_HOME),
                "PYTHONPATH": str(src)}
         os.chdir(src)
@@ -60,14 +60,15 @@ def reexec_in_project_venv() -> None:
         raise
 
 
-def export_head() -> tuple[str, Path]:
-    """``git archive HEAD`` into ``.work/src-<rev>`` plus the current ``bench/`` files."""
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+def export_rev(revision: str) -> tuple[str, Path]:
+    """``git archive REVISION`` into ``.work/src-<rev>`` plus the current ``bench/``
+    files; returns the short commit id and the folder."""
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", revision],
                          capture_output=True, text=True, check=True).stdout.strip()
     src = WORK / f"src-{rev}"
     if not (src / "cachesaver_dist").exists():
         src.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"],
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     (src / "bench").mkdir(exist_ok=True)
@@ -313,21 +314,24 @@ class Stack:
             for i in range(0, len(batch), 500):
                 r.delete(*batch[i:i + 500])
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "REDIS_URL": self.url, "PYTHONPATH": str(ROOT)}
+    def env(self, root: Path | None = None, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "REDIS_URL": self.url, "PYTHONPATH": str(root or ROOT)}
         env.update(extra)
         return env
 
     # -- workers --
     def start_worker(self, kind: str, *args: str, env: dict[str, str] | None = None,
-                     wrapper: str | None = None) -> subprocess.Popen:
+                     wrapper: str | None = None, root: Path | None = None
+                     ) -> subprocess.Popen:
         """``kind`` is ``cache`` or ``batch``; ``wrapper`` a module run instead of the CLI
-        (it must call ``cachesaver_dist.cli.main`` with the same arguments)."""
+        (it must call ``cachesaver_dist.cli.main`` with the same arguments); ``root``:
+        the source tree to run (default: the one under test)."""
         module = wrapper or "cachesaver_dist.cli"
         log = open(_log(f"{self.study}-{kind}"), "wb")
         proc = subprocess.Popen(
             [str(OURS_PY), "-m", module, "worker", kind, "--prefix", self.prefix, *args],
-            env=self.env(**(env or {})), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            env=self.env(root, **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+            cwd=root or ROOT)
         proc.log_path = log.name  # type: ignore[attr-defined]
         route = "cache" if kind == "cache" else args[list(args).index("--model") + 1]
         self.workers.append((route, proc))
@@ -417,19 +421,20 @@ def info_delta(a: dict[str, Any], b: dict[str, Any],
 
 
 def run_driver(side: str, spec: dict[str, Any], *, env: dict[str, str] | None = None,
-               timeout: float = 120.0) -> dict[str, Any]:
+               timeout: float = 120.0, root: Path | None = None) -> dict[str, Any]:
     """Run ``bench._ours`` (ours) or ``bench._original`` in its venv; return its JSON."""
-    proc = start_driver(side, spec, env=env)
+    proc = start_driver(side, spec, env=env, root=root)
     return finish_driver(proc, timeout=timeout)
 
 
-def start_driver(side: str, spec: dict[str, Any], *, env: dict[str, str] | None = None
-                 ) -> subprocess.Popen:
+def start_driver(side: str, spec: dict[str, Any], *, env: dict[str, str] | None = None,
+                 root: Path | None = None) -> subprocess.Popen:
     python, module = (OURS_PY, "bench._ours") if side == "ours" else (ORIG_PY, "bench._original")
     log = open(_log(f"driver-{side}"), "wb")
+    root = root or ROOT
     proc = subprocess.Popen([str(python), "-m", module], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                            stdout=subprocess.PIPE, stderr=log, cwd=root,
+                            env={**os.environ, **(env or {}), "PYTHONPATH": str(root)})
     proc.stdin.write(json.dumps(spec).encode())
     proc.stdin.close()
     proc.log_path = log.name  # type: ignore[attr-defined]
