@@ -3,10 +3,10 @@
 Both revisions are exported from git (their ``cachesaver_dist/`` and ``workers/``; the
 ``bench/`` files are the current ones) and run against one Redis, each with its own
 cache worker process, in interleaved rounds (A B, B A, ...), with the ``hit_path``
-phases and a workload of ``bench.workloads.HIT_WORKLOADS``. On a shared, noisy machine
+phases and workloads (``bench.workloads.HIT_WORKLOADS``). On a shared, noisy machine
 this is how a package change is judged: the ratio B / A within each round.
 
-Usage: ``.venv/bin/python -m bench.compare REV_A [REV_B] [--workload chat] [--rounds 4]``
+Usage: ``.venv/bin/python -m bench.compare REV_A [REV_B] [--workload short|chat] [--rounds 4]``
 (REV_B defaults to HEAD). Writes section ``compare`` of ``RESULTS.md``.
 """
 
@@ -38,70 +38,81 @@ def subject(rev: str) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def run(rev_a: str, rev_b: str, workload: str, rounds: int, duration: float) -> None:
+def run(rev_a: str, rev_b: str, workloads: list[str], rounds: int, duration: float) -> None:
     C.ensure_envs()
     trees = dict(C.export_rev(r) for r in (rev_a, rev_b))
     revs = list(trees)
-    results: dict[str, list[dict[str, Any]]] = {r: [] for r in revs}
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {
+        (wl, r): [] for wl in workloads for r in revs}
     t_start = time.monotonic()
     with C.Stack(STUDY) as st:
         env = C.environment(st.redis_version())
         redis_pid = st.server_pid()
         st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
         st.wait_alive(MODEL)
-        warmed = False
+        warmed: set[str] = set()
         for rnd in range(rounds):
-            for rev in (revs if rnd % 2 == 0 else revs[::-1]):
-                print(f"round {rnd + 1}/{rounds}: {rev}", flush=True)
-                root = trees[rev]
-                worker = st.start_worker("cache", root=root)
-                st.wait_alive("cache")
-                res = C.run_driver("ours", {
-                    "mode": "hits", "url": st.url, "prefix": st.prefix, "model": MODEL,
-                    "workload": workload, "prompts": PROMPTS, "warm": not warmed,
-                    "phases": phases(duration), "keep_latencies": True,
-                    "watch": {"worker": worker.pid, **({"redis": redis_pid} if redis_pid
-                                                       else {})}}, env=st.env(root), root=root)
-                warmed = True
-                st.stop_worker(worker)
-                results[rev].append(res["phases"])
-    report(env, revs, results, workload, rounds, duration, time.monotonic() - t_start)
+            for wl in workloads:
+                for rev in (revs if rnd % 2 == 0 else revs[::-1]):
+                    print(f"round {rnd + 1}/{rounds}: {wl}, {rev}", flush=True)
+                    root = trees[rev]
+                    worker = st.start_worker("cache", root=root)
+                    st.wait_alive("cache")
+                    res = C.run_driver("ours", {
+                        "mode": "hits", "url": st.url, "prefix": st.prefix, "model": MODEL,
+                        "workload": wl, "prompts": PROMPTS, "warm": wl not in warmed,
+                        "phases": phases(duration), "keep_latencies": True,
+                        "watch": {"worker": worker.pid,
+                                  **({"redis": redis_pid} if redis_pid else {})},
+                    }, env=st.env(root), root=root)
+                    warmed.add(wl)
+                    st.stop_worker(worker)
+                    results[wl, rev].append(res["phases"])
+    report(env, revs, results, workloads, rounds, duration, time.monotonic() - t_start)
 
 
-def report(env: dict[str, Any], revs: list[str], results: dict[str, list[dict[str, Any]]],
-           workload: str, rounds: int, duration: float, seconds: float) -> None:
+def report(env: dict[str, Any], revs: list[str],
+           results: dict[tuple[str, str], list[dict[str, Any]]], workloads: list[str],
+           rounds: int, duration: float, seconds: float) -> None:
     a, b = revs
-    headers = ["revision", "seq p50 ms", "seq req/s", "c32 req/s (per round)", "c32 req/s",
-               "c256 req/s", "CPU µs/hit (c32)"]
-    rows = []
-    for rev in revs:
-        rs = results[rev]
-        cpu = {k: 1e6 * sum(r["c32"]["cpu"][k] for r in rs) / sum(r["c32"]["count"] for r in rs)
-               for k in rs[0]["c32"]["cpu"]}
-        seq = C.summary([x for r in rs for x in r["seq"]["latencies_ms"]])
-        rows.append([f"{rev} ({subject(rev)[:60]})", C.fmt(seq["p50"]),
-                     C.fmt(C.median([r["seq"]["throughput"] for r in rs]), 0),
-                     " ".join(C.fmt(r["c32"]["throughput"], 0) for r in rs),
-                     C.fmt(C.median([r["c32"]["throughput"] for r in rs]), 0),
-                     C.fmt(C.median([r["c256"]["throughput"] for r in rs]), 0),
-                     f"{sum(cpu.values()):.0f} (" + ", ".join(f"{k} {v:.0f}"
-                                                              for k, v in cpu.items()) + ")"])
-    ratios = {ph: [rb[ph]["throughput"] / ra[ph]["throughput"]
-                   for ra, rb in zip(results[a], results[b])] for ph in ("seq", "c32", "c256")}
+    headers = ["workload", "revision", "seq p50 ms", "seq req/s", "c32 req/s (per round)",
+               "c32 req/s", "c256 req/s", "CPU µs/hit (c32)"]
+    rows, ratio_lines = [], []
+    for wl in workloads:
+        for rev in revs:
+            rs = results[wl, rev]
+            count = sum(r["c32"]["count"] for r in rs)
+            cpu = {k: 1e6 * sum(r["c32"]["cpu"][k] for r in rs) / count
+                   for k in rs[0]["c32"]["cpu"]}
+            seq = C.summary([x for r in rs for x in r["seq"]["latencies_ms"]])
+            rows.append([wl, f"{rev} ({subject(rev)[:60]})", C.fmt(seq["p50"]),
+                         C.fmt(C.median([r["seq"]["throughput"] for r in rs]), 0),
+                         " ".join(C.fmt(r["c32"]["throughput"], 0) for r in rs),
+                         C.fmt(C.median([r["c32"]["throughput"] for r in rs]), 0),
+                         C.fmt(C.median([r["c256"]["throughput"] for r in rs]), 0),
+                         f"{sum(cpu.values()):.0f} (" + ", ".join(
+                             f"{k} {v:.0f}" for k, v in cpu.items()) + ")"])
+        ratios = {ph: [rb[ph]["throughput"] / ra[ph]["throughput"]
+                       for ra, rb in zip(results[wl, a], results[wl, b])]
+                  for ph in ("seq", "c32", "c256")}
+        ratio_lines.append(
+            f"* {wl}: " + "; ".join(f"{ph} **{C.median(v):.2f}×** "
+                                    f"({' '.join(f'{x:.2f}' for x in v)})"
+                                    for ph, v in ratios.items()))
     print()
     print(C.text_table(headers, rows))
     lines = [
         f"## compare: the hit path of {a} and {b}, side by side\n",
         C.environment_md(env),
-        f"Command: `.venv/bin/python -m bench.compare {a} {b} --workload {workload} "
-        f"--rounds {rounds}` ({duration:g} s per phase, {seconds:.0f} s in all). Each "
-        f"revision's package runs its own cache worker and the client; one Redis, one "
-        f"batch worker; rounds interleaved (A B, B A, ...); workload `{workload}`, phases "
-        f"as in `hit_path`.\n",
+        f"Command: `.venv/bin/python -m bench.compare {a} {b} --rounds {rounds}` "
+        f"({duration:g} s per phase, {seconds:.0f} s in all). Each revision's package runs "
+        f"its own cache worker and the client; one Redis, one batch worker; rounds "
+        f"interleaved (A B, B A, ...); phases and workloads as in `hit_path`. req/s = "
+        f"median over rounds.\n",
         C.md_table(headers, rows), "",
-        f"B / A per round ({b} over {a}), median: "
-        + "; ".join(f"{ph} {C.median(v):.2f}× ({' '.join(f'{x:.2f}' for x in v)})"
-                    for ph, v in ratios.items()) + ".",
+        f"Throughput of {b} over {a}, median of the per-round ratios (each round's "
+        f"ratios in brackets):\n",
+        *ratio_lines,
         "",
     ]
     C.write_section(STUDY, "\n".join(lines))
@@ -112,11 +123,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("rev_a", help="the baseline revision")
     p.add_argument("rev_b", nargs="?", default="HEAD", help="the revision to judge (HEAD)")
-    p.add_argument("--workload", default="chat", help="short or chat (chat)")
+    p.add_argument("--workload", action="append", choices=("short", "chat"),
+                   help="a workload of hit_path; repeat for several (default: both)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
     a = p.parse_args()
-    run(a.rev_a, a.rev_b, a.workload, a.rounds, a.duration)
+    run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds, a.duration)
 
 
 if __name__ == "__main__":
