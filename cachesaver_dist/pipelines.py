@@ -92,7 +92,9 @@ class OnlineAPI:
         """Connect (and start in-process workers); called on first use if not before."""
         if self._started is None:
             self._started = asyncio.create_task(self._start())
-        await asyncio.shield(self._started)
+        if not self._started.done():
+            await asyncio.shield(self._started)
+        self._started.result()  # raises what start-up raised
 
     async def _start(self) -> None:
         self._redis = await self._open_redis()
