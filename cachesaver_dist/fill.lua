@@ -1,40 +1,46 @@
--- Store generated samples and collect the waiters they complete (DESIGN section 4).
+-- Store generated samples and collect the waiters they complete (DESIGN section 4),
+-- for one or more prompt keys in one call.
 --
--- KEYS: samples, generation, waiters
--- ARGV: index, sample, index, sample, ...
+-- KEYS: per prompt key 3 keys: samples, generation, waiters
+-- ARGV: per prompt key: count, then count pairs of index, sample
 -- Samples are set-if-absent: a late or repeated fill changes nothing.
--- Returns {waiter_id, waiter_record, sample...} for every waiter now complete.
-local skey, gkey, wkey = KEYS[1], KEYS[2], KEYS[3]
-local lo, hi = math.huge, -1
-for i = 1, #ARGV, 2 do
-  local idx = tonumber(ARGV[i])
-  redis.call('HSETNX', skey, idx, ARGV[i + 1])
-  redis.call('HDEL', gkey, 'x' .. idx)
-  if idx < lo then lo = idx end
-  if idx > hi then hi = idx end
-end
+-- Returns per prompt key a list of {waiter_id, waiter_record, sample...}, one for
+-- every waiter now complete.
+local result = {}
+local a = 1
+for k = 0, #KEYS / 3 - 1 do
+  local skey, gkey, wkey = KEYS[k * 3 + 1], KEYS[k * 3 + 2], KEYS[k * 3 + 3]
+  local lo, hi = math.huge, -1
+  for _ = 1, tonumber(ARGV[a]) do
+    local idx = tonumber(ARGV[a + 1])
+    redis.call('HSETNX', skey, idx, ARGV[a + 2])
+    redis.call('HDEL', gkey, 'x' .. idx)
+    if idx < lo then lo = idx end
+    if idx > hi then hi = idx end
+    a = a + 2
+  end
+  a = a + 1
 
-local out = {}
-local waiters = redis.call('HGETALL', wkey)
-for i = 1, #waiters, 2 do
-  local record = waiters[i + 1]
-  local s, flags = string.match(record, '^(%d+)|(%a*)|')
-  local start = tonumber(s)
-  local last = start + #flags - 1
-  if start <= hi and last >= lo then
-    local samples = {}
-    local complete = true
-    for idx = start, last do
-      local sample = redis.call('HGET', skey, idx)
-      if not sample then complete = false break end
-      samples[#samples + 1] = sample
-    end
-    if complete then
-      redis.call('HDEL', wkey, waiters[i])
-      table.insert(samples, 1, record)
-      table.insert(samples, 1, waiters[i])
-      out[#out + 1] = samples
+  local out = {}
+  local waiters = redis.call('HGETALL', wkey)
+  for i = 1, #waiters, 2 do
+    local record = waiters[i + 1]
+    local s, flags = string.match(record, '^(%d+)|(%a*)|')
+    local start = tonumber(s)
+    local last = start + #flags - 1
+    if start <= hi and last >= lo then
+      local entry = {waiters[i], record}
+      for idx = start, last do
+        local sample = redis.call('HGET', skey, idx)
+        if not sample then entry = nil break end
+        entry[#entry + 1] = sample
+      end
+      if entry then
+        redis.call('HDEL', wkey, waiters[i])
+        out[#out + 1] = entry
+      end
     end
   end
+  result[#result + 1] = out
 end
-return out
+return result

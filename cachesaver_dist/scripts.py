@@ -113,11 +113,23 @@ async def reserve(
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:
     """Store samples (set-if-absent); return the waiters they complete."""
+    [waiters] = await fill_many(redis, keys, [(key, samples)])
+    return waiters
+
+
+async def fill_many(
+    redis: Redis, keys: Keys, fills: list[tuple[str, dict[int, bytes]]]
+) -> list[list[Waiter]]:
+    """``fill`` for several prompt keys in one round trip; the waiters per key."""
+    k: list[str] = []
     argv: list[Any] = []
-    for idx, sample in samples.items():
-        argv += [idx, sample]
-    raw = await _script(redis, "fill")(keys=_key_triple(keys, key), args=argv)
-    return [_waiter(r[0], r[1], list(r[2:])) for r in raw]
+    for key, samples in fills:
+        k += _key_triple(keys, key)
+        argv.append(len(samples))
+        for idx, sample in samples.items():
+            argv += [idx, sample]
+    raw = await _script(redis, "fill")(keys=k, args=argv)
+    return [[_waiter(r[0], r[1], list(r[2:])) for r in per_key] for per_key in raw]
 
 
 async def release(redis: Redis, keys: Keys, key: str, indices: list[int]) -> list[Waiter]:

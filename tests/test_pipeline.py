@@ -228,3 +228,22 @@ async def test_unreachable_redis_is_a_clear_error_fast():
         async with OnlineAPI("sim:x", cache="redis://127.0.0.1:1/0"):
             pass
     assert time.monotonic() - started < 10
+
+
+async def test_calls_returning_together_are_stored_together(redis_url, keys, monkeypatch):
+    import workers.batch_worker as bw
+
+    stores = []
+    real_fill_many = bw.fill_many
+
+    async def counting_fill_many(redis, k, fills):
+        stores.append(len(fills))
+        return await real_fill_many(redis, k, fills)
+
+    monkeypatch.setattr(bw, "fill_many", counting_fill_many)
+    model = SimModel("together", latency=0.2)
+    async with api(model, redis_url, keys, batch_size=16) as pipe:
+        replies = await pipe.batch_request(Batch([Request(f"q{i}", 1, f"{i:02d}", "ns")
+                                                  for i in range(16)]))
+    assert len(model.calls) == 16 and all(len(r.data) == 1 for r in replies)
+    assert sum(stores) == 16 and len(stores) <= 3, stores  # not one round trip per call

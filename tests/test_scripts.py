@@ -18,7 +18,7 @@ from cachesaver_dist.protocol import (
     prompt_key,
     unique_id,
 )
-from cachesaver_dist.scripts import WorkItem, _script, fill, release, reserve
+from cachesaver_dist.scripts import WorkItem, _script, fill, fill_many, release, reserve
 
 KEYS = Keys("unit:")
 
@@ -208,3 +208,12 @@ def test_hiredis_packer_writes_what_redis_py_writes():
     plain = b"".join(Connection().pack_command(*args))
     fast = b"".join(HiredisPackConnection().pack_command(*args))
     assert fast == plain
+
+
+async def test_fill_many_stores_several_keys_in_one_call(r, specs_sent):
+    await reserve(r, KEYS, "c", [item("u1", key="k1"), item("u2", key="k2", n=2)])
+    done = await fill_many(r, KEYS, [("k1", {0: b"a"}), ("k2", {0: b"b"}), ("k2", {1: b"c"})])
+    assert [[(w.waiter_id, w.samples) for w in per_key] for per_key in done] == [
+        [("c:u1", [b"a"])], [], [("c:u2", [b"b", b"c"])]]  # k2 completes with its 2nd part
+    again = await fill_many(r, KEYS, [("k1", {0: b"late"})])
+    assert again == [[]] and await r.hget(KEYS.samples("k1"), 0) == b"a"

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 from cachesaver_dist.beacon import beacon_loop, worker_name
 from cachesaver_dist.models import generate
 from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_spec
-from cachesaver_dist.scripts import fill, release
+from cachesaver_dist.scripts import fill_many, release
 
 from .outbox import Outbox
 
@@ -40,6 +40,14 @@ class Work:
     model_id: str
     indices: list[int] = field(default_factory=list)
     entries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StoreBatch:
+    """Results waiting to be stored together, and when they are."""
+
+    done: asyncio.Future
+    items: list[tuple[str, Work, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +74,8 @@ class BatchWorker:
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
+        self._open_store: StoreBatch | None = None  # accepting results, not yet written
+        self._store_lock = asyncio.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -184,27 +194,63 @@ class BatchWorker:
                 self._slot_freed.set()
             log.debug("%s: %d keys generated in %.3f s", route, len(works),
                       time.monotonic() - started)
-            outbox = Outbox(self.keys)
-            for work, result in zip(works, results):
-                if isinstance(result, Exception):
-                    await self._fail(outbox, work, result)
-                else:
-                    for w in await fill(self.redis, self.keys, work.key,
-                                        dict(zip(work.indices, result))):
-                        outbox.reply(w.waiter_id, w.start, w.flags, w.samples, w.run,
-                                     w.model_id)
-            ids = [eid for w in works for eid in w.entries]
-            pipe = self.redis.pipeline(transaction=False)  # replies first, then the ack
-            outbox.queue(pipe)
-            pipe.xack(stream, CONSUMER_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("%s: could not store results (%s); the entries stay leased and "
-                        "will be generated again", route, exc)
+            await self._store(stream, works, results)
         finally:
             for w in works:
                 self._inflight[stream].difference_update(w.entries)
+
+    async def _store(self, stream: str, works: list[Work], results: list[Any]) -> None:
+        """Store results. Calls that return while a store is being written go together
+        in the next one: under load a wave of returns costs two round trips, not two
+        per call."""
+        batch = self._open_store
+        if batch is None:
+            batch = self._open_store = StoreBatch(asyncio.get_running_loop().create_future())
+            task = asyncio.create_task(self._write_when_free(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        batch.items += [(stream, work, result) for work, result in zip(works, results)]
+        await asyncio.shield(batch.done)
+
+    async def _write_when_free(self, batch: StoreBatch) -> None:
+        async with self._store_lock:
+            if self._open_store is batch:
+                self._open_store = None
+            try:
+                await self._write(batch.items)
+            except (RedisError, OSError) as exc:
+                log.warning("could not store results (%s); the entries stay leased and "
+                            "will be generated again", exc)
+            except Exception:
+                log.exception("storing results failed; the entries stay leased")
+            finally:
+                batch.done.set_result(None)
+
+    async def _write(self, items: list[tuple[str, Work, Any]]) -> None:
+        """Fill every key in one script call, then send the replies and acknowledge
+        the entries in one pipeline (replies first)."""
+        outbox = Outbox(self.keys)
+        filled = []
+        for _, work, result in items:
+            if isinstance(result, Exception):
+                await self._fail(outbox, work, result)
+            else:
+                filled.append((work, dict(zip(work.indices, result))))
+        if filled:
+            completed = await fill_many(self.redis, self.keys,
+                                        [(work.key, samples) for work, samples in filled])
+            for waiters in completed:
+                for w in waiters:
+                    outbox.reply(w.waiter_id, w.start, w.flags, w.samples, w.run, w.model_id)
+        pipe = self.redis.pipeline(transaction=False)
+        outbox.queue(pipe)
+        by_stream: dict[str, list[str]] = {}
+        for stream, work, _ in items:
+            by_stream.setdefault(stream, []).extend(work.entries)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+        await pipe.execute()
 
     async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
         message = f"model {work.model_id!r} failed: {type(error).__name__}: {error}"
