@@ -160,7 +160,7 @@ def report(env: dict[str, Any], orig: list[dict[str, Any]], orig_short: list[dic
     bw = prof.get("batch worker process", {})
     cpu_note = ""
     if bw.get("samples"):  # 250 Hz over 4 s of backlog: at most 20 waves of 200 ms
-        cpu_note = (f"; the profile puts ≥ {bw['samples'] * 4 / 20:.0f} ms of batch-worker "
+        cpu_note = (f". The profile puts ≥ {bw['samples'] * 4 / 20:.0f} ms of batch-worker "
                     f"CPU in each 200 ms wave (overhead per wave: {per_wave:.0f} ms)")
     lines += [
         "### Findings (ours)\n",
@@ -170,22 +170,22 @@ def report(env: dict[str, Any], orig: list[dict[str, Any]], orig_short: list[dic
         f"ms before the first model call returns, then ~{per_wave:.0f} ms each time one "
         f"of the {CONCURRENCY} model-call slots is handed on ({waves - 1} times).",
         "",
-        "Fixed in `workers/batch_worker.py` (package commits bdaf228, f2ffd98): a call "
-        "slot frees as soon as the model returns, before fill, reply and ack (it used to "
-        "wait for those three round trips); the read loop waits on an `asyncio.Event` set "
-        "when a slot frees (was a 5 ms sleep-poll); with a model that has `request()` "
-        "each key is filled as soon as its own call returns; since 9edc4d3 the replies "
-        "and the stream ack of a return share one round trip (fill, then replies + ack: "
-        "two, was three). Earlier runs of this study: 1.148× ideal (first profile), 1.10× "
-        "(before f2ffd98: 50 ms start-up, ~16 ms per wave), 1.132× (before 9edc4d3, on "
-        "this machine in a slower spell: 39 ms start-up, ~25 ms per wave). Still "
-        "proposed:",
+        "Fixed in `workers/batch_worker.py`: a call slot frees as soon as the model "
+        "returns, before fill, reply and ack (bdaf228; it used to wait for those three "
+        "round trips); the read loop waits on an `asyncio.Event` set when a slot frees "
+        "(was a 5 ms sleep-poll); with a model that has `request()` each key is filled as "
+        "soon as its own call returns (f2ffd98); the replies and the stream ack share one "
+        "round trip (9edc4d3); calls that return while a store is being written are "
+        "stored together, all their keys in one `fill.lua` call and their replies and "
+        "acks in one pipeline (6575444: a wave of 32 returns costs a few round trips, "
+        "not 64). Earlier runs of this study: 1.148× ideal (first profile), 1.10× (before "
+        "f2ffd98: 50 ms start-up, ~16 ms per wave), 1.132-1.135× (before 6575444, in a "
+        "slower spell of this machine: ~40 ms start-up, ~25 ms per wave)"
+        f"{cpu_note}. Still proposed:",
         "",
-        f"1. Per wave: the 32 calls return together, and the batch worker's one event "
-        f"loop runs their fill and replies + ack (two round trips each) interleaved with "
-        f"the reads that refill the slots{cpu_note}. One round trip per return needs "
-        f"`fill.lua` to publish the completed waiters' replies itself (built in Lua) and "
-        f"`XACK`/`XDEL` the entry, stream key in `KEYS`.",
+        "1. One round trip per store: `fill.lua` publishing the completed waiters' "
+        "replies itself (built in Lua) and acknowledging the entries, stream keys in "
+        "`KEYS`.",
         "2. Start-up: the client batches go through the cache worker (arq pickup, "
         "reserve, XADD) before the batch worker's blocking XREADGROUP returns, and a "
         "short first read waits `batch_wait` (5 ms) for more: about one cache-worker job "
