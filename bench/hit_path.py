@@ -293,9 +293,11 @@ def findings(agg: dict[str, Any], whatifs: dict[str, dict[str, Any]],
                      f"{orig['c32']['cpu_us'].get('client', 0):.0f} µs, so 10× needs ≤ "
                      f"{need:.0f} µs per hit on the whole serial path")
     rt_py, rt_bare = rt_cost["redis-py asyncio"][0], rt_cost["bare socket"][0]
-    wi = whatifs.get("short", {})
-    wi_txt = (f"{C.fmt(wi['c32']['throughput'], 0)} req/s with the short workload"
-              if wi and "error" not in wi else "see the what-if table")
+    wi_txt = ", ".join(
+        f"{C.fmt(w['c32']['throughput'], 0)} req/s = "
+        f"{w['c32']['throughput'] / agg[label('original', wl)]['c32']['thr']:.1f}× the "
+        f"original with the {wl} workload"
+        for wl, w in whatifs.items() if "error" not in w) or "see the what-if table"
     return f"""### Findings (hot spots, what was fixed, what is proposed)
 
 * **Why c32 is short of 10×.** With 32 closed-loop callers and batch size 32 exactly
@@ -307,19 +309,21 @@ def findings(agg: dict[str, Any], whatifs: dict[str, dict[str, Any]],
   arq's job read, reserve, the replies + stats, and arq's finish. More cache workers
   cannot help a single in-flight batch (see `scaling`); with several batches in flight
   (c256) the two cores overlap the three processes.
-* **Fixed in this round** (package commits d7e819d and df86ed1;
-  the hand-kept *Before and after* table at the top has the runs): arq's per-job claim
-  (WATCH, EXISTS, ZSCORE, MULTI/EXEC: 4 round trips) is one script call
-  (`workers/claim_jobs.lua`, same checks); clients push the job id, not a bare token, and
-  the worker starts the job it pops without polling arq's queue first (arq's poll still
-  runs every `--poll-delay`); `reserve` sends no specs for hits (the whole prompt, 1.5 kB
-  per request in the chat workload) and sends the rest of a batch again, with specs,
-  only from the first request that claims; redis-py 5 checked every pooled connection
-  with a zero-timeout read (an event-loop turn and a timer per command; a PING cost
-  ~230 µs of CPU, now ~150): the connection now checks its buffer, as redis-py 8 does;
-  request ids come from a per-process counter (`uuid4` reads the OS random source per
-  call); prompt keys are canonicalised without a call per leaf; arq's log line no longer
-  reprs the whole job payload.
+* **Fixed in this round** (package commits d7e819d, df86ed1, 414414d, f27f04a; the
+  `compare` section above measures them against the previous round, f9eec91): arq's
+  per-job claim (WATCH, EXISTS, ZSCORE, MULTI/EXEC: 4 round trips) is one script call
+  (`workers/claim_jobs.lua`, same checks); clients push the job id, not a bare token,
+  and the worker starts the job it pops without polling arq's queue first (arq's poll
+  still runs every `--poll-delay`); `reserve` sends no specs for hits (the whole prompt,
+  1.5 kB per request in the chat workload) and sends the rest of a batch again, with
+  specs, only from the first request that claims; redis-py 5 checked every pooled
+  connection with a zero-timeout read (an event-loop turn and a timer per command): the
+  connection now checks its buffer, as redis-py 8 does (a PING went from ~230 to ~150 µs
+  of CPU in one measurement); request ids come from a per-process counter (`uuid4` reads
+  the OS random source per call); prompt keys are canonicalised without a call per
+  leaf; arq's log line no longer reprs the whole job payload; a hit is accounted with
+  plain dict increments; `OnlineAPI.request` no longer wraps the start-up task in a new
+  `shield` per call.
 * **Where the CPU goes now** (profiles above): the cache worker spends about half its
   samples in socket writes and `epoll`, the rest spread over redis-py, the event loop
   and `stats.account`; the client spends most in `prepare` (msgpack + BLAKE2b of the
