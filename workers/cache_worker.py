@@ -19,14 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import (
-    abort_jobs_ss,
-    in_progress_key_prefix,
-    job_key_prefix,
-    result_key_prefix,
-    retry_key_prefix,
-)
-from arq.utils import to_ms
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
 
 from cachesaver_dist.beacon import beacon_loop
@@ -45,16 +38,6 @@ async def handle_batch(
     redis: Any, keys: Keys, payload: bytes, run_ttl_s: int = DEFAULT_RUN_TTL_S
 ) -> int:
     """Serve one client batch; return how many requests were answered at once."""
-    answered, outbox = await serve_batch(redis, keys, payload, run_ttl_s)
-    await outbox.send(redis)
-    return answered
-
-
-async def serve_batch(
-    redis: Any, keys: Keys, payload: bytes, run_ttl_s: int = DEFAULT_RUN_TTL_S
-) -> tuple[int, Outbox]:
-    """Reserve one client batch; return how many requests are answered, and the
-    replies (not yet sent)."""
     job = decode_job(payload)
     client = job["client"]
     items = sorted((WorkItem.from_wire(r) for r in job["requests"]), key=lambda it: it.request_id)
@@ -65,20 +48,15 @@ async def serve_batch(
             it = r.item
             outbox.reply(f"{client}:{it.uuid}", r.start, r.flags, r.samples, it.run, it.model_id,
                          first=r.new)
+    await outbox.send(redis)
     answered = sum(r.complete for r in reservations)
     log.debug("batch of %d from %s: %d answered from cache", len(items), client, answered)
-    return answered, outbox
+    return answered
 
 
 async def process_batch(ctx: dict[str, Any], payload: bytes) -> int:
-    """The arq job function. Its replies go out with arq's finish of the job
-    (``CacheWorker.finish_job``), in the same round trip."""
-    answered, outbox = await serve_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
-    if "replies" in ctx:
-        ctx["replies"][ctx["job_id"]] = outbox
-    else:  # run by a plain arq Worker
-        await outbox.send(ctx["redis"])
-    return answered
+    """The arq job function."""
+    return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -98,31 +76,6 @@ class CacheWorker(Worker):
         super().__init__(*args, **kwargs)
         self.wake_key = wake_key
         self._claim_jobs: Any = None
-
-    async def finish_job(
-        self, job_id: str, finish: bool, result_data: bytes | None,
-        result_timeout_s: float | None, keep_result_forever: bool, incr_score: int | None,
-        keep_in_progress: float | None,
-    ) -> None:
-        """arq's ``finish_job`` (arq 0.28) with the job's replies and counters in its
-        transaction: one round trip for both."""
-        outbox = self.ctx["replies"].pop(job_id, None)
-        if outbox is None or keep_in_progress is not None or not finish:
-            if outbox is not None:
-                await outbox.send(self.pool)
-            await super().finish_job(job_id, finish, result_data, result_timeout_s,
-                                     keep_result_forever, incr_score, keep_in_progress)
-            return
-        async with self.pool.pipeline(transaction=True) as tr:
-            outbox.queue(tr)
-            if result_data:
-                expire = None if keep_result_forever else result_timeout_s
-                tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
-            tr.zrem(abort_jobs_ss, job_id)
-            tr.zrem(self.queue_name, job_id)
-            tr.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id,
-                      job_key_prefix + job_id)
-            await tr.execute()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -214,7 +167,7 @@ def cache_worker(
         handle_signals=handle_signals,
         health_check_interval=15,
         health_check_key=f"{keys.prefix}health:cache",
-        ctx={"keys": keys, "run_ttl_s": run_ttl_s, "replies": {}},
+        ctx={"keys": keys, "run_ttl_s": run_ttl_s},
         on_startup=_startup,
         on_shutdown=_shutdown,
         log_results=False,
