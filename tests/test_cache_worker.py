@@ -82,13 +82,23 @@ async def test_a_job_named_on_the_wake_list_starts_at_once(redis_url, keys, redi
     assert await served_within(redis, keys, uuids[0], 2.0)
 
 
-async def test_a_stale_token_makes_the_worker_poll_the_queue(redis_url, keys, redis, worker):
+async def test_an_older_clients_token_makes_the_worker_poll(redis_url, keys, redis, worker):
     await warm(redis, keys)
     await asyncio.sleep(0.3)
     uuids: list[str] = []
     await enqueue_plain_arq(redis_url, keys, uuids)  # no token of its own
-    await redis.lpush(keys.cache_wake, b"1")  # what older clients push
+    await redis.lpush(keys.cache_wake, b"1")  # what clients of an earlier version push
     assert await served_within(redis, keys, uuids[0], 2.0)  # well before the 5 s poll
+
+
+async def test_a_token_of_a_job_already_taken_is_ignored(redis_url, keys, redis, worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    await redis.lpush(keys.cache_wake, b"no-such-job")
+    uuids: list[str] = []
+    await enqueue_plain_arq(redis_url, keys, uuids)  # no token of its own
+    assert not await served_within(redis, keys, uuids[0], 1.0)  # no poll was triggered
+    assert await served_within(redis, keys, uuids[0], 6.0)
 
 
 async def test_a_job_without_token_is_found_by_arqs_poll(redis_url, keys, redis, worker):

@@ -31,6 +31,7 @@ from .outbox import Outbox
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
 JOB_TIMEOUT_S = 10
+LEGACY_WAKE_TOKEN = b"1"  # what clients before job-id tokens pushed
 CLAIM_JOBS_LUA = (Path(__file__).parent / "claim_jobs.lua").read_text()
 
 
@@ -80,9 +81,6 @@ class CacheWorker(Worker):
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
         round trips per job) done by one script call for all of them, same checks."""
-        await self._start_jobs(job_ids)
-
-    async def _start_jobs(self, job_ids: list[bytes]) -> int:
         ids: list[str] = []
         for job_id in job_ids:
             await self.sem.acquire()
@@ -92,7 +90,7 @@ class CacheWorker(Worker):
             self.job_counter += 1
             ids.append(job_id.decode())
         if not ids:
-            return 0
+            return
         if self._claim_jobs is None:
             self._claim_jobs = self.pool.register_script(CLAIM_JOBS_LUA)
         try:
@@ -103,7 +101,6 @@ class CacheWorker(Worker):
             for _ in ids:
                 self._release_sem_dec_counter_on_complete()
             raise
-        started = 0
         for job_id, score in zip(ids, scores):
             if score is None:  # running elsewhere, finished, or deferred
                 self._release_sem_dec_counter_on_complete()
@@ -111,8 +108,6 @@ class CacheWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
-            started += 1
-        return started
 
     async def main(self) -> None:
         # arq's main loop, with its fixed sleep replaced by a blocking pop.
@@ -128,8 +123,11 @@ class CacheWorker(Worker):
                 await self._poll_iteration()
                 next_poll = time.monotonic() + self.poll_delay_s
             popped = await self.pool.brpop([self.wake_key], timeout=self.poll_delay_s)
-            if popped and not await self._start_jobs([popped[1]]):
-                next_poll = 0.0  # not a startable job id: poll the queue itself
+            if popped and popped[1] == LEGACY_WAKE_TOKEN:
+                next_poll = 0.0  # from a client of an earlier version: poll the queue
+            elif popped:
+                # Not started when arq's poll or another worker got there first: fine.
+                await self.start_jobs([popped[1]])
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task) -> None:
