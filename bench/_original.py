@@ -70,17 +70,7 @@ async def hits(spec: dict[str, Any]) -> dict[str, Any]:
     for ph in spec["phases"]:
         async with OnlineAPI(model, Cache(spec["cache_dir"]), batch_size=ph["batch_size"],
                              timeout=ph["timeout"]) as api:
-            ask = asker(api)
-            if ph.get("warmup", 0):
-                await W.closed_loop(ask, callers=ph["callers"], duration=ph["warmup"],
-                                    max_requests=ph["max_requests"], prompts=spec["prompts"],
-                                    tag=f"{ph['name']}-warmup",
-                                    workload=spec.get("workload", "short"))
-            out["phases"][ph["name"]] = await W.closed_loop(
-                ask, callers=ph["callers"], duration=ph["duration"],
-                max_requests=ph["max_requests"], prompts=spec["prompts"], tag=ph["name"],
-                start_at=spec.get("start_at"), watch=spec.get("watch"),
-                workload=spec.get("workload", "short"))
+            out["phases"][ph["name"]] = await W.hit_phase(asker(api), ph, spec)
     return out
 
 

@@ -78,19 +78,9 @@ async def hits(spec: dict[str, Any]) -> dict[str, Any]:
             await W.warm(asker(api), spec["prompts"], workload=spec.get("workload", "short"))
     for ph in spec["phases"]:
         async with api_for(spec, batch_size=ph["batch_size"], timeout=ph["timeout"]) as api:
-            ask = asker(api)
-            if ph.get("warmup", 0):
-                await W.closed_loop(ask, callers=ph["callers"], duration=ph["warmup"],
-                                    max_requests=ph["max_requests"], prompts=spec["prompts"],
-                                    tag=f"{ph['name']}-warmup",
-                                    workload=spec.get("workload", "short"))
-            rt0 = ROUND_TRIPS["n"]
-            res = await W.closed_loop(ask, callers=ph["callers"], duration=ph["duration"],
-                                      max_requests=ph["max_requests"], prompts=spec["prompts"],
-                                      tag=ph["name"], start_at=spec.get("start_at"),
-                                      watch=spec.get("watch"),
-                                      workload=spec.get("workload", "short"))
-            res["round_trips"] = ROUND_TRIPS["n"] - rt0
+            res = await W.hit_phase(asker(api), ph, spec,
+                                    on_measure=lambda: ROUND_TRIPS.update(n=0))
+            res["round_trips"] = ROUND_TRIPS["n"]
             if not spec.get("keep_latencies", True):
                 res.pop("latencies_ms")
             out["phases"][ph["name"]] = res

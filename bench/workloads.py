@@ -116,6 +116,21 @@ async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: 
             "throughput": len(latencies) / wall if wall else 0.0, "cpu": cpu}
 
 
+async def hit_phase(ask: Ask, phase: dict[str, Any], spec: dict[str, Any],
+                    on_measure: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One ``hit_path`` phase: an optional unmeasured warm-up, then the measured loop
+    (``on_measure`` is called between the two)."""
+    common = {"callers": phase["callers"], "max_requests": phase["max_requests"],
+              "prompts": spec["prompts"], "workload": spec.get("workload", "short")}
+    if phase.get("warmup", 0):
+        await closed_loop(ask, duration=phase["warmup"], tag=f"{phase['name']}-warmup",
+                          **common)
+    if on_measure:
+        on_measure()
+    return await closed_loop(ask, duration=phase["duration"], tag=phase["name"],
+                             start_at=spec.get("start_at"), watch=spec.get("watch"), **common)
+
+
 async def warm(ask: Ask, prompts: int, concurrency: int = 64, workload: str = "short") -> None:
     """Generate sample 0 of every hit prompt of ``workload``."""
     prompt_of = HIT_WORKLOADS[workload]
