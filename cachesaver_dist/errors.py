@@ -1,6 +1,19 @@
-"""Errors raised to users. Each message says what was wrong and what to do."""
+"""Every error this package raises. Each message says what was wrong and what to do."""
 
 from __future__ import annotations
+
+__all__ = [
+    "CacheSaverError",
+    "GenerationError",
+    "InvalidRequestError",
+    "ModelError",
+    "NoWorkerError",
+    "ProtocolError",
+    "ProviderError",
+    "RedisRefusedError",
+    "RedisUnavailableError",
+    "ReplyTimeoutError",
+]
 
 
 class CacheSaverError(Exception):
@@ -15,5 +28,49 @@ class GenerationError(CacheSaverError):
     """The model failed for good for this request; its claim was released."""
 
 
+class NoWorkerError(GenerationError):
+    """No live worker serves what a request needs (a model, or the cache queue)."""
+
+
 class ReplyTimeoutError(CacheSaverError, TimeoutError):
     """No reply arrived in time; the request's samples stay cached for a later call."""
+
+
+class ProtocolError(CacheSaverError, ValueError):
+    """A message in Redis is not one this version understands; ``field`` names the part."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RedisUnavailableError(CacheSaverError, ConnectionError):
+    """Redis cannot be reached (or the connection cannot be set up) in the time allowed."""
+
+
+class RedisRefusedError(CacheSaverError):
+    """Redis refused a command in a way retrying cannot fix (permissions, wrong password,
+    out of memory, read-only replica, a key of the wrong type)."""
+
+
+class ModelError(CacheSaverError, RuntimeError):
+    """A model failed or misbehaved; the message names the model and the cause."""
+
+
+class ProviderError(ModelError):
+    """A provider call failed; ``status`` is None for timeouts and connection errors."""
+
+    TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+    def __init__(self, provider: str, status: int | None, message: str, *,
+                 kind: str | None = None, retry_after: float | None = None) -> None:
+        self.provider, self.status, self.kind = provider, status, kind
+        self.retry_after, self.detail = retry_after, message
+        where = f"returned {status}" if status is not None else "call failed"
+        super().__init__(f"{provider} {where}" + (f" ({kind})" if kind else "") + f": {message}")
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: rate limits, server errors, timeouts, dropped connections."""
+        s = self.status
+        return s is None or s in self.TRANSIENT_STATUSES or s >= 500

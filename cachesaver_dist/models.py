@@ -17,6 +17,7 @@ import uuid
 from functools import cache
 from typing import Any
 
+from .errors import ModelError
 from .protocol import encode_sample
 from .typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
 
@@ -24,10 +25,6 @@ _WORDS = (
     "answer thought step value check branch search reason count plan result idea state "
     "move goal test left right sum product path option guess proof case"
 ).split()
-
-
-class ModelError(RuntimeError):
-    """A model failed for good; the message names the model and the cause."""
 
 
 class SimModel(SingleRequestModel, BatchRequestModel):

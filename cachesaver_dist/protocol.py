@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from .errors import ProtocolError
+
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "cachesaver:"
 CACHE_JOB = "process_batch"
@@ -22,10 +24,6 @@ CONSUMER_GROUP = "batch-workers"
 
 # Sample flags in reservations and replies.
 CACHED, DUPLICATED, GENERATED = "c", "d", "g"
-
-
-class ProtocolError(ValueError):
-    """A message in Redis is not one this version understands."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 
 from cachesaver_dist import OnlineAPI, Request
 from cachesaver_dist.backends.limiter import ClusterLimiter
-from cachesaver_dist.models import ModelError
+from cachesaver_dist.errors import ModelError
 from cachesaver_dist.simulator import SimulatorConfig, root_url, running_simulator
 from tests.support import admin
 from tests.test_backends import MODEL, assert_secret_nowhere, start_workers

@@ -15,10 +15,10 @@ import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..models import ModelError
+from ..errors import ModelError, ProviderError
 from ..typedefs import Request, Response, SingleRequestModel
 from . import BackendOptions
-from .retry import ProviderError, RetryPolicy, with_retry
+from .retry import RetryPolicy, with_retry
 
 if TYPE_CHECKING:
     from .limiter import ClusterLimiter

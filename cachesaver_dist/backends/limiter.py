@@ -41,7 +41,7 @@ from limits.aio.strategies import (
 )
 from redis.asyncio import Redis
 
-from ..models import ModelError
+from ..errors import ModelError
 from ..protocol import Keys
 
 _SLOT_SCRIPT = (Path(__file__).parent / "acquire_slot.lua").read_text()

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ..models import ModelError
+from ..errors import ModelError, ProviderError
 from .chat import ChatBackend
-from .retry import ProviderError, status_error
+from .retry import status_error
 
 if TYPE_CHECKING:
     from . import BackendOptions

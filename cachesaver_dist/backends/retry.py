@@ -17,31 +17,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..models import ModelError
+from ..errors import ProviderError
 
 log = logging.getLogger("cachesaver_dist.backends")
 
 T = TypeVar("T")
-TRANSIENT_STATUSES = frozenset({408, 409, 429})
-
-
-class ProviderError(ModelError):
-    """A provider call failed; ``status`` is None for timeouts and connection errors."""
-
-    def __init__(self, provider: str, status: int | None, message: str, *,
-                 kind: str | None = None, retry_after: float | None = None) -> None:
-        self.provider, self.status, self.kind = provider, status, kind
-        self.retry_after, self.detail = retry_after, message
-        where = f"returned {status}" if status is not None else "call failed"
-        super().__init__(f"{provider} {where}" + (f" ({kind})" if kind else "") + f": {message}")
-
-    @property
-    def transient(self) -> bool:
-        """Worth retrying: rate limits, server errors, timeouts, dropped connections."""
-        s = self.status
-        return s is None or s in TRANSIENT_STATUSES or s >= 500
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """At most ``budget`` attempts; backoff ``base * 2**k`` seconds, capped at ``cap``."""

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import together
 
+from ..errors import ProviderError
 from .chat import ChatBackend
-from .retry import ProviderError, status_error
+from .retry import status_error
 
 if TYPE_CHECKING:
     from . import BackendOptions
