@@ -261,7 +261,7 @@ class Stack:
     """A private Redis (or ``REDIS_URL``), a unique key prefix, and our worker processes.
 
     Workers are ``python -m cachesaver_dist.cli worker cache|batch --prefix P`` with
-    ``REDIS_URL`` set, as in a deployment; readiness is ``beacon.alive_workers``.
+    ``REDIS_URL`` set, as in a deployment; readiness is ``heartbeat.alive_workers``.
     """
 
     def __init__(self, study: str) -> None:
@@ -338,7 +338,7 @@ class Stack:
         return proc
 
     def wait_alive(self, route: str, count: int = 1, timeout: float = 30.0) -> None:
-        from cachesaver_dist.beacon import alive_workers
+        from cachesaver_dist.heartbeat import alive_workers
         from cachesaver_dist.pipelines import connect
         from cachesaver_dist.protocol import Keys
 
@@ -361,13 +361,14 @@ class Stack:
         asyncio.run(wait())
 
     def stop_worker(self, proc: subprocess.Popen) -> None:
-        """Stop one worker and drop its liveness beacon (so a successor's readiness counts)."""
+        """Stop one worker and drop its heartbeat (so a successor's readiness counts)."""
         stop_process(proc)
         self.workers = [(r, p) for r, p in self.workers if p is not proc]
         with self.sync_redis() as r:
-            keys = list(r.scan_iter(match=f"{self.prefix}alive:*-{proc.pid}-*", count=1000))
-            if keys:
-                r.delete(*keys)
+            for key in r.scan_iter(match=f"{self.prefix}workers:*", count=1000):
+                gone = [m for m in r.zrange(key, 0, -1) if f"-{proc.pid}-".encode() in m]
+                if gone:
+                    r.zrem(key, *gone)
 
     def stop_workers(self) -> None:
         for _, p in list(self.workers):

@@ -1,4 +1,4 @@
-"""``cachesaver-dist``: workers, the demo, the simulator and the stats table.
+"""``cachesaver-dist``: workers, the demo, the simulator, stats and dead letters.
 
 Every command connects to ``--redis-url`` (default: ``REDIS_URL``); with neither, it
 uses the embedded server of ``--data-dir`` (started if no live process runs it).
@@ -9,26 +9,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import sys
-import time
 from typing import Any
 
-from .connection import safe_url
-from .protocol import DEFAULT_PREFIX, Keys
-from .scripts import DEFAULT_RUN_TTL_S
+from . import defaults
+from .errors import CacheSaverError
+from .protocol import Keys
 
 log = logging.getLogger("cachesaver_dist")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                   help="Redis URL (default: $REDIS_URL, else the embedded server)")
-    p.add_argument("--data-dir", default=os.environ.get("CACHESAVER_DATA_DIR", ".cachesaver"),
-                   help="data folder of the embedded server (default: .cachesaver)")
-    p.add_argument("--prefix", default=os.environ.get("CACHESAVER_PREFIX", DEFAULT_PREFIX),
-                   help=f"key prefix in Redis (default: {DEFAULT_PREFIX})")
+    p.add_argument("--redis-url", default=defaults.redis_url(),
+                   help="Redis URL: redis://, rediss://, unix:// or redis+sentinel:// "
+                        "(default: $REDIS_URL, else the embedded server)")
+    p.add_argument("--data-dir", default=defaults.data_dir(),
+                   help=f"data folder of the embedded server (default: $CACHESAVER_DATA_DIR, "
+                        f"else {defaults.DATA_DIR})")
+    p.add_argument("--prefix", default=defaults.prefix(),
+                   help=f"key prefix in Redis (default: $CACHESAVER_PREFIX, else "
+                        f"{defaults.PREFIX})")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
@@ -40,24 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = worker.add_subparsers(dest="kind", required=True)
     cache = kinds.add_parser("cache", help="bookkeeping worker (arq, fast queue)")
     _common(cache)
-    cache.add_argument("--poll-delay", type=float, default=0.5,
+    cache.add_argument("--poll-delay", type=float, default=defaults.POLL_DELAY_S,
                        help="seconds between arq's queue polls; jobs named on the wake-up "
-                            "list start at once (default: 0.5)")
-    cache.add_argument("--max-jobs", type=int, default=50, help="jobs at once (default: 50)")
-    cache.add_argument("--run-ttl", type=int, default=DEFAULT_RUN_TTL_S,
+                            f"list start at once (default: {defaults.POLL_DELAY_S})")
+    cache.add_argument("--max-jobs", type=int, default=defaults.MAX_JOBS,
+                       help=f"jobs at once (default: {defaults.MAX_JOBS})")
+    cache.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
     batch = kinds.add_parser("batch", help="generation worker: calls the models")
     _common(batch)
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
                        help="model to serve: sim:<name>, together:<model>, openai:<model> or "
                             "package.module:factory (repeatable)")
-    batch.add_argument("--batch-size", type=int, default=32, help="entries per read (32)")
-    batch.add_argument("--batch-wait", type=float, default=0.005,
-                       help="seconds to wait for a batch to fill (0.005)")
-    batch.add_argument("--concurrency", type=int, default=32,
-                       help="generation work in flight at once (32)")
-    batch.add_argument("--lease", type=float, default=30.0,
-                       help="seconds before a dead worker's work is taken over (30)")
+    batch.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE,
+                       help=f"entries per read ({defaults.BATCH_SIZE})")
+    batch.add_argument("--batch-wait", type=float, default=defaults.BATCH_WAIT_S,
+                       help=f"seconds to wait for a batch to fill ({defaults.BATCH_WAIT_S})")
+    batch.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY,
+                       help=f"generation work in flight at once ({defaults.CONCURRENCY})")
+    batch.add_argument("--lease", type=float, default=defaults.LEASE_S,
+                       help=f"seconds before a dead worker's work is taken over "
+                            f"({defaults.LEASE_S:g})")
     batch.add_argument("--sim-latency", type=float, default=0.05,
                        help="seconds per call of sim: models (0.05)")
     _backend_flags(batch)
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     drop = sub.add_parser("drop-run", help="forget a run's namespace counters (samples stay)")
     _common(drop)
     drop.add_argument("run", help="the run id")
+
+    dead = sub.add_parser("dead-letters", help="list (or drop) malformed messages set aside")
+    _common(dead)
+    dead.add_argument("--count", type=int, default=50, help="how many, newest first (50)")
+    dead.add_argument("--json", action="store_true", help="print them as JSON lines")
+    dead.add_argument("--drop", nargs="*", metavar="ID",
+                      help="delete these entries (all of them when no id is given)")
 
     from . import simulator
 
@@ -129,102 +139,97 @@ def main(argv: list[str] | None = None) -> int:
         simulator.main_from_args(args)
         return 0
     _logging(args.verbose)
-    url, server = _redis_url(args)
     keys = Keys(args.prefix)
+    server = None
     try:
-        if args.command == "worker" and args.kind == "cache":
-            return _run_cache_worker(url, keys, args)
+        url, server = _redis_url(args)
         if args.command == "worker":
-            return asyncio.run(_run_batch_worker(url, keys, args))
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return asyncio.run(run_demo(url, keys, args.puzzles, args.latency))
-        if args.command == "stats":
-            from .report import print_stats
-
-            return asyncio.run(print_stats(url, keys, args.run, as_json=args.json,
-                                           prices_path=args.prices))
-        if args.command == "drop-run":
-            return asyncio.run(_drop_run(url, keys, args.run))
+            return _run_worker(url, keys, args)
+        return asyncio.run(_run_command(url, keys, args))
     except KeyboardInterrupt:
         return 130
+    except (CacheSaverError, ConnectionError, RuntimeError) as exc:
+        print(f"cachesaver-dist: {exc}", file=sys.stderr)
+        return 1
     finally:
         if server is not None:
             server.stop()
+
+
+async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
+    from .connection import check_reachable, connect
+
+    await check_reachable(url)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return await run_demo(url, keys, args.puzzles, args.latency)
+    if args.command == "stats":
+        from .report import print_stats
+
+        return await print_stats(url, keys, args.run, as_json=args.json,
+                                 prices_path=args.prices)
+    redis = connect(url)
+    try:
+        if args.command == "drop-run":
+            if not await redis.delete(keys.usage(args.run)):
+                print(f"cachesaver-dist: run {args.run!r} has no counters under prefix "
+                      f"{keys.prefix!r} (see 'cachesaver-dist stats' for the runs)",
+                      file=sys.stderr)
+                return 1
+            print(f"run {args.run!r}: counters dropped")
+            return 0
+        if args.command == "dead-letters":
+            return await _dead_letters(redis, keys, args)
+    finally:
+        await redis.aclose()
     return 2
 
 
-def _run_cache_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
-    from arq.connections import ArqRedis
-    from redis.exceptions import ConnectionError as RedisConnectionError
+async def _dead_letters(redis: Any, keys: Keys, args: argparse.Namespace) -> int:
+    import json
 
-    from workers.cache_worker import cache_worker
+    from .deadletters import drop_dead_letters, list_dead_letters
 
-    from .connection import connection_pool
+    if args.drop is not None:
+        dropped = await drop_dead_letters(redis, keys, args.drop or None)
+        print(f"dropped {dropped} dead letter(s)")
+        return 0
+    letters = await list_dead_letters(redis, keys, args.count)
+    for eid, d in letters:
+        if args.json:
+            print(json.dumps({"id": eid, "kind": d.kind, "reason": d.reason, "source": d.source,
+                              "bytes": len(d.raw), "at": d.at}))
+        else:
+            print(f"{eid}  {d.kind}  {d.source}  ({len(d.raw)} bytes): {d.reason}")
+    if not letters and not args.json:
+        print(f"no dead letters under prefix {keys.prefix!r}")
+    return 0
 
-    log.info("cache worker on %s (queue %s)", safe_url(url), keys.cache_queue)
-    while True:  # Redis gone for longer than the connection retries: start over
-        asyncio.set_event_loop(asyncio.new_event_loop())
-        worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool(url)),
-                              poll_delay=args.poll_delay, max_jobs=args.max_jobs,
-                              run_ttl_s=args.run_ttl)
-        try:
-            worker.run()
-            return 0
-        except (RedisConnectionError, OSError) as exc:
-            log.warning("lost Redis (%s); restarting the worker in 2 s", exc)
-            time.sleep(2)
 
+def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
+    from workers import run
 
-async def _run_batch_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
-    from workers.batch_worker import BatchWorker, BatchWorkerConfig
-
+    if args.kind == "cache":
+        return run.serve_cache(url, keys, poll_delay=args.poll_delay, max_jobs=args.max_jobs,
+                               run_ttl_s=args.run_ttl)
     from .backends import BackendOptions
-    from .connection import connect
     from .models import load_model
 
     if args.verbose < 2:  # one line per HTTP call otherwise
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    redis = connect(url)
-    try:
+
+    def models(redis: Any) -> dict[str, Any]:
         options = BackendOptions(
             base_url=args.base_url, max_n=args.max_n, timeout=args.request_timeout,
             retry_budget=args.retry_budget, rpm=args.rpm, tpm=args.tpm,
             max_concurrent=args.max_concurrent, rate_window=args.rate_window)
-        models = {name: load_model(name, sim_latency=args.sim_latency, options=options,
-                                   redis=redis, keys=keys) for name in args.model}
-    except (ValueError, TypeError) as exc:
-        await redis.aclose()
-        print(f"cachesaver-dist: {exc}", file=sys.stderr)
-        return 2
-    worker = BatchWorker(redis, keys, models, BatchWorkerConfig(
-        batch_size=args.batch_size, batch_wait=args.batch_wait,
-        concurrency=args.concurrency, lease=args.lease))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, worker.stop)
-    log.info("batch worker on %s", safe_url(url))
-    try:
-        await worker.run()
-    finally:
-        for model in models.values():
-            if callable(getattr(model, "aclose", None)):
-                await model.aclose()
-        await redis.aclose()
-    return 0
+        return {name: load_model(name, sim_latency=args.sim_latency, options=options,
+                                 redis=redis, keys=keys) for name in args.model}
 
-
-async def _drop_run(url: str, keys: Keys, run: str) -> int:
-    from .connection import connect
-
-    redis = connect(url)
-    try:
-        dropped = await redis.delete(keys.usage(run))
-    finally:
-        await redis.aclose()
-    print(f"run {run!r}: " + ("counters dropped" if dropped else "no counters found"))
-    return 0
+    config = run.BatchWorkerConfig(batch_size=args.batch_size, batch_wait=args.batch_wait,
+                                   concurrency=args.concurrency, lease=args.lease)
+    return run.serve_batch(url, keys, models, config)
 
 
 if __name__ == "__main__":

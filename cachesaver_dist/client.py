@@ -1,9 +1,13 @@
 """The client transport: enqueue batches for the cache workers, wait for replies.
 
-One pattern subscription per client receives every reply; it is confirmed before the
-first enqueue. Pub/sub delivers at most once, so a request with no reply after
-``reply_timeout`` is asked again with the same id (its reservation is idempotent);
-the wait between re-asks doubles up to 30 s, until ``request_timeout``.
+One subscription per client process, to its own channel, receives every reply (the
+request ids are in the payload); it is confirmed before the first enqueue. Pub/sub
+delivers at most once, so a request with no reply after ``reply_timeout`` is asked
+again with the same id (its reservation is idempotent); the wait between re-asks
+doubles up to 30 s, until ``request_timeout``. A request whose model (or the cache
+queue) has no live worker fails at its first re-ask, naming the worker to start.
+Redis errors that retrying cannot fix (permissions, memory, a read-only replica) fail
+at once; a lost connection is retried within ``request_timeout``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,20 @@ from typing import Any
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from .beacon import alive_workers
-from .errors import GenerationError, ReplyTimeoutError
-from .protocol import CACHE_JOB, Keys, arq_serialize, decode_replies, encode_job, unique_id
-from .scripts import WorkItem
+from . import defaults
+from .errors import (
+    GenerationError,
+    NoWorkerError,
+    ProtocolError,
+    RedisUnavailableError,
+    ReplyTimeoutError,
+    redis_message,
+    refused,
+)
+from .heartbeat import alive_workers
+from .protocol import CACHE_JOB, Keys, WorkItem, arq_serialize, decode_replies, encode_job
 
 log = logging.getLogger("cachesaver_dist.client")
 
@@ -34,8 +46,9 @@ WAKE_TOKENS_KEPT = 64
 class CacheClient:
     """Sends request batches through Redis and returns the raw replies."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, reply_timeout: float = 2.0,
-                 request_timeout: float = 600.0) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *,
+                 reply_timeout: float = defaults.REPLY_TIMEOUT_S,
+                 request_timeout: float = defaults.REQUEST_TIMEOUT_S) -> None:
         self.redis, self.keys = redis, keys
         self.reply_timeout, self.request_timeout = reply_timeout, request_timeout
         self.client_id = uuid.uuid4().hex
@@ -46,14 +59,19 @@ class CacheClient:
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
         self._pubsub = self.redis.pubsub()
-        await self._pubsub.psubscribe(self.keys.reply_pattern(self.client_id))
-        deadline = time.monotonic() + 10
-        while True:
-            msg = await self._pubsub.get_message(timeout=1.0)
-            if msg and msg["type"] == "psubscribe":
-                break
-            if time.monotonic() > deadline:
-                raise ConnectionError("Redis did not confirm the reply subscription in 10 s")
+        channel = self.keys.reply_channel(self.client_id)
+        try:
+            await self._pubsub.subscribe(channel)
+            deadline = time.monotonic() + 10
+            while True:
+                msg = await self._pubsub.get_message(timeout=1.0)
+                if msg and msg["type"] == "subscribe":
+                    break
+                if time.monotonic() > deadline:
+                    raise RedisUnavailableError(
+                        f"Redis did not confirm the subscription to {channel} in 10 s")
+        except ResponseError as exc:
+            raise refused(exc, f"the subscription to {channel}") from None
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
@@ -79,12 +97,13 @@ class CacheClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if not msg or msg["type"] != "pmessage":
+            if not msg or msg["type"] != "message":
                 continue
             try:
                 replies = decode_replies(msg["data"])
-            except Exception as exc:  # one bad message must not stop the reader
-                log.error("unreadable reply on %s: %s", msg["channel"], exc)
+            except ProtocolError as exc:  # one bad message must not stop the reader
+                log.error("unreadable reply on %s (%d bytes): %s; its requests are asked "
+                          "again", msg["channel"], len(msg["data"]), exc)
                 continue
             for reply in replies:
                 fut = self._waiting.get(reply["id"])
@@ -100,12 +119,15 @@ class CacheClient:
             deadline = time.monotonic() + self.request_timeout
             pending, wait = items, self.reply_timeout
             while pending:
-                await self._enqueue(pending)
+                await self._enqueue(pending, deadline)
                 left = deadline - time.monotonic()
                 await asyncio.wait([futures[it.uuid] for it in pending], timeout=min(wait, left))
                 pending = [it for it in pending if not futures[it.uuid].done()]
                 if pending and time.monotonic() >= deadline:
                     raise ReplyTimeoutError(await self._timeout_message(pending))
+                if pending:
+                    await self._fail_unserved(pending, futures)
+                    pending = [it for it in pending if not futures[it.uuid].done()]
                 if pending:
                     log.debug("%d requests without reply after %.1f s; asking again",
                               len(pending), wait)
@@ -113,21 +135,28 @@ class CacheClient:
         finally:
             for it in items:
                 self._waiting.pop(it.uuid, None)
-        replies = [futures[it.uuid].result() for it in items]
-        return [GenerationError(f"{r['error']['message']} (request_id {it.request_id!r})")
-                if "error" in r else r for it, r in zip(items, replies)]
+        out: list[dict[str, Any] | GenerationError] = []
+        for it in items:
+            reply = futures[it.uuid].result()
+            if isinstance(reply, GenerationError):
+                out.append(reply)
+            elif "error" in reply:
+                out.append(GenerationError(f"{reply['error']['message']} ({describe(it)})"))
+            else:
+                out.append(reply)
+        return out
 
-    async def _enqueue(self, items: list[WorkItem]) -> None:
+    async def _enqueue(self, items: list[WorkItem], deadline: float) -> None:
         """Enqueue one arq job and wake a cache worker, in one round trip.
 
         The job is written as arq's ``enqueue_job`` writes it, without its check for an
-        existing job id (ours are random): that check costs three round trips.
+        existing job id (ours are unique): that check costs three round trips.
         """
         keep_s = int(self.request_timeout) + 60
-        payload = encode_job(self.client_id, [it.to_wire() for it in items], keep_s)
+        payload = encode_job(self.client_id, items, keep_s)
         backoff = 0.1
         while True:
-            job_id = unique_id()
+            job_id = self.keys.new_job_id()
             now_ms = int(time.time() * 1000)
             job = serialize_job(CACHE_JOB, (payload,), {}, None, now_ms, serializer=arq_serialize)
             try:
@@ -138,22 +167,53 @@ class CacheClient:
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
                 await pipe.execute()
                 return
+            except ResponseError as exc:
+                raise refused(exc, "enqueueing requests") from None
             except (RedisError, OSError) as exc:
-                log.warning("enqueue failed (%s); retrying in %.1f s", exc, backoff)
+                if time.monotonic() + backoff >= deadline:
+                    raise RedisUnavailableError(
+                        f"could not enqueue {len(items)} request(s) within request_timeout "
+                        f"({redis_message(exc)}); is Redis up?") from None
+                log.warning("enqueue failed (%s); retrying in %.1f s", redis_message(exc),
+                            backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _fail_unserved(self, pending: list[WorkItem],
+                             futures: dict[str, asyncio.Future]) -> None:
+        """Fail at once the requests that no live worker can serve."""
+        try:
+            missing = await self._missing_workers({it.route for it in pending})
+        except (RedisError, OSError):
+            return  # Redis is away: the next re-ask will tell
+        for it in pending:
+            hint = missing.get("cache") or missing.get(it.route)
+            if hint and not futures[it.uuid].done():
+                futures[it.uuid].set_result(NoWorkerError(f"{hint} ({describe(it)})"))
+
+    async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
+        """route (or "cache") -> what to start, for each one no live worker serves."""
+        missing = {}
+        if not await alive_workers(self.redis, self.keys, "cache"):
+            missing["cache"] = ("no cache worker is alive: start one with "
+                                "'cachesaver-dist worker cache'")
+        for route in sorted(routes):
+            if not await alive_workers(self.redis, self.keys, route):
+                missing[route] = (f"no batch worker serves model {route!r}: start one with "
+                                  f"'cachesaver-dist worker batch --model {route}'")
+        return missing
+
     async def _timeout_message(self, pending: list[WorkItem]) -> str:
-        routes = sorted({it.route for it in pending})
-        hints = []
+        hints: list[str] = []
         with contextlib.suppress(RedisError, OSError):
-            if not await alive_workers(self.redis, self.keys, "cache"):
-                hints.append("no cache worker is alive: start one with "
-                             "'cachesaver-dist worker cache'")
-            for route in routes:
-                if not await alive_workers(self.redis, self.keys, route):
-                    hints.append(f"no batch worker serves model {route!r}: start one with "
-                                 f"'cachesaver-dist worker batch --model {route}'")
+            hints = list((await self._missing_workers({it.route for it in pending})).values())
         hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
                 f"({hint}); samples generated meanwhile stay cached")
+
+
+def describe(item: WorkItem) -> str:
+    """How messages name a request: its ``request_id``, else its place in the cache."""
+    if item.request_id:
+        return f"request_id {item.request_id!r}"
+    return f"request without request_id, namespace {item.namespace!r}, n={item.n}"

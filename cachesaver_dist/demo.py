@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .beacon import alive_workers
 from .connection import connect
+from .heartbeat import alive_workers
 from .pipelines import OnlineAPI
 from .protocol import Keys
 from .report import collect

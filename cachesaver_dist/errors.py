@@ -74,3 +74,36 @@ class ProviderError(ModelError):
         """Worth retrying: rate limits, server errors, timeouts, dropped connections."""
         s = self.status
         return s is None or s in self.TRANSIENT_STATUSES or s >= 500
+
+
+_HINTS = {
+    "NOPERM": "the Redis user lacks a permission: grant it (ops/acl.conf lists each role's "
+              "rules) or use a user whose rules cover this prefix",
+    "WRONGPASS": "the user name or password in the Redis URL is wrong: fix REDIS_URL",
+    "NOAUTH": "the server needs a password: put it in the Redis URL (redis://:PASSWORD@host)",
+    "WRONGTYPE": "a key under this prefix holds another type: another program writes there; "
+                 "use another --prefix or delete that key",
+    "OOM": "Redis is out of memory (maxmemory with noeviction): raise maxmemory or delete "
+           "old runs and samples",
+    "READONLY": "this server is a read-only replica: point the URL at the primary, or use a "
+                "redis+sentinel:// URL",
+    "MISCONF": "Redis cannot write its persistence files: see the server's log (disk full?)",
+    "NOSCRIPT": "the server lost its scripts mid-call: ask again",
+    "CORRUPT": "a key's state is corrupt: set it aside or delete it",
+}
+
+
+def redis_message(exc: BaseException) -> str:
+    """Redis's own message, without the command and arguments that redis-py adds to
+    errors in pipelines (they may hold prompt text)."""
+    text = str(exc)
+    marker = " of pipeline caused error: "
+    return text.split(marker, 1)[1] if marker in text else text
+
+
+def refused(exc: BaseException, doing: str) -> RedisRefusedError:
+    """A ``RedisRefusedError`` for a Redis error reply, saying what to do about it."""
+    message = redis_message(exc)
+    code = message.split(" ", 1)[0].upper()
+    hint = _HINTS.get(code, "see Redis's message")
+    return RedisRefusedError(f"Redis refused {doing}: {message[:300]} ({hint})")

@@ -9,16 +9,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
+from . import defaults
 from .client import CacheClient
 from .connection import check_reachable, connect
-from .errors import CacheSaverError
+from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import check_model, model_identity
-from .prepare import DEFAULT_MAX_PROMPT_BYTES, check_run, prepare
-from .protocol import CACHED, DEFAULT_PREFIX, DUPLICATED, Keys, decode_sample
-from .scripts import DEFAULT_RUN_TTL_S, WorkItem
+from .prepare import check_run, check_text, prepare
+from .protocol import CACHED, DUPLICATED, Keys, WorkItem, decode_sample
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -31,41 +30,55 @@ class OnlineAPI:
     ``model`` is a model object (cache and batch workers then run in this process,
     with the same code as the worker pool) or the name of a model the worker pool
     serves. ``cache`` is a Redis URL, a ``redis.asyncio.Redis``, or ``None``
-    (``REDIS_URL``, else a private server persisting to ``data_dir``). Concurrent
-    ``request()`` calls are sent together: at once when no batch is in flight, else
-    after up to ``timeout`` seconds or when ``batch_size`` requests are waiting. ``run`` scopes the
-    namespace counters (``None``: a fresh run, so samples are re-read from index 0).
+    (``REDIS_URL``, else a private server persisting to ``data_dir``). ``prefix`` and
+    ``data_dir`` default to ``CACHESAVER_PREFIX`` and ``CACHESAVER_DATA_DIR``, as in
+    the CLI. Concurrent ``request()`` calls are sent together: at once when no batch
+    is in flight, else after up to ``timeout`` seconds or when ``batch_size`` requests
+    are waiting. ``run`` scopes the namespace counters (``None``: a fresh run, so
+    samples are re-read from index 0).
     """
 
     def __init__(
         self,
         model: Any,
         cache: Any = None,
-        batch_size: int = 32,
-        timeout: float = 0.005,
+        batch_size: int = defaults.BATCH_SIZE,
+        timeout: float = defaults.BATCH_TIMEOUT_S,
         run: str | None = None,
         model_id: str | None = None,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        data_dir: str | Path = ".cachesaver",
-        reply_timeout: float = 2.0,
-        request_timeout: float = 600.0,
-        concurrency: int = 32,
-        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
-        run_ttl_s: int = DEFAULT_RUN_TTL_S,
+        prefix: str | None = None,
+        data_dir: str | Path | None = None,
+        reply_timeout: float = defaults.REPLY_TIMEOUT_S,
+        request_timeout: float = defaults.REQUEST_TIMEOUT_S,
+        concurrency: int = defaults.CONCURRENCY,
+        max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES,
+        run_ttl_s: int = defaults.RUN_TTL_S,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("concurrency", concurrency),
+                            ("max_prompt_bytes", max_prompt_bytes), ("run_ttl_s", run_ttl_s)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+        for name, seconds in (("timeout", timeout), ("reply_timeout", reply_timeout),
+                              ("request_timeout", request_timeout)):
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or \
+                    not 0 <= seconds < 1e7:
+                raise InvalidRequestError(f"{name} must be a number of seconds >= 0, "
+                                          f"got {seconds!r}")
         if isinstance(model, str):
+            check_text(model, "model")
             self.route, self.model_id, self._model = model, model_id or model, None
         else:
             check_model(model, type(model).__name__)
             self.model_id = model_id or model_identity(model)
             self.route, self._model = f"inproc:{self.model_id}", model
+        check_text(self.model_id, "model_id")
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.batch_size, self.timeout = batch_size, timeout
-        self.keys = Keys(prefix)
-        self._cache, self._data_dir = cache, Path(data_dir)
+        self.keys = Keys(check_text(prefix if prefix is not None else defaults.prefix(),
+                                    "prefix"))
+        self._cache = cache
+        self._data_dir = Path(data_dir if data_dir is not None else defaults.data_dir())
         self._reply_timeout, self._request_timeout = reply_timeout, request_timeout
         self._concurrency, self._max_prompt_bytes = concurrency, max_prompt_bytes
         self._run_ttl_s = run_ttl_s
@@ -73,8 +86,8 @@ class OnlineAPI:
         self._server: EmbeddedServer | None = None
         self._redis: Redis | None = None
         self._client: CacheClient | None = None
-        self._background: list[tuple[Any, asyncio.Task]] = []
-        self._pending: list[tuple[WorkItem, asyncio.Future]] = []
+        self._local: Any = None  # workers.run.LocalWorkers
+        self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
         self._batches_in_flight = 0
@@ -102,7 +115,11 @@ class OnlineAPI:
                                    request_timeout=self._request_timeout)
         await self._client.start()
         if self._model is not None:
-            self._start_local_workers()
+            from workers.run import LocalWorkers
+
+            self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
+                                       batch_size=self.batch_size,
+                                       concurrency=self._concurrency, run_ttl_s=self._run_ttl_s)
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -122,21 +139,6 @@ class OnlineAPI:
         await check_reachable(url)
         return connect(url)
 
-    def _start_local_workers(self) -> None:
-        from workers.batch_worker import BatchWorker, BatchWorkerConfig
-        from workers.cache_worker import cache_worker
-
-        pool = self._redis.connection_pool
-        arq_pool = ArqRedis(pool.__class__(connection_class=pool.connection_class,
-                                           **pool.connection_kwargs))
-        cw = cache_worker(self.keys, redis_pool=arq_pool, run_ttl_s=self._run_ttl_s,
-                          handle_signals=False)
-        bw = BatchWorker(self._redis, self.keys, {self.route: self._model},
-                         BatchWorkerConfig(batch_size=self.batch_size,
-                                           concurrency=self._concurrency))
-        self._background = [(cw, asyncio.create_task(cw.async_run())),
-                            (bw, asyncio.create_task(bw.run()))]
-
     async def close(self) -> None:
         """Finish pending requests, stop in-process workers, release connections."""
         if self._started is None:
@@ -146,14 +148,9 @@ class OnlineAPI:
         self._flush()
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
-        if self._background:
-            from workers.cache_worker import stop_worker
-
-            (cw, cw_task), (bw, bw_task) = self._background
-            bw.stop()
-            await asyncio.gather(bw_task, return_exceptions=True)
-            await stop_worker(cw, cw_task)
-        self._background = []
+        if self._local is not None:
+            await self._local.stop()
+            self._local = None
         if self._client:
             await self._client.close()
         if self._redis is not None and self._redis is not self._cache:
@@ -181,7 +178,7 @@ class OnlineAPI:
             # batch). Busy: wait up to ``timeout`` for the batch to fill.
             delay = self.timeout if self._batches_in_flight else 0
             self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
-        return _response(await future)
+        return await future
 
     async def batch_request(self, batch: Batch) -> list[Response]:
         """Samples for every request of ``batch``, served in ``request_id`` order."""
@@ -189,11 +186,14 @@ class OnlineAPI:
         if not items:
             return []
         await self.start()
+        assert self._client is not None
         replies = await self._client.submit(items)
+        out = []
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [_response(reply) for reply in replies]
+            out.append(_response(reply))
+        return out
 
     def _flush(self) -> None:
         if self._flush_timer is not None:
@@ -206,9 +206,10 @@ class OnlineAPI:
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _send(self, pending: list[tuple[WorkItem, asyncio.Future]]) -> None:
+    async def _send(self, pending: list[tuple[WorkItem, asyncio.Future[Response]]]) -> None:
         self._batches_in_flight += 1
         try:
+            assert self._client is not None
             replies = await self._client.submit([item for item, _ in pending])
         except BaseException as exc:
             for _, fut in pending:
@@ -225,10 +226,15 @@ class OnlineAPI:
             if isinstance(reply, Exception):
                 fut.set_exception(reply)
             else:
-                fut.set_result(reply)
+                try:
+                    fut.set_result(_response(reply))
+                except ProtocolError as exc:
+                    fut.set_exception(exc)
 
 
 def _response(reply: dict[str, Any]) -> Response:
+    """Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
+    sample before sending it, so this means a worker of another version)."""
     samples = [decode_sample(raw) for raw in reply["samples"]]
     flags = reply["flags"]
     return Response(

@@ -1,4 +1,9 @@
-"""Client-side checks: a request is refused here, with a clear message, or it is sent whole."""
+"""Client-side checks: a request is refused here, with a clear message, or it is sent whole.
+
+Every string anywhere in a request must be encodable as UTF-8 (a lone surrogate such as
+``"\\udc80"`` is not); every value must be one msgpack stores as it is (str, int, float,
+bool, None, bytes, and lists, tuples and str-keyed dicts of those).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,43 @@ import dataclasses
 import re
 from typing import Any
 
+from . import defaults
 from .errors import InvalidRequestError
-from .protocol import encode_spec, prompt_key, unique_id
-from .scripts import WorkItem
+from .protocol import WorkItem, encode_spec, prompt_key, unique_id
 from .typedefs import Request
 
 MAX_N = 10_000
 MAX_NAMESPACE_CHARS = 256
-DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+MAX_DEPTH = 32
 DEFAULT_NAMESPACE = "default"
+DEFAULT_MAX_PROMPT_BYTES = defaults.MAX_PROMPT_BYTES
 _RUN_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+_INT_RANGE = (-(2**63), 2**64 - 1)
 
 
-def check_run(run: str) -> str:
+def check_text(value: Any, what: str) -> str:
+    """``value`` if it is a non-empty str encodable as UTF-8, else ``InvalidRequestError``."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{what} must be a non-empty str, got "
+                                  f"{type(value).__name__} {value!r:.80}")
+    _check_utf8(value, what)
+    return value
+
+
+def _check_utf8(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{what} is not valid text: character {exc.start} ({value[exc.start]!r}) is a lone "
+            "surrogate, which UTF-8 cannot encode; decode your input with errors='replace' "
+            "or remove it") from None
+
+
+def check_run(run: Any) -> str:
     if not isinstance(run, str) or not _RUN_ID.match(run):
         raise InvalidRequestError(
-            f"run id {run!r} is not valid: use 1-128 characters from letters, digits "
+            f"run id {run!r:.80} is not valid: use 1-128 characters from letters, digits "
             "and . _ : @ + -"
         )
     return run
@@ -32,7 +58,7 @@ def _check_namespace(namespace: Any) -> str:
         return DEFAULT_NAMESPACE
     if not isinstance(namespace, str):
         raise InvalidRequestError(
-            f"namespace must be a str, got {type(namespace).__name__} {namespace!r}"
+            f"namespace must be a str, got {type(namespace).__name__} {namespace!r:.80}"
         )
     if not namespace or len(namespace) > MAX_NAMESPACE_CHARS:
         raise InvalidRequestError(
@@ -40,16 +66,32 @@ def _check_namespace(namespace: Any) -> str:
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in namespace):
         raise InvalidRequestError(
-            f"namespace {namespace!r} contains control characters; use printable text"
+            f"namespace {namespace!r:.80} contains control characters; use printable text"
         )
+    _check_utf8(namespace, "namespace")
     return namespace
+
+
+def _check_request_id(request_id: Any) -> str:
+    if request_id is None:
+        return ""
+    if not isinstance(request_id, str):
+        raise InvalidRequestError(
+            f"request_id must be a str (batches are ordered by plain string order), got "
+            f"{type(request_id).__name__} {request_id!r:.80}"
+        )
+    if len(request_id) > 1024:
+        raise InvalidRequestError(f"request_id has {len(request_id)} characters; use at "
+                                  "most 1024")
+    _check_utf8(request_id, "request_id")
+    return request_id
 
 
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in prompt
     ):
         return
     raise InvalidRequestError(
@@ -58,8 +100,35 @@ def _check_prompt(prompt: Any) -> None:
     )
 
 
+def _check_value(value: Any, path: str, depth: int = 0) -> None:
+    """Every value storable as it is; every string valid text; the path names the culprit."""
+    if depth > MAX_DEPTH:
+        raise InvalidRequestError(f"field {path} nests deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, float, bytes)):
+        return
+    if isinstance(value, str):
+        _check_utf8(value, f"field {path}")
+    elif isinstance(value, int):
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise InvalidRequestError(f"field {path} is an int outside 64 bits: {value:.3g}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_value(item, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise InvalidRequestError(f"field {path} has a key {k!r:.40} of type "
+                                          f"{type(k).__name__}; dict keys must be str")
+            _check_utf8(k, f"a key of field {path}")
+            _check_value(item, f"{path}[{k!r:.40}]", depth + 1)
+    else:
+        raise InvalidRequestError(
+            f"field {path} is a {type(value).__name__}, which cannot be stored; use str, int, "
+            "float, bool, None, bytes, or lists and dicts of those")
+
+
 def prepare(
-    request: Request,
+    request: Any,
     *,
     run: str,
     route: str,
@@ -74,38 +143,18 @@ def prepare(
         )
     n = request.n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        raise InvalidRequestError(f"n must be an int from 1 to {MAX_N}, got {n!r}")
+        raise InvalidRequestError(f"n must be an int from 1 to {MAX_N}, got {n!r:.80}")
     _check_prompt(request.prompt)
     namespace = _check_namespace(request.namespace)
-    request_id = request.request_id
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidRequestError(
-            f"request_id must be a str (batches are ordered by plain string order), got "
-            f"{type(request_id).__name__} {request_id!r}"
-        )
+    request_id = _check_request_id(request.request_id)
     fields = request.model_fields()
-    try:
-        key = prompt_key(model_id, fields)
-        spec = encode_spec(route, model_id, fields)
-    except (TypeError, ValueError, OverflowError) as exc:
-        bad = _unserialisable_field(fields)
-        raise InvalidRequestError(
-            f"field {bad!r} of the request cannot be stored ({exc}); use str, int, float, "
-            "bool, None, or lists and dicts of those"
-        ) from exc
+    for name, value in fields.items():
+        _check_value(value, repr(name))
+    key = prompt_key(model_id, fields)
+    spec = encode_spec(route, model_id, fields)
     if len(spec) > max_prompt_bytes:
         raise InvalidRequestError(
             f"request is {len(spec)} bytes encoded, over the limit of {max_prompt_bytes}; "
             "shorten the prompt or raise max_prompt_bytes"
         )
-    return WorkItem(unique_id(), request_id or "", key, namespace, n, run, route,
-                    model_id, spec)
-
-
-def _unserialisable_field(fields: dict[str, Any]) -> str:
-    for name, value in fields.items():
-        try:
-            prompt_key("", {name: value})
-        except (TypeError, ValueError, OverflowError):
-            return name
-    return "?"
+    return WorkItem(unique_id(), request_id, key, namespace, n, run, route, model_id, spec)

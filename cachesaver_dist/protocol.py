@@ -1,6 +1,9 @@
-"""The wire protocol shared by clients and workers: keys, prompt keys and messages.
+"""The wire protocol: every key, channel and message that clients and workers share.
 
-Everything stored in or sent through Redis is msgpack with a schema version ``v``.
+Everything stored in or sent through Redis is msgpack with a schema version ``v``
+(arq's jobs included). Each message has one encoder and one validating decoder here;
+a decoder raises ``ProtocolError`` naming the field that is wrong. The Lua scripts in
+``lua/`` read and write the same formats (their headers say which).
 """
 
 from __future__ import annotations
@@ -15,20 +18,27 @@ from typing import Any
 
 import msgpack
 
+from . import defaults
 from .errors import ProtocolError
 
 SCHEMA_VERSION = 1
-DEFAULT_PREFIX = "cachesaver:"
+DEFAULT_PREFIX = defaults.PREFIX
 CACHE_JOB = "process_batch"
 CONSUMER_GROUP = "batch-workers"
+MAX_ID_CHARS = 200
 
-# Sample flags in reservations and replies.
+# Sample flags in reservations and replies, one letter per sample.
 CACHED, DUPLICATED, GENERATED = "c", "d", "g"
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Every Redis key and channel of one deployment, under one prefix."""
+    """Every Redis key and channel of one deployment, under one prefix.
+
+    arq writes its job bodies under keys it names itself (``arq:job:<id>``,
+    ``arq:in-progress:<id>``, ``arq:retry:<id>``, ``arq:result:<id>``): job ids begin
+    with the prefix, so those keys are confined by ``arq:*:<prefix>*`` ACL patterns.
+    """
 
     prefix: str = DEFAULT_PREFIX
 
@@ -41,7 +51,7 @@ class Keys:
         return f"{self.prefix}g:{key}"
 
     def waiters(self, key: str) -> str:
-        """Hash: waiter id -> ``start|flags|run|model`` of requests waiting on ``key``."""
+        """Hash: waiter id -> waiter record of each request waiting on ``key``."""
         return f"{self.prefix}w:{key}"
 
     def usage(self, run: str) -> str:
@@ -68,22 +78,34 @@ class Keys:
 
     @property
     def cache_wake(self) -> str:
-        """List: the id of each enqueued job, newest first, to wake a cache worker."""
+        """List of wake tokens (job ids), newest first, to wake a cache worker."""
         return f"{self.prefix}queue:cache:wake"
+
+    @property
+    def cache_health(self) -> str:
+        """arq's health-check key of the cache workers."""
+        return f"{self.prefix}health:cache"
+
+    def new_job_id(self) -> str:
+        """A fresh arq job id; it begins with the prefix (see the class docstring)."""
+        return f"{self.prefix}job:{unique_id()}"
 
     def work_stream(self, route: str) -> str:
         """Stream of generation work for the batch workers serving ``route``."""
         return f"{self.prefix}llm:{route}"
 
-    def worker_beacon(self, route: str, worker: str) -> str:
-        """Short-lived key: a batch worker serving ``route`` is alive."""
-        return f"{self.prefix}alive:{route}:{worker}"
+    def workers(self, route: str) -> str:
+        """Sorted set: worker name -> heartbeat deadline (ms) of workers serving ``route``."""
+        return f"{self.prefix}workers:{route}"
 
-    def reply_channel(self, client: str, request_uuid: str) -> str:
-        return f"{self.prefix}reply:{client}:{request_uuid}"
+    @property
+    def dead_letters(self) -> str:
+        """Stream of malformed messages set aside, each with its reason."""
+        return f"{self.prefix}dead"
 
-    def reply_pattern(self, client: str) -> str:
-        return f"{self.prefix}reply:{client}:*"
+    def reply_channel(self, client: str) -> str:
+        """Channel of one client process: every reply to it, request ids in the payload."""
+        return f"{self.prefix}reply:{client}"
 
 
 def _new_id_source() -> None:
@@ -108,8 +130,14 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+def unpack(data: bytes, kind: str = "message") -> Any:
+    """Decode msgpack; ``ProtocolError`` for anything that is not."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(f"{kind} is {type(data).__name__}, not msgpack bytes")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"{kind} is not valid msgpack ({type(exc).__name__})") from None
 
 
 _AS_IS = (str, int, bytes)  # bool is an int
@@ -138,40 +166,226 @@ def prompt_key(model_id: str, fields: dict[str, Any]) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-# --- messages -----------------------------------------------------------------------
+# --- validation helpers -----------------------------------------------------------------
 
 
-def _check(message: Any, kind: str) -> dict[str, Any]:
-    if not isinstance(message, dict) or message.get("v") != SCHEMA_VERSION:
-        got = message.get("v") if isinstance(message, dict) else type(message).__name__
+def _message(data: bytes, kind: str) -> dict[str, Any]:
+    msg = unpack(data, kind)
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"{kind} is a msgpack {type(msg).__name__}, not a map", "v")
+    if msg.get("v") != SCHEMA_VERSION:
         raise ProtocolError(
-            f"{kind} has schema version {got!r}, this build speaks {SCHEMA_VERSION}: "
-            "run the same cachesaver-dist version on clients and workers"
-        )
-    return message
+            f"{kind} has schema version {msg.get('v')!r}, this build speaks {SCHEMA_VERSION}: "
+            "run the same cachesaver-dist version on clients and workers", "v")
+    return msg
 
 
-def encode_job(client: str, requests: list[list[Any]], keep_s: int) -> bytes:
-    """A client batch for the cache workers.
+def _get(msg: dict[str, Any], name: str, types: type | tuple[type, ...], kind: str) -> Any:
+    value = msg.get(name)
+    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+        expected = types.__name__ if isinstance(types, type) else "/".join(
+            t.__name__ for t in types)
+        raise ProtocolError(f"{kind}: field {name!r} must be {expected}, got "
+                            f"{type(value).__name__}", name)
+    return value
 
-    Each request is ``[uuid, request_id, key, namespace, n, run, route, model_id, spec]``;
-    ``keep_s``: how long the reservations must outlive the job (the client's retries).
-    """
-    return pack({"v": SCHEMA_VERSION, "client": client, "requests": requests,
-                 "keep_s": keep_s})
+
+def _id(value: Any, name: str, kind: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise ProtocolError(f"{kind}: field {name!r} must be a non-empty str of at most "
+                            f"{MAX_ID_CHARS} characters", name)
+    return value
 
 
-def decode_job(data: bytes) -> dict[str, Any]:
-    return _check(unpack(data), "cache job")
+# --- cache job: one client batch for the cache workers ----------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One request as the cache worker reserves it."""
+
+    uuid: str
+    request_id: str
+    key: str
+    namespace: str
+    n: int
+    run: str
+    route: str
+    model_id: str
+    spec: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [self.uuid, self.request_id, self.key, self.namespace, self.n, self.run,
+                self.route, self.model_id, self.spec]
+
+    @classmethod
+    def from_wire(cls, fields: Any, where: str = "work item") -> WorkItem:
+        if not isinstance(fields, list) or len(fields) != 9:
+            raise ProtocolError(f"{where} must be a list of 9 fields", "requests")
+        uid, rid, key, ns, n, run, route, model_id, spec = fields
+        for name, value in (("request_id", rid), ("namespace", ns)):
+            if not isinstance(value, str):
+                raise ProtocolError(f"{where}: {name} must be a str", name)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ProtocolError(f"{where}: n must be an int >= 0", "n")
+        if not isinstance(spec, bytes):
+            raise ProtocolError(f"{where}: spec must be bytes", "spec")
+        return cls(_id(uid, "uuid", where), rid, _id(key, "key", where), ns, n,
+                   _id(run, "run", where), _id(route, "route", where),
+                   _id(model_id, "model_id", where), spec)
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    client: str
+    items: list[WorkItem]
+    keep_s: int
+
+
+def encode_job(client: str, items: list[WorkItem], keep_s: int) -> bytes:
+    """A client batch; ``keep_s``: how long reservations must outlive it (re-asks)."""
+    return pack({"v": SCHEMA_VERSION, "client": client,
+                 "requests": [it.to_wire() for it in items], "keep_s": keep_s})
+
+
+def decode_job(data: bytes) -> CacheJob:
+    kind = "cache job"
+    msg = _message(data, kind)
+    client = _id(msg.get("client"), "client", kind)
+    requests = _get(msg, "requests", list, kind)
+    keep_s = _get(msg, "keep_s", int, kind)
+    items = [WorkItem.from_wire(r, f"{kind} request {i}") for i, r in enumerate(requests)]
+    return CacheJob(client, items, keep_s)
+
+
+def job_waiters(data: bytes) -> list[str]:
+    """Best effort, for a job that failed to decode: the waiter ids it names."""
+    try:
+        msg = unpack(data)
+        client = _id(msg["client"], "client", "")
+        return [waiter_id(client, _id(r[0], "uuid", "")) for r in msg["requests"]]
+    except Exception:
+        return []
+
+
+# --- generation spec and work stream entry ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a batch worker needs to generate samples of one prompt key."""
+
+    route: str
+    model_id: str
+    fields: dict[str, Any]
 
 
 def encode_spec(route: str, model_id: str, fields: dict[str, Any]) -> bytes:
-    """What a batch worker needs to generate samples of one prompt key."""
     return pack({"v": SCHEMA_VERSION, "route": route, "model_id": model_id, "fields": fields})
 
 
-def decode_spec(data: bytes) -> dict[str, Any]:
-    return _check(unpack(data), "generation spec")
+def decode_spec(data: bytes) -> Spec:
+    kind = "generation spec"
+    msg = _message(data, kind)
+    fields = _get(msg, "fields", dict, kind)
+    if not all(isinstance(k, str) for k in fields):
+        raise ProtocolError(f"{kind}: field names must be str", "fields")
+    return Spec(_id(msg.get("route"), "route", kind), _id(msg.get("model_id"), "model_id", kind),
+                fields)
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One claim on a work stream: indices of one prompt key, and how to generate them.
+
+    Written by ``reserve.lua`` as fields ``key``, ``idx`` (comma-separated) and ``spec``.
+    """
+
+    key: str
+    indices: list[int]
+    spec: Spec
+
+
+def _claim(fields: dict[bytes, bytes], kind: str) -> tuple[str, list[int]]:
+    try:
+        key = fields[b"key"].decode()
+    except (KeyError, UnicodeDecodeError):
+        raise ProtocolError(f"{kind}: field 'key' is missing or not UTF-8", "key") from None
+    if not 0 < len(key) <= MAX_ID_CHARS:
+        raise ProtocolError(f"{kind}: field 'key' has a bad length", "key")
+    try:
+        indices = [int(i) for i in fields[b"idx"].split(b",")]
+    except (KeyError, ValueError):
+        raise ProtocolError(f"{kind}: field 'idx' must list indices as '0,1,2'", "idx") from None
+    if any(i < 0 for i in indices):
+        raise ProtocolError(f"{kind}: field 'idx' has a negative index", "idx")
+    return key, indices
+
+
+def decode_stream_entry(fields: dict[bytes, bytes], route: str) -> StreamEntry:
+    """Validate an entry read from ``route``'s work stream."""
+    kind = "work stream entry"
+    key, indices = _claim(fields, kind)
+    if b"spec" not in fields:
+        raise ProtocolError(f"{kind}: field 'spec' is missing", "spec")
+    spec = decode_spec(fields[b"spec"])
+    if spec.route != route:
+        raise ProtocolError(f"{kind}: spec is for model {spec.route!r}, the stream serves "
+                            f"{route!r}", "spec")
+    return StreamEntry(key, indices, spec)
+
+
+def entry_claim(fields: dict[bytes, bytes]) -> tuple[str, list[int]] | None:
+    """Best effort, for an entry that failed to decode: the claim it names."""
+    try:
+        return _claim(fields, "")
+    except ProtocolError:
+        return None
+
+
+# --- waiters ---------------------------------------------------------------------------
+
+
+def waiter_id(client: str, request_uuid: str) -> str:
+    """Who to reply to: ``<client>:<request uuid>``."""
+    return f"{client}:{request_uuid}"
+
+
+def split_waiter_id(wid: str) -> tuple[str, str]:
+    client, sep, request_uuid = wid.partition(":")
+    if not sep or not client or not request_uuid:
+        raise ProtocolError(f"waiter id {wid[:80]!r} is not '<client>:<request>'", "waiter")
+    return client, request_uuid
+
+
+def waiter_tail(run: str, model_id: str) -> str:
+    """The part of a waiter record the scripts carry untouched: who to account it to."""
+    return f"{run}|{model_id}"
+
+
+@dataclass(frozen=True)
+class WaiterRecord:
+    """``start|flags|run|model``: what a waiting request was given (set by reserve.lua)."""
+
+    start: int
+    flags: str
+    run: str
+    model_id: str
+
+
+def decode_waiter_record(data: bytes | str) -> WaiterRecord:
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+        start, flags, run, model_id = text.split("|", 3)
+        record = WaiterRecord(int(start), flags, run, model_id)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("waiter record is not 'start|flags|run|model'", "waiter") from None
+    if record.start < 0 or not record.flags.isalpha() or not record.run:
+        raise ProtocolError("waiter record has a bad start, flags or run", "waiter")
+    return record
+
+
+# --- samples -----------------------------------------------------------------------------
 
 
 def encode_sample(data: Any, meta: dict[str, Any] | None = None) -> bytes:
@@ -183,7 +397,13 @@ def encode_sample(data: Any, meta: dict[str, Any] | None = None) -> bytes:
 
 
 def decode_sample(data: bytes) -> dict[str, Any]:
-    return _check(unpack(data), "sample")
+    msg = _message(data, "sample")
+    if "data" not in msg:
+        raise ProtocolError("sample has no field 'data'", "data")
+    return msg
+
+
+# --- replies -----------------------------------------------------------------------------
 
 
 def reply(request_uuid: str, start: int, flags: str, samples: list[bytes]) -> dict[str, Any]:
@@ -196,21 +416,75 @@ def error_reply(request_uuid: str, kind: str, message: str) -> dict[str, Any]:
 
 
 def encode_replies(replies: list[dict[str, Any]]) -> bytes:
-    """One message with the replies to one client (published on its first request's
-    channel: the client's pattern subscription receives every one of them)."""
+    """One message with the replies of one job or store to one client."""
     return pack({"v": SCHEMA_VERSION, "replies": replies})
 
 
 def decode_replies(data: bytes) -> list[dict[str, Any]]:
-    return _check(unpack(data), "reply")["replies"]
+    kind = "reply"
+    replies = _get(_message(data, kind), "replies", list, kind)
+    for r in replies:
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str):
+            raise ProtocolError(f"{kind}: each reply needs a str 'id'", "id")
+        if "error" in r:
+            err = r["error"]
+            if not (isinstance(err, dict) and isinstance(err.get("kind"), str)
+                    and isinstance(err.get("message"), str)):
+                raise ProtocolError(f"{kind}: 'error' needs str 'kind' and 'message'", "error")
+            continue
+        _get(r, "start", int, kind)
+        flags, samples = _get(r, "flags", str, kind), _get(r, "samples", list, kind)
+        if len(flags) != len(samples) or not all(isinstance(s, bytes) for s in samples):
+            raise ProtocolError(f"{kind}: 'samples' must be one bytes item per flag", "samples")
+    return replies
 
 
-def waiter_info(run: str, model_id: str) -> str:
-    """The opaque tail of a waiter record: who to account the request to."""
-    return f"{run}|{model_id}"
+# --- wake tokens -------------------------------------------------------------------------
 
 
-# arq job (de)serializers: msgpack, never pickle.
+def decode_wake_token(data: bytes, keys: Keys) -> str:
+    """A wake token is the id of an enqueued job (see ``Keys.new_job_id``)."""
+    try:
+        job_id = data.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("wake token is not UTF-8", "token") from None
+    if not job_id.startswith(keys.prefix) or len(job_id) > MAX_ID_CHARS:
+        raise ProtocolError(f"wake token is not a job id under prefix {keys.prefix!r}", "token")
+    return job_id
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A malformed message set aside: what it was, why, where it was, and its bytes."""
+
+    kind: str
+    reason: str
+    source: str
+    raw: bytes
+    at: float
+
+
+def encode_dead_letter(letter: DeadLetter) -> dict[str, bytes | str | float]:
+    """Stream entry fields of a dead letter."""
+    return {"v": SCHEMA_VERSION, "kind": letter.kind, "reason": letter.reason,
+            "source": letter.source, "raw": letter.raw, "at": letter.at}
+
+
+def decode_dead_letter(fields: dict[bytes, bytes]) -> DeadLetter:
+    def text(name: str) -> str:
+        return fields.get(name.encode(), b"").decode(errors="replace")
+
+    try:
+        at = float(fields.get(b"at", b"0"))
+    except ValueError:
+        at = 0.0
+    return DeadLetter(text("kind"), text("reason"), text("source"), fields.get(b"raw", b""), at)
+
+
+# --- arq jobs: msgpack, never pickle -------------------------------------------------------
 
 
 def _arq_default(obj: Any) -> Any:
@@ -233,8 +507,31 @@ class Payload(bytes):
         return f"<{len(self)} bytes>"
 
 
+@dataclass(frozen=True)
+class MalformedJob:
+    """Stands in for the payload of an arq job that could not be read."""
+
+    raw: bytes
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"<malformed job: {self.reason}>"
+
+
 def arq_deserialize(data: bytes) -> dict[str, Any]:
-    obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if isinstance(obj, dict) and isinstance(obj.get("a"), list):
-        obj["a"] = [Payload(a) if isinstance(a, bytes) else a for a in obj["a"]]
+    """arq's job deserializer. A job that is not ours comes back as a call of the cache
+    job with a ``MalformedJob`` argument, so the worker sets it aside instead of failing."""
+    try:
+        obj = unpack(data, "arq job")
+        if isinstance(obj, dict) and "r" in obj:  # a job result, not a job
+            return obj
+        if not (isinstance(obj, dict) and obj.get("f") == CACHE_JOB
+                and isinstance(obj.get("a"), list) and len(obj["a"]) == 1
+                and isinstance(obj["a"][0], bytes) and isinstance(obj.get("k"), dict)
+                and isinstance(obj.get("et"), int)):
+            raise ProtocolError(f"arq job is not a {CACHE_JOB!r} call with one bytes argument")
+    except ProtocolError as exc:
+        return {"t": 1, "f": CACHE_JOB, "a": [MalformedJob(bytes(data), str(exc))], "k": {},
+                "et": int(time.time() * 1000)}
+    obj["a"] = [Payload(obj["a"][0])]
     return obj

@@ -1,7 +1,7 @@
-"""The atomic steps, as Redis scripts: reserve, fill and release.
+"""The Redis scripts: one loader for every ``lua/*.lua``, and the atomic steps.
 
-The ``.lua`` files beside this module are the source of truth; these wrappers only
-lay out ``KEYS``/``ARGV`` and name the results.
+The ``.lua`` files are the source of truth; the wrappers here only lay out
+``KEYS``/``ARGV`` and name the results.
 """
 
 from __future__ import annotations
@@ -14,47 +14,29 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from .protocol import Keys, ProtocolError, waiter_info
+from . import defaults
+from .errors import ProtocolError
+from .protocol import Keys, WorkItem, decode_waiter_record, waiter_tail
 
-DEFAULT_RUN_TTL_S = 7 * 24 * 3600
-
-_HERE = Path(__file__).parent
+LUA_DIR = Path(__file__).parent / "lua"
 
 
 @cache
-def _source(name: str) -> str:
-    return (_HERE / f"{name}.lua").read_text()
+def source(name: str) -> str:
+    """The text of ``lua/<name>.lua``."""
+    return (LUA_DIR / f"{name}.lua").read_text()
 
 
-def _script(redis: Redis, name: str) -> AsyncScript:
-    # register_script keeps the SHA and reloads the source after SCRIPT FLUSH/restart.
+def script(redis: Any, name: str) -> AsyncScript:
+    """``lua/<name>.lua`` registered on ``redis`` (once per client object).
+
+    ``register_script`` keeps the SHA and reloads the source after a ``SCRIPT FLUSH``
+    or a restart (``NOSCRIPT``).
+    """
     scripts = redis.__dict__.setdefault("_cachesaver_scripts", {})
     if name not in scripts:
-        scripts[name] = redis.register_script(_source(name))
+        scripts[name] = redis.register_script(source(name))
     return scripts[name]
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One request as the cache worker reserves it."""
-
-    uuid: str
-    request_id: str
-    key: str
-    namespace: str
-    n: int
-    run: str
-    route: str
-    model_id: str
-    spec: bytes
-
-    @classmethod
-    def from_wire(cls, fields: list[Any]) -> WorkItem:
-        return cls(*fields)
-
-    def to_wire(self) -> list[Any]:
-        return [self.uuid, self.request_id, self.key, self.namespace, self.n, self.run,
-                self.route, self.model_id, self.spec]
 
 
 @dataclass(frozen=True)
@@ -81,9 +63,18 @@ class Waiter:
     samples: list[bytes]
 
 
+@dataclass(frozen=True)
+class MalformedWaiter:
+    """A waiter record a script found unreadable and removed."""
+
+    waiters_key: str
+    waiter_id: str
+    raw: bytes
+
+
 async def reserve(
     redis: Redis, keys: Keys, client: str, items: list[WorkItem],
-    run_ttl_s: int = DEFAULT_RUN_TTL_S, reservation_ttl_s: int = 3600,
+    run_ttl_s: int = defaults.RUN_TTL_S, reservation_ttl_s: int = 3600,
 ) -> list[Reservation]:
     """Reserve indices for ``items`` in the given order.
 
@@ -100,27 +91,30 @@ async def reserve(
             k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
                   keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
             argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
-                     waiter_info(it.run, it.model_id), it.key, it.spec if with_specs else b""]
-        raw, stopped_at = await _script(redis, "reserve")(keys=k, args=argv)
+                     waiter_tail(it.run, it.model_id), it.key, it.spec if with_specs else b""]
+        raw, stopped_at = await script(redis, "reserve")(keys=k, args=argv)
         out += [Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
                 for it, r in zip(items, raw)]
         if stopped_at < 0:
             return out
         items = items[stopped_at:]
     raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
-                        "come from prepare(); do not build WorkItems by hand")
+                        "come from prepare(); do not build WorkItems by hand", "spec")
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:
-    """Store samples (set-if-absent); return the waiters they complete."""
-    [waiters] = await fill_many(redis, keys, [(key, samples)])
+    """``fill_many`` for one prompt key; the waiters it completes."""
+    [waiters], _ = await fill_many(redis, keys, [(key, samples)])
     return waiters
 
 
 async def fill_many(
     redis: Redis, keys: Keys, fills: list[tuple[str, dict[int, bytes]]]
-) -> list[list[Waiter]]:
-    """``fill`` for several prompt keys in one round trip; the waiters per key."""
+) -> tuple[list[list[Waiter]], list[MalformedWaiter]]:
+    """Store samples (set-if-absent) for several prompt keys in one round trip.
+
+    Returns the waiters now complete, per key, and the unreadable waiter records found.
+    """
     k: list[str] = []
     argv: list[Any] = []
     for key, samples in fills:
@@ -128,24 +122,51 @@ async def fill_many(
         argv.append(len(samples))
         for idx, sample in samples.items():
             argv += [idx, sample]
-    raw = await _script(redis, "fill")(keys=k, args=argv)
-    return [[_waiter(r[0], r[1], list(r[2:])) for r in per_key] for per_key in raw]
+    per_key, malformed = await script(redis, "fill")(keys=k, args=argv)
+    waiters, bad = [], _malformed(malformed)
+    for entries in per_key:
+        waiters.append(_waiters(entries, bad, keys))
+    return waiters, bad
 
 
-async def release(redis: Redis, keys: Keys, key: str, indices: list[int]) -> list[Waiter]:
+async def release(
+    redis: Redis, keys: Keys, key: str, indices: list[int]
+) -> tuple[list[Waiter], list[MalformedWaiter]]:
     """Give up claimed indices; return the waiters that were waiting on them."""
-    raw = await _script(redis, "release")(keys=_key_triple(keys, key), args=indices)
-    return [_waiter(r[0], r[1], []) for r in raw]
+    raw, malformed = await script(redis, "release")(keys=_key_triple(keys, key), args=indices)
+    bad = _malformed(malformed)
+    return _waiters([[w, rec] for w, rec in raw], bad, keys), bad
+
+
+async def discard(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> int:
+    """Remove unreadable samples (if unchanged) so they are generated again."""
+    argv: list[Any] = []
+    for idx, raw in samples.items():
+        argv += [idx, raw]
+    return int(await script(redis, "discard")(
+        keys=[keys.samples(key), keys.generation(key)], args=argv))
 
 
 def _key_triple(keys: Keys, key: str) -> list[str]:
     return [keys.samples(key), keys.generation(key), keys.waiters(key)]
 
 
-def _waiter(waiter_id: bytes, record: bytes, samples: list[bytes]) -> Waiter:
-    start, flags, run, model_id = _text(record).split("|", 3)
-    return Waiter(_text(waiter_id), int(start), flags, run, model_id, samples)
+def _waiters(entries: list[list[bytes]], bad: list[MalformedWaiter], keys: Keys) -> list[Waiter]:
+    out = []
+    for entry in entries:
+        wid, raw = _text(entry[0]), entry[1]
+        try:
+            r = decode_waiter_record(raw)
+            out.append(Waiter(wid, r.start, r.flags, r.run, r.model_id, list(entry[2:])))
+        except ProtocolError:  # the script's pattern is looser than the decoder
+            bad.append(MalformedWaiter(keys.prefix + "w:?", wid, raw))
+    return out
+
+
+def _malformed(flat: list[bytes]) -> list[MalformedWaiter]:
+    return [MalformedWaiter(_text(flat[i]), _text(flat[i + 1]), flat[i + 2])
+            for i in range(0, len(flat), 3)]
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

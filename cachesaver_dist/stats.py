@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .protocol import CACHED, DUPLICATED, GENERATED, Keys, decode_sample
+from .protocol import CACHED, DUPLICATED, GENERATED, Keys
 
 Tally = dict[tuple[str, str], float]  # (run, field) -> increment
 
@@ -24,18 +24,19 @@ COUNTERS = ("requests", *(
 ))
 
 
-def account(tally: Tally, run: str, model_id: str, flags: str, samples: list[bytes]) -> None:
-    """Add one completed request to ``tally`` (keyed by ``(run, field)``)."""
+def account(tally: Tally, run: str, model_id: str, flags: str,
+            usages: list[dict[str, Any] | None]) -> None:
+    """Add one completed request to ``tally`` (keyed by ``(run, field)``); ``usages``:
+    each sample's token usage."""
     key = run, f"{model_id}|requests"
     tally[key] = tally.get(key, 0) + 1
-    for flag, raw in zip(flags, samples):
+    for flag, usage in zip(flags, usages):
         names = _field_names(model_id, flag)
         key = run, names[0]
         tally[key] = tally.get(key, 0) + 1
-        usage = decode_sample(raw).get("usage")
-        if usage:
+        if isinstance(usage, dict):
             for name, what in zip(names[1:], ("prompt_tokens", "completion_tokens")):
-                if usage.get(what):
+                if isinstance(usage.get(what), (int, float)):
                     key = run, name
                     tally[key] = tally.get(key, 0) + usage[what]
 

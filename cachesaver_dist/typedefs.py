@@ -49,6 +49,17 @@ class Batch:
 
     requests: list[Request]
 
+    def __post_init__(self) -> None:
+        from .errors import InvalidRequestError
+
+        if not isinstance(self.requests, (list, tuple)):
+            raise InvalidRequestError(f"Batch(requests) must be a list of Request objects, got "
+                                      f"{type(self.requests).__name__}")
+        for i, r in enumerate(self.requests):
+            if not isinstance(r, Request):
+                raise InvalidRequestError(f"Batch.requests[{i}] is a {type(r).__name__}, not a "
+                                          "Request; build it with Request(prompt=..., n=...)")
+
 
 @dataclass
 class Response:

@@ -85,8 +85,8 @@ class Processes:
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                alive = list(client.scan_iter(match=self.keys.worker_beacon(route, "*")))
-                if len(alive) >= count:
+                alive = client.zcount(self.keys.workers(route), int(time.time() * 1000), "+inf")
+                if alive >= count:
                     return
                 dead = [p for p in self.procs if p.poll() is not None]
                 if dead:

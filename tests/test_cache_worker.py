@@ -12,16 +12,16 @@ from arq.constants import in_progress_key_prefix
 
 from cachesaver_dist.connection import connection_pool
 from cachesaver_dist.prepare import prepare
-from cachesaver_dist.protocol import CACHE_JOB, arq_serialize, encode_job
-from cachesaver_dist.scripts import fill, reserve
+from cachesaver_dist.protocol import CACHE_JOB, arq_serialize, encode_job, encode_sample
+from cachesaver_dist.scripts import fill, reserve, source
 from cachesaver_dist.typedefs import Request
-from workers.cache_worker import CLAIM_JOBS_LUA, cache_worker, stop_worker
+from workers.cache_worker import cache_worker, stop_worker
 
 QUEUE = "unit:queue:cache"
 
 
 async def claim(r, now_ms: int, *job_ids: str) -> list:
-    script = r.register_script(CLAIM_JOBS_LUA)
+    script = r.register_script(source("claim_jobs"))
     return await script(keys=[QUEUE, *(in_progress_key_prefix + j for j in job_ids)],
                         args=[now_ms, 60_000, *job_ids])
 
@@ -40,7 +40,7 @@ async def test_claim_script_starts_each_due_job_once():
 async def worker(redis_url, keys):
     """An in-process cache worker with a long poll delay: only wake-ups start jobs fast."""
     pool = ArqRedis(connection_pool=connection_pool(redis_url))
-    w = cache_worker(keys, redis_pool=pool, poll_delay=5.0, handle_signals=False)
+    w = cache_worker(keys, redis_pool=pool, poll_delay=5.0)
     task = asyncio.create_task(w.async_run())
     yield w
     await stop_worker(w, task)
@@ -51,7 +51,7 @@ async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list) -> None:
     item = prepare(Request("p", namespace="b"), run="run", route="sim:x", model_id="sim:x")
     request_uuid_holder.append(item.uuid)
     arq = ArqRedis(connection_pool=connection_pool(redis_url), job_serializer=arq_serialize)
-    await arq.enqueue_job(CACHE_JOB, encode_job("c", [item.to_wire()], 60),
+    await arq.enqueue_job(CACHE_JOB, encode_job("c", [item], 60), _job_id=keys.new_job_id(),
                           _queue_name=keys.cache_queue)
     await arq.aclose()
 
@@ -69,7 +69,7 @@ async def warm(redis, keys) -> None:
     """Sample 0 of prompt "p" exists, so a job for it is a pure hit."""
     item = prepare(Request("p", namespace="a"), run="run", route="sim:x", model_id="sim:x")
     await reserve(redis, keys, "c", [item])
-    await fill(redis, keys, item.key, {0: b"sample"})
+    await fill(redis, keys, item.key, {0: encode_sample("sample")})
 
 
 async def test_a_job_named_on_the_wake_list_starts_at_once(redis_url, keys, redis, worker):
@@ -82,13 +82,18 @@ async def test_a_job_named_on_the_wake_list_starts_at_once(redis_url, keys, redi
     assert await served_within(redis, keys, uuids[0], 2.0)
 
 
-async def test_an_older_clients_token_makes_the_worker_poll(redis_url, keys, redis, worker):
+async def test_a_token_that_is_no_job_id_is_set_aside(redis_url, keys, redis, worker):
     await warm(redis, keys)
     await asyncio.sleep(0.3)
+    await redis.lpush(keys.cache_wake, b"1", b"\xff\xfe")  # an old client's token; not UTF-8
     uuids: list[str] = []
-    await enqueue_plain_arq(redis_url, keys, uuids)  # no token of its own
-    await redis.lpush(keys.cache_wake, b"1")  # what clients of an earlier version push
-    assert await served_within(redis, keys, uuids[0], 2.0)  # well before the 5 s poll
+    await enqueue_plain_arq(redis_url, keys, uuids)
+    job_id = (await redis.zrange(keys.cache_queue, 0, -1))[0]
+    await redis.lpush(keys.cache_wake, job_id)
+    assert await served_within(redis, keys, uuids[0], 2.0)  # the worker went on
+    letters = await redis.xrange(keys.dead_letters)
+    assert sorted(f[b"raw"] for _, f in letters) == [b"1", b"\xff\xfe"]
+    assert all(f[b"kind"] == b"wake token" for _, f in letters)
 
 
 async def test_a_token_of_a_job_already_taken_is_ignored(redis_url, keys, redis, worker):

@@ -8,9 +8,10 @@ import fakeredis
 import msgpack
 import pytest
 
+from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
     Keys,
-    ProtocolError,
+    WorkItem,
     arq_deserialize,
     arq_serialize,
     decode_job,
@@ -18,7 +19,7 @@ from cachesaver_dist.protocol import (
     prompt_key,
     unique_id,
 )
-from cachesaver_dist.scripts import WorkItem, _script, fill, fill_many, release, reserve
+from cachesaver_dist.scripts import fill, fill_many, release, reserve, script
 
 KEYS = Keys("unit:")
 
@@ -97,7 +98,8 @@ async def test_cached_samples_are_returned_in_the_same_call(r):
 
 async def test_release_tells_waiters_and_lets_the_next_request_claim(r):
     await reserve(r, KEYS, "c", [item("u1", ns="a"), item("u2", ns="b")])
-    failed = await release(r, KEYS, "k1", [0])
+    failed, malformed = await release(r, KEYS, "k1", [0])
+    assert malformed == []
     assert {w.waiter_id for w in failed} == {"c:u1", "c:u2"}
     [retry] = await reserve(r, KEYS, "c", [item("u3", ns="c")])
     assert retry.flags == "g" and retry.start == 0
@@ -136,7 +138,7 @@ async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     argv = [3_600_000, 3_600_000, it.key + it.namespace, it.n, "c:u1", "run|sim:x", it.key, b""]
     keys = [KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"), KEYS.usage("run"),
             KEYS.reservation("u1"), KEYS.work_stream("sim:x")]
-    assert await _script(r, "reserve")(keys=keys, args=argv) == [[], 0]
+    assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0]
     assert [await r.exists(k) for k in keys] == [0] * 6  # no counter, record, claim or entry
 
 
@@ -212,8 +214,8 @@ def test_hiredis_packer_writes_what_redis_py_writes():
 
 async def test_fill_many_stores_several_keys_in_one_call(r, specs_sent):
     await reserve(r, KEYS, "c", [item("u1", key="k1"), item("u2", key="k2", n=2)])
-    done = await fill_many(r, KEYS, [("k1", {0: b"a"}), ("k2", {0: b"b"}), ("k2", {1: b"c"})])
+    done, _ = await fill_many(r, KEYS, [("k1", {0: b"a"}), ("k2", {0: b"b"}), ("k2", {1: b"c"})])
     assert [[(w.waiter_id, w.samples) for w in per_key] for per_key in done] == [
         [("c:u1", [b"a"])], [], [("c:u2", [b"b", b"c"])]]  # k2 completes with its 2nd part
     again = await fill_many(r, KEYS, [("k1", {0: b"late"})])
-    assert again == [[]] and await r.hget(KEYS.samples("k1"), 0) == b"a"
+    assert again == ([[]], []) and await r.hget(KEYS.samples("k1"), 0) == b"a"

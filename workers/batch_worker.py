@@ -5,6 +5,9 @@ group. An entry is one prompt key with the indices claimed for it. An entry that
 read but not acknowledged is leased: the worker refreshes its lease while the model
 call runs; entries of a worker that died are claimed by another one once their lease
 has run out, and generated again (late fills are ignored: set-if-absent).
+
+An entry that cannot be read is set aside as a dead letter and acknowledged; the
+claim it names (if it names one) is released and its waiters get an error.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from cachesaver_dist.beacon import beacon_loop, worker_name
+from cachesaver_dist import defaults
+from cachesaver_dist.errors import ProtocolError, refused
+from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.models import generate
-from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_spec
+from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_stream_entry, entry_claim
 from cachesaver_dist.scripts import fill_many, release
 
 from .outbox import Outbox
@@ -52,10 +58,11 @@ class StoreBatch:
 
 @dataclass
 class BatchWorkerConfig:
-    batch_size: int = 32
-    batch_wait: float = 0.005
-    concurrency: int = 32
-    lease: float = 30.0
+    batch_size: int = defaults.BATCH_SIZE
+    batch_wait: float = defaults.BATCH_WAIT_S
+    concurrency: int = defaults.CONCURRENCY
+    lease: float = defaults.LEASE_S
+    stop_grace: float = defaults.STOP_GRACE_S
 
 
 class BatchWorker:
@@ -76,35 +83,75 @@ class BatchWorker:
         self._stop = asyncio.Event()
         self._open_store: StoreBatch | None = None  # accepting results, not yet written
         self._store_lock = asyncio.Lock()
+        self._next_upkeep = 0.0
 
     def stop(self) -> None:
+        """Ask ``run()`` to stop; it returns within about ``stop_grace`` seconds."""
         self._stop.set()
 
     async def run(self) -> None:
-        """Read, generate and fill until ``stop()``; then finish the calls in flight."""
-        await self._ensure_groups()
-        beacon = beacon_loop(self.redis, self.keys, *self.models)
-        log.info("batch worker %s serving %s", self.name, ", ".join(self.models))
-        next_upkeep = 0.0
+        """Read, generate and fill until ``stop()``; then give the calls in flight
+        ``stop_grace`` seconds (an unfinished one stays leased and is taken over)."""
+        routes = tuple(self.models)
+        heartbeat = heartbeat_loop(self.redis, self.keys, *routes, name=self.name)
+        stopping = asyncio.create_task(self._stop.wait())
+        log.info("batch worker %s serving %s", self.name, ", ".join(routes))
         try:
+            await self._until_stopped(self._ensure_groups(), stopping)
             while not self._stop.is_set():
-                try:
-                    if time.monotonic() >= next_upkeep:
-                        await self._upkeep()
-                        next_upkeep = time.monotonic() + self.config.lease / 3
-                    await self._read_once()
-                except (RedisError, OSError) as exc:
-                    log.warning("redis unavailable (%s); retrying in 1 s", exc)
-                    await asyncio.sleep(1.0)
+                await self._until_stopped(self._step(), stopping)
         finally:
-            beacon.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            heartbeat.cancel()
+            stopping.cancel()
+            await self._finish()
+            await retire(self.redis, self.keys, routes, self.name)
+
+    @staticmethod
+    async def _until_stopped(work: Any, stopping: asyncio.Task) -> None:
+        step = asyncio.ensure_future(work)
+        await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
+            step.cancel()
+        await asyncio.gather(step, return_exceptions=stopping.done())
+
+    async def _step(self) -> None:
+        try:
+            if time.monotonic() >= self._next_upkeep:
+                await self._upkeep()
+                self._next_upkeep = time.monotonic() + self.config.lease / 3
+            await self._read_once()
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # a stream was deleted: make it again
+                await self._ensure_groups()
+                return
+            log.error("%s; trying again in 1 s", refused(exc, "reading work"))
+            await asyncio.sleep(1.0)
+        except (RedisError, OSError) as exc:
+            log.warning("Redis unavailable (%s); trying again in 1 s", exc)
+            await asyncio.sleep(1.0)
+
+    async def _finish(self) -> None:
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(list(self._tasks), timeout=self.config.stop_grace)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("stopped with %d model call(s) unfinished: their work stays leased "
+                        "and is taken over", len(late))
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _ensure_groups(self) -> None:
-        for stream in self.streams:
-            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-                await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        while True:
+            try:
+                for stream in self.streams:
+                    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                        await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0",
+                                                       mkstream=True)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("Redis unavailable (%s); trying again in 1 s", exc)
+                await asyncio.sleep(1.0)
 
     def _free(self) -> int:
         return self.config.concurrency - self._calling
@@ -128,7 +175,7 @@ class BatchWorker:
                 count=count - _size(got),
             )
             got = list(got) + list(more or [])
-        self._dispatch([(s.decode(), entries) for s, entries in got or []])
+        await self._dispatch([(s.decode(), entries) for s, entries in got or []])
 
     async def _upkeep(self) -> None:
         """Refresh our leases, take over expired ones of dead workers."""
@@ -146,11 +193,12 @@ class BatchWorker:
             )
             if entries:
                 log.warning("took over %d expired work entries on %s", len(entries), stream)
-                self._dispatch([(stream, entries)])
+                await self._dispatch([(stream, entries)])
                 free -= len(entries)
 
-    def _dispatch(self, got: list[tuple[str, list]]) -> None:
+    async def _dispatch(self, got: list[tuple[str, list]]) -> None:
         by_route: dict[str, dict[str, Work]] = {}
+        poison: list[tuple[str, str, dict[bytes, bytes], ProtocolError]] = []
         for stream, entries in got:
             route = self.streams[stream]
             works = by_route.setdefault(route, {})
@@ -158,14 +206,18 @@ class BatchWorker:
                 if not data:  # deleted meanwhile
                     continue
                 eid = entry_id.decode()
+                try:
+                    entry = decode_stream_entry(data, route)
+                except ProtocolError as exc:
+                    poison.append((stream, eid, data, exc))
+                    continue
                 self._inflight[stream].add(eid)
                 self._calling += 1
-                key = data[b"key"].decode()
-                work = works.get(key)
+                work = works.get(entry.key)
                 if work is None:
-                    spec = decode_spec(data[b"spec"])
-                    work = works[key] = Work(route, key, spec["fields"], spec["model_id"])
-                work.indices += [int(i) for i in data[b"idx"].split(b",")]
+                    work = works[entry.key] = Work(route, entry.key, entry.spec.fields,
+                                                   entry.spec.model_id)
+                work.indices += entry.indices
                 work.entries.append(eid)
         for route, works in by_route.items():
             # A model with request() gets one call per key, each filled as soon as it
@@ -175,9 +227,38 @@ class BatchWorker:
             else:
                 groups = [list(works.values())]
             for group in groups:
-                task = asyncio.create_task(self._generate(route, group))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                if group:
+                    self._spawn(self._generate(route, group))
+        if poison:
+            await self._set_aside(poison)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_aside(self, poison: list[tuple[str, str, dict[bytes, bytes], ProtocolError]]
+                         ) -> None:
+        """Dead-letter unreadable entries, release the claims they name, tell waiters."""
+        outbox = Outbox(self.keys)
+        for stream, eid, data, exc in poison:
+            outbox.dead.append(("work stream entry", str(exc),
+                                msgpack.packb(data, use_bin_type=True), f"{stream}/{eid}"))
+            claim = entry_claim(data)
+            if claim is not None:
+                waiters, bad = await release(self.redis, self.keys, *claim)
+                outbox.malformed_waiters(bad)
+                for w in waiters:
+                    outbox.error(w.waiter_id, "protocol_error",
+                                 f"the work for this request could not be read ({exc}); it "
+                                 "was set aside and its claim released: ask again")
+
+        def ack(pipe: Any) -> None:
+            for stream, eid, _, _ in poison:
+                pipe.xack(stream, CONSUMER_GROUP, eid)
+                pipe.xdel(stream, eid)
+
+        await outbox.send(self.redis, also=ack)
 
     async def _generate(self, route: str, works: list[Work]) -> None:
         stream = self.keys.work_stream(route)
@@ -206,9 +287,7 @@ class BatchWorker:
         batch = self._open_store
         if batch is None:
             batch = self._open_store = StoreBatch(asyncio.get_running_loop().create_future())
-            task = asyncio.create_task(self._write_when_free(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._write_when_free(batch))
         batch.items += [(stream, work, result) for work, result in zip(works, results)]
         await asyncio.shield(batch.done)
 
@@ -218,6 +297,9 @@ class BatchWorker:
                 self._open_store = None
             try:
                 await self._write(batch.items)
+            except ResponseError as exc:
+                log.error("%s; the entries stay leased and will be generated again",
+                          refused(exc, "storing samples"))
             except (RedisError, OSError) as exc:
                 log.warning("could not store results (%s); the entries stay leased and "
                             "will be generated again", exc)
@@ -237,25 +319,30 @@ class BatchWorker:
             else:
                 filled.append((work, dict(zip(work.indices, result))))
         if filled:
-            completed = await fill_many(self.redis, self.keys,
-                                        [(work.key, samples) for work, samples in filled])
-            for waiters in completed:
+            completed, bad = await fill_many(self.redis, self.keys,
+                                             [(work.key, samples) for work, samples in filled])
+            outbox.malformed_waiters(bad)
+            for (work, _), waiters in zip(filled, completed):
                 for w in waiters:
-                    outbox.reply(w.waiter_id, w.start, w.flags, w.samples, w.run, w.model_id)
-        pipe = self.redis.pipeline(transaction=False)
-        outbox.queue(pipe)
-        by_stream: dict[str, list[str]] = {}
-        for stream, work, _ in items:
-            by_stream.setdefault(stream, []).extend(work.entries)
-        for stream, ids in by_stream.items():
-            pipe.xack(stream, CONSUMER_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-        await pipe.execute()
+                    outbox.reply(w.waiter_id, work.key, w.start, w.flags, w.samples, w.run,
+                                 w.model_id)
+
+        def ack(pipe: Any) -> None:
+            by_stream: dict[str, list[str]] = {}
+            for stream, work, _ in items:
+                by_stream.setdefault(stream, []).extend(work.entries)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, CONSUMER_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+
+        await outbox.send(self.redis, also=ack)
 
     async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
         message = f"model {work.model_id!r} failed: {type(error).__name__}: {error}"
         log.error("%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
-        for w in await release(self.redis, self.keys, work.key, work.indices):
+        waiters, bad = await release(self.redis, self.keys, work.key, work.indices)
+        outbox.malformed_waiters(bad)
+        for w in waiters:
             outbox.error(w.waiter_id, "model_error", message)
 
 

@@ -8,6 +8,9 @@ arq finds jobs by polling; clients also push each job's id to a wake-up list, an
 worker blocks on that list between polls and starts the job it pops at once, so a job
 starts within a round trip while an idle worker costs next to nothing. arq's full poll
 still runs every ``poll_delay`` and picks up whatever the list missed.
+
+A job, wake token or queue entry that cannot be read is set aside as a dead letter;
+the worker never stops for one.
 """
 
 from __future__ import annotations
@@ -15,86 +18,122 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import retry_key_prefix as arq_retry_prefix
 from arq.worker import Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachesaver_dist.beacon import beacon_loop
-from cachesaver_dist.protocol import CACHE_JOB, Keys, arq_deserialize, arq_serialize, decode_job
-from cachesaver_dist.scripts import DEFAULT_RUN_TTL_S, WorkItem, reserve
+from cachesaver_dist import defaults
+from cachesaver_dist.deadletters import set_aside
+from cachesaver_dist.errors import ProtocolError, refused
+from cachesaver_dist.heartbeat import heartbeat_loop
+from cachesaver_dist.protocol import (
+    CACHE_JOB,
+    Keys,
+    MalformedJob,
+    arq_deserialize,
+    arq_serialize,
+    decode_job,
+    decode_wake_token,
+    job_waiters,
+    waiter_id,
+)
+from cachesaver_dist.scripts import reserve, script
 
 from .outbox import Outbox
 
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
-JOB_TIMEOUT_S = 10
-LEGACY_WAKE_TOKEN = b"1"  # what clients before job-id tokens pushed
-CLAIM_JOBS_LUA = (Path(__file__).parent / "claim_jobs.lua").read_text()
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 async def handle_batch(
-    redis: Any, keys: Keys, payload: bytes, run_ttl_s: int = DEFAULT_RUN_TTL_S
+    redis: Any, keys: Keys, payload: bytes | MalformedJob, run_ttl_s: int = defaults.RUN_TTL_S
 ) -> int:
     """Serve one client batch; return how many requests were answered at once."""
-    job = decode_job(payload)
-    client = job["client"]
-    items = sorted((WorkItem.from_wire(r) for r in job["requests"]), key=lambda it: it.request_id)
-    reservations = await reserve(redis, keys, client, items, run_ttl_s, job["keep_s"])
     outbox = Outbox(keys)
+    try:
+        if isinstance(payload, MalformedJob):
+            raise ProtocolError(payload.reason)
+        job = decode_job(payload)
+    except ProtocolError as exc:
+        raw = payload.raw if isinstance(payload, MalformedJob) else payload
+        await set_aside(redis, keys, "cache job", str(exc), raw, keys.cache_queue)
+        for wid in job_waiters(raw):
+            outbox.error(wid, "protocol_error", f"the request's batch could not be read by the "
+                         f"cache worker ({exc}) and was set aside; ask again")
+        await outbox.send(redis)
+        return 0
+    items = sorted(job.items, key=lambda it: it.request_id)
+    try:
+        reservations = await reserve(redis, keys, job.client, items, run_ttl_s, job.keep_s)
+    except ResponseError as exc:  # Redis refused: retrying the job would not help
+        message = str(refused(exc, "reserving samples"))
+        log.error("%s (batch of %d from client %s)", message, len(items), job.client)
+        for it in items:
+            outbox.error(waiter_id(job.client, it.uuid), "redis_refused", message)
+        await outbox.send(redis)
+        return 0
     for r in reservations:
         if r.complete:
             it = r.item
-            outbox.reply(f"{client}:{it.uuid}", r.start, r.flags, r.samples, it.run, it.model_id,
-                         first=r.new)
+            outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags, r.samples,
+                         it.run, it.model_id, first=r.new)
     await outbox.send(redis)
     answered = sum(r.complete for r in reservations)
-    log.debug("batch of %d from %s: %d answered from cache", len(items), client, answered)
+    log.debug("batch of %d from %s: %d answered from cache", len(items), job.client, answered)
     return answered
 
 
-async def process_batch(ctx: dict[str, Any], payload: bytes) -> int:
+async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> int:
     """The arq job function."""
     return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
-    ctx["beacon"] = beacon_loop(ctx["redis"], ctx["keys"], "cache")
+    ctx["heartbeat"] = heartbeat_loop(ctx["redis"], ctx["keys"], "cache")
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
-    if "beacon" in ctx:
-        ctx["beacon"].cancel()
+    if "heartbeat" in ctx:
+        ctx["heartbeat"].cancel()
 
 
 class CacheWorker(Worker):
-    """An arq worker that starts the jobs named on the wake-up list as they come, and
-    polls arq's queue every ``poll_delay``."""
+    """An arq worker that starts the jobs named on the wake-up list as they come, polls
+    arq's queue every ``poll_delay``, and rides out Redis restarts."""
 
-    def __init__(self, *args: Any, wake_key: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keys: Keys, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wake_key = wake_key
-        self._claim_jobs: Any = None
+        self.keys = keys
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
         round trips per job) done by one script call for all of them, same checks."""
         ids: list[str] = []
-        for job_id in job_ids:
+        for raw in job_ids:
+            try:
+                job_id = raw.decode()
+            except UnicodeDecodeError:
+                await set_aside(self.pool, self.keys, "queue entry", "job id is not UTF-8", raw,
+                                self.queue_name)
+                await self.pool.zrem(self.queue_name, raw)
+                continue
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
                 break
             self.job_counter += 1
-            ids.append(job_id.decode())
+            ids.append(job_id)
         if not ids:
             return
-        if self._claim_jobs is None:
-            self._claim_jobs = self.pool.register_script(CLAIM_JOBS_LUA)
         try:
-            scores = await self._claim_jobs(
+            scores = await script(self.pool, "claim_jobs")(
                 keys=[self.queue_name, *(in_progress_key_prefix + i for i in ids)],
                 args=[int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *ids])
         except BaseException:
@@ -110,7 +149,8 @@ class CacheWorker(Worker):
             self.tasks[job_id] = task
 
     async def main(self) -> None:
-        # arq's main loop, with its fixed sleep replaced by a blocking pop.
+        # arq's main loop, with its fixed sleep replaced by a blocking pop, and Redis
+        # outages waited out instead of ending the worker.
         if self._pool is None:
             raise RuntimeError("CacheWorker needs redis_pool")
         log.info("cache worker started (queue %s)", self.queue_name)
@@ -119,42 +159,95 @@ class CacheWorker(Worker):
             await self.on_startup(self.ctx)
         next_poll = 0.0
         while True:
-            if time.monotonic() >= next_poll:
-                await self._poll_iteration()
-                next_poll = time.monotonic() + self.poll_delay_s
-            popped = await self.pool.brpop([self.wake_key], timeout=self.poll_delay_s)
-            if popped and popped[1] == LEGACY_WAKE_TOKEN:
-                next_poll = 0.0  # from a client of an earlier version: poll the queue
-            elif popped:
-                # Not started when arq's poll or another worker got there first: fine.
-                await self.start_jobs([popped[1]])
+            try:
+                if time.monotonic() >= next_poll:
+                    await self._poll_iteration()
+                    next_poll = time.monotonic() + self.poll_delay_s
+                popped = await self.pool.brpop([self.keys.cache_wake],
+                                               timeout=self.poll_delay_s)  # type: ignore[arg-type]
+                if popped:
+                    await self._wake(popped[1])
+            except CONNECTION_ERRORS as exc:
+                log.warning("Redis unavailable (%s); trying again in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except ResponseError as exc:  # e.g. the job key holds another type: set it aside
+            await set_aside(self.pool, self.keys, "cache job", f"unreadable: {exc}",
+                            job_id, job_key_prefix + job_id)
+            await self.finish_failed_job(job_id, None)
+
+    async def _wake(self, token: bytes) -> None:
+        try:
+            job_id = decode_wake_token(token, self.keys)
+        except ProtocolError as exc:
+            await set_aside(self.pool, self.keys, "wake token", str(exc), token,
+                            self.keys.cache_wake)
+            return
+        # Not started when arq's poll or another worker got there first: fine.
+        await self.start_jobs([job_id.encode()])
+
+    # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
+    # here), so a worker touches only keys of its own prefix.
+
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None,
+                         result_timeout_s: float | None, keep_result_forever: bool,
+                         incr_score: int | None, keep_in_progress: float | None) -> None:
+        async with self.pool.pipeline(transaction=True) as tr:
+            delete_keys = [in_progress_key_prefix + job_id]
+            if finish:
+                delete_keys += [arq_retry_prefix + job_id, job_key_prefix + job_id]
+                tr.zrem(self.queue_name, job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_name, incr_score, job_id)
+            tr.delete(*delete_keys)
+            await tr.execute()
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(arq_retry_prefix + job_id, in_progress_key_prefix + job_id,
+                      job_key_prefix + job_id, result_key_prefix + job_id)
+            tr.zrem(self.queue_name, job_id)
+            await tr.execute()
 
 
-async def stop_worker(worker: Worker, task: asyncio.Task) -> None:
-    """Stop an in-process worker: no new jobs, let running jobs finish, release Redis."""
+async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = defaults.STOP_GRACE_S,
+                      *, close_pool: bool = True) -> None:
+    """Stop a worker within about ``grace`` seconds whatever its state: no new jobs,
+    running jobs get ``grace`` to finish (an unfinished one is re-run by arq later),
+    then Redis is released."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        _, late = await asyncio.wait(running, timeout=grace)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
     if worker.on_shutdown:
         await worker.on_shutdown(worker.ctx)
-    if worker._pool is not None:  # arq has no public way to stop without cancelling jobs
-        await worker.pool.aclose(close_connection_pool=True)
+    if close_pool and worker._pool is not None:
+        await asyncio.wait_for(worker.pool.aclose(close_connection_pool=True), 1.0)
 
 
 def cache_worker(
     keys: Keys,
     *,
     redis_pool: ArqRedis,
-    poll_delay: float = 0.5,
-    max_jobs: int = 50,
-    run_ttl_s: int = DEFAULT_RUN_TTL_S,
-    handle_signals: bool = True,
+    poll_delay: float = defaults.POLL_DELAY_S,
+    max_jobs: int = defaults.MAX_JOBS,
+    run_ttl_s: int = defaults.RUN_TTL_S,
 ) -> CacheWorker:
-    """A worker for the cache queue: msgpack jobs, short job timeout, woken by clients."""
+    """A worker for the cache queue: msgpack jobs, short job timeout, woken by clients.
+
+    Signals are not handled here: the caller runs it and stops it with ``stop_worker``.
+    """
     return CacheWorker(
-        wake_key=keys.cache_wake,
-        functions=[func(process_batch, name=CACHE_JOB, timeout=JOB_TIMEOUT_S, max_tries=5,
-                        keep_result=0)],
+        keys=keys,
+        functions=[func(process_batch, name=CACHE_JOB, timeout=defaults.JOB_TIMEOUT_S,
+                        max_tries=5, keep_result=0)],
         queue_name=keys.cache_queue,
         redis_pool=redis_pool,
         poll_delay=poll_delay,
@@ -162,9 +255,9 @@ def cache_worker(
         keep_result=0,
         job_serializer=arq_serialize,
         job_deserializer=arq_deserialize,
-        handle_signals=handle_signals,
+        handle_signals=False,
         health_check_interval=15,
-        health_check_key=f"{keys.prefix}health:cache",
+        health_check_key=keys.cache_health,
         ctx={"keys": keys, "run_ttl_s": run_ttl_s},
         on_startup=_startup,
         on_shutdown=_shutdown,

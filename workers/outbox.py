@@ -1,18 +1,34 @@
-"""Replies to waiting clients, sent with the run's accounting in one round trip."""
+"""Replies to waiting clients, sent with the run's accounting in one round trip.
+
+Every sample is read before it is sent: one that cannot be read is set aside as a dead
+letter and removed from the cache (so it is generated again), and its request gets an
+error that says so, instead of a reply the client could not decode.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
-from cachesaver_dist.protocol import Keys, encode_replies, error_reply, reply
+from cachesaver_dist.deadletters import queue_dead_letter
+from cachesaver_dist.errors import ProtocolError
+from cachesaver_dist.protocol import (
+    Keys,
+    decode_sample,
+    encode_replies,
+    error_reply,
+    reply,
+    split_waiter_id,
+)
+from cachesaver_dist.scripts import MalformedWaiter, discard
 from cachesaver_dist.stats import Tally, account, write_tally
 
 
 class Outbox:
-    """Collects replies and counters, then sends them in one pipeline.
+    """Collects replies, counters and dead letters, then sends them in one pipeline.
 
     The replies to one client go out as one message: a client batch costs one
     PUBLISH, not one per request.
@@ -22,33 +38,67 @@ class Outbox:
         self.keys = keys
         self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.tally: Tally = {}
+        self.bad_samples: dict[str, dict[int, bytes]] = defaultdict(dict)
+        self.dead: list[tuple[str, str, bytes, str]] = []  # kind, reason, raw, source
 
     def reply(
-        self, waiter_id: str, start: int, flags: str, samples: list[bytes], run: str,
+        self, waiter_id: str, key: str, start: int, flags: str, samples: list[bytes], run: str,
         model_id: str, *, first: bool = True,
     ) -> None:
         """Answer one request; ``first`` is false for a repeat answer (not counted again)."""
-        client, uuid = waiter_id.split(":", 1)
-        self.replies[client].append(reply(uuid, start, flags, samples))
+        usages = []
+        for i, raw in enumerate(samples):
+            try:
+                usages.append(decode_sample(raw).get("usage"))
+            except ProtocolError as exc:
+                self.bad_samples[key][start + i] = raw
+                where = f"{self.keys.samples(key)}[{start + i}]"
+                self.dead.append(("sample", str(exc), raw, where))
+        if len(usages) < len(samples):
+            self.error(waiter_id, "malformed_sample",
+                       f"{len(samples) - len(usages)} stored sample(s) of this request could "
+                       "not be read and were set aside (see 'cachesaver-dist dead-letters'); "
+                       "ask again and they are generated anew")
+            return
+        if not self._add(waiter_id, reply, start, flags, samples):
+            return
         if first:
-            account(self.tally, run, model_id, flags, samples)
+            account(self.tally, run, model_id, flags, usages)
 
     def error(self, waiter_id: str, kind: str, message: str) -> None:
-        client, uuid = waiter_id.split(":", 1)
-        self.replies[client].append(error_reply(uuid, kind, message))
+        self._add(waiter_id, error_reply, kind, message)
 
-    async def send(self, redis: Redis) -> None:
-        if not self.replies and not self.tally:
+    def malformed_waiters(self, bad: list[MalformedWaiter]) -> None:
+        for w in bad:
+            self.dead.append(("waiter record", "not 'start|flags|run|model'", w.raw,
+                              f"{w.waiters_key}[{w.waiter_id[:80]}]"))
+
+    def _add(self, waiter_id: str, make: Callable[..., dict[str, Any]], *args: Any) -> bool:
+        try:
+            client, request_uuid = split_waiter_id(waiter_id)
+        except ProtocolError as exc:
+            self.dead.append(("waiter id", str(exc), waiter_id.encode(errors="replace"),
+                              "waiters"))
+            return False
+        self.replies[client].append(make(request_uuid, *args))
+        return True
+
+    async def send(self, redis: Redis, also: Callable[[Any], None] | None = None) -> None:
+        """Send everything in one pipeline; ``also`` adds more commands to it."""
+        if not (self.replies or self.tally or self.dead or also):
             return
+        for key, samples in self.bad_samples.items():  # rare: one script call per key
+            await discard(redis, self.keys, key, samples)
         pipe = redis.pipeline(transaction=False)
-        self.queue(pipe)
-        await pipe.execute()
-
-    def queue(self, pipe: Any) -> None:
-        """Queue the replies and counters on ``pipe`` (to share its round trip)."""
         for client, replies in self.replies.items():
-            pipe.publish(self.keys.reply_channel(client, replies[0]["id"]),
-                         encode_replies(replies))
+            pipe.publish(self.keys.reply_channel(client), encode_replies(replies))
         write_tally(pipe, self.keys, self.tally)
+        for kind, reason, raw, source in self.dead:
+            queue_dead_letter(pipe, self.keys, kind, reason, raw, source)
+        if also is not None:
+            also(pipe)
         self.replies.clear()
         self.tally.clear()
+        self.bad_samples.clear()
+        self.dead.clear()
+        await pipe.execute()

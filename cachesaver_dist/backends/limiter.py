@@ -30,7 +30,6 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
@@ -43,8 +42,8 @@ from redis.asyncio import Redis
 
 from ..errors import ModelError
 from ..protocol import Keys
+from ..scripts import script
 
-_SLOT_SCRIPT = (Path(__file__).parent / "acquire_slot.lua").read_text()
 _MIN_WAIT_S, _JITTER_S = 0.01, 0.02
 
 
@@ -67,7 +66,7 @@ class ClusterLimiter:
         self._slots_key = f"{keys.prefix}limit:{model}:concurrent"
         self._slot_ttl_ms = int(slot_ttl * 1000)
         self._redis = redis
-        self._take_slot = redis.register_script(_SLOT_SCRIPT)
+        self._take_slot = script(redis, "acquire_slot")
 
     @contextlib.asynccontextmanager
     async def call(self, tokens: int) -> AsyncIterator[None]:

@@ -1,5 +1,6 @@
 -- Reserve sample indices for a batch of requests, atomically (DESIGN section 4).
 --
+-- Formats: waiter records and stream entries as in protocol.py (WaiterRecord, StreamEntry).
 -- Per request, 6 KEYS: samples, generation, waiters, usage, reservation, work stream
 -- ARGV: reservation_ttl_ms, usage_ttl_ms, then per request 6 values:
 --   usage_field, n, waiter_id, waiter_tail ("run|model"), prompt_key, spec
@@ -28,15 +29,19 @@ for i = 0, #KEYS / 6 - 1 do
 
   local start, old_flags, new = nil, nil, 0
   local record = redis.call('GET', rkey)
-  if record then
-    local s, f = string.match(record, '^(%d+)|(%a*)$')
+  local s, f = nil, nil
+  if record then s, f = string.match(record, '^(%d+)|(%a*)$') end
+  if s and #f == n then
     start, old_flags = tonumber(s), f
-  else
+  else  -- no record, or one that is unreadable: a new range (never an old index twice)
     start = redis.call('HINCRBY', ukey, ufield, n) - n
     new = 1
   end
 
   local mark = tonumber(redis.call('HGET', gkey, 'mark') or '0')
+  if not mark then
+    return redis.error_reply('CORRUPT generation state ' .. gkey .. ': mark is not a number')
+  end
   local flags, samples, complete = {}, {}, true
   local need_spec = spec == '' and start + n > mark
   for idx = start, math.min(start + n, mark) - 1 do

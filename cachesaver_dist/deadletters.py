@@ -1,0 +1,54 @@
+"""Dead letters: malformed messages set aside with their reason, never fatal.
+
+A worker that meets a message it cannot read logs it once (kind, reason, where, size:
+never its content, which may hold prompt text), moves it to the ``dead`` stream under
+the prefix and goes on. ``cachesaver-dist dead-letters`` lists and drops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import defaults
+from .protocol import DeadLetter, Keys, decode_dead_letter, encode_dead_letter
+
+log = logging.getLogger("cachesaver_dist.deadletters")
+
+MAX_RAW_BYTES = 1 << 20
+
+
+def queue_dead_letter(pipe: Any, keys: Keys, kind: str, reason: str, raw: bytes | str,
+                      source: str) -> None:
+    """Log a dead letter and queue its ``XADD`` on ``pipe`` (a pipeline or client)."""
+    data = raw.encode(errors="surrogateescape") if isinstance(raw, str) else bytes(raw)
+    log.error("dead letter: %s from %s (%d bytes): %s; set aside in %s", kind, source[:120],
+              len(data), reason[:300], keys.dead_letters)
+    letter = DeadLetter(kind, reason, source, data[:MAX_RAW_BYTES], time.time())
+    return pipe.xadd(keys.dead_letters, encode_dead_letter(letter),  # type: ignore[no-any-return]
+                     maxlen=defaults.DEAD_LETTERS_KEPT, approximate=True)
+
+
+async def set_aside(redis: Any, keys: Keys, kind: str, reason: str, raw: bytes | str,
+                    source: str) -> None:
+    """Move one malformed message to the dead-letter stream now."""
+    await queue_dead_letter(redis, keys, kind, reason, raw, source)
+
+
+async def list_dead_letters(redis: Any, keys: Keys, count: int = 100
+                            ) -> list[tuple[str, DeadLetter]]:
+    """The newest ``count`` dead letters, newest first."""
+    entries = await redis.xrevrange(keys.dead_letters, count=count)
+    return [(eid.decode(), decode_dead_letter(fields)) for eid, fields in entries]
+
+
+async def drop_dead_letters(redis: Any, keys: Keys, ids: list[str] | None = None) -> int:
+    """Delete the named dead letters, or all of them; returns how many were dropped."""
+    if ids is None:
+        pipe = redis.pipeline(transaction=True)
+        pipe.xlen(keys.dead_letters)
+        pipe.delete(keys.dead_letters)
+        count, _ = await pipe.execute()
+        return int(count)
+    return int(await redis.xdel(keys.dead_letters, *ids)) if ids else 0

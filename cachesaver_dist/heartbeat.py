@@ -1,0 +1,72 @@
+"""Worker heartbeats: which workers serve which routes (models, or ``cache``).
+
+Each worker keeps its name in a sorted set per route, scored with the time (ms) until
+which it promises to be alive; a client asks ``alive_workers`` when a request waits
+too long, and fails fast, naming the missing worker, when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from . import defaults
+from .protocol import Keys
+
+log = logging.getLogger("cachesaver_dist.workers")
+
+
+def worker_name() -> str:
+    """A readable, unique name for this worker process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def beat(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> None:
+    """Say once that ``name`` serves ``routes`` for three heartbeat periods."""
+    now_ms = int(time.time() * 1000)
+    ttl_ms = int(defaults.HEARTBEAT_S * 3000)
+    pipe = redis.pipeline(transaction=False)
+    for route in routes:
+        key = keys.workers(route)
+        pipe.zadd(key, {name: now_ms + ttl_ms})
+        pipe.zremrangebyscore(key, "-inf", now_ms)
+        pipe.pexpire(key, ttl_ms * 4)
+    await pipe.execute()
+
+
+def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
+                   ) -> asyncio.Task:
+    """Beat every ``HEARTBEAT_S`` until the task is cancelled."""
+    name = name or worker_name()
+
+    async def loop() -> None:
+        while True:
+            try:
+                await beat(redis, keys, routes, name)
+            except (RedisError, OSError) as exc:  # Redis restarting: try again next round
+                log.warning("heartbeat not written: %s", exc)
+            await asyncio.sleep(defaults.HEARTBEAT_S)
+
+    return asyncio.create_task(loop(), name=f"heartbeat:{name}")
+
+
+async def retire(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> None:
+    """Take ``name`` out of the registry at once (best effort, bounded)."""
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        pipe = redis.pipeline(transaction=False)
+        for route in routes:
+            pipe.zrem(keys.workers(route), name)
+        await asyncio.wait_for(pipe.execute(), 1.0)
+
+
+async def alive_workers(redis: Any, keys: Keys, route: str) -> int:
+    """How many workers serving ``route`` beat recently."""
+    return int(await redis.zcount(keys.workers(route), int(time.time() * 1000), "+inf"))

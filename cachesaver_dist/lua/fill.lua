@@ -1,0 +1,55 @@
+-- Store generated samples and collect the waiters they complete (DESIGN section 4),
+-- for one or more prompt keys in one call.
+--
+-- KEYS: per prompt key 3 keys: samples, generation, waiters
+-- ARGV: per prompt key: count, then count pairs of index, sample
+-- Samples are set-if-absent: a late or repeated fill changes nothing.
+-- Returns {per_key, malformed}: per prompt key a list of {waiter_id, waiter_record,
+-- sample...}, one for every waiter now complete; malformed: {waiters key, waiter id,
+-- record, ...} of waiter records that are not 'start|flags|run|model' (removed, so the
+-- caller can set them aside). Waiter records: protocol.WaiterRecord.
+local result, malformed = {}, {}
+local a = 1
+for k = 0, #KEYS / 3 - 1 do
+  local skey, gkey, wkey = KEYS[k * 3 + 1], KEYS[k * 3 + 2], KEYS[k * 3 + 3]
+  local lo, hi = math.huge, -1
+  for _ = 1, tonumber(ARGV[a]) do
+    local idx = tonumber(ARGV[a + 1])
+    redis.call('HSETNX', skey, idx, ARGV[a + 2])
+    redis.call('HDEL', gkey, 'x' .. idx)
+    if idx < lo then lo = idx end
+    if idx > hi then hi = idx end
+    a = a + 2
+  end
+  a = a + 1
+
+  local out = {}
+  local waiters = redis.call('HGETALL', wkey)
+  for i = 1, #waiters, 2 do
+    local record = waiters[i + 1]
+    local s, flags = string.match(record, '^(%d+)|(%a*)|.')
+    if not s then
+      redis.call('HDEL', wkey, waiters[i])
+      table.insert(malformed, wkey)
+      table.insert(malformed, waiters[i])
+      table.insert(malformed, record)
+    else
+      local start = tonumber(s)
+      local last = start + #flags - 1
+      if start <= hi and last >= lo then
+        local entry = {waiters[i], record}
+        for idx = start, last do
+          local sample = redis.call('HGET', skey, idx)
+          if not sample then entry = nil break end
+          entry[#entry + 1] = sample
+        end
+        if entry then
+          redis.call('HDEL', wkey, waiters[i])
+          out[#out + 1] = entry
+        end
+      end
+    end
+  end
+  result[#result + 1] = out
+end
+return {result, malformed}

@@ -1,0 +1,145 @@
+"""How workers are started and stopped: the CLI's worker processes and in-process ones.
+
+Every worker stops within a few seconds of SIGTERM/SIGINT, whatever it is doing
+(idle, busy, Redis down). At start-up a worker that cannot reach or log in to Redis
+within ``CONNECT_WAIT_S`` exits with status 1 and says why; once running, it rides
+out Redis restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from cachesaver_dist import defaults
+from cachesaver_dist.connection import check_reachable, connect, connection_pool, safe_url
+from cachesaver_dist.errors import CacheSaverError, RedisUnavailableError, refused
+from cachesaver_dist.protocol import Keys
+
+from .batch_worker import BatchWorker, BatchWorkerConfig
+from .cache_worker import cache_worker, stop_worker
+
+log = logging.getLogger("cachesaver_dist.workers")
+
+EXIT_OK, EXIT_REDIS, EXIT_USAGE = 0, 1, 2
+
+
+class LocalWorkers:
+    """A cache worker and a batch worker for one model, inside this process."""
+
+    def __init__(self, redis: Redis, keys: Keys, route: str, model: Any, *,
+                 batch_size: int = defaults.BATCH_SIZE, concurrency: int = defaults.CONCURRENCY,
+                 run_ttl_s: int = defaults.RUN_TTL_S) -> None:
+        self._cache = cache_worker(keys, redis_pool=ArqRedis(connection_pool=redis.connection_pool),
+                                   run_ttl_s=run_ttl_s)
+        self._batch = BatchWorker(redis, keys, {route: model},
+                                  BatchWorkerConfig(batch_size=batch_size,
+                                                    concurrency=concurrency))
+        self._tasks = (asyncio.create_task(self._cache.async_run()),
+                       asyncio.create_task(self._batch.run()))
+
+    async def stop(self) -> None:
+        """Stop both within a few seconds; the Redis client stays open (it is the caller's)."""
+        self._batch.stop()
+        await asyncio.gather(self._tasks[1], return_exceptions=True)
+        await stop_worker(self._cache, self._tasks[0], close_pool=False)
+
+
+async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults.CONNECT_WAIT_S
+                         ) -> None:
+    """Wait up to ``wait_s`` for Redis at ``url`` to answer (a compose stack starts
+    workers and Redis together); a refused login fails at once."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            await check_reachable(url)
+            return
+        except RedisUnavailableError as exc:
+            text = str(exc).lower()
+            if "auth" in text or "password" in text or stop.is_set() or \
+                    asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.info("waiting for Redis at %s (%s)", safe_url(url), exc)
+        await asyncio.sleep(0.5)
+
+
+def serve(main: Callable[[asyncio.Event], Awaitable[int]], url: str) -> int:
+    """Run a worker's ``main(stop)`` until it returns or a signal sets ``stop``."""
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await wait_reachable(url, stop)
+            return EXIT_OK if stop.is_set() else await main(stop)
+        except (CacheSaverError, ConnectionError) as exc:
+            print(f"cachesaver-dist: {exc}", file=sys.stderr)
+            return EXIT_REDIS
+
+    return asyncio.run(run())
+
+
+async def _first(task: asyncio.Task, stop: asyncio.Event) -> None:
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+
+
+def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_ttl_s: int
+                ) -> int:
+    """The ``cachesaver-dist worker cache`` process."""
+
+    async def main(stop: asyncio.Event) -> int:
+        worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool=connection_pool(url)),
+                              poll_delay=poll_delay, max_jobs=max_jobs, run_ttl_s=run_ttl_s)
+        log.info("cache worker on %s (queue %s)", safe_url(url), keys.cache_queue)
+        task = asyncio.create_task(worker.async_run())
+        await _first(task, stop)
+        failed = task.done() and not task.cancelled() and task.exception()
+        await asyncio.wait_for(stop_worker(worker, task), defaults.STOP_GRACE_S + 1.5)
+        if isinstance(failed, ResponseError):
+            raise refused(failed, "the cache worker")
+        if failed:
+            raise failed
+        return EXIT_OK
+
+    return serve(main, url)
+
+
+def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
+                config: BatchWorkerConfig) -> int:
+    """The ``cachesaver-dist worker batch`` process; ``models`` builds route -> model."""
+
+    async def main(stop: asyncio.Event) -> int:
+        redis = connect(url)
+        try:
+            try:
+                served = models(redis)
+            except (ValueError, TypeError) as exc:
+                print(f"cachesaver-dist: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            worker = BatchWorker(redis, keys, served, config)
+            log.info("batch worker on %s", safe_url(url))
+            task = asyncio.create_task(worker.run())
+            await _first(task, stop)
+            worker.stop()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True),
+                                   config.stop_grace + 1.5)
+            for model in served.values():
+                if callable(getattr(model, "aclose", None)):
+                    await asyncio.wait_for(model.aclose(), 1.0)
+        finally:
+            await redis.aclose()
+        return EXIT_OK
+
+    return serve(main, url)
