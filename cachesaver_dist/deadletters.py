@@ -20,13 +20,14 @@ MAX_RAW_BYTES = 1 << 20
 
 
 def queue_dead_letter(pipe: Any, keys: Keys, kind: str, reason: str, raw: bytes | str,
-                      source: str) -> None:
-    """Log a dead letter and queue its ``XADD`` on ``pipe`` (a pipeline or client)."""
+                      source: str) -> Any:
+    """Log a dead letter and queue its ``XADD`` on ``pipe`` (a pipeline or client); returns
+    what ``pipe.xadd`` returns (an awaitable on a client)."""
     data = raw.encode(errors="surrogateescape") if isinstance(raw, str) else bytes(raw)
     log.error("dead letter: %s from %s (%d bytes): %s; set aside in %s", kind, source[:120],
               len(data), reason[:300], keys.dead_letters)
     letter = DeadLetter(kind, reason, source, data[:MAX_RAW_BYTES], time.time())
-    return pipe.xadd(keys.dead_letters, encode_dead_letter(letter),  # type: ignore[no-any-return]
+    return pipe.xadd(keys.dead_letters, encode_dead_letter(letter),
                      maxlen=defaults.DEAD_LETTERS_KEPT, approximate=True)
 
 

@@ -155,7 +155,7 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
                 "$ spent", "$ saved", "seconds"):
         table.add_column(col, justify="left" if col == "pass" else "right")
     for r in rows:
-        table.add_row(r["pass"], str(r["requests"]), str(r["samples_generated"]),
+        table.add_row(str(r["pass"]), str(r["requests"]), str(r["samples_generated"]),
                       str(r["samples_cached"]), str(r["samples_deduplicated"]),
                       str(r["tokens_generated"]), f"{r['dollars_spent']:.5f}",
                       f"{r['dollars_saved']:.5f}", f"{r['seconds']:.2f}")

@@ -108,6 +108,10 @@ class Keys:
         return f"{self.prefix}reply:{client}"
 
 
+_id_prefix = ""
+_id_counter = itertools.count()
+
+
 def _new_id_source() -> None:
     global _id_prefix, _id_counter
     _id_prefix, _id_counter = uuid.uuid4().hex[:20], itertools.count()

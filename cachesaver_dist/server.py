@@ -209,7 +209,7 @@ class EmbeddedServer:
                     pid, port, state["owner_pid"])
         try:
             cli = _client(port)
-            if int(cli.info("server")["process_id"]) != pid:
+            if int(cli.info("server")["process_id"]) != pid:  # type: ignore[index]
                 raise redis.RedisError("port answered by a different process")
             cli.shutdown(save=True)
             sent = True

@@ -63,7 +63,7 @@ async def read_stats(
     redis: Redis, keys: Keys, run: str | None = None
 ) -> dict[str, dict[str, float]]:
     """``{model_id: {counter: value}}`` for one run, or over all runs."""
-    raw = await redis.hgetall(keys.stats(run))
+    raw = await redis.hgetall(keys.stats(run))  # type: ignore[misc]
     out: dict[str, dict[str, float]] = {}
     for field, value in raw.items():
         model_id, counter = field.decode().rsplit("|", 1)

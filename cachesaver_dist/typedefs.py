@@ -35,7 +35,8 @@ class Request:
 
     def model_fields(self) -> dict[str, Any]:
         """Everything that shapes generation: all fields but n, request_id and namespace."""
-        return {name: getattr(self, name) for name in _model_field_names(type(self))}
+        names = _model_field_names(type(self))  # type: ignore[arg-type]
+        return {name: getattr(self, name) for name in names}
 
 
 @cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up once (a virtualenv in .venv with the package and its test tools), then run.
 #   bash ops/run.sh demo      the main job, on the embedded Redis unless REDIS_URL is set
-#   bash ops/run.sh test      the whole test suite (ruff, then pytest)
+#   bash ops/run.sh test      the whole test suite (ruff, mypy, then pytest)
 #   bash ops/run.sh ARGS...   any other cachesaver-dist command
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,6 @@ fi
 
 case "${1:-demo}" in
   demo) shift || true; exec .venv/bin/cachesaver-dist demo "$@" ;;
-  test) shift; .venv/bin/ruff check . && exec .venv/bin/pytest "$@" ;;
+  test) shift; .venv/bin/ruff check . && .venv/bin/mypy && exec .venv/bin/pytest "$@" ;;
   *) exec .venv/bin/cachesaver-dist "$@" ;;
 esac

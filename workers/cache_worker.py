@@ -163,8 +163,8 @@ class CacheWorker(Worker):
                 if time.monotonic() >= next_poll:
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                popped = await self.pool.brpop([self.keys.cache_wake],
-                                               timeout=self.poll_delay_s)  # type: ignore[arg-type]
+                popped = await self.pool.brpop(  # type: ignore[misc]
+                    [self.keys.cache_wake], timeout=self.poll_delay_s)  # type: ignore[arg-type]
                 if popped:
                     await self._wake(popped[1])
             except CONNECTION_ERRORS as exc:

@@ -50,17 +50,17 @@ class BackendOptions:
     rate_window: float = 60.0
 
     def __post_init__(self) -> None:
-        checks = [
+        checks: list[tuple[str, int | None, int]] = [
             ("max_n", self.max_n, 1), ("retry_budget", self.retry_budget, 1),
             ("rpm", self.rpm, 1), ("tpm", self.tpm, 1), ("max_concurrent", self.max_concurrent, 1),
         ]
         for name, value, low in checks:
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an int >= {low} (or unset), got {value!r}")
-        for name, value in (("timeout", self.timeout), ("backoff_base", self.backoff_base),
-                            ("backoff_cap", self.backoff_cap)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        for name, seconds in (("timeout", self.timeout), ("backoff_base", self.backoff_base),
+                              ("backoff_cap", self.backoff_cap)):
+            if not seconds > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {seconds!r}")
         if not float(self.rate_window).is_integer() or self.rate_window < 1:
             raise ValueError(f"rate_window must be a whole number of seconds >= 1 (rate limits "
                              f"count in seconds), got {self.rate_window!r}")

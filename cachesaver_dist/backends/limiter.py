@@ -56,7 +56,7 @@ class ClusterLimiter:
         self.model, self.window = model, window
         storage = RedisStorage("async+redis://", implementation="redispy",
                                key_prefix=f"{keys.prefix}limit",
-                               connection_pool=redis.connection_pool)
+                               connection_pool=redis.connection_pool)  # type: ignore[arg-type]
         self._requests = RateLimitItemPerSecond(rpm, window, namespace="requests") if rpm \
             else None
         self._tokens = RateLimitItemPerSecond(tpm, window, namespace="tokens") if tpm else None
@@ -95,7 +95,7 @@ class ClusterLimiter:
 
     async def _acquire_slot(self) -> str:
         holder, pause = uuid.uuid4().hex, _MIN_WAIT_S
-        args = [holder, self._max_concurrent, self._slot_ttl_ms]
+        args: list[str | int] = [holder, self._max_concurrent or 0, self._slot_ttl_ms]
         while not await self._take_slot(keys=[self._slots_key], args=args):
             await asyncio.sleep(pause + random.uniform(0, _JITTER_S))
             pause = min(pause * 2, 0.25)

@@ -50,8 +50,10 @@ class FaultRule:
         problems = [
             (unknown, f"unknown field(s) {unknown}"),
             (kind not in get_args(FaultKind), "'kind' must be 'status' or 'timeout'"),
-            (not is_int(status) or not 400 <= status <= 599, "'status' must be an int 400..599"),
-            (count is not None and (not is_int(count) or count < 1), "'count' must be >= 1/null"),
+            (not is_int(status) or not 400 <= status <= 599,  # type: ignore[operator]
+             "'status' must be an int 400..599"),
+            (count is not None and (not is_int(count) or count < 1),
+             "'count' must be >= 1/null"),
             (not isinstance(d.get("model"), (str, type(None))), "'model' must be a string or null"),
             (not is_num(d.get("seconds", 0)) or d.get("seconds", 0) < 0, "bad 'seconds'"),
             (ra is not None and (not is_num(ra) or ra < 0), "bad 'retry_after'"),

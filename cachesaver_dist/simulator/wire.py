@@ -58,8 +58,10 @@ async def read_request(request: web.Request) -> dict[str, Any]:
     n = 1 if body.get("n") is None else body["n"]
     if not is_int(n) or not 1 <= n <= 128:
         raise Invalid(f"'n' must be an integer between 1 and 128, got {n!r}.", "invalid_n", "n")
-    for name, ok, lo, hi in (("max_tokens", is_int, 1, math.inf), ("temperature", is_num, 0, 2),
-                             ("top_p", is_num, 0, 1), ("seed", is_int, -math.inf, math.inf)):
+    checks: tuple[tuple[str, Any, float, float], ...] = (
+        ("max_tokens", is_int, 1, math.inf), ("temperature", is_num, 0, 2),
+        ("top_p", is_num, 0, 1), ("seed", is_int, -math.inf, math.inf))
+    for name, ok, lo, hi in checks:
         v = body.get(name)
         if v is not None and (not ok(v) or not lo <= v <= hi):
             raise Invalid(f"'{name}' must be a number in [{lo}, {hi}], got {v!r}.",
