@@ -17,9 +17,9 @@ import uuid
 from functools import cache
 from typing import Any
 
-from .errors import ModelError
-from .protocol import encode_sample
-from .typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
+from ..errors import ModelError
+from ..protocol import encode_sample
+from ..typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
 
 _WORDS = (
     "answer thought step value check branch search reason count plan result idea state "
@@ -70,7 +70,7 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     """
     if name.startswith("sim:"):
         return SimModel(name, latency=sim_latency)
-    from .backends import make_backend
+    from ..backends import make_backend
 
     backend = make_backend(name, options, redis, keys)
     if backend is not None:
