@@ -1,8 +1,18 @@
 """cachesaver-dist: a distributed, Redis-backed, namespace-aware LLM response cache."""
 
-from .errors import CacheSaverError, GenerationError, InvalidRequestError, ReplyTimeoutError
+from .errors import (
+    CacheSaverError,
+    GenerationError,
+    InvalidRequestError,
+    ModelError,
+    NoWorkerError,
+    ProtocolError,
+    RedisRefusedError,
+    RedisUnavailableError,
+    ReplyTimeoutError,
+)
 from .models import SimModel
-from .pipelines import OnlineAPI
+from .pipelines import LocalAPI, OnlineAPI, OrderedLocalAPI
 from .protocol import Keys, prompt_key
 from .typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
 
@@ -15,7 +25,14 @@ __all__ = [
     "GenerationError",
     "InvalidRequestError",
     "Keys",
+    "LocalAPI",
+    "ModelError",
+    "NoWorkerError",
     "OnlineAPI",
+    "OrderedLocalAPI",
+    "ProtocolError",
+    "RedisRefusedError",
+    "RedisUnavailableError",
     "ReplyTimeoutError",
     "Request",
     "Response",

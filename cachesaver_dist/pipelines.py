@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import check_model, model_identity
 from .prepare import check_run, check_text, prepare
-from .protocol import CACHED, DUPLICATED, Keys, WorkItem, decode_sample
+from .protocol import CACHED, DUPLICATED, GENERATED, Keys, WorkItem, decode_sample
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -36,6 +37,13 @@ class OnlineAPI:
     is in flight, else after up to ``timeout`` seconds or when ``batch_size`` requests
     are waiting. ``run`` scopes the namespace counters (``None``: a fresh run, so
     samples are re-read from index 0).
+
+    As in the original CacheSaver: ``hash`` (a callable ``Request -> str``) replaces the
+    prompt key (see ``prepare.prompt_key_of``); ``allow_batch_overflow`` is accepted and
+    changes nothing (a batch never waits for more than ``batch_size`` requests, and
+    ``batch_request`` sends its batch whole); ``correctness=True`` is refused;
+    ``cleanup()`` is ``close()``. ``model_batch_size``: requests per model call of an
+    in-process batch-only model (default ``batch_size``).
     """
 
     def __init__(
@@ -43,10 +51,14 @@ class OnlineAPI:
         model: Any,
         cache: Any = None,
         batch_size: int = defaults.BATCH_SIZE,
-        timeout: float = defaults.BATCH_TIMEOUT_S,
+        hash: Callable[[Request], Any] | None = None,
+        timeout: float | None = defaults.BATCH_TIMEOUT_S,
+        allow_batch_overflow: bool = False,
+        correctness: bool = False,
+        *,
         run: str | None = None,
         model_id: str | None = None,
-        *,
+        model_batch_size: int | None = None,
         prefix: str | None = None,
         data_dir: str | Path | None = None,
         reply_timeout: float = defaults.REPLY_TIMEOUT_S,
@@ -55,7 +67,17 @@ class OnlineAPI:
         max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES,
         run_ttl_s: int = defaults.RUN_TTL_S,
     ) -> None:
+        if correctness:
+            raise InvalidRequestError(
+                "correctness=True has no meaning here: every request gets samples of its own "
+                "in its namespace, whatever its request_id; drop the argument")
+        if hash is not None and not callable(hash):
+            raise InvalidRequestError(f"hash must be a callable Request -> str, got "
+                                      f"{type(hash).__name__}")
+        timeout = 0.0 if timeout is None or timeout < 0 else timeout  # the original's -1
+        model_batch_size = batch_size if model_batch_size is None else model_batch_size
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency),
+                            ("model_batch_size", model_batch_size),
                             ("max_prompt_bytes", max_prompt_bytes), ("run_ttl_s", run_ttl_s)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
@@ -75,6 +97,8 @@ class OnlineAPI:
         check_text(self.model_id, "model_id")
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.batch_size, self.timeout = batch_size, timeout
+        self.allow_batch_overflow = allow_batch_overflow  # no effect: see the class docstring
+        self._hash, self._model_batch_size = hash, model_batch_size
         self.keys = Keys(check_text(prefix if prefix is not None else defaults.prefix(),
                                     "prefix"))
         self._cache = cache
@@ -118,7 +142,7 @@ class OnlineAPI:
             from workers.run import LocalWorkers
 
             self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
-                                       batch_size=self.batch_size,
+                                       batch_size=self._model_batch_size,
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s)
 
     async def _open_redis(self) -> Redis:
@@ -138,6 +162,10 @@ class OnlineAPI:
         url, self._server = await asyncio.to_thread(resolve_redis_url, cache, self._data_dir)
         await check_reachable(url)
         return connect(url)
+
+    async def cleanup(self) -> None:
+        """The original's name for ``close()``."""
+        await self.close()
 
     async def close(self) -> None:
         """Finish pending requests, stop in-process workers, release connections."""
@@ -163,11 +191,13 @@ class OnlineAPI:
 
     def _prepare(self, request: Request) -> WorkItem:
         return prepare(request, run=self.run, route=self.route, model_id=self.model_id,
-                       max_prompt_bytes=self._max_prompt_bytes)
+                       max_prompt_bytes=self._max_prompt_bytes, hash=self._hash)
 
     async def request(self, request: Request) -> Response:
         """Samples for one request; concurrent calls are sent together in batches."""
         item = self._prepare(request)
+        if item.n == 0:
+            return _empty()
         await self.start()
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
@@ -181,18 +211,27 @@ class OnlineAPI:
         return await future
 
     async def batch_request(self, batch: Batch) -> list[Response]:
-        """Samples for every request of ``batch``, served in ``request_id`` order."""
-        items = [self._prepare(r) for r in batch.requests]  # refuse before sending any
-        if not items:
-            return []
-        await self.start()
-        assert self._client is not None
-        replies = await self._client.submit(items)
+        """Samples for every request of ``batch``, served in ``request_id`` order.
+
+        The batch is checked whole before anything is sent: one bad request refuses it."""
+        if not isinstance(batch, Batch):
+            batch = Batch(batch)  # a plain list works too; anything else is refused
+        items = [self._prepare(r) for r in batch.requests]
+        wanted = [it for it in items if it.n > 0]
+        replies: dict[str, Any] = {}
+        if wanted:
+            await self.start()
+            assert self._client is not None
+            replies = dict(zip((it.uuid for it in wanted), await self._client.submit(wanted)))
         out = []
-        for reply in replies:
-            if isinstance(reply, Exception):
+        for it in items:
+            reply = replies.get(it.uuid)
+            if reply is None:
+                out.append(_empty())
+            elif isinstance(reply, Exception):
                 raise reply
-            out.append(_response(reply))
+            else:
+                out.append(_response(reply))
         return out
 
     def _flush(self) -> None:
@@ -232,16 +271,55 @@ class OnlineAPI:
                     fut.set_exception(exc)
 
 
+def _empty() -> Response:
+    """What ``n=0`` gets: nothing, and nothing is sent."""
+    return Response(data=[], cached=[], duplicated=[], metadata=[])
+
+
+_SOURCES = {CACHED: "stored", DUPLICATED: "shared", GENERATED: "generated"}
+_INTERNAL = frozenset({"v", "data", "call_first"})
+
+
 def _response(reply: dict[str, Any]) -> Response:
-    """Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
+    """Flags as the original CacheSaver defines them (see ``Response``).
+
+    Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
     sample before sending it, so this means a worker of another version)."""
     samples = [decode_sample(raw) for raw in reply["samples"]]
     flags = reply["flags"]
     return Response(
         data=[s["data"] for s in samples],
-        cached=[f == CACHED for f in flags],
-        duplicated=[f == DUPLICATED for f in flags],
-        metadata=[{"index": reply["start"] + i, **{k: v for k, v in s.items()
-                                                   if k not in ("v", "data")}}
-                  for i, s in enumerate(samples)],
+        cached=[f != GENERATED for f in flags],
+        duplicated=[f == GENERATED and not s.get("call_first", True)
+                    for f, s in zip(flags, samples)],
+        metadata=[{"index": reply["start"] + i, "source": _SOURCES.get(f, f),
+                   **{k: v for k, v in s.items() if k not in _INTERNAL}}
+                  for i, (f, s) in enumerate(zip(flags, samples))],
     )
+
+
+class LocalAPI(OnlineAPI):
+    """The original's pipeline for local models (cache, then a batcher, then the model),
+    with its signature. Here it is the same pipeline as ``OnlineAPI``: requests are also
+    ordered and deduplicated, which changes no result."""
+
+    def __init__(self, model: Any, cache: Any = None, batch_size: int = defaults.BATCH_SIZE,
+                 hash: Callable[[Request], Any] | None = None,
+                 timeout: float | None = defaults.BATCH_TIMEOUT_S,
+                 allow_batch_overflow: bool = False, **options: Any) -> None:
+        super().__init__(model, cache, batch_size, hash, timeout, allow_batch_overflow,
+                         **options)
+
+
+class OrderedLocalAPI(OnlineAPI):
+    """The original's ordered pipeline for local models, with its signature: requests are
+    collected in batches of ``collection_batch_size`` and ordered by ``request_id``; the
+    model gets at most ``hardware_batch_size`` requests per ``batch_request`` call."""
+
+    def __init__(self, model: Any, cache: Any = None,
+                 collection_batch_size: int = defaults.BATCH_SIZE,
+                 hardware_batch_size: int = defaults.BATCH_SIZE,
+                 timeout: float | None = defaults.BATCH_TIMEOUT_S,
+                 allow_batch_overflow: bool = False, **options: Any) -> None:
+        super().__init__(model, cache, collection_batch_size, None, timeout,
+                         allow_batch_overflow, model_batch_size=hardware_batch_size, **options)

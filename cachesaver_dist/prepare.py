@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 from . import defaults
@@ -100,6 +101,27 @@ def _check_prompt(prompt: Any) -> None:
     )
 
 
+def prompt_key_of(hash: Callable[[Request], Any], request: Request, model_id: str) -> str:
+    """The prompt key from a user's ``hash(request)``.
+
+    ``hash`` must return the same str, bytes or int for requests that must share
+    samples, on every machine and in every process: no Python ``hash()`` (salted per
+    process), no ids or addresses, nothing that depends on dict order. The model id
+    is hashed in as well, so two models never share samples.
+    """
+    try:
+        value = hash(request)
+    except Exception as exc:
+        raise InvalidRequestError(f"the hash callable failed on this request: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+    if isinstance(value, bool) or not isinstance(value, (str, bytes, int)):
+        raise InvalidRequestError(f"the hash callable must return str, bytes or int, got "
+                                  f"{type(value).__name__}")
+    if isinstance(value, str):
+        _check_utf8(value, "the hash callable's result")
+    return prompt_key(model_id, {"user hash": value})
+
+
 def _check_value(value: Any, path: str, depth: int = 0) -> None:
     """Every value storable as it is; every string valid text; the path names the culprit."""
     if depth > MAX_DEPTH:
@@ -135,23 +157,26 @@ def prepare(
     route: str,
     model_id: str,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+    hash: Callable[[Request], Any] | None = None,
 ) -> WorkItem:
-    """Check ``request`` and turn it into what the cache workers reserve."""
+    """Check ``request`` and turn it into what the cache workers reserve; ``hash``
+    replaces the prompt key (see ``prompt_key_of``)."""
     if not isinstance(request, Request) or not dataclasses.is_dataclass(request):
         raise InvalidRequestError(
             f"expected a cachesaver_dist.Request (or a dataclass subclass of it), got "
             f"{type(request).__name__}"
         )
     n = request.n
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        raise InvalidRequestError(f"n must be an int from 1 to {MAX_N}, got {n!r:.80}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_N:
+        raise InvalidRequestError(f"n must be an int from 0 to {MAX_N}, got {n!r:.80}")
     _check_prompt(request.prompt)
     namespace = _check_namespace(request.namespace)
     request_id = _check_request_id(request.request_id)
     fields = request.model_fields()
     try:  # the common case costs nothing extra: packing is the check
-        key = prompt_key(model_id, fields)
-        spec = encode_spec(route, model_id, fields)
+        key = prompt_key(model_id, fields) if hash is None else prompt_key_of(hash, request,
+                                                                            model_id)
+        spec = encode_spec(route, model_id, fields, namespace, request.request_id)
     except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError is a ValueError
         for name, value in fields.items():
             _check_value(value, repr(name))

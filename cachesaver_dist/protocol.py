@@ -282,10 +282,15 @@ class Spec:
     route: str
     model_id: str
     fields: dict[str, Any]
+    namespace: str | None = None
+    request_id: str | None = None
 
 
-def encode_spec(route: str, model_id: str, fields: dict[str, Any]) -> bytes:
-    return pack({"v": SCHEMA_VERSION, "route": route, "model_id": model_id, "fields": fields})
+def encode_spec(route: str, model_id: str, fields: dict[str, Any], namespace: str | None = None,
+                request_id: str | None = None) -> bytes:
+    """``namespace`` and ``request_id`` are the claiming request's: the model sees them."""
+    return pack({"v": SCHEMA_VERSION, "route": route, "model_id": model_id, "fields": fields,
+                 "namespace": namespace, "request_id": request_id})
 
 
 def decode_spec(data: bytes) -> Spec:
@@ -294,8 +299,11 @@ def decode_spec(data: bytes) -> Spec:
     fields = _get(msg, "fields", dict, kind)
     if not all(isinstance(k, str) for k in fields):
         raise ProtocolError(f"{kind}: field names must be str", "fields")
+    for name in ("namespace", "request_id"):
+        if not isinstance(msg.get(name), (str, type(None))):
+            raise ProtocolError(f"{kind}: field {name!r} must be a str or nil", name)
     return Spec(_id(msg.get("route"), "route", kind), _id(msg.get("model_id"), "model_id", kind),
-                fields)
+                fields, msg.get("namespace"), msg.get("request_id"))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,19 @@
-"""The user-facing types: the same surface as the single-process CacheSaver."""
+"""The user-facing types: the same surface as the single-process CacheSaver.
+
+``Request`` is a frozen dataclass (subclass it to add decoding fields), ``Batch`` and
+``Response`` are named tuples (``data, cached, duplicated = response``), and the model
+interfaces are runtime-checkable protocols: any object with the method qualifies, and
+subclassing them still works.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from .errors import InvalidRequestError
 
 __all__ = ["Batch", "BatchRequestModel", "Request", "Response", "SingleRequestModel"]
 
@@ -16,17 +23,19 @@ ROUTING_FIELDS = ("n", "request_id", "namespace")
 
 @dataclass(frozen=True)
 class Request:
-    """One call to the LLM.
+    """One call to the LLM: ``n`` samples of ``prompt`` for one ``namespace``.
 
     Subclass it (as a frozen dataclass) to add decoding fields such as ``temperature``
-    or ``max_completion_tokens``: they become part of the prompt key and reach the
-    model. Attributes a request does not define read as ``None``.
+    or ``max_completion_tokens``, required or with defaults: they become part of the
+    prompt key and reach the model. Attributes a request does not define read as
+    ``None``. ``request_id`` orders requests inside a batch (plain string order);
+    ``None`` is allowed and sorts first.
     """
 
     prompt: Any
-    n: int = 1
-    request_id: str | None = None
-    namespace: str | None = None
+    n: int
+    request_id: str | None
+    namespace: str | None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -44,47 +53,66 @@ def _model_field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ROUTING_FIELDS)
 
 
-@dataclass(frozen=True)
-class Batch:
-    """Requests sent together; inside a batch they are served in ``request_id`` order."""
-
+class _BatchFields(NamedTuple):
     requests: list[Request]
 
-    def __post_init__(self) -> None:
-        from .errors import InvalidRequestError
 
-        if not isinstance(self.requests, (list, tuple)):
+class Batch(_BatchFields):
+    """Requests sent together; inside a batch they are served in ``request_id`` order."""
+
+    __slots__ = ()
+
+    def __new__(cls, requests: list[Request]) -> Batch:
+        if not isinstance(requests, (list, tuple)):
             raise InvalidRequestError(f"Batch(requests) must be a list of Request objects, got "
-                                      f"{type(self.requests).__name__}")
-        for i, r in enumerate(self.requests):
+                                      f"{type(requests).__name__}")
+        for i, r in enumerate(requests):
             if not isinstance(r, Request):
-                raise InvalidRequestError(f"Batch.requests[{i}] is a {type(r).__name__}, not a "
-                                          "Request; build it with Request(prompt=..., n=...)")
+                raise InvalidRequestError(
+                    f"Batch.requests[{i}] is a {type(r).__name__}, not a Request; build it "
+                    "with Request(prompt=..., n=..., request_id=..., namespace=...)")
+        return super().__new__(cls, list(requests))
 
 
-@dataclass
-class Response:
-    """Samples for one request.
-
-    ``cached[i]``: sample ``i`` existed before this request. ``duplicated[i]``: it did
-    not, and another request's generation produced it (no spend of its own).
-    """
-
+class _ResponseFields(NamedTuple):
     data: list[Any]
     cached: list[bool] | None = None
     duplicated: list[bool] | None = None
-    metadata: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
 
-class SingleRequestModel(ABC):
+class Response(_ResponseFields):
+    """Samples for one request, as a named tuple ``(data, cached, duplicated)``.
+
+    ``cached[i]``: this request did not cause sample ``i`` to be generated (it was
+    stored before, or another request's generation, in any namespace or process,
+    produced it). ``duplicated[i]``: this request's own model call generated it, and it
+    was not the call's first sample (the prompt was paid once, for an earlier one).
+    ``metadata`` (not part of the tuple, not compared) holds per sample its ``index``,
+    ``source`` (``stored``, ``shared`` or ``generated``) and what the model reported.
+    """
+
+    metadata: list[dict[str, Any]] | None = None
+
+    def __new__(cls, data: list[Any], cached: list[bool] | None = None,
+                duplicated: list[bool] | None = None,
+                metadata: list[dict[str, Any]] | None = None) -> Response:
+        self = super().__new__(cls, data, cached, duplicated)
+        self.metadata = metadata
+        return self
+
+    def _replace(self, **changes: Any) -> Response:
+        return Response(*super()._replace(**changes), metadata=self.metadata)
+
+
+@runtime_checkable
+class SingleRequestModel(Protocol):
     """A model that answers one request at a time."""
 
-    @abstractmethod
     async def request(self, request: Request) -> Response: ...
 
 
-class BatchRequestModel(ABC):
+@runtime_checkable
+class BatchRequestModel(Protocol):
     """A model that answers a batch of requests in one call."""
 
-    @abstractmethod
     async def batch_request(self, batch: Batch) -> list[Response]: ...

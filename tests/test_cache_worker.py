@@ -48,7 +48,7 @@ async def worker(redis_url, keys):
 
 async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list) -> None:
     """A job as arq's own ``enqueue_job`` writes it: no wake-up token."""
-    item = prepare(Request("p", namespace="b"), run="run", route="sim:x", model_id="sim:x")
+    item = prepare(Request("p", 1, None, "b"), run="run", route="sim:x", model_id="sim:x")
     request_uuid_holder.append(item.uuid)
     arq = ArqRedis(connection_pool=connection_pool(redis_url), job_serializer=arq_serialize)
     await arq.enqueue_job(CACHE_JOB, encode_job("c", [item], 60), _job_id=keys.new_job_id(),
@@ -67,7 +67,7 @@ async def served_within(redis, keys, request_uuid: str, seconds: float) -> bool:
 
 async def warm(redis, keys) -> None:
     """Sample 0 of prompt "p" exists, so a job for it is a pure hit."""
-    item = prepare(Request("p", namespace="a"), run="run", route="sim:x", model_id="sim:x")
+    item = prepare(Request("p", 1, None, "a"), run="run", route="sim:x", model_id="sim:x")
     await reserve(redis, keys, "c", [item])
     await fill(redis, keys, item.key, {0: encode_sample("sample")})
 

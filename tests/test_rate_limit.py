@@ -56,7 +56,7 @@ async def test_three_workers_share_one_requests_per_window_budget(redis_url, key
         started = time.monotonic()
         async with OnlineAPI(route, cache=redis_url, prefix=keys.prefix,
                              request_timeout=60) as pipe:
-            answers = await asyncio.gather(*(pipe.request(Request(f"prompt {i}", 1, str(i)))
+            answers = await asyncio.gather(*(pipe.request(Request(f"prompt {i}", 1, str(i), None))
                                              for i in range(prompts)))
         elapsed = time.monotonic() - started
         async with httpx.AsyncClient(timeout=5) as client:
@@ -76,7 +76,8 @@ async def test_max_concurrent_is_cluster_wide(redis_url, keys, processes):
         start_workers(processes, route, sim, "k", "--max-concurrent", "2", batch_workers=3)
         async with OnlineAPI(route, cache=redis_url, prefix=keys.prefix,
                              request_timeout=60) as pipe:
-            await asyncio.gather(*(pipe.request(Request(f"p{i}", 1, str(i))) for i in range(8)))
+            await asyncio.gather(*(pipe.request(Request(f"p{i}", 1, str(i), None))
+                                   for i in range(8)))
         counters = await admin(sim, "GET", "/admin/counters")
     assert counters["models"][MODEL]["requests"] == 8 and counters["max_in_flight"] == 2
 

@@ -27,8 +27,8 @@ from redis.exceptions import RedisError, ResponseError
 from cachesaver_dist import defaults
 from cachesaver_dist.errors import ProtocolError, refused
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
-from cachesaver_dist.models import generate
-from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_stream_entry, entry_claim
+from cachesaver_dist.models import Job, generate
+from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, Spec, decode_stream_entry, entry_claim
 from cachesaver_dist.scripts import fill_many, release
 
 from .outbox import Outbox
@@ -42,8 +42,7 @@ class Work:
 
     route: str
     key: str
-    fields: dict[str, Any]
-    model_id: str
+    spec: Spec
     indices: list[int] = field(default_factory=list)
     entries: list[str] = field(default_factory=list)
 
@@ -215,8 +214,7 @@ class BatchWorker:
                 self._calling += 1
                 work = works.get(entry.key)
                 if work is None:
-                    work = works[entry.key] = Work(route, entry.key, entry.spec.fields,
-                                                   entry.spec.model_id)
+                    work = works[entry.key] = Work(route, entry.key, entry.spec)
                 work.indices += entry.indices
                 work.entries.append(eid)
         for route, works in by_route.items():
@@ -268,8 +266,9 @@ class BatchWorker:
         try:
             started = time.monotonic()
             try:
-                results = await generate(self.models[route], [(w.fields, len(w.indices))
-                                                              for w in works])
+                results = await generate(self.models[route], [
+                    Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id)
+                    for w in works])
             finally:  # the call slot is free; the entries stay leased until acknowledged
                 self._calling -= entries
                 self._slot_freed.set()
@@ -338,7 +337,7 @@ class BatchWorker:
         await outbox.send(self.redis, also=ack)
 
     async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
-        message = f"model {work.model_id!r} failed: {type(error).__name__}: {error}"
+        message = f"model {work.spec.model_id!r} failed: {type(error).__name__}: {error}"
         log.error("%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
         waiters, bad = await release(self.redis, self.keys, work.key, work.indices)
         outbox.malformed_waiters(bad)

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import itertools
 import uuid
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -117,22 +118,57 @@ def _request_class(extra: tuple[str, ...]) -> type[Request]:
     )
 
 
-def make_request(fields: dict[str, Any], n: int, request_id: str = "") -> Request:
+def make_request(fields: dict[str, Any], n: int, request_id: str | None = None,
+                 namespace: str | None = None) -> Request:
     """A ``Request`` carrying ``fields`` (the decoding fields of the original)."""
     base = {f.name for f in dataclasses.fields(Request)}
     extra = tuple(sorted(k for k in fields if k not in base))
-    return _request_class(extra)(n=n, request_id=request_id, namespace=None, **fields)
+    return _request_class(extra)(n=n, request_id=request_id, namespace=namespace, **fields)
 
 
-async def generate(
-    model: Any, jobs: list[tuple[dict[str, Any], int]]
-) -> list[list[bytes] | Exception]:
-    """Ask ``model`` for ``n`` samples per job; per job, the encoded samples or the error.
+@dataclass
+class Job:
+    """Samples to generate for one prompt key: its fields, the sample indices, and the
+    namespace and request id of the first request that claimed them."""
 
-    A model with ``request()`` gets one call per job (failures stay separate); a
-    batch-only model gets one ``batch_request()`` for all.
+    fields: dict[str, Any]
+    indices: list[int]
+    namespace: str | None = None
+    request_id: str | None = None
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed sample ``index`` is generated with when the request fixes ``seed``:
+    ``seed`` itself for sample 0 (a one-sample request is the plain seeded call), else
+    the first 31 bits of BLAKE2b of ``"<seed>:<index>"`` (deterministic, distinct)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def _calls(job: Job) -> list[tuple[dict[str, Any], list[int]]]:
+    """The model calls a job needs: one for all its indices, or, with a fixed integer
+    ``seed``, one per index with that index's derived seed (so top-ups differ)."""
+    seed = job.fields.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return [(job.fields, job.indices)]
+    return [({**job.fields, "seed": derive_seed(seed, i)}, [i]) for i in job.indices]
+
+
+async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]:
+    """Generate every job's samples; per job, the encoded samples (in index order) or
+    the error.
+
+    A model with ``request()`` gets one call per job (per index with a fixed seed),
+    and failures stay separate; a batch-only model gets one ``batch_request()`` for
+    all. The first sample of each call is marked ``call_first`` (its call paid the
+    prompt): the other samples of the call are ``duplicated`` for their request.
     """
-    requests = [make_request(fields, n, str(i)) for i, (fields, n) in enumerate(jobs)]
+    calls = [(j, fields, indices) for j, job in enumerate(jobs)
+             for fields, indices in _calls(job)]
+    requests = [make_request(fields, len(indices), jobs[j].request_id, jobs[j].namespace)
+                for j, fields, indices in calls]
     if callable(getattr(model, "request", None)):
         results = await asyncio.gather(*(model.request(r) for r in requests),
                                        return_exceptions=True)
@@ -140,12 +176,19 @@ async def generate(
         try:
             results = list(await model.batch_request(Batch(requests)))
         except Exception as exc:
-            results = [exc] * len(jobs)
-        if len(results) != len(jobs):
+            results = [exc] * len(requests)
+        if len(results) != len(requests):
             err = ModelError(f"batch_request returned {len(results)} responses for "
-                             f"{len(jobs)} requests")
-            results = [err] * len(jobs)
-    return [_samples(res, n) for res, (_, n) in zip(results, jobs)]
+                             f"{len(requests)} requests")
+            results = [err] * len(requests)
+    out: list[list[bytes] | Exception] = [[] for _ in jobs]
+    for (j, _, indices), result in zip(calls, results):
+        samples = _samples(result, len(indices))
+        prev = out[j]
+        if isinstance(prev, Exception):
+            continue
+        out[j] = samples if isinstance(samples, Exception) else prev + samples
+    return out
 
 
 def _samples(result: Any, n: int) -> list[bytes] | Exception:
@@ -160,7 +203,8 @@ def _samples(result: Any, n: int) -> list[bytes] | Exception:
                           "it must return Response(data=[...]) with exactly n items")
     meta = getattr(result, "metadata", None) or [None] * n
     try:
-        return [encode_sample(d, m) for d, m in zip(data, meta)]
+        return [encode_sample(d, {**(m or {}), "call_first": i == 0})
+                for i, (d, m) in enumerate(zip(data, meta))]
     except (TypeError, ValueError) as exc:
         return ModelError(f"model returned a sample that cannot be stored ({exc}); "
                           "return str, numbers, lists or dicts")

@@ -1,0 +1,241 @@
+"""Faithful to the original CacheSaver: its types, its flags, its entry points.
+
+The expected flags are the original's (cachesaver 0.0.6, run side by side with the same
+calls); the tests are our own. Real Redis, in-process workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+import redis as sync_redis
+
+from cachesaver_dist import (
+    Batch,
+    BatchRequestModel,
+    InvalidRequestError,
+    LocalAPI,
+    OnlineAPI,
+    OrderedLocalAPI,
+    Request,
+    Response,
+    SimModel,
+    SingleRequestModel,
+)
+from cachesaver_dist.models import derive_seed
+
+
+class Recorder:
+    """A duck-typed model (no base class) that records every call it gets."""
+
+    model = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str | None, str | None]] = []
+        self.counter = 0
+
+    async def request(self, request: Request) -> Response:
+        self.calls.append((request.prompt, request.n, request.namespace, request.request_id))
+        await asyncio.sleep(0.02)
+        out = []
+        for _ in range(request.n):
+            out.append(f"{request.prompt}#{self.counter}")
+            self.counter += 1
+        return Response(data=out)
+
+
+def api(model, redis_url, keys, cls=OnlineAPI, **kw):
+    return cls(model, cache=redis_url, prefix=keys.prefix, **kw)
+
+
+# --- types -----------------------------------------------------------------------------
+
+
+def test_response_is_a_named_tuple_with_metadata_beside_it():
+    r = Response(["a", "b"], [False, True], [False, False], metadata=[{"index": 0}, {}])
+    data, cached, duplicated = r
+    assert (data, cached, duplicated) == (["a", "b"], [False, True], [False, False])
+    assert r == Response(["a", "b"], [False, True], [False, False])  # metadata not compared
+    changed = r._replace(cached=[True, True])
+    assert changed.cached == [True, True] and changed.metadata == r.metadata
+    assert Response(["x"]).cached is None and Response(["x"]).metadata is None
+    assert tuple(Batch([Request("p", 1, "a", "ns")])) == ([Request("p", 1, "a", "ns")],)
+
+
+def test_request_subclasses_may_add_required_fields():
+    @dataclass(frozen=True)
+    class ModelRequest(Request):
+        model: str
+        temperature: float = 1.0
+
+    r = ModelRequest("p", 2, "id", "ns", model="m")
+    assert (r.model, r.temperature, r.top_p) == ("m", 1.0, None)
+    assert r.model_fields() == {"prompt": "p", "model": "m", "temperature": 1.0}
+    with pytest.raises(TypeError):
+        Request("p")  # base fields take no defaults, as in the original
+
+
+def test_model_interfaces_are_runtime_protocols():
+    assert isinstance(Recorder(), SingleRequestModel)
+    assert not isinstance(Recorder(), BatchRequestModel)
+    assert isinstance(SimModel(), SingleRequestModel) and isinstance(SimModel(), BatchRequestModel)
+
+
+# --- flags: the original's table, row by row ----------------------------------------------
+
+
+async def test_one_request_n2_duplicates_its_second_sample(redis_url, keys):
+    async with api(Recorder(), redis_url, keys) as pipe:
+        r = await pipe.request(Request("p", 2, "a", "ns"))
+    assert (r.cached, r.duplicated) == ([False, False], [False, True])
+
+
+async def test_five_concurrent_identical_requests_are_one_call(redis_url, keys):
+    model = Recorder()
+    async with api(model, redis_url, keys, batch_size=8) as pipe:
+        rs = await asyncio.gather(*(pipe.request(Request("p", 1, str(i), "ns"))
+                                    for i in range(5)))
+    assert [c[:2] for c in model.calls] == [("p", 5)]
+    assert [r.duplicated[0] for r in rs] == [False, True, True, True, True]
+    assert [r.cached[0] for r in rs] == [False] * 5
+    assert len({r.data[0] for r in rs}) == 5
+
+
+async def test_same_prompt_in_two_namespaces_second_is_cached(redis_url, keys):
+    model = Recorder()
+    async with api(model, redis_url, keys) as pipe:
+        first, second = await pipe.batch_request(Batch([Request("p", 1, "1", "ns1"),
+                                                        Request("p", 1, "2", "ns2")]))
+    assert (first.cached, first.duplicated) == ([False], [False])
+    assert (second.cached, second.duplicated) == ([True], [False])
+    assert second.data == first.data and len(model.calls) == 1
+    assert [m["source"] for m in first.metadata + second.metadata] == ["generated", "shared"]
+
+
+async def test_batch_in_request_id_order_one_call(redis_url, keys):
+    model = Recorder()
+    batch = Batch([Request("p", 1, rid, "ns") for rid in ("3", "1", "2")])
+    async with api(model, redis_url, keys) as pipe:
+        rs = await pipe.batch_request(batch)
+    assert [c[:2] for c in model.calls] == [("p", 3)]
+    assert [r.metadata[0]["index"] for r in rs] == [2, 0, 1]
+    assert [r.duplicated[0] for r in rs] == [True, False, True]
+
+
+async def test_flags_across_client_processes_sharing_a_cache(redis_url, keys):
+    """A second client (another OnlineAPI, own connection and workers) asking for what
+    the first generated: cached, not duplicated; its own top-up: generated."""
+    async with api(Recorder(), redis_url, keys) as first:
+        a = await first.request(Request("p", 2, "a", "ns"))
+    async with api(Recorder(), redis_url, keys) as second:  # a fresh run: index 0 again
+        b = await second.request(Request("p", 3, "a", "ns"))
+    assert (a.cached, a.duplicated) == ([False, False], [False, True])
+    assert (b.cached, b.duplicated) == ([True, True, False], [False, False, False])
+    assert [m["source"] for m in b.metadata] == ["stored", "stored", "generated"]
+
+
+# --- the model sees the caller's request ----------------------------------------------------
+
+
+async def test_the_model_sees_namespace_and_the_first_request_id(redis_url, keys):
+    model = Recorder()
+    async with api(model, redis_url, keys) as pipe:
+        await pipe.batch_request(Batch([Request("p", 1, "b", "ns-x"),
+                                        Request("p", 1, "a", "ns-x")]))
+        await pipe.request(Request("q", 1, None, "ns-y"))
+    assert model.calls == [("p", 2, "ns-x", "a"), ("q", 1, "ns-y", None)]
+
+
+# --- n=0, seeds ---------------------------------------------------------------------------
+
+
+async def test_n_zero_returns_an_empty_response_and_writes_nothing(redis_url, keys):
+    model = Recorder()
+    async with api(model, redis_url, keys) as pipe:
+        r = await pipe.request(Request("p", 0, "a", "ns"))
+        [b] = await pipe.batch_request(Batch([Request("p", 0, "b", "ns")]))
+        written = sync_redis.Redis.from_url(redis_url).keys(f"{keys.prefix}[sgwur]:*")
+    assert r == b == Response([], [], []) and model.calls == [] and written == []
+
+
+class SeededModel:
+    """Sample text = the seed it was generated with (a provider honouring seeds)."""
+
+    model = "seeded"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, int]] = []
+
+    async def request(self, request: Request) -> Response:
+        self.calls.append((request.seed, request.n))
+        return Response(data=[f"seed={request.seed}/{i}" for i in range(request.n)])
+
+
+@dataclass(frozen=True)
+class SeedRequest(Request):
+    seed: int | None = None
+
+
+async def test_a_fixed_seed_gives_each_index_its_own_derived_seed(redis_url, keys):
+    model = SeededModel()
+    async with api(model, redis_url, keys) as pipe:
+        three = await pipe.request(SeedRequest("p", 3, "a", "ns1", seed=7))
+        five = await pipe.request(SeedRequest("p", 5, "b", "ns2", seed=7))
+    seeds = [7, derive_seed(7, 1), derive_seed(7, 2), derive_seed(7, 3), derive_seed(7, 4)]
+    assert len(set(seeds)) == 5
+    assert three.data == [f"seed={s}/0" for s in seeds[:3]]
+    assert five.data == [f"seed={s}/0" for s in seeds]  # top-ups are new samples too
+    assert sorted(model.calls) == sorted((s, 1) for s in seeds)
+    assert three.duplicated == [False] * 3  # one call per sample: each paid its prompt
+
+
+# --- the original's other entry points ------------------------------------------------------
+
+
+class CountingBatchModel:
+    model = "batch-only"
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+
+    async def batch_request(self, batch: Batch) -> list[Response]:
+        self.batch_sizes.append(len(batch.requests))
+        return [Response(data=[f"{r.prompt}/{i}" for i in range(r.n)]) for r in batch.requests]
+
+
+async def test_local_apis_with_the_originals_signatures(redis_url, keys):
+    model = CountingBatchModel()
+    async with api(model, redis_url, keys, LocalAPI, batch_size=4) as local:
+        r = await local.request(Request("p", 2, "a", "ns"))
+    assert r.data == ["p/0", "p/1"] and r.cached == [False, False]
+
+    ordered = OrderedLocalAPI(model, redis_url, collection_batch_size=8, hardware_batch_size=2,
+                              prefix=keys.prefix)
+    rs = await ordered.batch_request(Batch([Request(f"q{i}", 1, str(i), "ns")
+                                            for i in range(6)]))
+    await ordered.cleanup()
+    assert [x.data for x in rs] == [[f"q{i}/0"] for i in range(6)]
+    assert max(model.batch_sizes[1:]) <= 2  # the hardware batch size bounds a model call
+
+
+async def test_a_hash_callable_replaces_the_prompt_key(redis_url, keys):
+    model = Recorder()
+
+    def by_first_word(request: Request) -> str:
+        return request.prompt.split()[0]
+
+    async with api(model, redis_url, keys, hash=by_first_word) as pipe:
+        a = await pipe.request(Request("hello world", 1, "a", "ns1"))
+        b = await pipe.request(Request("hello there", 1, "b", "ns2"))
+    assert b.data == a.data and b.cached == [True] and len(model.calls) == 1
+
+
+def test_entry_point_arguments_with_no_meaning_here():
+    with pytest.raises(InvalidRequestError, match="correctness=True has no meaning"):
+        OnlineAPI(Recorder(), None, 4, None, 30, True, True)
+    pipe = OnlineAPI(Recorder(), None, 4, None, -1, True)  # timeout=-1 as the wrappers pass
+    assert pipe.timeout == 0 and pipe.allow_batch_overflow is True
+    with pytest.raises(InvalidRequestError, match="hash must be a callable"):
+        OnlineAPI(Recorder(), hash="md5")
