@@ -1,0 +1,49 @@
+#!/bin/sh
+# Render ops/acl.conf into a Redis ACL file (printed on stdout).
+#
+#   sh ops/acl.sh                   the server-wide users (default off, admin) and the users
+#                                   of the default prefix cachesaver: (cachesaver-client, ...)
+#   sh ops/acl.sh PREFIX [NAME]     only the four users of another tenant: keys and channels
+#                                   under PREFIX, users NAME-client, NAME-cache-worker, ...
+#                                   (NAME defaults to PREFIX without its trailing colon)
+#
+# Passwords come from CACHESAVER_ACL_{ADMIN,CLIENT,CACHE_WORKER,BATCH_WORKER,OPERATOR}_PASSWORD
+# (ADMIN only without PREFIX); only their SHA-256 hashes are written. Comments are dropped:
+# an aclfile takes none.
+set -eu
+
+template="$(dirname "$0")/acl.conf"
+prefix="cachesaver:" name="cachesaver" server=yes
+if [ $# -ge 1 ]; then
+    prefix=$1 name=${2:-${1%:}} server=no
+fi
+if [ $# -gt 2 ] || [ "$prefix" = "${prefix#[A-Za-z0-9]}" ] ||
+        printf '%s' "$prefix" | grep -q '[^A-Za-z0-9_.:-]' ||
+        [ -z "$name" ] || printf '%s' "$name" | grep -q '[^A-Za-z0-9_.-]'; then
+    echo "usage: sh ops/acl.sh [PREFIX [NAME]]: PREFIX of letters, digits, _ . - : (starting" \
+         "with a letter or digit), NAME of letters, digits, _ . -" >&2
+    exit 2
+fi
+
+sha256() {
+    if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi | cut -c1-64
+}
+
+hashes=""
+for role in ADMIN CLIENT CACHE_WORKER BATCH_WORKER OPERATOR; do
+    [ "$role" = ADMIN ] && [ "$server" = no ] && continue
+    password=$(eval "printf '%s' \"\${CACHESAVER_ACL_${role}_PASSWORD:-}\"")
+    if [ -z "$password" ]; then
+        echo "ops/acl.sh: set CACHESAVER_ACL_${role}_PASSWORD" >&2
+        exit 2
+    fi
+    hashes="$hashes -e s/#SHA256_OF_${role}_PASSWORD/#$(printf '%s' "$password" | sha256)/"
+done
+
+{
+    if [ "$server" = yes ]; then
+        grep '^user ' "$template" | grep -v '^user cachesaver-'
+    fi
+    grep '^user cachesaver-' "$template" |
+        sed -e "s|cachesaver:|$prefix|g" -e "s|^user cachesaver-|user $name-|"
+} | sed $hashes
