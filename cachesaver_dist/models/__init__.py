@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import itertools
+import logging
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +22,8 @@ from typing import Any
 from ..errors import ModelError
 from ..protocol import encode_sample
 from ..typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
+
+log = logging.getLogger("cachesaver_dist.models")
 
 _WORDS = (
     "answer thought step value check branch search reason count plan result idea state "
@@ -70,6 +73,9 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     provider backends and their cluster-wide limits.
     """
     if name.startswith("sim:"):
+        if options is not None and options.limited:
+            log.warning("--rpm, --tpm and --max-concurrent apply to provider models "
+                        "(together:, openai:); %s ignores them", name)
         return SimModel(name, latency=sim_latency)
     from ..backends import make_backend
 
