@@ -1,22 +1,43 @@
-"""Redis connections that ride out restarts: commands retry with backoff on connection loss."""
+"""Redis connections that ride out restarts: commands retry with backoff on connection loss.
+
+Every URL form of docs/redis-urls.md (``redis://``, ``rediss://``, ``unix://``,
+``redis+sentinel://``) goes through :func:`connection_pool`; parsing is in ``urls.py``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import os
+from functools import cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis._parsers.hiredis import _AsyncHiredisParser
-from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio import Connection, ConnectionPool, Redis, SSLConnection
+from redis.asyncio.connection import AbstractConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
+from .errors import RedisUnavailableError
+from .urls import RedisURL, explain_failure, parse_url, safe_url
 
-class HiredisPackConnection(Connection):
-    """redis-py 5's asyncio connection with two costs of every command removed.
+__all__ = ["check_reachable", "connect", "connection_options", "connection_pool", "safe_url"]
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
+
+class _HiredisFastPath:
+    """Two costs of every command of redis-py 5's asyncio connections removed.
 
     * Commands are packed with hiredis (C), as its sync client does: a script call with
       hundreds of arguments costs microseconds, not a millisecond.
@@ -29,54 +50,176 @@ class HiredisPackConnection(Connection):
     _serializer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        if not HIREDIS_AVAILABLE:
+            return super().pack_command(*args)  # type: ignore[misc]
         return self._serializer.pack(*args)
 
     async def can_read_destructive(self) -> bool:
-        parser = self._parser
+        parser = self._parser  # type: ignore[attr-defined]
         if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
-            return await super().can_read_destructive()  # raises when closed
+            return await super().can_read_destructive()  # type: ignore[misc]
         stream = parser._stream
         return parser._reader.has_data() or stream.at_eof() or bool(stream._buffer)
 
 
+class HiredisPackConnection(_HiredisFastPath, Connection):
+    """``redis://``: TCP."""
+
+
+class HiredisSSLConnection(_HiredisFastPath, SSLConnection):
+    """``rediss://``: TCP with TLS."""
+
+
+class HiredisUnixConnection(_HiredisFastPath, UnixDomainSocketConnection):
+    """``unix://``: a local socket."""
+
+
+class SentinelConnection(_HiredisFastPath, SentinelManagedConnection):
+    """``redis+sentinel://``: a connection to the service's current primary. redis-py asks
+    the sentinels at each connection attempt, and turns ``READONLY`` from a demoted
+    primary into a lost connection, so commands are retried on the new primary."""
+
+
+class SentinelSSLConnection(SentinelConnection, SSLConnection):
+    """``rediss+sentinel://``: the primary over TLS."""
+
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool (primary only) that can be cloned the way a plain pool is,
+    ``pool.__class__(connection_class=pool.connection_class, **pool.connection_kwargs)``,
+    and that closes its connections to the sentinels when it is closed."""
+
+    def __init__(self, service_name: str | None = None, sentinel_manager: Sentinel | None = None,
+                 **kwargs: Any) -> None:
+        twin = kwargs.pop("connection_pool", None)  # set by SentinelConnectionPool itself
+        if service_name is None and twin is not None:
+            service_name, sentinel_manager = twin.service_name, twin.sentinel_manager
+        if service_name is None or sentinel_manager is None:
+            raise TypeError("SentinelPool needs service_name and sentinel_manager")
+        super().__init__(service_name, sentinel_manager, **kwargs)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing, not the idle sweep after a new primary was seen
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+
 def connection_options() -> dict[str, Any]:
-    """Keyword arguments for a pool: ~20 s of retries with backoff, health checks."""
+    """Keyword arguments for a pool: ~20 s of retries with backoff, health checks, and a
+    bounded connect (TCP connect + TLS handshake). Each connection class takes the ones it
+    accepts; options in the URL win."""
     return {
         "decode_responses": False,
         "health_check_interval": 30,
         "socket_keepalive": True,
+        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
     }
 
 
+@cache
+def _accepted(connection_class: type) -> frozenset[str]:
+    """The keyword arguments ``connection_class`` (and its bases) take."""
+    names: set[str] = set()
+    for klass in connection_class.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY,
+                                                              p.POSITIONAL_OR_KEYWORD))
+    return frozenset(names - {"self"})
+
+
+def _connection_class(u: RedisURL) -> type[AbstractConnection]:
+    if u.kind == "unix":
+        return HiredisUnixConnection
+    if u.kind == "sentinel":
+        return SentinelSSLConnection if u.tls else SentinelConnection
+    return HiredisSSLConnection if u.tls else HiredisPackConnection
+
+
+def _pool(u: RedisURL, options: dict[str, Any]) -> ConnectionPool:
+    """A pool for ``u`` with ``options`` (URL options win), for the ones the class takes."""
+    connection_class = _connection_class(u)
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in u.options and not os.path.isfile(u.options[name]):
+            raise ValueError(f"invalid Redis URL {u.safe!r}: {name}={u.options[name]!r}: "
+                             "no such file")
+    options = {**options, **u.options}
+    if u.kind == "unix":
+        options["path"] = u.path
+    elif u.kind == "tcp":
+        options["host"], options["port"] = u.addresses[0]
+    accepted = _accepted(connection_class) | {"max_connections"}
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    if u.kind != "sentinel":
+        return ConnectionPool(connection_class=connection_class, **kwargs)
+    sentinel_kwargs = {k: v for k, v in options.items()
+                       if k in ("socket_connect_timeout", "socket_timeout")}
+    sentinel_kwargs.setdefault("socket_timeout", sentinel_kwargs.get("socket_connect_timeout"))
+    sentinel_kwargs.update(u.sentinel_options)
+    if u.tls:
+        sentinel_kwargs.update(ssl=True, **{k: v for k, v in options.items()
+                                            if k.startswith("ssl_")})
+    manager = Sentinel(list(u.addresses), sentinel_kwargs=sentinel_kwargs)
+    return SentinelPool(u.service, manager, connection_class=connection_class, **kwargs)
+
+
 def connection_pool(url: str) -> ConnectionPool:
-    options = connection_options()
-    if HIREDIS_AVAILABLE and urlsplit(url).scheme == "redis":
-        options["connection_class"] = HiredisPackConnection
-    return ConnectionPool.from_url(url, **options)
+    """A pool for ``url`` (any accepted form) whose commands ride out restarts and, with
+    Sentinel, failovers. Usable as ``Redis(connection_pool=...)`` and ``ArqRedis(...)``."""
+    return _pool(parse_url(url), connection_options())
 
 
 def connect(url: str) -> Redis:
-    """A Redis client for ``url`` that reconnects on its own."""
-    return Redis(connection_pool=connection_pool(url))
+    """A Redis client for ``url`` that reconnects on its own (and closes its pool)."""
+    return Redis.from_pool(connection_pool(url))
 
 
 async def check_reachable(url: str) -> None:
-    """Fail fast, with a clear message, when nothing answers at ``url``."""
-    probe = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    """Fail fast, with a clear message, when nothing answers at ``url``: one attempt,
+    bounded by the connect timeout (Sentinel: ask the sentinels, then ping the primary).
+
+    Raises ``RedisUnavailableError`` naming the URL (no password), the cause and a fix.
+    """
+    u = parse_url(url)
+    timeout = u.options.get("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
+    pool = _pool(u, {"decode_responses": False, "socket_connect_timeout": timeout,
+                     "socket_timeout": u.options.get("socket_timeout", timeout)})
+    probe = Redis.from_pool(pool)
     try:
+        if isinstance(pool, SentinelPool):
+            await _ask_sentinels(u, pool, timeout)
         await probe.ping()
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise ConnectionError(
-            f"cannot reach Redis at {safe_url(url)} ({exc}); start it, fix REDIS_URL/cache, "
-            "or leave both unset to use the embedded server"
-        ) from exc
+    except RedisUnavailableError:
+        raise
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        where = u.where
+        if isinstance(pool, SentinelPool) and pool.master_address:
+            where = "the primary {}:{} named by the sentinels".format(*pool.master_address)
+        cause, fix = explain_failure(exc, u, where, timeout)
+        raise RedisUnavailableError(f"cannot reach Redis at {u.safe}: {cause}; {fix}") from exc
     finally:
         await probe.aclose()
 
 
-def safe_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+async def _ask_sentinels(u: RedisURL, pool: SentinelPool, timeout: float) -> None:
+    """Return if a sentinel names a healthy primary, else say what each one answered."""
+    problems = []
+    for sentinel in pool.sentinel_manager.sentinels:
+        kwargs = sentinel.connection_pool.connection_kwargs
+        name = f"sentinel {kwargs['host']}:{kwargs['port']}"
+        try:
+            state = (await sentinel.sentinel_masters()).get(u.service)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            problems.append(f"{name}: {explain_failure(exc, u, name, timeout)[0]}")
+            continue
+        if state and pool.sentinel_manager.check_master_state(state, u.service):
+            return
+        problems.append(f"{name} " + (f"reports the primary of {u.service!r} down" if state
+                                      else f"monitors no service {u.service!r}"))
+    raise RedisUnavailableError(
+        f"cannot reach Redis at {u.safe}: no sentinel names a healthy primary "
+        f"({'; '.join(problems)}); check the sentinel addresses, the service name "
+        "(SENTINEL MASTERS lists them) and ?sentinel_password=")
