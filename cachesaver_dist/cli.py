@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_run_command(url, keys, args))
     except KeyboardInterrupt:
         return 130
-    except (CacheSaverError, ConnectionError, RuntimeError) as exc:
+    except (CacheSaverError, ConnectionError, RuntimeError, ValueError) as exc:
         print(f"cachesaver-dist: {exc}", file=sys.stderr)
         return 1
     finally:

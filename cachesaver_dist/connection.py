@@ -58,8 +58,9 @@ class _HiredisFastPath:
         parser = self._parser  # type: ignore[attr-defined]
         if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
             return await super().can_read_destructive()  # type: ignore[misc]
-        stream = parser._stream
-        return parser._reader.has_data() or stream.at_eof() or bool(stream._buffer)
+        stream: Any = parser._stream
+        reader: Any = parser._reader
+        return bool(reader.has_data() or stream.at_eof() or stream._buffer)
 
 
 class HiredisPackConnection(_HiredisFastPath, Connection):
@@ -151,7 +152,7 @@ def _pool(u: RedisURL, options: dict[str, Any]) -> ConnectionPool:
         options["path"] = u.path
     elif u.kind == "tcp":
         options["host"], options["port"] = u.addresses[0]
-    accepted = _accepted(connection_class) | {"max_connections"}
+    accepted = _accepted(connection_class) | {"max_connections"}  # type: ignore[arg-type]
     kwargs = {k: v for k, v in options.items() if k in accepted}
     if u.kind != "sentinel":
         return ConnectionPool(connection_class=connection_class, **kwargs)
