@@ -153,7 +153,7 @@ async def no_worker(url: str, prefix: str) -> None:
     async with OnlineAPI("sim:nobody", cache=url, prefix=prefix, reply_timeout=0.5,
                          request_timeout=30) as api:
         with pytest.raises(NoWorkerError):
-            await api.request(Request("anyone?", 1, "q0"))
+            await api.request(Request("anyone?", 1, "q0", None))
 
 
 def start_tenant(server: AclServer, tenant: str, tmp: Path, *batch_args: str,

@@ -454,7 +454,7 @@ class SentinelGroup:
 def wait_alive(client: sync_redis.Redis, keys: Keys, procs: Processes, *routes: str) -> None:
     deadline = time.monotonic() + 30
     for route in routes:
-        while not list(client.scan_iter(match=keys.worker_beacon(route, "*"))):
+        while not client.zcount(keys.workers(route), int(time.time() * 1000), "+inf"):
             dead = [p for p in procs.procs if p.poll() is not None]
             assert not dead, f"worker exited: {procs.logs(dead[0])}"
             assert time.monotonic() < deadline, f"no worker for {route}"
