@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from cachesaver_dist.simulator import (
     FaultRule,
     SimulatorConfig,
     add_arguments,
+    base_urls,
     config_from_args,
     root_url,
     running_simulator,
@@ -234,3 +236,109 @@ def test_serve_prints_url_and_stops_on_sigterm() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+# --- streaming, tools, logprobs, the Anthropic Messages API ----------------------------
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+
+
+async def test_openai_sdk_stream_tools_and_logprobs(sim: str) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(api_key="t", base_url=base_urls(sim)["openai"], max_retries=0)
+    whole = await client.chat.completions.create(model="m", messages=MSGS, n=2, seed=4,
+                                                 logprobs=True, top_logprobs=2)
+    for choice in whole.choices:
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    stream = await client.chat.completions.create(model="m", messages=MSGS, n=2, seed=4,
+                                                  stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    for i, choice in enumerate(whole.choices):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices and c.choices[0].index == i) == choice.message.content
+    called = await client.chat.completions.create(model="m", messages=MSGS, tools=[TOOL])
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+    assert set(json.loads(call.function.arguments)) == {"a", "b"}
+    answered = await client.chat.completions.create(model="m", tools=[TOOL], messages=[
+        *MSGS, called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "3"}])
+    assert answered.choices[0].message.content and not answered.choices[0].message.tool_calls
+    none = await client.chat.completions.create(model="m", messages=MSGS, tools=[TOOL],
+                                                tool_choice="none")
+    assert none.choices[0].finish_reason == "stop"
+    await client.close()
+
+
+async def test_raw_sse_format(sim: str) -> None:
+    async with httpx.AsyncClient(timeout=5) as c:
+        r = await c.post(f"{sim}/chat/completions",
+                         json={"model": "m", "messages": MSGS, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in r.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+async def test_anthropic_sdk_messages(sim: str) -> None:
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(api_key="t", base_url=base_urls(sim)["anthropic"],
+                                      max_retries=0)
+    msg = await client.messages.create(model="claude", max_tokens=2, system="be short",
+                                       messages=MSGS)  # samples have at least 3 words
+    assert msg.type == "message" and msg.stop_reason == "max_tokens"
+    assert len(msg.content[0].text.split()) == 2 and msg.usage.output_tokens == 2
+    assert msg.usage.input_tokens == 5 + 2  # the system prompt counts
+    tool = {"name": "add", "input_schema": TOOL["function"]["parameters"]}
+    called = await client.messages.create(model="claude", max_tokens=50, messages=MSGS,
+                                          tools=[tool], tool_choice={"type": "any"})
+    assert called.stop_reason == "tool_use" and called.content[0].type == "tool_use"
+    async with client.messages.stream(model="claude", max_tokens=50, messages=MSGS,
+                                      tools=[tool]) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].input.keys() == {"a", "b"}
+    events = [e async for e in await client.messages.create(model="claude", max_tokens=50,
+                                                            messages=MSGS, stream=True)]
+    assert [e.type for e in events][:2] == ["message_start", "content_block_start"]
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await client.messages.create(model="claude", max_tokens=0, messages=MSGS)
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    counters = await admin(sim, "GET", "/admin/counters")
+    assert counters["models"]["claude"]["requests"] == 4 and counters["invalid_requests"] == 1
+    await client.close()
+
+
+async def test_anthropic_needs_version_header_and_faults_use_its_format(sim: str) -> None:
+    async with httpx.AsyncClient(timeout=5) as c:
+        r = await c.post(f"{root_url(sim)}/v1/messages",
+                         json={"model": "c", "max_tokens": 5, "messages": MSGS})
+        assert r.status_code == 400 and "anthropic-version" in r.json()["error"]["message"]
+        await admin(sim, "POST", "/admin/faults", {"faults": [{"status": 529, "count": 1}]})
+        r = await c.post(f"{root_url(sim)}/v1/messages", headers={"anthropic-version": "x"},
+                         json={"model": "c", "max_tokens": 5, "messages": MSGS})
+    assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
+    assert r.headers["request-id"] == r.json()["request_id"]
+
+
+def test_serve_prints_a_base_url_per_sdk() -> None:
+    code = ("import argparse; from cachesaver_dist import simulator as s; p = argparse."
+            "ArgumentParser(); s.add_arguments(p); s.main_from_args(p.parse_args(['--port', '0']))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                          stderr=subprocess.DEVNULL, env=env) as proc:
+        try:
+            lines = [proc.stdout.readline().strip() for _ in range(4)]
+            urls = dict(line.split(" SDK: base_url=") for line in lines[1:])
+            assert urls["openai"] == lines[0].split()[-1] and urls["openai"].endswith("/v1")
+            assert urls["together"] == urls["anthropic"] == urls["openai"].removesuffix("/v1")
+            with together.Together(api_key="t", base_url=urls["together"], max_retries=0) as c:
+                assert c.chat.completions.create(model="m", messages=MSGS).choices
+        finally:
+            proc.terminate()
+            proc.wait(timeout=5)

@@ -1,0 +1,577 @@
+"""The core of the drop-in provider clients (``cachesaver_dist.models.<provider>``).
+
+A client takes the SDK's own constructor arguments plus ours, and answers
+``chat.completions.create`` (Anthropic: ``messages.create``) with the SDK's own types,
+through an ``OnlineAPI`` per model: cached, deduplicated and batched. The model object
+of each pipeline calls the real SDK in this process, so API keys never leave it. Every
+other attribute (``client.models.list()``, ``client.chat.completions.parse``, ...) is
+the real SDK client's, uncached. See ``docs/dropin.md``.
+
+Sync clients run the async machinery on a private event loop in a daemon thread (one
+per client) and wait for each call there, so they work inside a running event loop
+(a notebook) as well as outside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar, NamedTuple
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+
+from .. import defaults
+from ..connection import check_reachable, connect
+from ..errors import CacheSaverError, ProviderError
+from ..pipelines import OnlineAPI
+from ..prepare import check_run, check_text
+from ..protocol import prompt_key
+from ..server import EmbeddedServer, resolve_redis_url
+from ..typedefs import Request, Response, SingleRequestModel
+
+__all__ = ["AsyncChunkStream", "AsyncClient", "ChunkStream", "Client", "Metadata", "Provider"]
+
+# Arguments of every SDK call that never shape generation: sent, but not in the key.
+NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", "extra_query"})
+DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # a reply may wait for the SDK's own timeouts and retries
+CLOSE_WAIT_S = 10.0
+
+
+class Metadata(NamedTuple):
+    """What ``create(..., metadata=True)`` returns beside the response: per sample, whether
+    it was served from cache and whether another request's generation produced it."""
+
+    n: int
+    cached: list[bool] | None = None
+    duplicated: list[bool] | None = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One provider: its SDK client classes, answer format and defaults.
+
+    ``key_env`` / ``url_env``: when set, ``api_key`` / ``base_url`` not given come from
+    these variables (else ``default_key`` / ``default_url``), never from the SDK's own
+    (an OpenAI key must not reach Groq). ``default_url`` is also what the identity
+    compares with: a client on another URL gets ``<name>@<host/path>`` as provider id.
+    """
+
+    name: str
+    async_sdk: Any
+    sync_sdk: Any
+    format: Any  # formats.ChatFormat | formats.MessagesFormat
+    default_url: str | None = None
+    key_env: str | None = None
+    url_env: str | None = None
+    default_key: str | None = None
+    max_n: int | None = None
+
+    def derive(self, **changes: Any) -> Provider:
+        return dataclasses.replace(self, **changes)
+
+    def sdk_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kw = dict(kwargs)
+        if self.key_env is not None and kw.get("api_key") is None:
+            kw["api_key"] = os.environ.get(self.key_env) or self.default_key
+            if not kw["api_key"]:
+                raise CacheSaverError(f"{self.name}: pass api_key=... or set {self.key_env}")
+        if self.url_env is not None and kw.get("base_url") is None:
+            kw["base_url"] = os.environ.get(self.url_env) or self.default_url
+            if not kw["base_url"]:
+                raise CacheSaverError(f"{self.name}: pass base_url=... (the server's OpenAI-"
+                                      f"compatible URL, e.g. http://localhost:8000/v1) or set "
+                                      f"{self.url_env}")
+        return kw
+
+
+def _where(url: Any) -> str:
+    """``host[:port]/path`` of a URL: no scheme, credentials or query."""
+    parts = urlsplit(str(url))
+    host = (parts.hostname or "").lower()
+    return host + (f":{parts.port}" if parts.port else "") + parts.path.rstrip("/")
+
+
+def _omitted(value: Any) -> bool:
+    return value is None or type(value).__name__ in ("NotGiven", "Omit")
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data (SDK objects dumped, tuples and iterables as lists)."""
+    if value is None or isinstance(value, (str, int, float, bytes)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if hasattr(value, "model_dump"):
+        return plain(value.model_dump(mode="json", exclude_unset=True, by_alias=True,
+                                      warnings=False))
+    if isinstance(value, Iterable):
+        return [plain(v) for v in value]
+    return value  # prepare() names the field that cannot be stored
+
+
+@cache
+def _request_type(names: tuple[str, ...]) -> type[Request]:
+    return dataclasses.make_dataclass(
+        "DropinRequest", [(name, Any, dataclasses.field(default=None)) for name in names],
+        bases=(Request,), frozen=True)
+
+
+def _walk(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _provider_error(provider: str, exc: Exception) -> Exception:
+    """An SDK error as ``ProviderError`` (status and the provider's message), else as is."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        from ..backends.retry import error_parts
+
+        kind, message = error_parts(getattr(exc, "body", None))
+        return ProviderError(provider, status, message or str(exc), kind=kind)
+    if type(exc).__name__ in ("APIConnectionError", "APITimeoutError"):
+        return ProviderError(provider, None, str(exc))
+    return exc
+
+
+class DropinModel(SingleRequestModel):
+    """The in-process model of one pipeline: the request's fields are the SDK call."""
+
+    def __init__(self, core: _Core, model_id: str) -> None:
+        self.core, self.model = core, model_id
+
+    async def request(self, request: Request) -> Response:
+        core = self.core
+        fields = request.model_fields()
+        extras: dict[str, Any] = {}
+        if core.lent:  # arguments outside the key of a caller in this process
+            waiting = core.lent.get(prompt_key(self.model, fields))
+            extras = waiting[0] if waiting else {}
+        kwargs = {k: v for k, v in fields.items() if k != "prompt" and v is not None}
+        create = _walk(core.sdk, core.format.path).create
+
+        async def call(**kw: Any) -> Any:
+            try:
+                return await create(**kw)
+            except Exception as exc:
+                raise _provider_error(core.provider.name, exc) from exc
+
+        return await core.format.generate(call, {**kwargs, **extras}, request.n, core.max_n)
+
+
+class _Core:
+    """State shared by the async and sync clients: SDK client, Redis, one pipeline per model."""
+
+    def __init__(self, provider: Provider, sdk_kwargs: dict[str, Any], *, namespace: str,
+                 cache: Any, run: str | None, batch_size: int, batch_timeout: float,
+                 prefix: str | None, data_dir: str | None, provider_id: str | None,
+                 max_n: int | None, request_timeout: float, max_prompt_bytes: int) -> None:
+        if cache is not None and not isinstance(cache, (str, Redis)):
+            raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
+                            f"{type(cache).__name__}")
+        self.provider, self.format = provider, provider.format
+        self.sdk_kwargs = sdk_kwargs
+        self._sdk: Any = provider.async_sdk(**sdk_kwargs)  # raises for a missing key, as the SDK
+        self.signature = inspect.signature(_walk(self._sdk, self.format.path).create)
+        if provider_id is None:
+            where = _where(self._sdk.base_url)
+            default = provider.default_url and _where(provider.default_url)
+            provider_id = provider.name if where == default else f"{provider.name}@{where}"
+        self.provider_id = check_text(provider_id, "provider_id")
+        self.namespace = check_text(namespace, "namespace")
+        # One run for the client's life (all its models, and after close() too).
+        self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
+        self.max_n = max_n or provider.max_n
+        self._batch_size, self._batch_timeout = batch_size, batch_timeout
+        self._prefix, self._request_timeout = prefix, request_timeout
+        self._max_prompt_bytes = max_prompt_bytes
+        self._cache, self._data_dir = cache, data_dir or defaults.data_dir()
+        self._ids = itertools.count()
+        self.lent: dict[str, list[dict[str, Any]]] = {}
+        self.exit_hook: Callable[[], Any] | None = None  # run at exit before the server stops
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pipelines: dict[str, asyncio.Task[OnlineAPI]] = {}
+        self._connecting: asyncio.Task[Redis] | None = None
+        self._redis: Redis | None = None
+        self._server: EmbeddedServer | None = None
+
+    @property
+    def sdk(self) -> Any:
+        if self._sdk is None:
+            self._sdk = self.provider.async_sdk(**self.sdk_kwargs)
+        return self._sdk
+
+    # --- requests -------------------------------------------------------------------
+
+    async def create(self, kwargs: dict[str, Any], namespace: str | None,
+                     request_id: str | None, metadata: Any) -> tuple[Any, Metadata | None, bool]:
+        """``(response or chunk iterator, Metadata if asked for, streamed)`` for
+        ``create(**kwargs)``."""
+        want_meta = metadata if isinstance(metadata, bool) else False
+        if not isinstance(metadata, bool) and not _omitted(metadata):
+            kwargs["metadata"] = metadata  # the SDK's own metadata argument
+        kwargs = {k: v for k, v in kwargs.items() if not _omitted(v)}
+        try:
+            self.signature.bind(**kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.format.name}.create(): {exc}") from None
+        n = kwargs.pop("n", 1) if self.format.has_n else 1
+        stream, options = kwargs.pop("stream", False), kwargs.pop("stream_options", None)
+        extras = {k: kwargs.pop(k) for k in list(kwargs) if k in self.format.not_in_key}
+        fields = {k: plain(v) for k, v in kwargs.items()}
+        model = fields.get("model")
+        if not isinstance(model, str) or not model:
+            raise TypeError(f"{self.format.name}.create(): model must be a non-empty str, "
+                            f"got {model!r:.80}")
+        request = _request_type(tuple(sorted(fields)))(
+            prompt=self.format.name, n=n, namespace=namespace or self.namespace,
+            request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
+            **fields)
+        api = await self._pipeline(model)
+        if extras:
+            key = prompt_key(api.model_id, request.model_fields())
+            self.lent.setdefault(key, []).append(extras)
+        try:
+            response = await api.request(request)
+        finally:
+            if extras:
+                waiting = self.lent[key]
+                waiting.remove(extras)
+                if not waiting:
+                    del self.lent[key]
+        result = self.format.assemble(response.data)
+        if stream:
+            result = self.format.stream(result, options)
+        meta = Metadata(len(response.data), list(response.cached or []),
+                        list(response.duplicated or [])) if want_meta else None
+        return result, meta, bool(stream)
+
+    async def _pipeline(self, model: str) -> OnlineAPI:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise CacheSaverError("this client is in use on another running event loop; "
+                                      "create one client per event loop")
+            self._abandon()
+            self._loop = loop
+        task = self._pipelines.get(model)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = self._pipelines[model] = loop.create_task(self._open(model))
+        return await asyncio.shield(task)
+
+    async def _open(self, model: str) -> OnlineAPI:
+        if self._connecting is None or (self._connecting.done() and (
+                self._connecting.cancelled() or self._connecting.exception())):
+            self._connecting = asyncio.create_task(self._connect())
+        redis = await asyncio.shield(self._connecting)
+        model_id = f"{self.provider_id}:{model}"
+        api = OnlineAPI(DropinModel(self, model_id), cache=redis, run=self.run,
+                        model_id=model_id, batch_size=self._batch_size,
+                        timeout=self._batch_timeout, prefix=self._prefix,
+                        request_timeout=self._request_timeout,
+                        max_prompt_bytes=self._max_prompt_bytes)
+        await api.start()
+        return api
+
+    async def _connect(self) -> Redis:
+        if isinstance(self._cache, Redis):
+            return self._cache
+        url, self._server = await asyncio.to_thread(resolve_redis_url, self._cache,
+                                                    self._data_dir)
+        if self._server is not None and self.exit_hook is not None:
+            atexit.register(self.exit_hook)  # atexit is last in, first out
+        await check_reachable(url)
+        self._redis = connect(url)
+        return self._redis
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def _abandon(self) -> None:
+        """Forget what was started on an event loop that is now closed."""
+        if self._server is not None:
+            self._server.stop()
+        if self._loop is not None:
+            self._sdk = None  # its connections belong to the closed loop
+        self._reset()
+
+    async def aclose(self) -> None:
+        """Close the pipelines (pending requests finish), Redis, the embedded server, the SDK."""
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            if not self._loop.is_closed():
+                raise CacheSaverError("close the client on the event loop it runs on")
+            self._abandon()
+        pipelines, connecting = list(self._pipelines.values()), self._connecting
+        for task in pipelines:
+            with contextlib.suppress(Exception):
+                await (await task).close()
+        if connecting is not None:
+            with contextlib.suppress(Exception):
+                await connecting
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+        self._reset()
+        self._loop = None
+        if self._sdk is not None:
+            sdk, self._sdk = self._sdk, None
+            await sdk.close()
+
+
+class _Resource:
+    """One node of the SDK's resource tree: ``create`` (or the named child) is ours,
+    every other attribute the real SDK client's."""
+
+    def __init__(self, sdk: Callable[[], Any], **children: Any) -> None:
+        self._sdk = sdk
+        self.__dict__.update(children)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._sdk(), name)
+
+
+def _mount(client: Any, sdk: Callable[[], Any], path: tuple[str, ...], create: Any) -> None:
+    """Set ``client.<path[0]>...<path[-1]>.create`` to ``create``."""
+    def at(depth: int) -> Callable[[], Any]:
+        return lambda: _walk(sdk(), path[:depth])
+
+    node = _Resource(at(len(path)), create=create)
+    for i in range(len(path) - 1, 0, -1):
+        node = _Resource(at(i), **{path[i]: node})
+    setattr(client, path[0], node)
+
+
+def _wrap(result: tuple[Any, Metadata | None, bool], stream_type: type) -> Any:
+    out, meta, streamed = result
+    if streamed:
+        out = stream_type(out)
+    return out if meta is None else (out, meta)
+
+
+class AsyncClient:
+    """Base of the async drop-in clients (``AsyncOpenAI``, ``AsyncAnthropic``, ...).
+
+    Arguments: the SDK client's own (``api_key``, ``base_url``, ``timeout``,
+    ``max_retries``, ``default_headers``, ...: passed to it), and ours: ``namespace``
+    (default ``"default"``), ``cache`` (Redis URL, ``redis.asyncio.Redis``, or None:
+    ``REDIS_URL``, else an embedded server in ``data_dir``), ``run``, ``batch_size``,
+    ``batch_timeout`` (seconds a batch waits to fill), ``prefix``, ``provider_id``
+    (cache identity), ``max_n`` (samples per provider call), ``request_timeout`` and
+    ``max_prompt_bytes``. See ``docs/dropin.md``.
+    """
+
+    provider: ClassVar[Provider]
+
+    def __init__(self, *, namespace: str = "default", cache: Any = None,
+                 run: str | None = None, batch_size: int = defaults.BATCH_SIZE,
+                 batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
+                 data_dir: str | None = None, provider_id: str | None = None,
+                 max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, **sdk_options: Any) -> None:
+        self._core = core = _Core(
+            self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
+            cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
+            prefix=prefix, data_dir=data_dir, provider_id=provider_id, max_n=max_n,
+            request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes)
+
+        async def create(*, namespace: str | None = None, request_id: str | None = None,
+                         metadata: Any = False, **kwargs: Any) -> Any:
+            return _wrap(await core.create(kwargs, namespace, request_id, metadata),
+                         AsyncChunkStream)
+
+        _mount(self, lambda: core.sdk, core.format.path, create)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._core.sdk, name)
+
+    async def close(self) -> None:
+        """Close the pipelines and connections; the client opens them again if used."""
+        await self._core.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        core = self._core
+        return f"<{type(self).__name__} {core.provider_id} namespace={core.namespace!r}>"
+
+
+class _LoopThread:
+    """A private event loop in a daemon thread; ``run`` waits for a coroutine there."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name=self.name,
+                                                daemon=True)
+                self._thread.start()
+            loop = self._loop
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise CacheSaverError("a sync client was called from its own event loop thread")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(CLOSE_WAIT_S)
+        if not thread.is_alive():
+            loop.close()
+
+
+def _shutdown(runner: _LoopThread, core: _Core) -> None:
+    if runner.started:
+        with contextlib.suppress(Exception):
+            runner.run(asyncio.wait_for(core.aclose(), CLOSE_WAIT_S))
+        runner.stop()
+
+
+class Client:
+    """Base of the sync drop-in clients (``OpenAI``, ``Anthropic``, ...): the arguments of
+    ``AsyncClient``. Calls run on the client's own event loop thread; an ``http_client``
+    given goes only to the SDK client serving the attributes we do not wrap."""
+
+    provider: ClassVar[Provider]
+
+    def __init__(self, *, namespace: str = "default", cache: Any = None,
+                 run: str | None = None, batch_size: int = defaults.BATCH_SIZE,
+                 batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
+                 data_dir: str | None = None, provider_id: str | None = None,
+                 max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, **sdk_options: Any) -> None:
+        self._sdk_options = self.provider.sdk_kwargs(sdk_options)
+        self._core = core = _Core(
+            self.provider, {k: v for k, v in self._sdk_options.items() if k != "http_client"},
+            namespace=namespace, cache=cache, run=run, batch_size=batch_size,
+            batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir,
+            provider_id=provider_id, max_n=max_n, request_timeout=request_timeout,
+            max_prompt_bytes=max_prompt_bytes)
+        self._runner = runner = _LoopThread(f"cachesaver-{type(self).__name__}")
+        self._finalizer = core.exit_hook = weakref.finalize(self, _shutdown, runner, core)
+        self._sync_sdk: Any = None
+
+        def create(*, namespace: str | None = None, request_id: str | None = None,
+                   metadata: Any = False, **kwargs: Any) -> Any:
+            return _wrap(runner.run(core.create(kwargs, namespace, request_id, metadata)),
+                         ChunkStream)
+
+        _mount(self, self._sdk, core.format.path, create)
+
+    def _sdk(self) -> Any:
+        if self._sync_sdk is None:
+            self._sync_sdk = self.provider.sync_sdk(**self._sdk_options)
+        return self._sync_sdk
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._sdk(), name)
+
+    def close(self) -> None:
+        """Close the pipelines, connections and the loop thread (started again if used)."""
+        _shutdown(self._runner, self._core)
+        atexit.unregister(self._finalizer)
+        if self._sync_sdk is not None:
+            self._sync_sdk.close()
+            self._sync_sdk = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        core = self._core
+        return f"<{type(self).__name__} {core.provider_id} namespace={core.namespace!r}>"
+
+
+class ChunkStream:
+    """``create(stream=True)`` of a sync client: iterate for the SDK's chunk objects."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._items: Iterator[Any] = iter(items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items = iter(())
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncChunkStream:
+    """``await create(stream=True)`` of an async client: ``async for`` the SDK's chunks."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._items: Iterator[Any] = iter(items)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        self._items = iter(())
+
+    async def __aenter__(self) -> AsyncChunkStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,459 @@
+"""Drop-in provider clients against the simulator (loopback) and a real Redis server.
+
+The simulator runs on its own thread, so a sync client may block the test's event loop
+while it waits. Each test uses its own model names: the simulator counts per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import together
+from anthropic.types import Message, RawContentBlockDeltaEvent, RawMessageStartEvent
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from together.types.chat import ChatCompletion as TogetherCompletion
+from together.types.chat import ChatCompletionChunk as TogetherChunk
+
+from cachesaver_dist.errors import GenerationError
+from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
+from cachesaver_dist.models.dropin import Metadata
+from cachesaver_dist.models.formats import split_usage, sum_usage
+from cachesaver_dist.models.groq import AsyncGroq, Groq
+from cachesaver_dist.models.openai import AsyncOpenAI, OpenAI
+from cachesaver_dist.models.openrouter import AsyncOpenRouter, OpenRouter
+from cachesaver_dist.models.together import AsyncTogether, Together
+from cachesaver_dist.models.vllm import VLLM, AsyncVLLM
+from cachesaver_dist.simulator import SimulatorConfig, base_urls, root_url, running_simulator
+from tests.conftest import ROOT, subprocess_env
+
+MSGS = [{"role": "user", "content": "Tell me about caches"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}]
+
+
+@dataclass
+class Sim:
+    url: str  # the /v1 URL
+
+    @property
+    def openai(self) -> str:
+        return base_urls(self.url)["openai"]
+
+    @property
+    def together(self) -> str:
+        return base_urls(self.url)["together"]
+
+    @property
+    def anthropic(self) -> str:
+        return base_urls(self.url)["anthropic"]
+
+    def requests(self, model: str) -> int:
+        counters = httpx.get(f"{root_url(self.url)}/admin/counters").json()
+        return counters["models"].get(model, {}).get("requests", 0)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Sim]:
+    """The simulator on its own event loop thread."""
+    ready, box = threading.Event(), {}
+
+    async def main() -> None:
+        box["stop"], box["loop"] = asyncio.Event(), asyncio.get_running_loop()
+        async with running_simulator(SimulatorConfig()) as url:
+            box["url"] = url
+            ready.set()
+            await box["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10), "simulator did not start"
+    yield Sim(box["url"])
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    thread.join(10)
+
+
+@pytest.fixture
+def opts(redis_url, keys) -> dict[str, Any]:
+    """Our options: the test Redis server and a private prefix."""
+    return {"cache": redis_url, "prefix": keys.prefix}
+
+
+def model_name() -> str:
+    return f"m-{uuid.uuid4().hex[:8]}"
+
+
+def texts(completion) -> list[str | None]:
+    return [c.message.content for c in completion.choices]
+
+
+# --- each client: its SDK's type, n choices, cache across namespaces --------------------
+
+
+async def test_async_openai_cache_across_namespaces(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        first, meta = await client.chat.completions.create(model=model, messages=MSGS, n=3,
+                                                           metadata=True)
+        assert isinstance(first, ChatCompletion) and len(first.choices) == 3
+        assert isinstance(meta, Metadata) and (meta.n, meta.cached) == (3, [False] * 3)
+        assert len(meta.duplicated) == 3
+        assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts(first))) == 3
+        other, meta = await client.chat.completions.create(model=model, messages=MSGS, n=3,
+                                                           namespace="other", metadata=True)
+        assert meta.cached == [True] * 3
+        assert other.model_dump() == first.model_dump()  # ids, usage, everything
+        again = await client.chat.completions.create(model=model, messages=MSGS, n=3)
+        assert not set(texts(again)) & set(texts(first))  # same namespace: fresh samples
+    assert sim.requests(model) == 2
+
+
+def test_sync_openai_cache_across_namespaces(sim, opts):
+    model = model_name()
+    with OpenAI(api_key="test", base_url=sim.openai, max_retries=0, namespace="ns1",
+                **opts) as client:
+        first = client.chat.completions.create(model=model, messages=MSGS, n=2)
+        assert isinstance(first, ChatCompletion) and len(first.choices) == 2
+        other, meta = client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                     namespace="ns2", metadata=True)
+        assert meta.cached == [True, True] and texts(other) == texts(first)
+        again = client.chat.completions.create(model=model, messages=MSGS, n=2)
+        assert not set(texts(again)) & set(texts(first))
+        assert client.models.list().data  # not wrapped: the SDK's own, uncached
+    # a closed client opens again if used, in the same run: the namespace goes on
+    later = client.chat.completions.create(model=model, messages=MSGS, n=2)
+    assert not set(texts(later)) & (set(texts(first)) | set(texts(again)))
+    client.close()
+    assert sim.requests(model) == 3
+
+
+async def test_together_clients(sim, opts):
+    model = model_name()
+    async with AsyncTogether(api_key="test", base_url=sim.together, max_retries=0,
+                             **opts) as client:
+        first = await client.chat.completions.create(model=model, messages=MSGS, n=2)
+        assert isinstance(first, TogetherCompletion) and len(first.choices) == 2
+    with Together(api_key="test", base_url=sim.together, max_retries=0, namespace="sync",
+                  **opts) as client:
+        other, meta = client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                     metadata=True)
+        assert isinstance(other, TogetherCompletion) and meta.cached == [True, True]
+        assert texts(other) == texts(first)
+        again = client.chat.completions.create(model=model, messages=MSGS, n=2)
+        assert not set(texts(again)) & set(texts(first))
+        chunks = list(client.chat.completions.create(model=model, messages=MSGS, stream=True,
+                                                     namespace="stream"))
+        assert all(isinstance(c, TogetherChunk) for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            first.choices[0].message.content
+    assert sim.requests(model) == 2
+
+
+async def test_anthropic_clients(sim, opts):
+    model = model_name()
+    args = {"model": model, "max_tokens": 50, "messages": MSGS, "system": "Be brief."}
+    async with AsyncAnthropic(api_key="test", base_url=sim.anthropic, max_retries=0,
+                              **opts) as client:
+        first, meta = await client.messages.create(**args, metadata=True)
+        assert isinstance(first, Message) and (meta.n, meta.cached) == (1, [False])
+        assert first.content[0].type == "text" and first.stop_reason == "end_turn"
+        with pytest.raises(TypeError, match="'n'"):  # the Messages API has no n
+            await client.messages.create(**args, n=2)
+    with Anthropic(api_key="test", base_url=sim.anthropic, max_retries=0, namespace="sync",
+                   **opts) as client:
+        other, meta = client.messages.create(**args, metadata=True)
+        assert meta.cached == [True] and other.model_dump() == first.model_dump()
+        again = client.messages.create(**args)
+        assert again.content[0].text != first.content[0].text
+        tool = client.messages.create(**args, tools=[{"name": "lookup", "input_schema": {
+            "type": "object", "properties": {"query": {"type": "string"}}}}])
+        assert tool.stop_reason == "tool_use" and tool.content[0].name == "lookup"
+        assert set(tool.content[0].input) == {"query"}
+    assert sim.requests(model) == 3
+
+
+async def test_openai_compatible_providers(sim, opts, monkeypatch):
+    model = model_name()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-be-used")
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+    with pytest.raises(Exception, match="GROQ_API_KEY"):  # never the OpenAI key
+        AsyncGroq(base_url=sim.openai, **opts)
+    monkeypatch.delenv("VLLM_BASE_URL", raising=False)
+    with pytest.raises(Exception, match="base_url"):
+        AsyncVLLM(**opts)
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+    clients = [AsyncGroq(base_url=sim.openai, **opts),
+               AsyncOpenRouter(api_key="or-test", base_url=sim.openai, **opts),
+               AsyncVLLM(base_url=sim.openai, **opts)]
+    assert clients[0]._core.sdk.api_key == "gsk-test"
+    assert clients[2]._core.sdk.api_key == "EMPTY"
+    assert repr(AsyncGroq(**opts)).startswith("<AsyncGroq groq namespace")
+    for i, client in enumerate(clients):
+        async with client:
+            completion = await client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                              namespace=f"ns{i}")
+            assert isinstance(completion, ChatCompletion) and len(completion.choices) == 2
+    # groq serves one choice per call; openrouter and vllm are other endpoints (identity
+    # <provider>@<host>) with their own samples: 2 + 1 + 1 calls.
+    assert sim.requests(model) == 4
+    for cls in (Groq, OpenRouter, VLLM):
+        with cls(api_key="k", base_url=sim.openai, namespace="sync", **opts) as client:
+            got = client.chat.completions.create(model=model, messages=MSGS)
+            assert isinstance(got, ChatCompletion)
+    assert sim.requests(model) == 4  # the sync clients reuse their async siblings' samples
+
+
+# --- two OS processes sharing one Redis -------------------------------------------------
+
+
+def test_two_processes_share_samples(sim, redis_url, keys):
+    model = model_name()
+
+    def run(kind: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.dropin_proc", kind, sim.openai, keys.prefix, model,
+             "default", "3"], env=subprocess_env(redis_url), cwd=ROOT, capture_output=True,
+            text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    first = run("async")
+    assert first["cached"] == [False] * 3 and len(set(first["contents"])) == 3
+    second = run("sync")
+    assert second["contents"] == first["contents"] and second["usage"] == first["usage"]
+    assert second["cached"] == [True] * 3
+    assert sim.requests(model) == 1
+
+
+# --- what the provider returned round-trips exactly -------------------------------------
+
+
+def _without_call_ids(completion) -> dict[str, Any]:
+    return {k: v for k, v in completion.model_dump().items() if k not in ("id", "created")}
+
+
+async def test_tool_calls_logprobs_usage_round_trip(sim, opts):
+    model = model_name()
+    direct = openai.AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0)
+    cases = [{"tools": TOOLS, "tool_choice": "auto", "n": 2, "seed": 11},
+             {"logprobs": True, "top_logprobs": 3, "n": 3, "seed": 12, "max_tokens": 4},
+             {"n": 2, "seed": 13, "stop": ["zzz"], "temperature": 0.5}]
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        for case in cases:
+            want = await direct.chat.completions.create(model=model, messages=MSGS, **case)
+            got = await client.chat.completions.create(model=model, messages=MSGS, **case)
+            assert _without_call_ids(got) == _without_call_ids(want)
+            for g, w in zip(got.choices, want.choices):
+                assert g.finish_reason == w.finish_reason
+                assert g.message.tool_calls == w.message.tool_calls
+                assert g.logprobs == w.logprobs
+            assert got.usage == want.usage and got.system_fingerprint == want.system_fingerprint
+            cached, meta = await client.chat.completions.create(
+                model=model, messages=MSGS, namespace="again", metadata=True, **case)
+            assert all(meta.cached) and cached.model_dump() == got.model_dump()
+        assert got.choices[0].finish_reason in ("stop", "length")
+        calls = await client.chat.completions.create(model=model, messages=MSGS, **cases[0],
+                                                     namespace="x")
+    await direct.close()
+    assert calls.choices[0].finish_reason == "tool_calls"
+    assert json.loads(calls.choices[0].message.tool_calls[0].function.arguments).keys() == \
+        {"city", "days", "unit"}
+
+
+async def test_tool_loop_with_the_sdks_own_message_objects(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:
+        called = await client.chat.completions.create(model=model, messages=MSGS, tools=TOOLS)
+        message = called.choices[0].message  # an SDK object, sent back as the SDK allows
+        history = [*MSGS, message, {"role": "tool", "tool_call_id": message.tool_calls[0].id,
+                                    "content": "sunny"}]
+        answer = await client.chat.completions.create(model=model, messages=history,
+                                                      tools=TOOLS)
+        assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.content
+        again, meta = await client.chat.completions.create(
+            model=model, messages=[*MSGS, message.model_dump(), history[-1]], tools=TOOLS,
+            namespace="b", metadata=True)  # the same history as plain dicts: the same key
+        assert meta.cached == [True] and texts(again) == texts(answer)
+    assert sim.requests(model) == 2
+
+
+async def test_usage_of_samples_from_several_calls(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:
+        two = await client.chat.completions.create(model=model, messages=MSGS, n=2)
+        # namespace b: samples 0 and 1 are cached (call one), sample 2 is new (call two)
+        three, meta = await client.chat.completions.create(model=model, messages=MSGS, n=3,
+                                                           namespace="b", metadata=True)
+    assert meta.cached == [True, True, False] and texts(three)[:2] == texts(two)
+    prompt = two.usage.prompt_tokens
+    assert three.usage.prompt_tokens == 2 * prompt  # call one's, all of it; call two's
+    assert three.usage.completion_tokens == sum(len(t.split()) for t in texts(three))
+    assert three.usage.total_tokens == three.usage.prompt_tokens + three.usage.completion_tokens
+    assert sim.requests(model) == 2
+
+
+def test_usage_shares_add_up():
+    usage = {"prompt_tokens": 7, "completion_tokens": 10, "total_tokens": 17, "cost": 0.3,
+             "prompt_tokens_details": {"cached_tokens": 5}, "tier": "std"}
+    shares = split_usage(usage, 3)
+    assert [s["prompt_tokens"] for s in shares] == [3, 2, 2]
+    assert all(s["tier"] == "std" for s in shares)
+    total = sum_usage(shares)
+    assert total == {**usage, "cost": pytest.approx(0.3)}
+
+
+# --- arguments outside the key ---------------------------------------------------------
+
+
+async def test_non_generation_arguments_are_not_in_the_key(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        first = await client.chat.completions.create(model=model, messages=MSGS, n=2)
+        hit, meta = await client.chat.completions.create(
+            model=model, messages=MSGS, n=2, namespace="b", metadata=True, user="alice",
+            store=True, extra_headers={"X-Trace": "1"}, timeout=30, service_tier="auto",
+            stream_options=None, safety_identifier="s1")
+        assert meta.cached == [True, True] and texts(hit) == texts(first)
+        hit = await client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                   namespace="c", metadata={"run": "7"})
+        assert texts(hit) == texts(first)  # a dict is the SDK's metadata: not in the key
+        assert sim.requests(model) == 1
+        other = await client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                     namespace="d", temperature=0.3)
+        assert not set(texts(other)) & set(texts(first))  # temperature is in the key
+        assert sim.requests(model) == 2
+        # and arguments outside the key still reach the SDK call that generates
+        with pytest.raises(GenerationError, match=r"(?i)timed out"):
+            await client.chat.completions.create(model=model, messages=MSGS, temperature=0.9,
+                                                 timeout=1e-6)
+        with pytest.raises(TypeError, match="frobnicate"):
+            await client.chat.completions.create(model=model, messages=MSGS, frobnicate=1)
+
+
+async def test_concurrent_identical_calls_share_one_provider_call(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:
+        await client.chat.completions.create(model=model, messages=[{"role": "user",
+                                                                      "content": "warm up"}])
+        got = await asyncio.gather(*(client.chat.completions.create(
+            model=model, messages=MSGS, n=2, request_id=f"r{i}") for i in range(3)))
+    contents = [t for completion in got for t in texts(completion)]
+    assert len(set(contents)) == 6  # one namespace: every request its own samples
+    assert sim.requests(model) == 2  # the warm-up, and one call with n=6
+
+
+# --- streaming --------------------------------------------------------------------------
+
+
+def _streamed(chunks) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            out[c.index] = out.get(c.index, "") + (c.delta.content or "")
+    return out
+
+
+async def test_streaming_fresh_and_cached(sim, opts):
+    model = model_name()
+    args = {"model": model, "messages": MSGS, "n": 2, "logprobs": True}
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:
+        stream, meta = await client.chat.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}, metadata=True)
+        assert meta.cached == [False, False]
+        fresh = [c async for c in stream]
+        assert all(isinstance(c, ChatCompletionChunk) for c in fresh)
+        assert fresh[0].choices[0].delta.role == "assistant"
+        whole = await client.chat.completions.create(**args, namespace="b")
+        assert _streamed(fresh) == {i: t for i, t in enumerate(texts(whole))}
+        assert fresh[-1].choices == [] and fresh[-1].usage == whole.usage
+        assert [c.choices[0].finish_reason for c in fresh if c.choices][-1] == "stop"
+        tokens = [lp.token for c in fresh if c.choices and c.choices[0].index == 0
+                  and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+        assert tokens == [lp.token for lp in whole.choices[0].logprobs.content]
+        async with await client.chat.completions.create(**args, namespace="c",
+                                                        stream=True) as stream:
+            cached = [c async for c in stream]
+        assert _streamed(cached) == _streamed(fresh)
+        assert all(c.usage is None for c in cached)  # no include_usage: no usage chunk
+        tools = await client.chat.completions.create(model=model, messages=MSGS, tools=TOOLS,
+                                                     stream=True)
+        calls = [tc for c in [c async for c in tools] if c.choices
+                 for tc in c.choices[0].delta.tool_calls or []]
+        assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments)
+    with OpenAI(api_key="test", base_url=sim.openai, namespace="d", **opts) as client:
+        chunks = list(client.chat.completions.create(**args, stream=True))
+        assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+        assert _streamed(chunks) == _streamed(fresh)
+    assert sim.requests(model) == 2
+
+
+async def test_anthropic_streaming(sim, opts):
+    model = model_name()
+    args = {"model": model, "max_tokens": 30, "messages": MSGS}
+    async with AsyncAnthropic(api_key="test", base_url=sim.anthropic, **opts) as client:
+        events = [e async for e in await client.messages.create(**args, stream=True)]
+        message = await client.messages.create(**args, namespace="b")
+    assert isinstance(events[0], RawMessageStartEvent)
+    assert [e.type for e in events][-2:] == ["message_delta", "message_stop"]
+    text = "".join(e.delta.text for e in events if isinstance(e, RawContentBlockDeltaEvent))
+    assert text == message.content[0].text
+    assert events[-2].delta.stop_reason == message.stop_reason
+    assert events[-2].usage.output_tokens == message.usage.output_tokens
+    with Anthropic(api_key="test", base_url=sim.anthropic, namespace="c", **opts) as client:
+        cached, meta = client.messages.create(**args, stream=True, metadata=True)
+        assert meta.cached == [True]
+        assert [e.model_dump() for e in cached] == [e.model_dump() for e in events]
+    assert sim.requests(model) == 1
+
+
+# --- sync clients inside a running event loop; errors ----------------------------------
+
+
+async def test_sync_client_inside_a_running_event_loop(sim, opts):
+    asyncio.get_running_loop()  # as in a notebook cell
+    model = model_name()
+    with OpenAI(api_key="test", base_url=sim.openai, **opts) as client:
+        first = client.chat.completions.create(model=model, messages=MSGS, n=2)
+        other = client.chat.completions.create(model=model, messages=MSGS, n=2, namespace="b")
+    assert isinstance(first, ChatCompletion) and texts(other) == texts(first)
+    with Anthropic(api_key="test", base_url=sim.anthropic, **opts) as client:
+        message = client.messages.create(model=model, max_tokens=10, messages=MSGS)
+    assert isinstance(message, Message)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cachesaver-")]
+
+
+async def test_provider_errors_surface(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        with pytest.raises(GenerationError, match=r"returned 400.*between 1 and 128"):
+            await client.chat.completions.create(model=model, messages=MSGS, n=200)
+    with Anthropic(api_key="test", base_url=sim.anthropic, max_retries=0, **opts) as client:
+        with pytest.raises(GenerationError, match=r"anthropic returned 400.*temperature"):
+            client.messages.create(model=model, max_tokens=10, messages=MSGS,
+                                   extra_body={"temperature": 3})
+        with pytest.raises(TypeError, match="max_tokens"):  # missing: refused at once
+            client.messages.create(model=model, messages=MSGS)
+    with pytest.raises(openai.BadRequestError):  # what the SDK itself raises
+        await openai.AsyncOpenAI(api_key="t", base_url=sim.openai, max_retries=0) \
+            .chat.completions.create(model=model, messages=MSGS, n=200)
+    assert anthropic and together  # the SDKs the clients wrap are installed
+
+
+def test_importing_the_package_does_not_import_provider_sdks():
+    code = ("import sys, cachesaver_dist, cachesaver_dist.models; "
+            "assert not {'openai', 'anthropic'} & set(sys.modules), sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
