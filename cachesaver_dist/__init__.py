@@ -14,7 +14,14 @@ from .errors import (
 from .models import SimModel
 from .pipelines import LocalAPI, OnlineAPI, OrderedLocalAPI
 from .protocol import Keys, prompt_key
-from .typedefs import Batch, BatchRequestModel, Request, Response, SingleRequestModel
+from .typedefs import (
+    Batch,
+    BatchRequestModel,
+    Metadata,
+    Request,
+    Response,
+    SingleRequestModel,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +33,7 @@ __all__ = [
     "InvalidRequestError",
     "Keys",
     "LocalAPI",
+    "Metadata",
     "ModelError",
     "NoWorkerError",
     "OnlineAPI",

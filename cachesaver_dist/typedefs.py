@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .errors import InvalidRequestError
 
-__all__ = ["Batch", "BatchRequestModel", "Request", "Response", "SingleRequestModel"]
+__all__ = ["Batch", "BatchRequestModel", "Metadata", "Request", "Response", "SingleRequestModel"]
 
 # Fields of a request that steer the cache rather than the model.
 ROUTING_FIELDS = ("n", "request_id", "namespace")
@@ -102,6 +102,15 @@ class Response(_ResponseFields):
 
     def _replace(self, **changes: Any) -> Response:
         return Response(*super()._replace(**changes), metadata=self.metadata)
+
+
+class Metadata(NamedTuple):
+    """What a drop-in client's ``create(..., metadata=True)`` returns beside the
+    response: the sample count and the flags of ``Response``."""
+
+    n: int
+    cached: list[bool] | None = None
+    duplicated: list[bool] | None = None
 
 
 @runtime_checkable

@@ -207,7 +207,7 @@ async def test_make_backend_names_and_options(monkeypatch):
 
 def test_request_mapping_splitting_and_parsing():
     req = DecodingRequest("hi", 3, "r", "ns", temperature=0.5, max_completion_tokens=9)
-    assert decoding_params(req) == {"temperature": 0.5, "max_tokens": 9}
+    assert decoding_params(req) == {"temperature": 0.5, "max_completion_tokens": 9}
     assert decoding_params(Request("hi", 1, None, None)) == {}
     assert split_n(5, 2) == [2, 2, 1] and split_n(4, 2) == [2, 2] and split_n(1, 16) == [1]
     body = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 9, "n": 2}

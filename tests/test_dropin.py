@@ -27,6 +27,7 @@ from together.types.chat import ChatCompletion as TogetherCompletion
 from together.types.chat import ChatCompletionChunk as TogetherChunk
 
 from cachesaver_dist.errors import GenerationError
+from cachesaver_dist.models import derive_seed
 from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
 from cachesaver_dist.models.dropin import Metadata
 from cachesaver_dist.models.formats import split_usage, sum_usage
@@ -247,6 +248,8 @@ def _without_call_ids(completion) -> dict[str, Any]:
 
 
 async def test_tool_calls_logprobs_usage_round_trip(sim, opts):
+    """Each sample equals the direct SDK call that made it: with a fixed seed, sample i
+    is generated alone with seed ``derive_seed(seed, i)``; usage is the calls' sum."""
     model = model_name()
     direct = openai.AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0)
     cases = [{"tools": TOOLS, "tool_choice": "auto", "n": 2, "seed": 11},
@@ -254,14 +257,19 @@ async def test_tool_calls_logprobs_usage_round_trip(sim, opts):
              {"n": 2, "seed": 13, "stop": ["zzz"], "temperature": 0.5}]
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
         for case in cases:
-            want = await direct.chat.completions.create(model=model, messages=MSGS, **case)
+            one = {k: v for k, v in case.items() if k not in ("n", "seed")}
+            wants = [await direct.chat.completions.create(
+                model=model, messages=MSGS, n=1, seed=derive_seed(case["seed"], i), **one)
+                for i in range(case["n"])]
             got = await client.chat.completions.create(model=model, messages=MSGS, **case)
-            assert _without_call_ids(got) == _without_call_ids(want)
-            for g, w in zip(got.choices, want.choices):
-                assert g.finish_reason == w.finish_reason
-                assert g.message.tool_calls == w.message.tool_calls
-                assert g.logprobs == w.logprobs
-            assert got.usage == want.usage and got.system_fingerprint == want.system_fingerprint
+            assert [c.index for c in got.choices] == list(range(case["n"]))
+            for g, w in zip(got.choices, wants):
+                assert g.model_dump(exclude={"index"}) == \
+                    w.choices[0].model_dump(exclude={"index"})
+            for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                assert getattr(got.usage, field) == sum(getattr(w.usage, field) for w in wants)
+            assert (got.model, got.system_fingerprint) == (wants[0].model,
+                                                           wants[0].system_fingerprint)
             cached, meta = await client.chat.completions.create(
                 model=model, messages=MSGS, namespace="again", metadata=True, **case)
             assert all(meta.cached) and cached.model_dump() == got.model_dump()
@@ -457,3 +465,17 @@ def test_importing_the_package_does_not_import_provider_sdks():
     code = ("import sys, cachesaver_dist, cachesaver_dist.models; "
             "assert not {'openai', 'anthropic'} & set(sys.modules), sys.modules.keys()")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+async def test_flags_are_the_originals(sim, opts):
+    """n=2 in one call: the second sample is duplicated (its prompt was paid once); the
+    same call in another namespace: all cached, none duplicated."""
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        _, fresh = await client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                        metadata=True)
+        _, again = await client.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                        namespace="other", metadata=True)
+    assert fresh == Metadata(2, [False, False], [False, True])
+    assert again == Metadata(2, [True, True], [False, False])
+    assert sim.requests(model) == 1

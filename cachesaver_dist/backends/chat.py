@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 
 # Completion tokens assumed per sample when a request sets no max_tokens.
 DEFAULT_COMPLETION_ESTIMATE = 512
-_NOT_SENT = frozenset({"prompt", "model", "messages", "n", "stream",
-                       "max_tokens", "max_completion_tokens"})
+_NOT_SENT = frozenset({"prompt", "model", "messages", "n", "stream"})
 
 
 def to_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -42,17 +41,12 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
 def decoding_params(request: Request) -> dict[str, Any]:
     """The request's decoding fields under the provider's names, ``None`` omitted.
 
-    ``max_completion_tokens`` (or ``max_tokens``) is sent as ``max_tokens``; other
-    fields (temperature, top_p, stop, seed, and any a ``Request`` subclass adds)
-    are sent under their own names.
+    Every field (temperature, top_p, stop, seed, ``max_tokens`` or
+    ``max_completion_tokens``, and any a ``Request`` subclass adds) is sent under the
+    name the caller used.
     """
     fields = request.model_fields()
-    params = {k: v for k, v in fields.items() if k not in _NOT_SENT and v is not None}
-    limit = fields.get("max_completion_tokens")
-    limit = fields.get("max_tokens") if limit is None else limit
-    if limit is not None:
-        params["max_tokens"] = limit
-    return params
+    return {k: v for k, v in fields.items() if k not in _NOT_SENT and v is not None}
 
 
 def split_n(n: int, max_n: int) -> list[int]:
@@ -64,7 +58,8 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     """Tokens a call may use, for the token limit, counted before the call.
 
     Prompt: characters of the message contents / 4 (the usual rule of thumb for
-    English), counted once per call. Completion: ``max_tokens`` (else
+    English), counted once per call. Completion: ``max_completion_tokens`` or
+    ``max_tokens`` (else
     ``DEFAULT_COMPLETION_ESTIMATE``) for each of the call's ``n`` samples.
     """
     chars = 0
@@ -73,7 +68,8 @@ def estimate_tokens(body: dict[str, Any]) -> int:
         parts = [content] if isinstance(content, str) else content or []
         chars += sum(len(p if isinstance(p, str) else str(p.get("text", "")))
                      for p in parts if isinstance(p, (str, dict)))
-    per_sample = body.get("max_tokens") or DEFAULT_COMPLETION_ESTIMATE
+    per_sample = (body.get("max_completion_tokens") or body.get("max_tokens")
+                  or DEFAULT_COMPLETION_ESTIMATE)
     return math.ceil(chars / 4) + per_sample * body.get("n", 1)
 
 

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -39,7 +39,7 @@ from ..pipelines import OnlineAPI
 from ..prepare import check_run, check_text
 from ..protocol import prompt_key
 from ..server import EmbeddedServer, resolve_redis_url
-from ..typedefs import Request, Response, SingleRequestModel
+from ..typedefs import Metadata, Request, Response, SingleRequestModel
 
 __all__ = ["AsyncChunkStream", "AsyncClient", "ChunkStream", "Client", "Metadata", "Provider"]
 
@@ -47,15 +47,6 @@ __all__ = ["AsyncChunkStream", "AsyncClient", "ChunkStream", "Client", "Metadata
 NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", "extra_query"})
 DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # a reply may wait for the SDK's own timeouts and retries
 CLOSE_WAIT_S = 10.0
-
-
-class Metadata(NamedTuple):
-    """What ``create(..., metadata=True)`` returns beside the response: per sample, whether
-    it was served from cache and whether another request's generation produced it."""
-
-    n: int
-    cached: list[bool] | None = None
-    duplicated: list[bool] | None = None
 
 
 @dataclass(frozen=True)
