@@ -11,8 +11,9 @@ from typing import Any
 
 import anthropic
 
-from .dropin import NOT_IN_KEY, AsyncClient, Client, Metadata, Provider
+from .dropin import NOT_IN_KEY, AsyncClient, Metadata, Provider
 from .formats import MessagesFormat
+from .sync import Client
 
 __all__ = ["ANTHROPIC", "Anthropic", "AsyncAnthropic", "Metadata"]
 

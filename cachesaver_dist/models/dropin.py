@@ -7,9 +7,7 @@ of each pipeline calls the real SDK in this process, so API keys never leave it.
 other attribute (``client.models.list()``, ``client.chat.completions.parse``, ...) is
 the real SDK client's, uncached. See ``docs/dropin.md``.
 
-Sync clients run the async machinery on a private event loop in a daemon thread (one
-per client) and wait for each call there, so they work inside a running event loop
-(a notebook) as well as outside one.
+The sync clients are in ``sync.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +19,7 @@ import dataclasses
 import inspect
 import itertools
 import os
-import threading
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -41,7 +37,7 @@ from ..protocol import prompt_key
 from ..server import EmbeddedServer, resolve_redis_url
 from ..typedefs import Metadata, Request, Response, SingleRequestModel
 
-__all__ = ["AsyncChunkStream", "AsyncClient", "ChunkStream", "Client", "Metadata", "Provider"]
+__all__ = ["AsyncChunkStream", "AsyncClient", "Metadata", "Provider"]
 
 # Arguments of every SDK call that never shape generation: sent, but not in the key.
 NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", "extra_query"})
@@ -410,137 +406,6 @@ class AsyncClient:
     def __repr__(self) -> str:
         core = self._core
         return f"<{type(self).__name__} {core.provider_id} namespace={core.namespace!r}>"
-
-
-class _LoopThread:
-    """A private event loop in a daemon thread; ``run`` waits for a coroutine there."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._loop is not None
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name=self.name,
-                                                daemon=True)
-                self._thread.start()
-            loop = self._loop
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise CacheSaverError("a sync client was called from its own event loop thread")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def stop(self) -> None:
-        with self._lock:
-            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(CLOSE_WAIT_S)
-        if not thread.is_alive():
-            loop.close()
-
-
-def _shutdown(runner: _LoopThread, core: _Core) -> None:
-    if runner.started:
-        with contextlib.suppress(Exception):
-            runner.run(asyncio.wait_for(core.aclose(), CLOSE_WAIT_S))
-        runner.stop()
-
-
-class Client:
-    """Base of the sync drop-in clients (``OpenAI``, ``Anthropic``, ...): the arguments of
-    ``AsyncClient``. Calls run on the client's own event loop thread; an ``http_client``
-    given goes only to the SDK client serving the attributes we do not wrap."""
-
-    provider: ClassVar[Provider]
-
-    def __init__(self, *, namespace: str = "default", cache: Any = None,
-                 run: str | None = None, batch_size: int = defaults.BATCH_SIZE,
-                 batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
-                 data_dir: str | None = None, provider_id: str | None = None,
-                 max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, **sdk_options: Any) -> None:
-        self._sdk_options = self.provider.sdk_kwargs(sdk_options)
-        self._core = core = _Core(
-            self.provider, {k: v for k, v in self._sdk_options.items() if k != "http_client"},
-            namespace=namespace, cache=cache, run=run, batch_size=batch_size,
-            batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir,
-            provider_id=provider_id, max_n=max_n, request_timeout=request_timeout,
-            max_prompt_bytes=max_prompt_bytes)
-        self._runner = runner = _LoopThread(f"cachesaver-{type(self).__name__}")
-        self._finalizer = core.exit_hook = weakref.finalize(self, _shutdown, runner, core)
-        self._sync_sdk: Any = None
-
-        def create(*, namespace: str | None = None, request_id: str | None = None,
-                   metadata: Any = False, **kwargs: Any) -> Any:
-            return _wrap(runner.run(core.create(kwargs, namespace, request_id, metadata)),
-                         ChunkStream)
-
-        _mount(self, self._sdk, core.format.path, create)
-
-    def _sdk(self) -> Any:
-        if self._sync_sdk is None:
-            self._sync_sdk = self.provider.sync_sdk(**self._sdk_options)
-        return self._sync_sdk
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._sdk(), name)
-
-    def close(self) -> None:
-        """Close the pipelines, connections and the loop thread (started again if used)."""
-        _shutdown(self._runner, self._core)
-        atexit.unregister(self._finalizer)
-        if self._sync_sdk is not None:
-            self._sync_sdk.close()
-            self._sync_sdk = None
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        core = self._core
-        return f"<{type(self).__name__} {core.provider_id} namespace={core.namespace!r}>"
-
-
-class ChunkStream:
-    """``create(stream=True)`` of a sync client: iterate for the SDK's chunk objects."""
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        self._items: Iterator[Any] = iter(items)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        return next(self._items)
-
-    def close(self) -> None:
-        self._items = iter(())
-
-    def __enter__(self) -> ChunkStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AsyncChunkStream:

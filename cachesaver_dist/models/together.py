@@ -11,8 +11,9 @@ from typing import Any
 import together
 from together.types.chat import ChatCompletion, ChatCompletionChunk
 
-from .dropin import NOT_IN_KEY, AsyncClient, Client, Metadata, Provider
+from .dropin import NOT_IN_KEY, AsyncClient, Metadata, Provider
 from .formats import ChatFormat
+from .sync import Client
 
 __all__ = ["TOGETHER", "AsyncTogether", "Metadata", "Together"]
 
