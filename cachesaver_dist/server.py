@@ -220,8 +220,9 @@ class EmbeddedServer:
 
     def _args(self, port: int) -> list[str]:
         assert self.binary is not None
-        persist = (["--appendonly", "yes", "--appendfsync", "everysec",
-                    "--save", "3600 1 300 100 60 10000"]  # RDB defaults + AOF
+        # AOF fsynced before every reply, as ops/redis.conf (docs/reliability.md), + RDB
+        persist = (["--appendonly", "yes", "--appendfsync", "always",
+                    "--save", "3600 1 300 100 60 10000"]
                    if self.persist else ["--save", "", "--appendonly", "no"])
         return [self.binary, "--port", str(port), "--bind", "127.0.0.1",
                 "--protected-mode", "yes", "--daemonize", "no",
