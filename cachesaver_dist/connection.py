@@ -116,7 +116,8 @@ def connection_options() -> dict[str, Any]:
         "socket_keepalive": True,
         "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError,
+                           ConnectionRefusedError],
     }
 
 

@@ -134,7 +134,7 @@ def _conf_directives() -> dict[str, list[str]]:
 def test_redis_conf() -> None:
     d = _conf_directives()
     assert d["appendonly"] == ["yes"]
-    assert d["appendfsync"] == ["everysec"]
+    assert d["appendfsync"] == ["always"]  # why: docs/reliability.md (Redis killed)
     assert d["maxmemory-policy"] == ["noeviction"]
     assert {"900 1", "300 100"} <= set(d["save"])
     assert d["notify-keyspace-events"] == ['""']

@@ -314,11 +314,11 @@ def collect(clients: list[subprocess.Popen], timeout: float) -> list[dict[str, A
 
 
 def wait_subscribed(url: str, count: int, timeout: float = 30.0) -> None:
-    """Wait until ``count`` clients hold their reply subscription (one pattern each, on a
+    """Wait until ``count`` clients hold their reply subscription (one channel each, on a
     private server): no client is still starting at the first kill."""
     deadline = time.monotonic() + timeout
     with contextlib.closing(_client(url)) as client:
-        while client.pubsub_numpat() < count:
+        while len(client.pubsub_channels()) < count:
             assert time.monotonic() < deadline, f"{count} clients not subscribed in {timeout} s"
             time.sleep(0.05)
 
