@@ -448,7 +448,8 @@ def decode_wake_token(data: bytes, keys: Keys) -> str:
         job_id = data.decode()
     except UnicodeDecodeError:
         raise ProtocolError("wake token is not UTF-8", "token") from None
-    if not job_id.startswith(keys.prefix) or len(job_id) > MAX_ID_CHARS:
+    # ``Keys.new_job_id``: the prefix, then a short id (a long prefix is fine)
+    if not job_id.startswith(keys.prefix) or len(job_id) - len(keys.prefix) > MAX_ID_CHARS:
         raise ProtocolError(f"wake token is not a job id under prefix {keys.prefix!r}", "token")
     return job_id
 
