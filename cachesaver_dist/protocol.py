@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import keyword
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ import msgpack
 
 from . import defaults
 from .errors import ProtocolError
+from .typedefs import ROUTING_FIELDS
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = defaults.PREFIX
@@ -290,6 +292,15 @@ def decode_spec(data: bytes) -> Spec:
     fields = _get(msg, "fields", dict, kind)
     if not all(isinstance(k, str) for k in fields):
         raise ProtocolError(f"{kind}: field names must be str", "fields")
+    # The batch worker builds a Request from the fields: it needs a prompt, and names
+    # that can be dataclass fields other than the routing ones.
+    if "prompt" not in fields:
+        raise ProtocolError(f"{kind}: field 'prompt' is missing from 'fields'", "fields")
+    for name in fields:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__") \
+                or name in ROUTING_FIELDS:
+            raise ProtocolError(f"{kind}: field name {name[:40]!r} in 'fields' is not a "
+                                "request field name", "fields")
     return Spec(_id(msg.get("route"), "route", kind), _id(msg.get("model_id"), "model_id", kind),
                 fields)
 
