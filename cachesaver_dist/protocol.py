@@ -531,16 +531,27 @@ class MalformedJob:
 
 
 def arq_deserialize(data: bytes) -> dict[str, Any]:
-    """arq's job deserializer. A job that is not ours comes back as a call of the cache
-    job with a ``MalformedJob`` argument, so the worker sets it aside instead of failing."""
+    """arq's deserializer, for jobs and results: a result comes back as it is; see
+    ``arq_deserialize_job`` for jobs."""
+    return _arq_deserialize(data, results=True)
+
+
+def arq_deserialize_job(data: bytes) -> dict[str, Any]:
+    """The cache workers' job deserializer. A job that is not ours (a result, a job
+    missing one of arq's fields included) comes back as a call of the cache job with a
+    ``MalformedJob`` argument, so the worker sets it aside instead of failing."""
+    return _arq_deserialize(data, results=False)
+
+
+def _arq_deserialize(data: bytes, results: bool) -> dict[str, Any]:
     try:
         obj = unpack(data, "arq job")
-        if isinstance(obj, dict) and "r" in obj:  # a job result, not a job
+        if results and isinstance(obj, dict) and "r" in obj:  # a job result, not a job
             return obj
         if not (isinstance(obj, dict) and obj.get("f") == CACHE_JOB
                 and isinstance(obj.get("a"), list) and len(obj["a"]) == 1
                 and isinstance(obj["a"][0], bytes) and isinstance(obj.get("k"), dict)
-                and isinstance(obj.get("et"), int)):
+                and isinstance(obj.get("et"), int) and "t" in obj):
             raise ProtocolError(f"arq job is not a {CACHE_JOB!r} call with one bytes argument")
     except ProtocolError as exc:
         return {"t": 1, "f": CACHE_JOB, "a": [MalformedJob(bytes(data), str(exc))], "k": {},
