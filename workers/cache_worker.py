@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesaver_dist import defaults
 from cachesaver_dist.deadletters import set_aside
-from cachesaver_dist.errors import ProtocolError, refused
+from cachesaver_dist.errors import ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
 from cachesaver_dist.protocol import (
     CACHE_JOB,
@@ -175,7 +175,7 @@ class CacheWorker(Worker):
         try:
             await super().run_job(job_id, score)
         except ResponseError as exc:  # e.g. the job key holds another type: set it aside
-            await set_aside(self.pool, self.keys, "cache job", f"unreadable: {exc}",
+            await set_aside(self.pool, self.keys, "cache job", f"unreadable: {redis_message(exc)}",
                             job_id, job_key_prefix + job_id)
             await self.finish_failed_job(job_id, None)
 
