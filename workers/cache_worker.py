@@ -120,9 +120,10 @@ class CacheWorker(Worker):
             try:
                 job_id = raw.decode()
             except UnicodeDecodeError:
-                await set_aside(self.pool, self.keys, "queue entry", "job id is not UTF-8", raw,
-                                self.queue_name)
-                await self.pool.zrem(self.queue_name, raw)
+                # Every worker's poll sees it: the one that removes it sets it aside.
+                if await self.pool.zrem(self.queue_name, raw):
+                    await set_aside(self.pool, self.keys, "queue entry", "job id is not UTF-8",
+                                    raw, self.queue_name)
                 continue
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
