@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+
 __all__ = [
     "CacheSaverError",
     "GenerationError",
@@ -98,7 +101,16 @@ def redis_message(exc: BaseException) -> str:
     errors in pipelines (they may hold prompt text)."""
     text = str(exc)
     marker = " of pipeline caused error: "
-    return text.split(marker, 1)[1] if marker in text else text
+    if marker not in text:
+        return text
+    text = text.split(marker, 1)[1]
+    # redis-py's asyncio pipelines write the error's args tuple: "('WRONGTYPE ...',)"
+    if text.startswith("('") or text.startswith('("'):
+        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+            args = ast.literal_eval(text)
+            if isinstance(args, tuple) and args and isinstance(args[0], str):
+                return args[0]
+    return text
 
 
 def refused(exc: BaseException, doing: str) -> RedisRefusedError:

@@ -18,7 +18,7 @@ from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import check_model, model_identity
 from .prepare import check_run, check_text, prepare
-from .protocol import CACHED, DUPLICATED, GENERATED, Keys, WorkItem, decode_sample
+from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -95,6 +95,17 @@ class OnlineAPI:
             self.model_id = model_id or model_identity(model)
             self.route, self._model = f"inproc:{self.model_id}", model
         check_text(self.model_id, "model_id")
+        # Workers read the route and model id of every request as ids of at most
+        # MAX_ID_CHARS: a longer one would set every batch of this pipeline aside.
+        if len(self.route) > MAX_ID_CHARS:
+            local = self._model is not None
+            what = "model_id" if local else "model name"
+            spare = len(self.route) - len(self.model_id) if local else 0
+            raise InvalidRequestError(f"{what} has {len(self.route) - spare} characters; use "
+                                      f"at most {MAX_ID_CHARS - spare}")
+        if len(self.model_id) > MAX_ID_CHARS:
+            raise InvalidRequestError(f"model_id has {len(self.model_id)} characters; use at "
+                                      f"most {MAX_ID_CHARS}")
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.batch_size, self.timeout = batch_size, timeout
         self.allow_batch_overflow = allow_batch_overflow  # no effect: see the class docstring

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import keyword
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ import msgpack
 
 from . import defaults
 from .errors import ProtocolError
+from .typedefs import ROUTING_FIELDS
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = defaults.PREFIX
@@ -299,6 +301,15 @@ def decode_spec(data: bytes) -> Spec:
     fields = _get(msg, "fields", dict, kind)
     if not all(isinstance(k, str) for k in fields):
         raise ProtocolError(f"{kind}: field names must be str", "fields")
+    # The batch worker builds a Request from the fields: it needs a prompt, and names
+    # that can be dataclass fields other than the routing ones.
+    if "prompt" not in fields:
+        raise ProtocolError(f"{kind}: field 'prompt' is missing from 'fields'", "fields")
+    for name in fields:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__") \
+                or name in ROUTING_FIELDS:
+            raise ProtocolError(f"{kind}: field name {name[:40]!r} in 'fields' is not a "
+                                "request field name", "fields")
     for name in ("namespace", "request_id"):
         if not isinstance(msg.get(name), (str, type(None))):
             raise ProtocolError(f"{kind}: field {name!r} must be a str or nil", name)
@@ -460,7 +471,8 @@ def decode_wake_token(data: bytes, keys: Keys) -> str:
         job_id = data.decode()
     except UnicodeDecodeError:
         raise ProtocolError("wake token is not UTF-8", "token") from None
-    if not job_id.startswith(keys.prefix) or len(job_id) > MAX_ID_CHARS:
+    # ``Keys.new_job_id``: the prefix, then a short id (a long prefix is fine)
+    if not job_id.startswith(keys.prefix) or len(job_id) - len(keys.prefix) > MAX_ID_CHARS:
         raise ProtocolError(f"wake token is not a job id under prefix {keys.prefix!r}", "token")
     return job_id
 
@@ -531,16 +543,27 @@ class MalformedJob:
 
 
 def arq_deserialize(data: bytes) -> dict[str, Any]:
-    """arq's job deserializer. A job that is not ours comes back as a call of the cache
-    job with a ``MalformedJob`` argument, so the worker sets it aside instead of failing."""
+    """arq's deserializer, for jobs and results: a result comes back as it is; see
+    ``arq_deserialize_job`` for jobs."""
+    return _arq_deserialize(data, results=True)
+
+
+def arq_deserialize_job(data: bytes) -> dict[str, Any]:
+    """The cache workers' job deserializer. A job that is not ours (a result, a job
+    missing one of arq's fields included) comes back as a call of the cache job with a
+    ``MalformedJob`` argument, so the worker sets it aside instead of failing."""
+    return _arq_deserialize(data, results=False)
+
+
+def _arq_deserialize(data: bytes, results: bool) -> dict[str, Any]:
     try:
         obj = unpack(data, "arq job")
-        if isinstance(obj, dict) and "r" in obj:  # a job result, not a job
+        if results and isinstance(obj, dict) and "r" in obj:  # a job result, not a job
             return obj
         if not (isinstance(obj, dict) and obj.get("f") == CACHE_JOB
                 and isinstance(obj.get("a"), list) and len(obj["a"]) == 1
                 and isinstance(obj["a"][0], bytes) and isinstance(obj.get("k"), dict)
-                and isinstance(obj.get("et"), int)):
+                and isinstance(obj.get("et"), int) and "t" in obj):
             raise ProtocolError(f"arq job is not a {CACHE_JOB!r} call with one bytes argument")
     except ProtocolError as exc:
         return {"t": 1, "f": CACHE_JOB, "a": [MalformedJob(bytes(data), str(exc))], "k": {},

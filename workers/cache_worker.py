@@ -30,13 +30,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesaver_dist import defaults
 from cachesaver_dist.deadletters import set_aside
-from cachesaver_dist.errors import ProtocolError, refused
+from cachesaver_dist.errors import ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
 from cachesaver_dist.protocol import (
     CACHE_JOB,
     Keys,
     MalformedJob,
-    arq_deserialize,
+    arq_deserialize_job,
     arq_serialize,
     decode_job,
     decode_wake_token,
@@ -120,9 +120,10 @@ class CacheWorker(Worker):
             try:
                 job_id = raw.decode()
             except UnicodeDecodeError:
-                await set_aside(self.pool, self.keys, "queue entry", "job id is not UTF-8", raw,
-                                self.queue_name)
-                await self.pool.zrem(self.queue_name, raw)
+                # Every worker's poll sees it: the one that removes it sets it aside.
+                if await self.pool.zrem(self.queue_name, raw):
+                    await set_aside(self.pool, self.keys, "queue entry", "job id is not UTF-8",
+                                    raw, self.queue_name)
                 continue
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
@@ -175,7 +176,7 @@ class CacheWorker(Worker):
         try:
             await super().run_job(job_id, score)
         except ResponseError as exc:  # e.g. the job key holds another type: set it aside
-            await set_aside(self.pool, self.keys, "cache job", f"unreadable: {exc}",
+            await set_aside(self.pool, self.keys, "cache job", f"unreadable: {redis_message(exc)}",
                             job_id, job_key_prefix + job_id)
             await self.finish_failed_job(job_id, None)
 
@@ -254,7 +255,7 @@ def cache_worker(
         max_jobs=max_jobs,
         keep_result=0,
         job_serializer=arq_serialize,
-        job_deserializer=arq_deserialize,
+        job_deserializer=arq_deserialize_job,
         handle_signals=False,
         health_check_interval=15,
         health_check_key=keys.cache_health,

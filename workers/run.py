@@ -9,6 +9,7 @@ out Redis restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -17,11 +18,11 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from cachesaver_dist import defaults
 from cachesaver_dist.connection import check_reachable, connect, connection_pool, safe_url
-from cachesaver_dist.errors import CacheSaverError, RedisUnavailableError, refused
+from cachesaver_dist.errors import CacheSaverError, refused
 from cachesaver_dist.protocol import Keys
 
 from .batch_worker import BatchWorker, BatchWorkerConfig
@@ -56,19 +57,22 @@ class LocalWorkers:
 async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults.CONNECT_WAIT_S
                          ) -> None:
     """Wait up to ``wait_s`` for Redis at ``url`` to answer (a compose stack starts
-    workers and Redis together); a refused login fails at once."""
+    workers and Redis together); a refused login fails at once. Returns early, without
+    error, when ``stop`` is set meanwhile."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         try:
             await check_reachable(url)
             return
-        except RedisUnavailableError as exc:
-            text = str(exc).lower()
-            if "auth" in text or "password" in text or stop.is_set() or \
+        except ConnectionError as exc:  # what check_reachable raises
+            if stop.is_set():
+                return
+            if isinstance(exc.__cause__, AuthenticationError) or \
                     asyncio.get_running_loop().time() >= deadline:
                 raise
             log.info("waiting for Redis at %s (%s)", safe_url(url), exc)
-        await asyncio.sleep(0.5)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
 
 
 def serve(main: Callable[[asyncio.Event], Awaitable[int]], url: str) -> int:
