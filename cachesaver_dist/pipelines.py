@@ -74,7 +74,8 @@ class OnlineAPI:
         if hash is not None and not callable(hash):
             raise InvalidRequestError(f"hash must be a callable Request -> str, got "
                                       f"{type(hash).__name__}")
-        timeout = 0.0 if timeout is None or timeout < 0 else timeout  # the original's -1
+        if timeout is None or (isinstance(timeout, (int, float)) and timeout < 0):
+            timeout = 0.0  # the original's wrappers pass None or -1 for "do not wait"
         model_batch_size = batch_size if model_batch_size is None else model_batch_size
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency),
                             ("model_batch_size", model_batch_size),

@@ -2,7 +2,7 @@
 
 Every string anywhere in a request must be encodable as UTF-8 (a lone surrogate such as
 ``"\\udc80"`` is not); every value must be one msgpack stores as it is (str, int, float,
-bool, None, bytes, and lists, tuples and dicts of those).
+bool, None, bytes, and lists, tuples and str-keyed dicts of those).
 """
 
 from __future__ import annotations
@@ -138,11 +138,10 @@ def _check_value(value: Any, path: str, depth: int = 0) -> None:
             _check_value(item, f"{path}[{i}]", depth + 1)
     elif isinstance(value, dict):
         for k, item in value.items():
-            if isinstance(k, str):
-                _check_utf8(k, f"a key of field {path}")
-            elif not isinstance(k, int):
+            if not isinstance(k, str):
                 raise InvalidRequestError(f"field {path} has a key {k!r:.40} of type "
-                                          f"{type(k).__name__}; dict keys must be str or int")
+                                          f"{type(k).__name__}; dict keys must be str")
+            _check_utf8(k, f"a key of field {path}")
             _check_value(item, f"{path}[{k!r:.40}]", depth + 1)
     else:
         raise InvalidRequestError(
@@ -173,16 +172,11 @@ def prepare(
     namespace = _check_namespace(request.namespace)
     request_id = _check_request_id(request.request_id)
     fields = request.model_fields()
-    try:  # the common case costs nothing extra: packing is the check
-        key = prompt_key(model_id, fields) if hash is None else prompt_key_of(hash, request,
-                                                                            model_id)
-        spec = encode_spec(route, model_id, fields, namespace, request.request_id)
-    except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError is a ValueError
-        for name, value in fields.items():
-            _check_value(value, repr(name))
-        raise InvalidRequestError("the request's fields cannot be stored; use str, int, float, "
-                                  "bool, None, bytes, or lists and dicts of those") \
-            from None
+    for name, value in fields.items():
+        _check_value(value, repr(name))
+    key = prompt_key(model_id, fields) if hash is None else prompt_key_of(hash, request,
+                                                                        model_id)
+    spec = encode_spec(route, model_id, fields, namespace, request.request_id)
     if len(spec) > max_prompt_bytes:
         raise InvalidRequestError(
             f"request is {len(spec)} bytes encoded, over the limit of {max_prompt_bytes}; "
