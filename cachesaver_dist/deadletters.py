@@ -37,6 +37,19 @@ async def set_aside(redis: Any, keys: Keys, kind: str, reason: str, raw: bytes |
     await queue_dead_letter(redis, keys, kind, reason, raw, source)
 
 
+async def set_aside_key(redis: Any, keys: Keys, key: str, expected: str) -> None:
+    """Move a key that holds another type than ``expected`` to the dead letters (its
+    ``DUMP``, which ``RESTORE`` brings back) and delete it, so the work can go on."""
+    found = await redis.type(key)
+    found = found.decode() if isinstance(found, bytes) else str(found)
+    raw = await redis.dump(key) or b""
+    pipe = redis.pipeline(transaction=True)
+    queue_dead_letter(pipe, keys, "foreign key", f"{key} holds a {found}, not a {expected}; "
+                      "its DUMP is kept here (RESTORE brings it back)", raw, key)
+    pipe.delete(key)
+    await pipe.execute()
+
+
 async def list_dead_letters(redis: Any, keys: Keys, count: int = 100
                             ) -> list[tuple[str, DeadLetter]]:
     """The newest ``count`` dead letters, newest first."""

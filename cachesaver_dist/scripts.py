@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from . import defaults
+from .deadletters import set_aside_key
 from .errors import ProtocolError
 from .protocol import Keys, WorkItem, decode_waiter_record, waiter_tail
 
@@ -109,11 +110,14 @@ async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) ->
 
 
 async def fill_many(
-    redis: Redis, keys: Keys, fills: list[tuple[str, dict[int, bytes]]]
+    redis: Redis, keys: Keys, fills: list[tuple[str, dict[int, bytes]]], *,
+    set_aside_foreign: bool = True,
 ) -> tuple[list[list[Waiter]], list[MalformedWaiter]]:
     """Store samples (set-if-absent) for several prompt keys in one round trip.
 
     Returns the waiters now complete, per key, and the unreadable waiter records found.
+    A prompt key whose Redis keys hold another type is set aside (moved to the dead
+    letters) and filled again, so samples already paid for are kept.
     """
     k: list[str] = []
     argv: list[Any] = []
@@ -122,10 +126,20 @@ async def fill_many(
         argv.append(len(samples))
         for idx, sample in samples.items():
             argv += [idx, sample]
-    per_key, malformed = await script(redis, "fill")(keys=k, args=argv)
+    per_key, malformed, wrongtype = await script(redis, "fill")(keys=k, args=argv)
     waiters, bad = [], _malformed(malformed)
     for entries in per_key:
         waiters.append(_waiters(entries, bad, keys))
+    if wrongtype and set_aside_foreign:
+        names = {_text(name) for name in wrongtype}
+        for name in sorted(names):
+            await set_aside_key(redis, keys, name, "hash")
+        redo = [i for i, (key, _) in enumerate(fills) if names & set(_key_triple(keys, key))]
+        again, more_bad = await fill_many(redis, keys, [fills[i] for i in redo],
+                                          set_aside_foreign=False)
+        for i, got in zip(redo, again):
+            waiters[i] = got
+        bad += more_bad
     return waiters, bad
 
 

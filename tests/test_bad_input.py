@@ -280,9 +280,11 @@ async def test_request(redis_url, keys, redis, case_id, bad, expected):
                                   r"got NoneType"),
     ("str", lambda: Batch("abc"), r"must be a list of Request objects, got str"),
     ("dict", lambda: Batch({"a": Request("p", 1, "a", "ns")}), r"must be a list .*got dict"),
-    ("request-not-in-list", lambda: Batch(Request("p", 1, "a", "ns")), r"must be a list .*got Request"),
+    ("request-not-in-list", lambda: Batch(Request("p", 1, "a", "ns")),
+     r"must be a list .*got Request"),
     ("int-item", lambda: Batch([1]), r"Batch\.requests\[0\] is a int, not a Request"),
-    ("str-item", lambda: Batch([Request("p", 1, "a", "ns"), "p2"]), r"Batch\.requests\[1\] is a str"),
+    ("str-item", lambda: Batch([Request("p", 1, "a", "ns"), "p2"]),
+     r"Batch\.requests\[1\] is a str"),
     ("none-item", lambda: Batch([Request("p", 1, "a", "ns"), Request("q", 1, "b", "ns"), None]),
      r"Batch\.requests\[2\] is a NoneType"),
 ])

@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesaver_dist import defaults
-from cachesaver_dist.deadletters import set_aside
+from cachesaver_dist.deadletters import set_aside, set_aside_key
 from cachesaver_dist.errors import ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
 from cachesaver_dist.protocol import (
@@ -171,6 +171,10 @@ class CacheWorker(Worker):
             except CONNECTION_ERRORS as exc:
                 log.warning("Redis unavailable (%s); trying again in 1 s", exc)
                 await asyncio.sleep(1.0)
+            except ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                await set_aside_key(self.pool, self.keys, self.keys.cache_wake, "list")
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:

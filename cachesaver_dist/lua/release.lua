@@ -6,11 +6,19 @@
 -- A released index is claimed again by the next request that needs it.
 -- Returns {waiters, malformed}: {waiter_id, record} of each waiter removed; malformed
 -- as in fill.lua.
+-- A key of another type than a hash is treated as empty (the caller sets it aside).
+local function foreign(key)
+  local t = redis.call('TYPE', key)['ok']
+  return t ~= 'hash' and t ~= 'none'
+end
+
 local skey, gkey, wkey = KEYS[1], KEYS[2], KEYS[3]
+if foreign(gkey) or foreign(wkey) then return {{}, {}} end
+local stored = not foreign(skey)
 local released = {}
 for i = 1, #ARGV do
   local idx = tonumber(ARGV[i])
-  if redis.call('HEXISTS', skey, idx) == 0 then
+  if not stored or redis.call('HEXISTS', skey, idx) == 0 then
     redis.call('HSET', gkey, 'x' .. idx, 1)
     released[idx] = true
   end
