@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import defaults
@@ -89,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--drop", nargs="*", metavar="ID",
                       help="delete these entries (all of them when no id is given)")
 
+    imp = sub.add_parser("import-cachesaver", help="import the samples of an original "
+                         "CacheSaver folder (docs/migrate.md)")
+    _common(imp)
+    imp.add_argument("folder", help="the original's diskcache folder")
+    imp.add_argument("--requests", required=True, metavar="FILE.jsonl",
+                     help="one request per line: its fields as the original saw them")
+    imp.add_argument("--model", required=True, metavar="MODEL_ID",
+                     help="the model id the samples are for (OnlineAPI's model_id)")
+    imp.add_argument("--form", choices=("prompt", "args"), default=None,
+                     help="prompt: Request with a prompt field; args: 0.0.6's args/kwargs "
+                          "(default: prompt when a line has a prompt field)")
+    imp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    imp.set_defaults(data_dir=None)  # the server of OnlineAPI(cache=Cache(FOLDER))
+
     from . import simulator
 
     sim = sub.add_parser("simulator", help="a local OpenAI-compatible LLM simulator server")
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _logging(args.verbose)
     keys = Keys(args.prefix)
+    if args.command == "import-cachesaver" and args.data_dir is None:
+        args.data_dir = str(Path(args.folder) / "cachesaver-redis")
     server = None
     try:
         url, server = _redis_url(args)
@@ -169,6 +186,10 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
 
         return await print_stats(url, keys, args.run, as_json=args.json,
                                  prices_path=args.prices)
+    if args.command == "import-cachesaver":
+        from .migrate import import_command
+
+        return await import_command(url, keys, args)
     redis = connect(url)
     try:
         if args.command == "drop-run":

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from . import defaults
+from . import defaults, migrate
 from .client import CacheClient
 from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
@@ -114,6 +114,8 @@ class OnlineAPI:
         self.keys = Keys(check_text(prefix if prefix is not None else defaults.prefix(),
                                     "prefix"))
         self._cache = cache
+        # A diskcache.Cache: its samples are imported before requests reserve (migrate.py).
+        self._folder, self._originals = migrate.folder_of(cache), dict[str, Request]()
         self._data_dir = Path(data_dir if data_dir is not None else defaults.data_dir())
         self._reply_timeout, self._request_timeout = reply_timeout, request_timeout
         self._concurrency, self._max_prompt_bytes = concurrency, max_prompt_bytes
@@ -211,6 +213,8 @@ class OnlineAPI:
         if item.n == 0:
             return _empty()
         await self.start()
+        if self._folder is not None:
+            self._originals[item.uuid] = request
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if len(self._pending) >= self.batch_size:
@@ -233,7 +237,10 @@ class OnlineAPI:
         replies: dict[str, Any] = {}
         if wanted:
             await self.start()
-            assert self._client is not None
+            assert self._client is not None and self._redis is not None
+            if self._folder is not None:
+                await migrate.import_for(self._redis, self.keys, self._folder, [
+                    (it, r) for it, r in zip(items, batch.requests) if it.n > 0], self._hash)
             replies = dict(zip((it.uuid for it in wanted), await self._client.submit(wanted)))
         out = []
         for it in items:
@@ -260,7 +267,10 @@ class OnlineAPI:
     async def _send(self, pending: list[tuple[WorkItem, asyncio.Future[Response]]]) -> None:
         self._batches_in_flight += 1
         try:
-            assert self._client is not None
+            assert self._client is not None and self._redis is not None
+            if self._folder is not None:
+                await migrate.import_for(self._redis, self.keys, self._folder, [
+                    (it, self._originals.pop(it.uuid)) for it, _ in pending], self._hash)
             replies = await self._client.submit([item for item, _ in pending])
         except BaseException as exc:
             for _, fut in pending:
