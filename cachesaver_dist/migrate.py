@@ -288,7 +288,7 @@ def _encode_entry(key: str, origin: str, value: Any) -> Found:
                                "data is imported; nothing was loaded or run)"))
             continue
         try:
-            samples.append(encode_sample(data, {"source": SOURCE}))
+            samples.append(encode_sample(data, {"origin": SOURCE}))
         except Exception as exc:  # msgpack: TypeError, ValueError, OverflowError
             samples.append(None)
             skipped.append((i, f"not storable as msgpack ({type(exc).__name__}: "

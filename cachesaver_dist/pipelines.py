@@ -314,8 +314,8 @@ def _response(reply: dict[str, Any]) -> Response:
         cached=[f != GENERATED for f in flags],
         duplicated=[f == GENERATED and not s.get("call_first", True)
                     for f, s in zip(flags, samples)],
-        metadata=[{"index": reply["start"] + i, "source": _SOURCES.get(f, f),
-                   **{k: v for k, v in s.items() if k not in _INTERNAL}}
+        metadata=[{**{k: v for k, v in s.items() if k not in _INTERNAL},
+                   "index": reply["start"] + i, "source": _SOURCES.get(f, f)}
                   for i, (f, s) in enumerate(zip(flags, samples))],
     )
 

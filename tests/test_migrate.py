@@ -170,7 +170,8 @@ def assert_replayed(got: list[Response], written: Written) -> None:
     for response, orig in zip(got, written.responses, strict=True):
         assert response.data == orig["data"]
         assert response.cached == [True] * len(orig["data"])
-        assert {m["source"] for m in response.metadata} == {"cachesaver"}
+        assert {(m["source"], m["origin"]) for m in response.metadata} == {
+            ("stored", "cachesaver")}
 
 
 # --- lazily, through OnlineAPI(cache=diskcache.Cache(folder)) --------------------------------
@@ -386,7 +387,7 @@ async def test_import_script_semantics(redis, keys):
     await redis.hset(keys.samples(k), "1", encode_sample("generated"))
     pubsub = redis.pubsub()
     await pubsub.subscribe(keys.reply_channel("client1"))
-    samples = [encode_sample(f"old{i}", {"source": "cachesaver"}) for i in range(4)]
+    samples = [encode_sample(f"old{i}", {"origin": "cachesaver"}) for i in range(4)]
     summary = migrate.Summary()
     await migrate._store(redis, keys, [Found(k, "orig", [samples[0], samples[1], None,
                                                          samples[3]], [(2, "why")])], summary)
