@@ -9,6 +9,7 @@ from .errors import (
     ProtocolError,
     RedisRefusedError,
     RedisUnavailableError,
+    ReplayError,
     ReplyTimeoutError,
 )
 from .models import SimModel
@@ -41,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "RedisRefusedError",
     "RedisUnavailableError",
+    "ReplayError",
     "ReplyTimeoutError",
     "Request",
     "Response",

@@ -1,4 +1,4 @@
-"""``cachesaver-dist``: workers, the demo, the simulator, stats and dead letters.
+"""``cachesaver-dist``: workers, the demo, the simulator, stats, archives, runs, retention.
 
 Every command connects to ``--redis-url`` (default: ``REDIS_URL``); with neither, it
 uses the embedded server of ``--data-dir`` (started if no live process runs it).
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--json", action="store_true", help="print the summary as JSON")
     imp.set_defaults(data_dir=None)  # the server of OnlineAPI(cache=Cache(FOLDER))
 
+    from . import archive, retention, runs
+
+    for module in (archive, runs, retention):
+        module.add_commands(sub, _common)
+
     from . import simulator
 
     sim = sub.add_parser("simulator", help="a local OpenAI-compatible LLM simulator server")
@@ -202,6 +207,11 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
             return 0
         if args.command == "dead-letters":
             return await _dead_letters(redis, keys, args)
+        from . import archive, retention, runs
+
+        for module in (archive, runs, retention):
+            if args.command in module.COMMANDS:
+                return await module.run_command(redis, keys, args)
     finally:
         await redis.aclose()
     return 2

@@ -23,7 +23,8 @@ CONNECT_WAIT_S = 10.0
 POLL_DELAY_S = 0.5
 MAX_JOBS = 50
 JOB_TIMEOUT_S = 10
-RUN_TTL_S = 7 * 24 * 3600
+RUN_TTL_S = 7 * 24 * 3600  # u:<run> and m:<run>, refreshed by each reservation of the run
+STATS_TTL_S = 30 * 24 * 3600  # stats:<run> and the run's entry in `runs`, refreshed on use
 
 # Batch workers
 CONCURRENCY = 32

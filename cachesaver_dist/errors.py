@@ -6,6 +6,7 @@ import ast
 import contextlib
 
 __all__ = [
+    "ArchiveError",
     "CacheSaverError",
     "GenerationError",
     "InvalidRequestError",
@@ -15,6 +16,7 @@ __all__ = [
     "ProviderError",
     "RedisRefusedError",
     "RedisUnavailableError",
+    "ReplayError",
     "ReplyTimeoutError",
 ]
 
@@ -25,6 +27,16 @@ class CacheSaverError(Exception):
 
 class InvalidRequestError(CacheSaverError, ValueError):
     """A request was refused at the client; nothing was sent to Redis."""
+
+
+class ReplayError(InvalidRequestError):
+    """A replayed run cannot serve this request: its manifest does not hold it (or holds it
+    for another prompt or ``n``), or its samples are missing. Nothing was generated."""
+
+
+class ArchiveError(CacheSaverError):
+    """An archive cannot be read (corrupt, truncated, another format or version) or
+    written; an import refused for this reason has written nothing."""
 
 
 class GenerationError(CacheSaverError):

@@ -19,6 +19,7 @@ from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import check_model, model_identity
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
+from .runs import Replayer
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -44,6 +45,12 @@ class OnlineAPI:
     ``batch_request`` sends its batch whole); ``correctness=True`` is refused;
     ``cleanup()`` is ``close()``. ``model_batch_size``: requests per model call of an
     in-process batch-only model (default ``batch_size``).
+
+    ``manifest=True``: the run keeps a manifest, the index range each request (with a
+    ``request_id``) got per namespace, written atomically with its reservation.
+    ``replay=RUN``: serve exactly the samples run ``RUN`` recorded to the same request ids
+    (same namespace, prompt and ``n``), read straight from Redis: no worker is needed and
+    nothing is generated; any other request fails with ``ReplayError``.
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class OnlineAPI:
         concurrency: int = defaults.CONCURRENCY,
         max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES,
         run_ttl_s: int = defaults.RUN_TTL_S,
+        manifest: bool = False,
+        replay: str | None = None,
     ) -> None:
         if correctness:
             raise InvalidRequestError(
@@ -107,6 +116,13 @@ class OnlineAPI:
         if len(self.model_id) > MAX_ID_CHARS:
             raise InvalidRequestError(f"model_id has {len(self.model_id)} characters; use at "
                                       f"most {MAX_ID_CHARS}")
+        if replay is not None:
+            check_run(replay)
+            if manifest or (run is not None and run != replay):
+                raise InvalidRequestError("replay=RUN serves a recorded run: it takes no "
+                                          "manifest=True and no other run=")
+            run = replay
+        self.replay, self.manifest = replay, bool(manifest)
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.batch_size, self.timeout = batch_size, timeout
         self.allow_batch_overflow = allow_batch_overflow  # no effect: see the class docstring
@@ -123,7 +139,7 @@ class OnlineAPI:
         self._started: asyncio.Task | None = None
         self._server: EmbeddedServer | None = None
         self._redis: Redis | None = None
-        self._client: CacheClient | None = None
+        self._client: CacheClient | Replayer | None = None
         self._local: Any = None  # workers.run.LocalWorkers
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -149,6 +165,10 @@ class OnlineAPI:
 
     async def _start(self) -> None:
         self._redis = await self._open_redis()
+        if self.replay is not None:  # reads only: no subscription, no workers
+            self._client = Replayer(self._redis, self.keys, self.replay)
+            await self._client.start()
+            return
         self._client = CacheClient(self._redis, self.keys, reply_timeout=self._reply_timeout,
                                    request_timeout=self._request_timeout)
         await self._client.start()
@@ -205,7 +225,8 @@ class OnlineAPI:
 
     def _prepare(self, request: Request) -> WorkItem:
         return prepare(request, run=self.run, route=self.route, model_id=self.model_id,
-                       max_prompt_bytes=self._max_prompt_bytes, hash=self._hash)
+                       max_prompt_bytes=self._max_prompt_bytes, hash=self._hash,
+                       manifest=self.manifest)
 
     async def request(self, request: Request) -> Response:
         """Samples for one request; concurrent calls are sent together in batches."""

@@ -157,9 +157,11 @@ def prepare(
     model_id: str,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     hash: Callable[[Request], Any] | None = None,
+    manifest: bool = False,
 ) -> WorkItem:
     """Check ``request`` and turn it into what the cache workers reserve; ``hash``
-    replaces the prompt key (see ``prompt_key_of``)."""
+    replaces the prompt key (see ``prompt_key_of``); ``manifest``: record the request's
+    range in its run's manifest (requests with a ``request_id`` only)."""
     if not isinstance(request, Request) or not dataclasses.is_dataclass(request):
         raise InvalidRequestError(
             f"expected a cachesaver_dist.Request (or a dataclass subclass of it), got "
@@ -182,4 +184,5 @@ def prepare(
             f"request is {len(spec)} bytes encoded, over the limit of {max_prompt_bytes}; "
             "shorten the prompt or raise max_prompt_bytes"
         )
-    return WorkItem(unique_id(), request_id, key, namespace, n, run, route, model_id, spec)
+    return WorkItem(unique_id(), request_id, key, namespace, n, run, route, model_id, spec,
+                    manifest)

@@ -32,6 +32,10 @@ MAX_ID_CHARS = 200
 # Sample flags in reservations and replies, one letter per sample.
 CACHED, DUPLICATED, GENERATED = "c", "d", "g"
 
+# Fields of a generation hash g:<key> besides the released marks x<i>.
+MARK_FIELD, SPEC_FIELD = "mark", "spec"
+PROMPT_KEY_CHARS = 32
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -49,7 +53,8 @@ class Keys:
         return f"{self.prefix}s:{key}"
 
     def generation(self, key: str) -> str:
-        """Hash: ``mark`` (indices claimed so far) and ``x<i>`` (released claims)."""
+        """Hash: ``mark`` (indices claimed so far), ``x<i>`` (released claims) and ``spec``
+        (the encoded ``Spec`` of the key's first claim, or of its import)."""
         return f"{self.prefix}g:{key}"
 
     def waiters(self, key: str) -> str:
@@ -59,6 +64,23 @@ class Keys:
     def usage(self, run: str) -> str:
         """Hash per run: ``<key><namespace>`` -> next unused index."""
         return f"{self.prefix}u:{run}"
+
+    def manifest(self, run: str) -> str:
+        """Hash per run: ``<namespace>\\n<request_id>`` -> ``<key>|<start>|<n>`` (a
+        ``ManifestEntry``): the samples each request of the run got; written by reserve.lua
+        for runs that keep a manifest. Expires with the run's counters."""
+        return f"{self.prefix}m:{run}"
+
+    def model_keys(self, model_id: str) -> str:
+        """Set per model: the prompt keys claimed (or imported) for it (reserve.lua adds a
+        key when it first stores the key's spec in ``g:<key>``)."""
+        return f"{self.prefix}keys:{model_id}"
+
+    def family(self, family: str) -> str:
+        """SCAN MATCH pattern of one key family (``"s"``, ``"u"``, ``"keys"``, ...):
+        ``<prefix><family>:*`` with the prefix's glob characters escaped."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}{family}:*"
 
     def reservation(self, request_uuid: str) -> str:
         """String: ``start|flags`` given to one request, for idempotent retries."""
@@ -219,16 +241,22 @@ class WorkItem:
     route: str
     model_id: str
     spec: bytes
+    manifest: bool = False  # record (namespace, request_id) -> range in the run's manifest
 
     def to_wire(self) -> list[Any]:
-        return [self.uuid, self.request_id, self.key, self.namespace, self.n, self.run,
+        """9 fields, and a 10th (``True``) for a request recorded in its run's manifest."""
+        wire = [self.uuid, self.request_id, self.key, self.namespace, self.n, self.run,
                 self.route, self.model_id, self.spec]
+        return [*wire, True] if self.manifest else wire
 
     @classmethod
     def from_wire(cls, fields: Any, where: str = "work item") -> WorkItem:
-        if not isinstance(fields, list) or len(fields) != 9:
-            raise ProtocolError(f"{where} must be a list of 9 fields", "requests")
-        uid, rid, key, ns, n, run, route, model_id, spec = fields
+        if not isinstance(fields, list) or len(fields) not in (9, 10):
+            raise ProtocolError(f"{where} must be a list of 9 or 10 fields", "requests")
+        uid, rid, key, ns, n, run, route, model_id, spec = fields[:9]
+        manifest = fields[9] if len(fields) == 10 else False
+        if not isinstance(manifest, bool):
+            raise ProtocolError(f"{where}: manifest must be a bool", "manifest")
         for name, value in (("request_id", rid), ("namespace", ns)):
             if not isinstance(value, str):
                 raise ProtocolError(f"{where}: {name} must be a str", name)
@@ -238,7 +266,7 @@ class WorkItem:
             raise ProtocolError(f"{where}: spec must be bytes", "spec")
         return cls(_id(uid, "uuid", where), rid, _id(key, "key", where), ns, n,
                    _id(run, "run", where), _id(route, "route", where),
-                   _id(model_id, "model_id", where), spec)
+                   _id(model_id, "model_id", where), spec, manifest)
 
 
 @dataclass(frozen=True)
@@ -364,6 +392,63 @@ def entry_claim(fields: dict[bytes, bytes]) -> tuple[str, list[int]] | None:
         return _claim(fields, "")
     except ProtocolError:
         return None
+
+
+# --- run manifests -----------------------------------------------------------------------
+
+
+def manifest_field(namespace: str, request_id: str) -> str:
+    """A manifest's field: namespaces hold no control characters, so the first newline
+    splits it."""
+    return f"{namespace}\n{request_id}"
+
+
+def split_manifest_field(field: bytes | str) -> tuple[str, str]:
+    text = field.decode() if isinstance(field, bytes) else field
+    namespace, sep, request_id = text.partition("\n")
+    if not sep or not namespace or not request_id:
+        raise ProtocolError(f"manifest field {text[:80]!r} is not '<namespace>\\n<request_id>'",
+                            "manifest")
+    return namespace, request_id
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """``<key>|<start>|<n>``: request got samples ``start .. start+n-1`` of prompt key
+    ``key``; ``|*`` appended (``ambiguous``) when a later request of the same run reused
+    the namespace and request id for another range (reserve.lua keeps the first)."""
+
+    key: str
+    start: int
+    n: int
+    ambiguous: bool = False
+
+
+def encode_manifest_entry(entry: ManifestEntry) -> str:
+    return f"{entry.key}|{entry.start}|{entry.n}" + ("|*" if entry.ambiguous else "")
+
+
+def decode_manifest_entry(data: bytes | str) -> ManifestEntry:
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+        parts = text.split("|")
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "*"):
+            raise ValueError
+        entry = ManifestEntry(parts[0], int(parts[1]), int(parts[2]), len(parts) == 4)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("manifest entry is not '<key>|<start>|<n>'", "manifest") from None
+    if not 0 < len(entry.key) <= MAX_ID_CHARS or entry.start < 0 or entry.n < 0:
+        raise ProtocolError("manifest entry has a bad key, start or n", "manifest")
+    return entry
+
+
+def is_prompt_key(key: Any) -> bool:
+    """A prompt key as ``prompt_key`` makes them: 32 lowercase hex characters (so a usage
+    field ``<key><namespace>`` splits after 32 characters)."""
+    return isinstance(key, str) and len(key) == PROMPT_KEY_CHARS and all(c in _HEX for c in key)
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 # --- waiters ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from redis.commands.core import AsyncScript
 from . import defaults
 from .deadletters import set_aside_key
 from .errors import ProtocolError
-from .protocol import Keys, WorkItem, decode_waiter_record, waiter_tail
+from .protocol import Keys, WorkItem, decode_waiter_record, manifest_field, waiter_tail
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -83,16 +83,23 @@ async def reserve(
     claims indices needs its spec (its whole prompt), so from the first such request
     on, the rest are sent again with their specs: a second round trip.
     A reservation record lives ``reservation_ttl_s`` (as long as its client may retry).
+    Items with ``manifest`` set (and a request id) are recorded in their run's manifest.
     """
     out: list[Reservation] = []
     for with_specs in (False, True):
         k: list[str] = []
         argv: list[Any] = [reservation_ttl_s * 1000, run_ttl_s * 1000]
+        pairs: dict[tuple[str, str], int] = {}  # (model, run) -> KEYS position (1-based)
         for it in items:
             k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
                   keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
+            pair = pairs.setdefault((it.model_id, it.run), 6 * len(items) + 2 * len(pairs) + 1)
             argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
-                     waiter_tail(it.run, it.model_id), it.key, it.spec if with_specs else b""]
+                     waiter_tail(it.run, it.model_id), it.key, it.spec if with_specs else b"",
+                     pair, manifest_field(it.namespace, it.request_id)
+                     if it.manifest and it.request_id else ""]
+        for model_id, run in pairs:
+            k += [keys.model_keys(model_id), keys.manifest(run)]
         raw, stopped_at = await script(redis, "reserve")(keys=k, args=argv)
         out += [Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
                 for it, r in zip(items, raw)]

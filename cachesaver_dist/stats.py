@@ -2,6 +2,11 @@
 
 Counters live in one Redis hash per run (and one over all runs); a field is
 ``<model_id>|<counter>``. A request is counted once, when it completes.
+
+Lifetime: ``stats:<run>`` expires ``STATS_TTL_S`` (30 days) after the run's last counted
+request, and the run index ``runs`` forgets runs unused for as long; the total ``stats``
+is kept. The expiry is refreshed at most once a minute per run and process, so the
+accounting of a busy run costs no extra command per request.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from . import defaults
 from .protocol import CACHED, DUPLICATED, GENERATED, Keys
 
 Tally = dict[tuple[str, str], float]  # (run, field) -> increment
@@ -48,15 +54,36 @@ def _field_names(model_id: str, flag: str) -> tuple[str, str, str]:
             f"{model_id}|completion_tokens_{kind}")
 
 
-def write_tally(pipe: Any, keys: Keys, tally: Tally) -> None:
-    """Queue the increments of ``tally`` on a Redis pipeline."""
+REFRESH_EVERY_S = 60.0
+_refreshed: dict[str, float] = {}  # key -> time.monotonic() of its last expiry refresh
+
+
+def _due(key: str, now: float) -> bool:
+    if now - _refreshed.get(key, -REFRESH_EVERY_S) < REFRESH_EVERY_S:
+        return False
+    if len(_refreshed) > 10_000:
+        _refreshed.clear()
+    _refreshed[key] = now
+    return True
+
+
+def write_tally(pipe: Any, keys: Keys, tally: Tally,
+                ttl_s: int = defaults.STATS_TTL_S) -> None:
+    """Queue the increments of ``tally`` on a Redis pipeline (and, once a minute per run,
+    the refresh of its stats' lifetime and the trimming of the run index)."""
     for (run, field), value in tally.items():
         incr = pipe.hincrby if isinstance(value, int) else pipe.hincrbyfloat
         incr(keys.stats(run), field, value)
         incr(keys.stats(), field, value)
     runs = {run for run, _ in tally}
     if runs:
-        pipe.zadd(keys.runs, dict.fromkeys(runs, time.time()))
+        now, mono = time.time(), time.monotonic()
+        pipe.zadd(keys.runs, dict.fromkeys(runs, now))
+        for run in runs:
+            if _due(keys.stats(run), mono):
+                pipe.expire(keys.stats(run), ttl_s)
+        if _due(keys.runs, mono):
+            pipe.zremrangebyscore(keys.runs, "-inf", now - ttl_s)
 
 
 async def read_stats(

@@ -53,7 +53,7 @@ def specs_sent(r, monkeypatch):
 
     async def evalsha(sha, numkeys, *args):
         argv = args[numkeys:]
-        calls.append([argv[i] for i in range(7, len(argv), 6)])
+        calls.append([argv[i] for i in range(7, len(argv), 8)])
         return await original(sha, numkeys, *args)
 
     monkeypatch.setattr(r, "evalsha", evalsha)
@@ -135,11 +135,14 @@ async def test_a_claim_sends_the_rest_of_the_batch_again_with_specs(r, specs_sen
 
 async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     it = item("u1", n=3)
-    argv = [3_600_000, 3_600_000, it.key + it.namespace, it.n, "c:u1", "run|sim:x", it.key, b""]
+    argv = [3_600_000, 3_600_000, it.key + it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"",
+            7, "ns\nr1"]
     keys = [KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"), KEYS.usage("run"),
-            KEYS.reservation("u1"), KEYS.work_stream("sim:x")]
+            KEYS.reservation("u1"), KEYS.work_stream("sim:x"), KEYS.model_keys("sim:x"),
+            KEYS.manifest("run")]
     assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0]
-    assert [await r.exists(k) for k in keys] == [0] * 6  # no counter, record, claim or entry
+    assert [await r.exists(k) for k in keys] == [0] * 8  # no counter, record, claim, entry,
+    # spec, model index or manifest entry
 
 
 async def test_late_fill_never_overwrites(r):
@@ -219,3 +222,132 @@ async def test_fill_many_stores_several_keys_in_one_call(r, specs_sent):
         [("c:u1", [b"a"])], [], [("c:u2", [b"b", b"c"])]]  # k2 completes with its 2nd part
     again = await fill_many(r, KEYS, [("k1", {0: b"late"})])
     assert again == ([[]], []) and await r.hget(KEYS.samples("k1"), 0) == b"a"
+
+
+# --- specs, model index and manifests (reserve.lua); import, prune, fork -------------------
+
+
+def mitem(uuid, rid, ns="ns", n=1, key="k1", run="run", manifest=True):
+    return WorkItem(uuid, rid, key, ns, n, run, "sim:x", "sim:x",
+                    encode_spec("sim:x", "sim:x", {"prompt": key}, ns, rid), manifest)
+
+
+async def test_a_claim_keeps_its_spec_and_indexes_the_key_a_hit_writes_neither(r):
+    first = item("u1", n=2)
+    await reserve(r, KEYS, "c", [first])
+    assert await r.hget(KEYS.generation("k1"), "spec") == first.spec
+    assert await r.smembers(KEYS.model_keys("sim:x")) == {b"k1"}
+    await fill(r, KEYS, "k1", {0: b"a", 1: b"b"})
+    await r.hdel(KEYS.generation("k1"), "spec")
+    await r.delete(KEYS.model_keys("sim:x"))
+    [hit] = await reserve(r, KEYS, "c", [item("u2", ns="other", n=2)])
+    assert hit.complete
+    assert not await r.hexists(KEYS.generation("k1"), "spec")  # no write on the hit path
+    assert not await r.exists(KEYS.model_keys("sim:x"))
+    later = item("u3", ns="other", n=1)  # index 2: a claim again
+    await reserve(r, KEYS, "c", [later])
+    assert await r.hget(KEYS.generation("k1"), "spec") == later.spec
+    assert await r.smembers(KEYS.model_keys("sim:x")) == {b"k1"}
+    again = item("u4", ns="third", n=4)  # claims index 3; the first spec stays
+    await reserve(r, KEYS, "c", [again])
+    assert await r.hget(KEYS.generation("k1"), "spec") == later.spec
+
+
+async def test_the_manifest_keeps_the_first_reservation_of_a_request_id(r):
+    await reserve(r, KEYS, "c", [mitem("u1", "a", n=2), mitem("u2", "", n=1),
+                                 mitem("u3", "b", ns="other", manifest=False)])
+    assert await r.hgetall(KEYS.manifest("run")) == {b"ns\na": b"k1|0|2"}  # no id: not kept
+    await reserve(r, KEYS, "c", [mitem("u1", "a", n=2)])  # a retry: the same range
+    assert await r.hgetall(KEYS.manifest("run")) == {b"ns\na": b"k1|0|2"}
+    await reserve(r, KEYS, "c", [mitem("u4", "a", n=2)])  # another request, the same id
+    assert await r.hgetall(KEYS.manifest("run")) == {b"ns\na": b"k1|0|2|*"}
+    await reserve(r, KEYS, "c", [mitem("u5", "a", n=2)])
+    assert await r.hgetall(KEYS.manifest("run")) == {b"ns\na": b"k1|0|2|*"}
+    assert 0 < await r.pttl(KEYS.manifest("run")) <= 3_600_000 * 24 * 7
+    await reserve(r, KEYS, "c", [mitem("u6", "z", run="other-run", manifest=False)])
+    assert not await r.exists(KEYS.manifest("other-run"))
+
+
+async def test_manifest_entries_of_two_runs_and_models_in_one_batch(r):
+    a = mitem("u1", "a", run="r1")
+    b = WorkItem("u2", "b", "k2", "ns", 1, "r2", "sim:y", "sim:y",
+                 encode_spec("sim:y", "sim:y", {"prompt": "k2"}), True)
+    await reserve(r, KEYS, "c", [a, b])
+    assert await r.hgetall(KEYS.manifest("r1")) == {b"ns\na": b"k1|0|1"}
+    assert await r.hgetall(KEYS.manifest("r2")) == {b"ns\nb": b"k2|0|1"}
+    assert await r.smembers(KEYS.model_keys("sim:y")) == {b"k2"}
+
+
+async def run_import(r, key, samples, spec=b"", model="sim:x"):
+    k = [KEYS.samples(key), KEYS.generation(key), KEYS.model_keys(model)]
+    argv = [key, spec, len(samples)]
+    for idx, s in samples.items():
+        argv += [idx, s]
+    [out] = await script(r, "import")(keys=k, args=argv)
+    return out[0], out[1], [int(i) for i in out[2]]
+
+
+async def test_import_is_append_only_idempotent_and_raises_the_mark(r):
+    await reserve(r, KEYS, "c", [item("u1", n=2)])  # 0, 1 claimed: 1 stays in flight
+    await fill(r, KEYS, "k1", {0: b"s0"})
+    spec = encode_spec("sim:x", "sim:x", {"prompt": "k1"})
+    assert await run_import(r, "k1", {0: b"s0", 1: b"s1", 4: b"s4"}, spec) == (2, 1, [])
+    assert await r.hget(KEYS.generation("k1"), "mark") == b"5"
+    released = {f for f in await r.hkeys(KEYS.generation("k1")) if f.startswith(b"x")}
+    assert released == {b"x2", b"x3"}  # the gap above the old mark: claimed by the next asker
+    assert await run_import(r, "k1", {0: b"s0", 1: b"s1", 4: b"s4"}, spec) == (0, 3, [])
+    assert await run_import(r, "k1", {0: b"other", 3: b"s3"}, spec) == (1, 0, [0])
+    assert await r.hget(KEYS.samples("k1"), 0) == b"s0"
+    assert not await r.hexists(KEYS.generation("k1"), "x3")
+    [w] = await fill(r, KEYS, "k1", {1: b"late"})  # the in-flight claim completes
+    assert w.samples == [b"s0", b"s1"]  # with the imported sample, never overwritten
+
+
+async def test_import_keeps_a_spec_and_indexes_a_new_key_only(r):
+    spec = encode_spec("sim:x", "sim:x", {"prompt": "k9"})
+    await run_import(r, "k9", {0: b"a"}, spec)
+    assert await r.smembers(KEYS.model_keys("sim:x")) == {b"k9"}
+    await run_import(r, "k8", {0: b"b"})  # no spec: not indexed
+    assert await r.smembers(KEYS.model_keys("sim:x")) == {b"k9"}
+    assert not await r.hexists(KEYS.generation("k8"), "spec")
+
+
+async def prune_key(r, key, mode="real", pairs=(), model="sim:x", indexed=True):
+    k = [KEYS.samples(key), KEYS.generation(key), KEYS.waiters(key), KEYS.model_keys(model)]
+    return await script(r, "prune")(keys=k, args=[mode, key if indexed else "", *pairs])
+
+
+async def test_prune_skips_a_key_being_generated_and_releases_what_it_deletes(r):
+    await reserve(r, KEYS, "c", [item("u1", n=3)])
+    await fill(r, KEYS, "k1", {0: b"a", 1: b"b"})  # index 2 in flight, its waiter waits
+    assert await prune_key(r, "k1") == [-1, 0]
+    await r.delete(KEYS.waiters("k1"))  # even without waiters: index 2 is claimed, unfilled
+    assert await prune_key(r, "k1") == [-1, 0]
+    await fill(r, KEYS, "k1", {2: b"c"})
+    before = {k: await r.dump(k) for k in await r.keys("*")}
+    assert await prune_key(r, "k1", "dry", [0, b"a"]) == [1, 0]
+    assert await prune_key(r, "k1", "dry") == [3, 1]
+    assert {k: await r.dump(k) for k in await r.keys("*")} == before  # dry: nothing
+    assert await prune_key(r, "k1", "real", [0, b"a", 1, b"changed"]) == [1, 0]
+    assert await r.hkeys(KEYS.samples("k1")) == [b"1", b"2"]
+    assert await r.hget(KEYS.generation("k1"), "x0") == b"1"
+    [again] = await reserve(r, KEYS, "c", [item("u2", ns="fresh", n=1)])
+    assert again.flags == "g"  # index 0 is claimed again
+    await fill(r, KEYS, "k1", {0: b"a2"})
+    assert await prune_key(r, "k1") == [3, 1]
+    assert not await r.exists(KEYS.samples("k1"), KEYS.generation("k1"))
+    assert not await r.sismember(KEYS.model_keys("sim:x"), "k1")
+
+
+async def test_fork_copies_counters_and_refuses_an_existing_run(r):
+    await reserve(r, KEYS, "c", [item("u1", n=3)])
+    args = ["new", 1.0, 60_000]
+    ks = [KEYS.usage("run"), KEYS.usage("new"), KEYS.manifest("new"), KEYS.stats("new"),
+          KEYS.runs]
+    assert await script(r, "fork")(keys=ks, args=args) == 1
+    assert await r.hgetall(KEYS.usage("new")) == {b"k1ns": b"3"}
+    assert 0 < await r.pttl(KEYS.usage("new")) <= 60_000
+    assert await script(r, "fork")(keys=ks, args=args) == -2
+    ks[0] = KEYS.usage("missing")
+    ks[1] = KEYS.usage("new2")
+    assert await script(r, "fork")(keys=ks, args=["new2", 1.0, 60_000]) == -1

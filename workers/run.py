@@ -18,12 +18,13 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cachesaver_dist import defaults
 from cachesaver_dist.connection import check_reachable, connect, connection_pool, safe_url
 from cachesaver_dist.errors import CacheSaverError, refused
 from cachesaver_dist.protocol import Keys
+from cachesaver_dist.retention import check_eviction_policy
 
 from .batch_worker import BatchWorker, BatchWorkerConfig
 from .cache_worker import cache_worker, stop_worker
@@ -85,12 +86,27 @@ def serve(main: Callable[[asyncio.Event], Awaitable[int]], url: str) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await wait_reachable(url, stop)
-            return EXIT_OK if stop.is_set() else await main(stop)
+            if stop.is_set():
+                return EXIT_OK
+            await check_eviction(url)
+            return await main(stop)
         except (CacheSaverError, ConnectionError) as exc:
             print(f"cachesaver-dist: {exc}", file=sys.stderr)
             return EXIT_REDIS
 
     return asyncio.run(run())
+
+
+async def check_eviction(url: str) -> None:
+    """At start-up: warn unless Redis's ``maxmemory-policy`` is ``noeviction`` (samples
+    must never be evicted silently); a refused ``CONFIG GET`` is logged as a skipped check."""
+    redis = connect(url)
+    try:
+        await check_eviction_policy(redis)
+    except (RedisError, OSError) as exc:  # the worker's own start-up will say more
+        log.warning("eviction check skipped: %s", exc)
+    finally:
+        await redis.aclose()
 
 
 async def _first(task: asyncio.Task, stop: asyncio.Event) -> None:

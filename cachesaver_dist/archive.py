@@ -1,0 +1,718 @@
+"""Export and import: samples per prompt key with the spec that made them, and runs.
+
+An archive is a gzip stream of msgpack records: a header, one or more records per
+prompt key (its model, spec and samples), the counters and manifest of the selected
+runs, and a trailer with the number of records before it and the SHA-256 of their
+bytes (docs/archive.md). ``export`` streams it out of Redis with SCAN/HSCAN and
+pipelines; ``import`` reads the file twice, verifying everything (hash, count, every
+record and sample) before it writes anything, then merges it append-only, a batch of
+prompt keys per script call. Memory stays bounded by one batch either way, however many
+samples the archive holds (a ``--run``/``--namespace`` export also keeps the run's
+prompt keys, 32 characters each, to find each key's highest index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from redis.asyncio import Redis
+
+from . import defaults
+from .errors import ArchiveError, CacheSaverError, InvalidRequestError, ProtocolError
+from .prepare import check_run
+from .protocol import (
+    PROMPT_KEY_CHARS,
+    SCHEMA_VERSION,
+    SPEC_FIELD,
+    Keys,
+    ManifestEntry,
+    decode_manifest_entry,
+    decode_sample,
+    decode_spec,
+    encode_manifest_entry,
+    encode_spec,
+    is_prompt_key,
+    manifest_field,
+    pack,
+    split_manifest_field,
+)
+from .runs import scan_names
+from .scripts import script
+
+COMMANDS = ("export", "import")
+FORMAT = "cachesaver-dist-archive"
+VERSION = 1
+SAMPLES_PER_RECORD = 1000
+BYTES_PER_RECORD = 4 << 20
+ENTRIES_PER_RECORD = 1000
+KEYS_PER_BATCH = 100
+MAX_INDEX = 10_000_000
+MAX_RECORD_BYTES = 1 << 30
+READ_CHUNK = 1 << 20
+SHOWN_DISAGREEMENTS = 20
+
+
+# --- selection ------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """What to export. Prompt keys come from the most specific selector given: the
+    counters and manifests of ``runs`` (all runs if only ``namespaces``), else ``keys``,
+    else the index of each of ``models``, else every key; every other selector given then
+    filters them. With runs or namespaces, a key's samples below the highest index those
+    runs reached are exported (the samples they were handed); otherwise all of them."""
+
+    models: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    run_state: bool = True  # the selected runs' counters and manifests
+
+    def describe(self) -> dict[str, Any]:
+        return {"models": self.models, "runs": self.runs, "namespaces": self.namespaces,
+                "keys": self.keys, "run_state": self.run_state and bool(self.runs)}
+
+
+async def _run_bounds(redis: Redis, keys: Keys, sel: Selection) -> dict[str, int]:
+    """prompt key -> highest index (exclusive) the selected runs/namespaces reached."""
+    bounds: dict[str, int] = {}
+    wanted_ns = set(sel.namespaces)
+    wanted_keys = set(sel.keys)
+    runs = sel.runs or sorted(set(await scan_names(redis, keys, "u"))
+                              | set(await scan_names(redis, keys, "m")))
+    for run in runs:
+        found = False
+        async for raw, value in redis.hscan_iter(keys.usage(run), count=1000):
+            found = True
+            text = raw.decode(errors="replace")
+            key, ns = text[:PROMPT_KEY_CHARS], text[PROMPT_KEY_CHARS:]
+            if (wanted_ns and ns not in wanted_ns) or (wanted_keys and key not in wanted_keys):
+                continue
+            bounds[key] = max(bounds.get(key, 0), int(value))
+        async for raw, value in redis.hscan_iter(keys.manifest(run), count=1000):
+            found = True
+            try:
+                ns, _ = split_manifest_field(raw)
+                entry = decode_manifest_entry(value)
+            except (ProtocolError, UnicodeDecodeError):
+                continue
+            if (wanted_ns and ns not in wanted_ns) or (wanted_keys and entry.key not in
+                                                       wanted_keys):
+                continue
+            bounds[entry.key] = max(bounds.get(entry.key, 0), entry.start + entry.n)
+        if not found and sel.runs:
+            raise CacheSaverError(f"run {run!r} has no counters and no manifest under prefix "
+                                  f"{keys.prefix!r} (see 'cachesaver-dist runs')")
+    return bounds
+
+
+async def _candidates(redis: Redis, keys: Keys, sel: Selection
+                      ) -> AsyncIterator[list[tuple[str, int | None]]]:
+    """Batches of (prompt key, index bound or None for all samples)."""
+    batch: list[tuple[str, int | None]] = []
+
+    async def names() -> AsyncIterator[tuple[str, int | None]]:
+        if sel.runs or sel.namespaces:
+            for item in sorted((await _run_bounds(redis, keys, sel)).items()):
+                yield item
+        elif sel.keys:
+            for key in dict.fromkeys(sel.keys):
+                yield key, None
+        elif sel.models:
+            for model in sel.models:
+                async for raw in redis.sscan_iter(keys.model_keys(model), count=1000):
+                    yield raw.decode(errors="replace"), None
+        else:
+            start = len(keys.prefix) + 2
+            async for raw in redis.scan_iter(match=keys.family("s"), count=1000):
+                yield raw.decode(errors="replace")[start:], None
+
+    async for item in names():
+        batch.append(item)
+        if len(batch) >= KEYS_PER_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+class ArchiveWriter:
+    """Writes records to ``path`` (through ``<path>.partial``, renamed when complete)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self._raw = open(self.partial, "wb")  # closed in finish() or abort()
+        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+        self._hash = hashlib.sha256()
+        self.records = self.keys = self.samples = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = pack(record)
+        self._hash.update(data)
+        self._gz.write(data)
+        self.records += 1
+
+    def finish(self) -> dict[str, Any]:
+        trailer = {"t": "trailer", "records": self.records, "keys": self.keys,
+                   "samples": self.samples, "sha256": self._hash.hexdigest()}
+        self._gz.write(pack(trailer))
+        self._gz.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self.partial, self.path)
+        return trailer
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._gz.close()
+        self._raw.close()
+        self.partial.unlink(missing_ok=True)
+
+
+async def _samples_of(redis: Redis, keys: Keys, key: str, bound: int | None
+                      ) -> AsyncIterator[list[tuple[int, bytes]]]:
+    """A key's samples (below ``bound`` if given), in chunks, in index order per chunk."""
+    if bound is not None:
+        for lo in range(0, bound, SAMPLES_PER_RECORD):
+            idx = list(range(lo, min(bound, lo + SAMPLES_PER_RECORD)))
+            got = await redis.hmget(keys.samples(key), idx)  # type: ignore[misc]
+            chunk = [(i, s) for i, s in zip(idx, got) if s is not None]
+            if chunk:
+                yield chunk
+        return
+    chunk = []
+    async for idx, sample in redis.hscan_iter(keys.samples(key), count=SAMPLES_PER_RECORD):
+        chunk.append((int(idx), sample))
+        if len(chunk) >= SAMPLES_PER_RECORD:
+            yield sorted(chunk)
+            chunk = []
+    if chunk:
+        yield sorted(chunk)
+
+
+@dataclass
+class ExportResult:
+    path: str
+    keys: int = 0
+    samples: int = 0
+    unreadable: int = 0  # samples that do not decode: left out
+    runs: int = 0
+    counters: int = 0
+    manifest: int = 0
+    bytes: int = 0
+    sha256: str = ""
+
+
+async def export(redis: Redis, keys: Keys, path: str | Path, sel: Selection,
+                 progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Write the selected samples (and runs) to ``path``; ``progress(keys, samples)``."""
+    from . import __version__
+
+    for run in sel.runs:
+        check_run(run)
+    path = Path(path)
+    result = ExportResult(str(path))
+    writer = ArchiveWriter(path)
+    try:
+        writer.write({"t": "header", "format": FORMAT, "version": VERSION,
+                      "created": time.time(), "selection": sel.describe(),
+                      "prefix": keys.prefix, "producer": f"cachesaver-dist {__version__}",
+                      "sample_schema": SCHEMA_VERSION})
+        wanted_models = set(sel.models)
+        async for batch in _candidates(redis, keys, sel):
+            pipe = redis.pipeline(transaction=False)
+            for key, _ in batch:
+                pipe.hget(keys.generation(key), SPEC_FIELD)
+            specs = await pipe.execute()
+            for (key, bound), raw_spec in zip(batch, specs):
+                if not is_prompt_key(key):
+                    continue  # not a key this package made
+                spec = None
+                if raw_spec:
+                    with contextlib.suppress(ProtocolError):
+                        spec = decode_spec(raw_spec)
+                model_id = spec.model_id if spec else None
+                if wanted_models and model_id not in wanted_models:
+                    continue
+                spec_map = asdict(spec) if spec else None
+                wrote = False
+                async for chunk in _samples_of(redis, keys, key, bound):
+                    samples: dict[int, bytes] = {}
+                    size = 0
+                    for idx, sample in chunk:
+                        try:
+                            decode_sample(sample)
+                        except ProtocolError:
+                            result.unreadable += 1
+                            continue
+                        samples[idx] = sample
+                        size += len(sample)
+                        if size >= BYTES_PER_RECORD:
+                            writer.write({"t": "key", "key": key, "model_id": model_id,
+                                          "spec": spec_map, "samples": samples})
+                            writer.samples += len(samples)
+                            samples, size, wrote = {}, 0, True
+                    if samples:
+                        writer.write({"t": "key", "key": key, "model_id": model_id,
+                                      "spec": spec_map, "samples": samples})
+                        writer.samples += len(samples)
+                        wrote = True
+                writer.keys += wrote
+                if progress:
+                    progress(writer.keys, writer.samples)
+        if sel.run_state:
+            for run in sel.runs:
+                counters, manifest = await _write_run(redis, keys, writer, run,
+                                                      set(sel.namespaces))
+                result.runs += 1
+                result.counters += counters
+                result.manifest += manifest
+        trailer = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    result.keys, result.samples = writer.keys, writer.samples
+    result.sha256, result.bytes = trailer["sha256"], path.stat().st_size
+    return result
+
+
+async def _write_run(redis: Redis, keys: Keys, writer: ArchiveWriter, run: str,
+                     namespaces: set[str]) -> tuple[int, int]:
+    """The run's counters and manifest entries (of ``namespaces`` only, if given)."""
+    written = [0, 0]
+    for n, (kind, name) in enumerate((("counters", keys.usage(run)),
+                                      ("manifest", keys.manifest(run)))):
+        entries: list[list[Any]] = []
+        async for raw, value in redis.hscan_iter(name, count=ENTRIES_PER_RECORD):
+            text = raw.decode(errors="replace")
+            if kind == "counters":
+                key, ns = text[:PROMPT_KEY_CHARS], text[PROMPT_KEY_CHARS:]
+                if not is_prompt_key(key) or not ns:
+                    continue
+                entry: list[Any] = [key, ns, int(value)]
+            else:
+                try:
+                    ns, rid = split_manifest_field(raw)
+                    m = decode_manifest_entry(value)
+                except (ProtocolError, UnicodeDecodeError):
+                    continue
+                entry = [ns, rid, m.key, m.start, m.n, m.ambiguous]
+            if namespaces and ns not in namespaces:
+                continue
+            entries.append(entry)
+            if len(entries) >= ENTRIES_PER_RECORD:
+                writer.write({"t": kind, "run": run, "entries": entries})
+                written[n] += len(entries)
+                entries = []
+        if entries:
+            writer.write({"t": kind, "run": run, "entries": entries})
+            written[n] += len(entries)
+    return written[0], written[1]
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path, on_progress: Callable[[int], None] | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Every record before the trailer, checked: then the trailer's count and hash.
+
+    Raises ``ArchiveError`` for a file that is not a complete, intact archive (once its
+    end is reached for a bad hash or count). ``on_progress(compressed bytes read)``.
+    """
+    digest = hashlib.sha256()
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                max_buffer_size=MAX_RECORD_BYTES)
+    pending = bytearray()  # bytes fed to the unpacker and not hashed yet
+    offset = 0  # stream offset of pending[0]
+    count = 0
+    trailer: dict[str, Any] | None = None
+    number = 0
+    try:
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            while chunk := gz.read(READ_CHUNK):
+                unpacker.feed(chunk)
+                pending += chunk
+                for obj in unpacker:
+                    number += 1
+                    end = unpacker.tell()
+                    if trailer is not None:
+                        raise ArchiveError(f"{path}: data after the trailer (record {number})")
+                    if isinstance(obj, dict) and obj.get("t") == "trailer":
+                        trailer = obj
+                    else:
+                        digest.update(memoryview(pending)[:end - offset])
+                        count += 1
+                    del pending[:end - offset]
+                    offset = end
+                    if trailer is None:
+                        if not isinstance(obj, dict):
+                            raise ArchiveError(f"{path}: record {number} is not a map")
+                        yield obj
+                if on_progress:
+                    on_progress(raw.tell())
+    except ArchiveError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise ArchiveError(f"{path}: not a readable gzip archive, or corrupt "
+                           f"({type(exc).__name__}: {exc})") from None
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise ArchiveError(f"{path}: corrupt record after record {number} "
+                           f"({type(exc).__name__}: {exc})") from None
+    if trailer is None or pending:
+        raise ArchiveError(f"{path}: truncated (no trailer after {count} records)")
+    if trailer.get("records") != count:
+        raise ArchiveError(f"{path}: the trailer counts {trailer.get('records')} records, "
+                           f"the file holds {count}")
+    if trailer.get("sha256") != digest.hexdigest():
+        raise ArchiveError(f"{path}: SHA-256 mismatch: the trailer says "
+                           f"{str(trailer.get('sha256'))[:16]}..., the records hash to "
+                           f"{digest.hexdigest()[:16]}...: the file was changed or damaged")
+
+
+def _bad(number: int, what: str) -> ArchiveError:
+    return ArchiveError(f"record {number}: {what}")
+
+
+def _check_run_name(run: Any, number: int) -> str:
+    try:
+        return check_run(run)
+    except InvalidRequestError as exc:
+        raise _bad(number, str(exc)) from None
+
+
+def _check_namespace(ns: Any, number: int) -> str:
+    if not isinstance(ns, str) or not 0 < len(ns) <= 256 or any(
+            ord(c) < 32 or ord(c) == 127 for c in ns):
+        raise _bad(number, f"namespace {ns!r:.40} is not valid")
+    return ns
+
+
+def check_record(rec: dict[str, Any], number: int) -> str:
+    """Validate one record (``number`` from 1); return its type."""
+    kind = rec.get("t")
+    if number == 1:
+        if kind != "header" or rec.get("format") != FORMAT:
+            raise _bad(number, f"not a {FORMAT} (no header)")
+        version = rec.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise _bad(number, f"archive version {version!r}; this cachesaver-dist reads "
+                       f"version {VERSION}: upgrade it")
+        return "header"
+    if kind == "key":
+        key, model_id, spec, samples = (rec.get("key"), rec.get("model_id"), rec.get("spec"),
+                                        rec.get("samples"))
+        if not is_prompt_key(key):
+            raise _bad(number, f"key {key!r:.40} is not a prompt key (32 hex characters)")
+        if spec is not None:
+            if not isinstance(spec, dict) or not isinstance(spec.get("fields"), dict) or \
+                    spec.get("model_id") != model_id or not isinstance(spec.get("route"), str):
+                raise _bad(number, f"the spec of key {key} is not a spec of model {model_id!r}")
+        elif model_id is not None:
+            raise _bad(number, f"key {key} names a model but has no spec")
+        if not isinstance(samples, dict) or not samples:
+            raise _bad(number, f"key {key} has no samples map")
+        for idx, sample in samples.items():
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < MAX_INDEX:
+                raise _bad(number, f"key {key}: sample index {idx!r:.20} out of range")
+            if not isinstance(sample, bytes):
+                raise _bad(number, f"key {key}: sample {idx} is not bytes")
+            try:
+                decode_sample(sample)
+            except ProtocolError as exc:
+                raise _bad(number, f"key {key}: sample {idx} cannot be read ({exc})") from None
+        return kind
+    if kind in ("counters", "manifest"):
+        _check_run_name(rec.get("run"), number)
+        entries = rec.get("entries")
+        if not isinstance(entries, list):
+            raise _bad(number, "entries must be a list")
+        for e in entries:
+            if kind == "counters":
+                ok = (isinstance(e, list) and len(e) == 3 and is_prompt_key(e[0])
+                      and isinstance(e[2], int) and 0 <= e[2] < MAX_INDEX)
+            else:
+                ok = (isinstance(e, list) and len(e) == 6 and isinstance(e[1], str)
+                      and 0 < len(e[1]) <= 1024 and is_prompt_key(e[2])
+                      and all(isinstance(v, int) and 0 <= v < MAX_INDEX for v in e[3:5])
+                      and isinstance(e[5], bool))
+            if not ok:
+                raise _bad(number, f"a {kind} entry is malformed: {str(e)[:80]}")
+            _check_namespace(e[1] if kind == "counters" else e[0], number)
+        return kind
+    raise _bad(number, f"unknown record type {kind!r:.20}")
+
+
+@dataclass
+class ImportResult:
+    path: str
+    header: dict[str, Any] = field(default_factory=dict)
+    keys: int = 0
+    samples: int = 0  # in the archive
+    written: int = 0
+    present: int = 0  # equal samples already there
+    disagreeing: int = 0  # different samples already there: kept, not written
+    disagreements: list[dict[str, Any]] = field(default_factory=list)  # the first few
+    runs: list[str] = field(default_factory=list)
+    counters_written: int = 0
+    counters_present: int = 0
+    manifest_written: int = 0
+    manifest_present: int = 0
+    manifest_disagreeing: int = 0
+    verified_only: bool = False
+
+
+def verify(path: str | Path, on_progress: Callable[[int], None] | None = None
+           ) -> ImportResult:
+    """Read the whole archive and check it: hash, count and every record."""
+    result = ImportResult(str(path))
+    keys_seen = 0
+    last_key = None
+    runs: dict[str, None] = {}
+    for number, rec in enumerate(read_records(path, on_progress), 1):
+        kind = check_record(rec, number)
+        if kind == "header":
+            result.header = {k: v for k, v in rec.items() if k != "t"}
+        elif kind == "key":
+            if rec["key"] != last_key:
+                keys_seen += 1
+                last_key = rec["key"]
+            result.samples += len(rec["samples"])
+        else:
+            runs[rec["run"]] = None
+    result.keys, result.runs = keys_seen, list(runs)
+    return result
+
+
+class _Merger:
+    """Writes checked records in batches: key records through import.lua, run records
+    through import_run.lua."""
+
+    def __init__(self, redis: Redis, keys: Keys, result: ImportResult, run_ttl_s: int) -> None:
+        self.redis, self.keys, self.result, self.run_ttl_s = redis, keys, result, run_ttl_s
+        self.batch: list[dict[str, Any]] = []
+        self.batch_samples = self.batch_bytes = 0
+
+    async def add(self, rec: dict[str, Any]) -> None:
+        if rec["t"] == "key":
+            self.batch.append(rec)
+            self.batch_samples += len(rec["samples"])
+            self.batch_bytes += sum(len(s) for s in rec["samples"].values())
+            if len(self.batch) >= KEYS_PER_BATCH or self.batch_samples >= SAMPLES_PER_RECORD \
+                    or self.batch_bytes >= BYTES_PER_RECORD:
+                await self.flush()
+        elif rec["t"] in ("counters", "manifest"):
+            await self.flush()
+            await self._run(rec)
+
+    async def flush(self) -> None:
+        if not self.batch:
+            return
+        k: list[str] = []
+        argv: list[Any] = []
+        for rec in self.batch:
+            key, spec = rec["key"], rec["spec"]
+            k += [self.keys.samples(key), self.keys.generation(key),
+                  self.keys.model_keys(spec["model_id"]) if spec else
+                  self.keys.generation(key)]
+            argv += [key, encode_spec(spec["route"], spec["model_id"], spec["fields"],
+                                      spec.get("namespace"), spec.get("request_id"))
+                     if spec else b"", len(rec["samples"])]
+            for idx, sample in sorted(rec["samples"].items()):
+                argv += [idx, sample]
+        out = await script(self.redis, "import")(keys=k, args=argv)
+        for rec, (written, present, differ) in zip(self.batch, out):
+            self.result.written += written
+            self.result.present += present
+            self.result.disagreeing += len(differ)
+            for idx in differ[:max(0, SHOWN_DISAGREEMENTS - len(self.result.disagreements))]:
+                self.result.disagreements.append({"key": rec["key"], "index": int(idx)})
+        self.batch, self.batch_samples, self.batch_bytes = [], 0, 0
+
+    async def _run(self, rec: dict[str, Any]) -> None:
+        run, kind = rec["run"], rec["t"]
+        argv: list[Any] = ["u" if kind == "counters" else "m", run, time.time(),
+                           self.run_ttl_s * 1000]
+        for e in rec["entries"]:
+            if kind == "counters":
+                argv += [e[0] + e[1], e[2]]
+            else:
+                argv += [manifest_field(e[0], e[1]),
+                         encode_manifest_entry(ManifestEntry(e[2], e[3], e[4], e[5]))]
+        name = self.keys.usage(run) if kind == "counters" else self.keys.manifest(run)
+        written, present, differ = await script(self.redis, "import_run")(
+            keys=[name, self.keys.runs], args=argv)
+        if kind == "counters":
+            self.result.counters_written += written
+            self.result.counters_present += present
+        else:
+            self.result.manifest_written += written
+            self.result.manifest_present += present
+            self.result.manifest_disagreeing += len(differ)
+
+
+async def import_archive(redis: Redis, keys: Keys, path: str | Path, *,
+                         run_ttl_s: int = defaults.RUN_TTL_S, verify_only: bool = False,
+                         progress: Callable[[str, int, int], None] | None = None
+                         ) -> ImportResult:
+    """Verify the archive whole, then merge it (see the module docstring and
+    docs/archive.md); ``progress(phase, bytes read, file size)``."""
+    size = _size_of(path)
+    tick = (lambda phase: (lambda done: progress(phase, done, size))) if progress else \
+        (lambda phase: None)
+    result = verify(path, tick("verifying"))
+    result.verified_only = verify_only
+    if verify_only:
+        return result
+    merger = _Merger(redis, keys, result, run_ttl_s)
+    for number, rec in enumerate(read_records(path, tick("importing")), 1):
+        check_record(rec, number)  # the file might have changed since it was verified
+        await merger.add(rec)
+    await merger.flush()
+    return result
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def _size_of(path: str | Path) -> int:
+    """The file's size; -1 if there is none."""
+    try:
+        return Path(path).stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, in_bytes: bool) -> Iterator[Callable[..., None] | None]:
+    """A rich progress bar on stderr when it is a terminal (None otherwise), updated with
+    ``update(phase, done, total=None, note="")``: bytes of the file, or a count."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
+    columns += [DownloadColumn(), TimeRemainingColumn()] if in_bytes else \
+        [TextColumn("{task.fields[note]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int | None = None, note: str = "") -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"{label}: {phase}", total=total, note=note)
+            bar.update(tasks[phase], completed=done, note=note)
+
+        yield update
+
+
+def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    e = sub.add_parser("export", help="write samples (with their specs) and runs to an "
+                       "archive file")
+    common(e)
+    e.add_argument("file", help="the archive to write (gzip; see docs/archive.md)")
+    e.add_argument("--model", action="append", default=[], help="keys of this model "
+                   "(repeatable)")
+    e.add_argument("--run", action="append", default=[], help="keys this run used, below "
+                   "its highest index, with its counters and manifest (repeatable)")
+    e.add_argument("--namespace", action="append", default=[],
+                   help="keys used in this namespace (in --run, else in any run; repeatable)")
+    e.add_argument("--key", action="append", default=[], help="this prompt key (repeatable)")
+    e.add_argument("--no-run-state", action="store_true",
+                   help="leave out the runs' counters and manifests")
+    e.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i = sub.add_parser("import", help="merge an archive into this server (append-only, "
+                       "idempotent)")
+    common(i)
+    i.add_argument("file", help="the archive to read")
+    i.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
+                   help="seconds the imported runs' counters and manifests are kept idle; "
+                        "0 keeps them without expiry (default: 7 days)")
+    i.add_argument("--verify", action="store_true", help="only check the archive")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "export":
+            return await _export_command(redis, keys, args)
+        return await _import_command(redis, keys, args)
+    except CacheSaverError as exc:
+        print(f"cachesaver-dist: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if _size_of(path) >= 0 and not args.force:
+        raise ArchiveError(f"{path} exists: pass --force to overwrite it")
+    sel = Selection(models=args.model, runs=args.run, namespaces=args.namespace, keys=args.key,
+                    run_state=not args.no_run_state)
+    with _progress_bar("export", in_bytes=False) as bar:
+        result = await export(redis, keys, path, sel, (
+            lambda k, s: bar("prompt keys", k, None, f"{k} keys, {s} samples")) if bar
+            else None)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(f"exported {result.samples} sample(s) of {result.keys} prompt key(s)"
+              + (f", {result.runs} run(s) ({result.counters} counters, {result.manifest} "
+                 "manifest entries)" if result.runs else "")
+              + f" to {path} ({result.bytes} bytes, sha256 {result.sha256[:16]}...)"
+              + (f"; left out {result.unreadable} unreadable sample(s)"
+                 if result.unreadable else ""))
+    return 0
+
+
+async def _import_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
+    if _size_of(args.file) < 0:
+        raise ArchiveError(f"{args.file}: no such file")
+    with _progress_bar("import", in_bytes=True) as bar:
+        result = await import_archive(redis, keys, args.file, run_ttl_s=args.run_ttl,
+                                      verify_only=args.verify, progress=bar)
+    if args.json:
+        print(json.dumps(asdict(result), default=str))
+        return 0
+    if result.verified_only:
+        print(f"{args.file}: intact, {result.samples} sample(s) of {result.keys} prompt "
+              f"key(s), runs: {', '.join(result.runs) or 'none'}")
+        return 0
+    print(f"imported {args.file}: {result.written} sample(s) written, {result.present} "
+          f"already present, {result.disagreeing} disagreeing (kept as stored) of "
+          f"{result.samples} in {result.keys} prompt key(s)"
+          + (f"; runs {', '.join(result.runs)}: {result.counters_written} counters raised, "
+             f"{result.manifest_written} manifest entries written, {result.manifest_present} "
+             f"present, {result.manifest_disagreeing} disagreeing" if result.runs else ""))
+    for d in result.disagreements:
+        print(f"  disagreeing sample: key {d['key']} index {d['index']} (the stored one kept)")
+    if result.disagreeing > len(result.disagreements):
+        print(f"  ... and {result.disagreeing - len(result.disagreements)} more")
+    return 0
