@@ -379,7 +379,7 @@ async def _(h: Hostile) -> Check:
                                      "keep_s": 60})))
 
 
-@entry("job-payload-item-wrong-arity", JOB, r"cache job request 0 must be a list of 9 fields")
+@entry("job-payload-item-wrong-arity", JOB, r"cache job request 0 must be a list of 9 or 10 fields")
 async def _(h: Hostile) -> Check:
     return await h.job(h.arq_job(mp({"v": SCHEMA_VERSION, "client": "c",
                                      "requests": [[h.marker, 1]], "keep_s": 60})))
