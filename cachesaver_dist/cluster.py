@@ -108,11 +108,12 @@ async def read_state(redis: Any, keys: Keys, routes: list[str] | tuple[str, ...]
 
 def _stream_lag(length: Any, groups: Any) -> tuple[int, int]:
     """(unfinished, pending) of a work stream from XLEN and XINFO GROUPS."""
-    if isinstance(groups, ResponseError):  # no such stream yet: nothing waits
-        return 0, 0
-    if isinstance(groups, Exception):
-        raise groups
-    length = 0 if isinstance(length, Exception) else int(length)
+    if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():
+        return 0, 0  # no such stream yet: nothing waits
+    for result in (length, groups):
+        if isinstance(result, Exception):
+            raise result
+    length = int(length)
     for g in groups or []:
         name = g.get("name", b"")
         if (name.decode() if isinstance(name, bytes) else name) != CONSUMER_GROUP:
