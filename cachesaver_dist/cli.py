@@ -1,4 +1,5 @@
-"""``cachesaver-dist``: workers, the demo, the simulator, stats, archives, runs, retention.
+"""``cachesaver-dist``: workers, the demo, the simulator, stats, top, health, dead letters,
+archives, runs and retention.
 
 Every command connects to ``--redis-url`` (default: ``REDIS_URL``); with neither, it
 uses the embedded server of ``--data-dir`` (started if no live process runs it).
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import defaults
+from . import defaults, logs, metrics
 from .errors import CacheSaverError
 from .protocol import Keys
 
@@ -31,6 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"key prefix in Redis (default: $CACHESAVER_PREFIX, else "
                         f"{defaults.PREFIX})")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    logs.add_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"jobs at once (default: {defaults.MAX_JOBS})")
     cache.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
+    metrics.add_arguments(cache)
     batch = kinds.add_parser("batch", help="generation worker: calls the models")
     _common(batch)
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
@@ -65,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--sim-latency", type=float, default=0.05,
                        help="seconds per call of sim: models (0.05)")
     _backend_flags(batch)
+    metrics.add_arguments(batch)
 
     demo = sub.add_parser("demo", help="the main job: a reasoning workload, run twice")
     _common(demo)
     demo.add_argument("--puzzles", type=int, default=12, help="puzzles per pass (12)")
     demo.add_argument("--latency", type=float, default=0.05, help="model latency, s (0.05)")
+    demo.add_argument("--json", action="store_true", help="print the passes' rows as JSON "
+                      "(progress goes to stderr)")
 
     stats = sub.add_parser("stats", help="what the cache saved, per run and in total")
     _common(stats)
@@ -109,10 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (archive, runs, retention):
         module.add_commands(sub, _common)
 
-    from . import simulator
+
+    from . import cluster, simulator, top
+
+    top_cmd = sub.add_parser("top", help="a live view: savings per model, backlog and workers "
+                             "per route, dead letters")
+    _common(top_cmd)
+    top.add_arguments(top_cmd)
+
+    health = sub.add_parser("health", help="exit 0 if a worker of this host serves each route "
+                            "(a container health check)")
+    _common(health)
+    cluster.add_health_arguments(health)
 
     sim = sub.add_parser("simulator", help="a local OpenAI-compatible LLM simulator server")
     simulator.add_arguments(sim)
+    logs.add_argument(sim)
     return parser
 
 
@@ -138,13 +156,6 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds per provider call (120)")
 
 
-def _logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose < 1:
-        logging.getLogger("arq").setLevel(logging.WARNING)
-
-
 def _redis_url(args: argparse.Namespace) -> tuple[str, Any]:
     from .server import resolve_redis_url
 
@@ -156,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulator":
         from . import simulator
 
+        if args.log_format == "json":  # else the simulator's own text format
+            logs.configure(0, "json")
         simulator.main_from_args(args)
         return 0
-    _logging(args.verbose)
+    logs.configure(args.verbose, args.log_format)
     keys = Keys(args.prefix)
     if args.command == "import-cachesaver" and args.data_dir is None:
         args.data_dir = str(Path(args.folder) / "cachesaver-redis")
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (CacheSaverError, ConnectionError, RuntimeError, ValueError) as exc:
-        print(f"cachesaver-dist: {exc}", file=sys.stderr)
+        logs.fail(f"cachesaver-dist: {exc}")
         return 1
     finally:
         if server is not None:
@@ -185,7 +198,7 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return await run_demo(url, keys, args.puzzles, args.latency)
+        return await run_demo(url, keys, args.puzzles, args.latency, as_json=args.json)
     if args.command == "stats":
         from .report import print_stats
 
@@ -195,6 +208,10 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
         from .migrate import import_command
 
         return await import_command(url, keys, args)
+    if args.command == "top":
+        from .top import run_top
+
+        return await run_top(url, keys, args)
     redis = connect(url)
     try:
         if args.command == "drop-run":
@@ -207,6 +224,10 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
             return 0
         if args.command == "dead-letters":
             return await _dead_letters(redis, keys, args)
+        if args.command == "health":
+            from .cluster import run_health
+
+            return await run_health(redis, keys, args.routes, cluster=args.cluster)
         from . import archive, retention, runs
 
         for module in (archive, runs, retention):
@@ -227,13 +248,16 @@ async def _dead_letters(redis: Any, keys: Keys, args: argparse.Namespace) -> int
         print(f"dropped {dropped} dead letter(s)")
         return 0
     letters = await list_dead_letters(redis, keys, args.count)
-    for eid, d in letters:
-        if args.json:
-            print(json.dumps({"id": eid, "kind": d.kind, "reason": d.reason, "source": d.source,
-                              "bytes": len(d.raw), "at": d.at}))
-        else:
-            print(f"{eid}  {d.kind}  {d.source}  ({len(d.raw)} bytes): {d.reason}")
-    if not letters and not args.json:
+    rows = [{"id": eid, "kind": d.kind, "reason": d.reason, "source": d.source,
+             "bytes": len(d.raw), "at": d.at} for eid, d in letters]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    elif rows:
+        from .deadletters import print_table
+
+        print_table(rows)
+    else:
         print(f"no dead letters under prefix {keys.prefix!r}")
     return 0
 
@@ -241,9 +265,10 @@ async def _dead_letters(redis: Any, keys: Keys, args: argparse.Namespace) -> int
 def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     from workers import run
 
+    exporter = metrics.options_from_args(args)
     if args.kind == "cache":
         return run.serve_cache(url, keys, poll_delay=args.poll_delay, max_jobs=args.max_jobs,
-                               run_ttl_s=args.run_ttl)
+                               run_ttl_s=args.run_ttl, metrics=exporter)
     from .backends import BackendOptions
     from .models import load_model
 
@@ -260,7 +285,7 @@ def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
 
     config = run.BatchWorkerConfig(batch_size=args.batch_size, batch_wait=args.batch_wait,
                                    concurrency=args.concurrency, lease=args.lease)
-    return run.serve_batch(url, keys, models, config)
+    return run.serve_batch(url, keys, models, config, metrics=exporter)
 
 
 if __name__ == "__main__":

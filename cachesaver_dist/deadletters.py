@@ -66,3 +66,16 @@ async def drop_dead_letters(redis: Any, keys: Keys, ids: list[str] | None = None
         count, _ = await pipe.execute()
         return int(count)
     return int(await redis.xdel(keys.dead_letters, *ids)) if ids else 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The ``dead-letters`` table (rows as ``--json`` prints them), fitted to the terminal."""
+    from rich.console import Console
+
+    from .tables import Col, fit_table
+
+    console = Console()
+    cols = [Col("id", "id", text=True), Col("kind", "kind", text=True),
+            Col("bytes", "bytes", drop=2), Col("source", "source", text=True, drop=1),
+            Col("reason", "reason", text=True)]
+    console.print(fit_table(cols, rows, console.width, title="dead letters, newest first"))

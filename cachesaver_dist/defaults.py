@@ -1,7 +1,9 @@
 """Defaults shared by the CLI, ``OnlineAPI`` and the workers, and the environment they read.
 
 Environment: ``REDIS_URL`` (the server; unset: the embedded one), ``CACHESAVER_PREFIX``
-(the key prefix) and ``CACHESAVER_DATA_DIR`` (the embedded server's data folder).
+(the key prefix), ``CACHESAVER_DATA_DIR`` (the embedded server's data folder),
+``CACHESAVER_LOG_FORMAT`` (``text`` or ``json``) and ``CACHESAVER_METRICS_PORT`` (workers
+serve Prometheus metrics there).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ STOP_GRACE_S = 3.0
 HEARTBEAT_S = 5.0
 DEAD_LETTERS_KEPT = 10_000
 
+# Operations
+METRICS_HOST = "127.0.0.1"
+METRICS_REFRESH_S = 5.0
+LOG_FORMATS = ("text", "json")
+TOP_INTERVAL_S = 2.0
+
 
 def redis_url() -> str | None:
     """``REDIS_URL``, or None (use the embedded server)."""
@@ -50,3 +58,13 @@ def prefix() -> str:
 def data_dir() -> str:
     """``CACHESAVER_DATA_DIR``, else ``.cachesaver``."""
     return os.environ.get("CACHESAVER_DATA_DIR") or DATA_DIR
+
+
+def log_format() -> str:
+    """``CACHESAVER_LOG_FORMAT`` (``text`` or ``json``), else ``text``."""
+    return (os.environ.get("CACHESAVER_LOG_FORMAT") or "text").strip().lower()
+
+
+def metrics_port() -> str | None:
+    """``CACHESAVER_METRICS_PORT`` as written (the CLI parses it), else None (no metrics)."""
+    return os.environ.get("CACHESAVER_METRICS_PORT", "").strip() or None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -19,13 +20,13 @@ from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .connection import connect
 from .heartbeat import alive_workers
 from .pipelines import OnlineAPI
 from .protocol import Keys
 from .report import collect
+from .tables import Col, fit_table
 from .typedefs import Request
 
 # Priced like Together's Llama 3.3 70B (prices.json); answered by the local simulator.
@@ -95,6 +96,19 @@ async def _run_pass(url: str, keys: Keys, puzzles: list[str], label: str,
             "seconds": time.monotonic() - started}
 
 
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5f}"
+
+
+_COLUMNS = [Col("pass", "pass", text=True), Col("requests", "requests"),
+            Col("generated", "samples_generated"), Col("cached", "samples_cached"),
+            Col("dedup", "samples_deduplicated", drop=4),
+            Col("tokens paid", "tokens_generated", drop=3),
+            Col("$ spent", "dollars_spent", fmt=_money, drop=2),
+            Col("$ saved", "dollars_saved", fmt=_money, drop=1),
+            Col("seconds", "seconds", fmt=lambda v: f"{v:.2f}", drop=5)]
+
+
 def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Popen]:
     """The simulator (its URL read from its first line), a cache and a batch worker."""
     cli = [sys.executable, "-m", "cachesaver_dist.cli"]
@@ -131,9 +145,11 @@ async def _wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen])
         await redis.aclose()
 
 
-async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.05) -> int:
-    """Start workers, run the workload twice, print what was generated vs cached."""
-    console = Console()
+async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.05, *,
+                   as_json: bool = False) -> int:
+    """Start workers, run the workload twice, print what was generated vs cached (the
+    rows as JSON on stdout with ``as_json``; everything else then goes to stderr)."""
+    console = Console(stderr=as_json)
     chosen = (PUZZLES * (puzzles // len(PUZZLES) + 1))[:puzzles]
     chosen = [f"{p} #{i}" if i >= len(PUZZLES) else p for i, p in enumerate(chosen)]
     console.print(f"[bold]cachesaver-dist demo[/]: {len(chosen)} puzzles x "
@@ -150,16 +166,11 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=15)
-    table = Table(title="samples per pass: generated (paid) vs served from cache")
-    for col in ("pass", "requests", "generated", "cached", "deduplicated", "tokens paid",
-                "$ spent", "$ saved", "seconds"):
-        table.add_column(col, justify="left" if col == "pass" else "right")
-    for r in rows:
-        table.add_row(str(r["pass"]), str(r["requests"]), str(r["samples_generated"]),
-                      str(r["samples_cached"]), str(r["samples_deduplicated"]),
-                      str(r["tokens_generated"]), f"{r['dollars_spent']:.5f}",
-                      f"{r['dollars_saved']:.5f}", f"{r['seconds']:.2f}")
-    console.print(table)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(fit_table(_COLUMNS, rows, console.width,
+                                title="samples per pass: generated (paid) vs served from cache"))
     total = sum(r["samples_generated"] + r["samples_cached"] + r["samples_deduplicated"]
                 for r in rows)
     paid = sum(r["samples_generated"] for r in rows)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from .connection import connect
 from .protocol import Keys
 from .stats import list_runs, read_stats
+from .tables import Col, fit_table
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.json")
 SAVED_KINDS = ("cached", "deduplicated")
@@ -72,11 +72,22 @@ async def collect(url: str, keys: Keys, run: str | None = None,
         await redis.aclose()
 
 
-COLUMNS = [("requests", "requests"), ("generated", "samples_generated"),
-           ("cached", "samples_cached"), ("dedup", "samples_deduplicated"),
-           ("tokens generated", "tokens_generated"), ("tokens cached", "tokens_cached"),
-           ("tokens dedup", "tokens_deduplicated"), ("$ spent", "dollars_spent"),
-           ("$ saved", "dollars_saved")]
+def _dollars(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+# Left out first when the terminal is narrow: tokens, then $ spent, dedup, $ saved.
+COLUMNS = [Col("run", get=lambda r: r["run"] or "all runs", text=True),
+           Col("model", "model", text=True),
+           Col("requests", "requests"),
+           Col("generated", "samples_generated"),
+           Col("cached", "samples_cached"),
+           Col("dedup", "samples_deduplicated", drop=3),
+           Col("tokens generated", "tokens_generated", drop=5),
+           Col("tokens cached", "tokens_cached", drop=6),
+           Col("tokens dedup", "tokens_deduplicated", drop=7),
+           Col("$ spent", "dollars_spent", drop=4, fmt=_dollars),
+           Col("$ saved", "dollars_saved", drop=2, fmt=_dollars)]
 
 
 async def print_stats(url: str, keys: Keys, run: str | None = None, *, as_json: bool = False,
@@ -88,14 +99,8 @@ async def print_stats(url: str, keys: Keys, run: str | None = None, *, as_json: 
     if not rows:
         print("no statistics yet" + (f" for run {run!r}" if run else ""))
         return 1 if run else 0
-    table = Table(title="cachesaver-dist: what the cache saved")
-    table.add_column("run")
-    table.add_column("model")
-    for title, _ in COLUMNS:
-        table.add_column(title, justify="right")
-    for row in rows:
-        cells = [("-" if row[c] is None else f"{row[c]:.4f}") if c.startswith("dollars")
-                 else str(row[c]) for _, c in COLUMNS]
-        table.add_row(row["run"] or "[bold]all runs[/]", row["model"], *cells)
-    Console().print(table)
+    console = Console()
+    styled = [{**row, "_style": None if row["run"] else "bold"} for row in rows]
+    console.print(fit_table(COLUMNS, styled, console.width,
+                            title="cachesaver-dist: what the cache saved"))
     return 0

@@ -119,15 +119,23 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
 
 def refusals(server: AclServer) -> list[dict]:
     """ACL LOG entries, without redis-py's CLIENT SETINFO at connect (Redis >= 7.2) and the
-    workers' eviction check at start (CONFIG GET, refused and logged as skipped)."""
+    workers' eviction check at start (CONFIG GET, refused and logged as skipped), and the
+    operator's SCAN (``top`` tries it once, then reads the routes from the stats)."""
     with contextlib.closing(server.admin()) as admin:
         entries = admin.acl_log()
     return [e for e in entries
-            if not any(c in str(e.get("object", "")).lower() for c in ("setinfo", "config"))]
+            if not any(c in str(e.get("object", "")).lower() for c in ("setinfo", "config"))
+            and not (_text(e.get("object")) == "scan" and
+                     _text(e.get("username")).endswith("-operator"))]
 
 
-def operator(server: AclServer, tenant: str, *args: str) -> subprocess.Popen:
-    url = server.url(tenant, "operator")
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def operator(server: AclServer, tenant: str, *args: str, role: str = "operator"
+             ) -> subprocess.Popen:
+    url = server.url(tenant, role)
     return subprocess.Popen(
         [sys.executable, "-m", "cachesaver_dist.cli", *args, "--redis-url", url,
          "--prefix", TENANTS[tenant]], env=subprocess_env(url, COLUMNS="200"), cwd=ROOT,
@@ -167,10 +175,11 @@ def start_tenant(server: AclServer, tenant: str, tmp: Path, *batch_args: str,
                  ) -> Processes:
     procs = Processes(server.admin_url, Keys(TENANTS[tenant]), tmp)
     cache_url, batch_url = server.url(tenant, "cache-worker"), server.url(tenant, "batch-worker")
-    procs.cli("worker", "cache", "--redis-url", cache_url, "--poll-delay", "0.5",
+    metrics = ("--metrics-port", "0", "--metrics-refresh", "0.2")  # gauges read under ACLs
+    procs.cli("worker", "cache", "--redis-url", cache_url, "--poll-delay", "0.5", *metrics,
               name=f"{tenant}-cache", env={"REDIS_URL": cache_url})
     procs.cli("worker", "batch", *(a for m in models for a in ("--model", m)), *batch_args,
-              "--redis-url", batch_url, name=f"{tenant}-batch",
+              "--redis-url", batch_url, *metrics, name=f"{tenant}-batch",
               env={"REDIS_URL": batch_url, **(env or {})})
     return procs
 
@@ -208,6 +217,11 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
             rows = [json.loads(finished(p)) for p in stats]
             letters = [json.loads(line) for line in finished(dead).splitlines()]
             plain = finished(operator(server, "cachesaver", "stats"))
+            top = json.loads(finished(operator(server, "cachesaver", "top", "--json")))
+            checks = [operator(server, "cachesaver", "health", "--cluster", "cache", "sim:x"),
+                      operator(server, "cachesaver", "health", "cache", role="cache-worker"),
+                      operator(server, "cachesaver", "health", "sim:x", role="batch-worker")]
+            healthy = [finished(p) for p in checks]
             drops = [operator(server, "cachesaver", "dead-letters", "--drop"),
                      operator(server, "cachesaver", "drop-run", "acl-run")]
             dropped = [finished(p) for p in drops]
@@ -225,6 +239,10 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
         assert mine["acl-run", model]["samples_cached"] == 2
     assert {r["model"] for r in rows[1]} == {"sim:x"}  # the other tenant's counters only
     assert "sim:x" in plain
+    # the operator has no SCAN: top found the routes in the stats
+    assert [r["route"] for r in top["routes"]] == ["cache", LIMITED, "sim:x"]
+    assert all(r["workers"] == 1 for r in top["routes"]), top
+    assert all("live worker" in out for out in healthy)
     assert [d["kind"] for d in letters] == ["wake token"]
     assert dropped[0].startswith("dropped 1 ")
     assert "counters dropped" in dropped[1]
@@ -341,6 +359,9 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("HINCRBYFLOAT", f"{p}stats:r", "m|x", "1.5"),
             ("ZADD", f"{p}runs", "1", "r"),
             ("PUBLISH", f"{p}reply:abc", "x"),
+            ("XLEN", f"{p}dead"),  # metrics gauges, and `health cache`
+            ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
+            ("ZRANGEBYSCORE", f"{p}workers:cache", "0", "+inf"),
         ],
         "batch-worker": [
             ("XGROUP", "CREATE", f"{p}llm:sim:x", "batch-workers", "0", "MKSTREAM"),
@@ -360,6 +381,12 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("ZREM", f"{p}workers:sim:x", "w"),
             ("XADD", f"{p}dead", "*", "kind", "k"),
             ("PUBLISH", f"{p}reply:abc", "x"),
+            ("ZCARD", f"{p}queue:cache"),  # metrics gauges, and `health MODEL`
+            ("XLEN", f"{p}llm:sim:x"),
+            ("XINFO", "GROUPS", f"{p}llm:sim:x"),
+            ("XLEN", f"{p}dead"),
+            ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
+            ("ZRANGEBYSCORE", f"{p}workers:sim:x", "0", "+inf"),
         ],
         "operator": [
             ("HGETALL", f"{p}stats"),
@@ -370,6 +397,11 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("XLEN", f"{p}dead"),
             ("XDEL", f"{p}dead", "1-0"),
             ("DEL", f"{p}dead"),
+            ("ZCARD", f"{p}queue:cache"),  # top, health --cluster
+            ("ZCOUNT", f"{p}workers:sim:x", "0", "+inf"),
+            ("ZRANGEBYSCORE", f"{p}workers:cache", "0", "+inf"),
+            ("XLEN", f"{p}llm:sim:x"),
+            ("XINFO", "GROUPS", f"{p}llm:sim:x"),
         ],
     }
     refused = {
@@ -393,12 +425,18 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("GET", f"arq:job:{p}job:x"),
             ("HGETALL", f"{p}u:r"),
             ("ZRANGEBYSCORE", f"{p}queue:cache", "-inf", "+inf"),
+            ("ZCOUNT", f"{p}queue:cache", "-inf", "+inf"),
         ],
         "operator": [
             ("DEL", f"{p}stats"),
             ("HINCRBY", f"{p}stats", "m|x", "1"),
             ("HGETALL", f"{p}u:r"),
             ("GET", f"{p}s:k"),
+            ("ZRANGEBYSCORE", f"{p}queue:cache", "-inf", "+inf"),  # sizes, not content
+            ("XREVRANGE", f"{p}llm:sim:x", "+", "-"),
+            ("XINFO", "STREAM", f"{p}llm:sim:x"),
+            ("ZADD", f"{p}workers:cache", "1", "x"),
+            ("SCAN", "0"),
         ],
     }
     with contextlib.closing(acl_server.admin()) as admin:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,47 @@ def test_redis_conf() -> None:
     assert d["maxmemory-policy"] == ["noeviction"]
     assert {"900 1", "300 100"} <= set(d["save"])
     assert d["notify-keyspace-events"] == ['""']
+
+
+def _served_routes(command: list[str]) -> list[str]:
+    """The routes a worker command serves: 'cache', or the --model names."""
+    if command[2] == "cache":
+        return ["cache"]
+    return [command[i + 1] for i, arg in enumerate(command) if arg == "--model"]
+
+
+@pytest.mark.parametrize("name", ["cache-worker", "batch-worker"])
+def test_worker_health_checks(compose: dict[str, Any], name: str) -> None:
+    from cachesaver_dist.cli import build_parser
+
+    svc = compose["services"][name]
+    check = svc["healthcheck"]
+    assert check["test"][0] == "CMD" and check["test"][1] == "cachesaver-dist"
+    args = build_parser().parse_args(check["test"][2:])  # a valid command line
+    assert args.command == "health" and not args.cluster  # this container's worker
+    assert args.routes == _served_routes(svc["command"])
+    # a worker beats every 5 s and is alive for 15 s: the check must see it in between
+    assert _seconds(check["timeout"]) < _seconds(check["interval"])
+    assert check["retries"] >= 2 and _seconds(check["start_period"]) >= 10
+
+
+@pytest.mark.parametrize("name", ["cache-worker", "batch-worker"])
+def test_workers_serve_metrics_inside_the_network(compose: dict[str, Any], name: str) -> None:
+    from cachesaver_dist.cli import build_parser
+
+    svc = compose["services"][name]
+    args = build_parser().parse_args(svc["command"][1:])
+    assert args.metrics_port == 9100 and args.metrics_host == "0.0.0.0"
+    assert not svc.get("ports"), "metrics stay on the compose network"
+    assert svc["environment"]["CACHESAVER_LOG_FORMAT"] == "text"
+
+
+def _seconds(value: Any) -> float:
+    """A compose duration (``15s``; ``config --format json`` may give nanoseconds)."""
+    if isinstance(value, (int, float)):
+        return value / 1e9
+    units = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)(ms|s|m|h)", value):
+        total += float(number) * units[unit]
+    return total

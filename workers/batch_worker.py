@@ -24,7 +24,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from cachesaver_dist import defaults
+from cachesaver_dist import defaults, metrics
 from cachesaver_dist.errors import ProtocolError, refused
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.models import Job, generate
@@ -272,6 +272,7 @@ class BatchWorker:
             finally:  # the call slot is free; the entries stay leased until acknowledged
                 self._calling -= entries
                 self._slot_freed.set()
+                metrics.model_call_done(route, time.monotonic() - started)
             log.debug("%s: %d keys generated in %.3f s", route, len(works),
                       time.monotonic() - started)
             await self._store(stream, works, results)
@@ -339,6 +340,7 @@ class BatchWorker:
     async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
         message = f"model {work.spec.model_id!r} failed: {type(error).__name__}: {error}"
         log.error("%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
+        metrics.model_failed(work.route)
         waiters, bad = await release(self.redis, self.keys, work.key, work.indices)
         outbox.malformed_waiters(bad)
         for w in waiters:

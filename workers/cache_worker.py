@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachesaver_dist import defaults
+from cachesaver_dist import defaults, metrics
 from cachesaver_dist.deadletters import set_aside, set_aside_key
 from cachesaver_dist.errors import ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
@@ -50,6 +50,7 @@ from .outbox import Outbox
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
 async def handle_batch(
@@ -92,7 +93,11 @@ async def handle_batch(
 
 async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> int:
     """The arq job function."""
-    return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
+    started = time.perf_counter()
+    try:
+        return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
+    finally:
+        metrics.cache_job_done(time.perf_counter() - started)
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -261,7 +266,7 @@ def cache_worker(
         job_serializer=arq_serialize,
         job_deserializer=arq_deserialize_job,
         handle_signals=False,
-        health_check_interval=15,
+        health_check_interval=HEALTH_CHECK_S,
         health_check_key=keys.cache_health,
         ctx={"keys": keys, "run_ttl_s": run_ttl_s},
         on_startup=_startup,

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from cachesaver_dist import metrics
 from cachesaver_dist.deadletters import queue_dead_letter
 from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
@@ -97,8 +98,9 @@ class Outbox:
             queue_dead_letter(pipe, self.keys, kind, reason, raw, source)
         if also is not None:
             also(pipe)
+        tally, self.tally = self.tally, {}
         self.replies.clear()
-        self.tally.clear()
         self.bad_samples.clear()
         self.dead.clear()
         await pipe.execute()
+        metrics.count(tally)  # once stats has it: the workers' counters add up to stats

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +19,8 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from cachesaver_dist import defaults
+from cachesaver_dist import defaults, logs
+from cachesaver_dist import metrics as worker_metrics
 from cachesaver_dist.connection import check_reachable, connect, connection_pool, safe_url
 from cachesaver_dist.errors import CacheSaverError, refused
 from cachesaver_dist.protocol import Keys
@@ -91,7 +91,7 @@ def serve(main: Callable[[asyncio.Event], Awaitable[int]], url: str) -> int:
             await check_eviction(url)
             return await main(stop)
         except (CacheSaverError, ConnectionError) as exc:
-            print(f"cachesaver-dist: {exc}", file=sys.stderr)
+            logs.fail(f"cachesaver-dist: {exc}")
             return EXIT_REDIS
 
     return asyncio.run(run())
@@ -115,11 +115,12 @@ async def _first(task: asyncio.Task, stop: asyncio.Event) -> None:
     stopping.cancel()
 
 
-def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_ttl_s: int
-                ) -> int:
-    """The ``cachesaver-dist worker cache`` process."""
+def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_ttl_s: int,
+                metrics: worker_metrics.MetricsOptions | None = None) -> int:
+    """The ``cachesaver-dist worker cache`` process (serving ``/metrics`` with ``metrics``)."""
 
     async def main(stop: asyncio.Event) -> int:
+        exporter = await worker_metrics.start(metrics, url, keys, (), kind="cache")
         worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool=connection_pool(url)),
                               poll_delay=poll_delay, max_jobs=max_jobs, run_ttl_s=run_ttl_s)
         log.info("cache worker on %s (queue %s)", safe_url(url), keys.cache_queue)
@@ -127,6 +128,8 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
         await _first(task, stop)
         failed = task.done() and not task.cancelled() and task.exception()
         await asyncio.wait_for(stop_worker(worker, task), defaults.STOP_GRACE_S + 1.5)
+        if exporter is not None:
+            await exporter.stop()
         if isinstance(failed, ResponseError):
             raise refused(failed, "the cache worker")
         if failed:
@@ -137,17 +140,20 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
 
 
 def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
-                config: BatchWorkerConfig) -> int:
+                config: BatchWorkerConfig,
+                metrics: worker_metrics.MetricsOptions | None = None) -> int:
     """The ``cachesaver-dist worker batch`` process; ``models`` builds route -> model."""
 
     async def main(stop: asyncio.Event) -> int:
         redis = connect(url)
+        exporter = None
         try:
             try:
                 served = models(redis)
             except (ValueError, TypeError) as exc:
-                print(f"cachesaver-dist: {exc}", file=sys.stderr)
+                logs.fail(f"cachesaver-dist: {exc}")
                 return EXIT_USAGE
+            exporter = await worker_metrics.start(metrics, url, keys, served, kind="batch")
             worker = BatchWorker(redis, keys, served, config)
             log.info("batch worker on %s", safe_url(url))
             task = asyncio.create_task(worker.run())
@@ -159,6 +165,8 @@ def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
                 if callable(getattr(model, "aclose", None)):
                     await asyncio.wait_for(model.aclose(), 1.0)
         finally:
+            if exporter is not None:
+                await exporter.stop()
             await redis.aclose()
         return EXIT_OK
 

@@ -131,7 +131,7 @@ class ChatBackend(SingleRequestModel, abc.ABC):
         return Response(data=data, metadata=meta)
 
     async def _call(self, body: dict[str, Any]) -> tuple[list[Any], list[dict[str, Any]]]:
-        raw = await with_retry(lambda: self._attempt(body), self.policy)
+        raw = await with_retry(lambda: self._attempt(body), self.policy, model=self.model)
         return samples(self.provider, raw, body["n"])
 
     async def _attempt(self, body: dict[str, Any]) -> Any:

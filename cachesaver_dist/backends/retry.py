@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .. import metrics
 from ..errors import ProviderError
 
 log = logging.getLogger("cachesaver_dist.backends")
@@ -40,16 +41,19 @@ class RetryPolicy:
 
 async def with_retry(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
                      sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                     rand: Callable[[], float] = random.random) -> T:
+                     rand: Callable[[], float] = random.random, model: str | None = None) -> T:
     """Run ``attempt()`` until it succeeds, fails permanently or the budget is spent.
 
     ``attempt`` raises ``ProviderError``; the last one is re-raised with the number
-    of attempts added when the budget runs out.
+    of attempts added when the budget runs out. Each error and retry is counted in the
+    worker's metrics under ``model``.
     """
     for k in range(policy.budget):
         try:
             return await attempt()
         except ProviderError as exc:
+            retried = exc.transient and k + 1 < policy.budget
+            metrics.provider_error(model, exc.status, retried)
             if not exc.transient:
                 raise
             if k + 1 >= policy.budget:
