@@ -740,8 +740,9 @@ def test_dead_letters_cli_lists_and_drops(pool: Pool):
         assert "wake token" in {r["kind"] for r in rows}
         assert all(r["bytes"] > 0 and r["reason"] and r["source"] for r in rows)
         assert "PROMPT-TEXT" not in listed.stdout  # raw bytes are not printed
-        text = cli("--count", "3")
-        assert text.returncode == 0 and len(text.stdout.splitlines()) == 3
+        text = cli("--count", "3")  # a table of the 3 newest (ids may wrap at 80 columns)
+        assert text.returncode == 0 and "dead letters, newest first" in text.stdout
+        assert text.stdout.count("│ wake token │") == 3 and "PROMPT-TEXT" not in text.stdout
         one, two = rows[0]["id"], rows[1]["id"]
         dropped = cli("--drop", one, two)
         assert dropped.returncode == 0 and "dropped 2 dead letter(s)" in dropped.stdout
