@@ -479,3 +479,29 @@ async def test_flags_are_the_originals(sim, opts):
     assert fresh == Metadata(2, [False, False], [False, True])
     assert again == Metadata(2, [True, True], [False, False])
     assert sim.requests(model) == 1
+
+
+async def test_a_worker_pool_can_call_the_provider_instead(sim, opts, processes):
+    """workers="pool": this process only enqueues; a batch worker process started with
+    --model dropin:openai:<model> calls the provider. The samples are the ones an
+    in-process client of the same provider and URL reads."""
+    model = model_name()
+    route = f"dropin:openai:{model}"
+    processes.cli("worker", "cache", name="cache")
+    processes.cli("worker", "batch", "--model", route, "--base-url", sim.openai, name="batch",
+                  env={"OPENAI_API_KEY": "test"})
+    processes.wait_alive("cache")
+    processes.wait_alive(route)
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, workers="pool", **opts) as pool:
+        got, meta = await pool.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                       metadata=True)
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as local:
+        again, shared = await local.chat.completions.create(model=model, messages=MSGS, n=2,
+                                                            namespace="other", metadata=True)
+    assert isinstance(got, openai.types.chat.ChatCompletion) and len(got.choices) == 2
+    assert meta == Metadata(2, [False, False], [False, True])
+    assert shared.cached == [True, True]
+    assert [c.message.content for c in again.choices] == [c.message.content for c in got.choices]
+    assert sim.requests(model) == 1
+    with pytest.raises(ValueError, match="workers must be 'local'"):
+        AsyncOpenAI(api_key="test", workers="remote")

@@ -2,6 +2,7 @@
 
 A model name is ``sim:<name>`` (the built-in in-process simulator), a provider
 backend ``together:<model>`` / ``openai:<model>`` (see ``cachesaver_dist.backends``),
+``dropin:<provider>:<model>`` (what a drop-in client with ``workers="pool"`` asks for),
 or an import path ``package.module:factory`` whose factory, called with no arguments,
 returns a ``SingleRequestModel`` or ``BatchRequestModel``.
 """
@@ -72,6 +73,10 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     ``options`` (``backends.BackendOptions``), ``redis`` and ``keys`` configure the
     provider backends and their cluster-wide limits.
     """
+    if name.startswith("dropin:"):
+        from .dropin import pool_model
+
+        return pool_model(name, getattr(options, "base_url", None))
     if name.startswith("sim:"):
         if options is not None and options.limited:
             log.warning("--rpm, --tpm and --max-concurrent apply to provider models "
@@ -86,7 +91,8 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     if not module_name or not attr:
         raise ValueError(
             f"model name {name!r} is none of 'sim:<name>', 'together:<model>', "
-            "'openai:<model>' or an import path 'package.module:factory'"
+            "'openai:<model>', 'dropin:<provider>:<model>' or an import path "
+            "'package.module:factory'"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)

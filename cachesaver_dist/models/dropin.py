@@ -158,6 +158,37 @@ class DropinModel(SingleRequestModel):
 
         return await core.format.generate(call, {**kwargs, **extras}, request.n, core.max_n)
 
+    async def aclose(self) -> None:
+        """Close the SDK client (a batch worker serving this model calls it at exit)."""
+        await self.core.aclose()
+
+
+def pool_route(provider: str, model: str) -> str:
+    """The model name under which a batch worker pool serves a drop-in client's model:
+    ``cachesaver-dist worker batch --model dropin:<provider>:<model>``."""
+    return f"dropin:{provider}:{model}"
+
+
+def pool_model(name: str, base_url: str | None = None) -> DropinModel:
+    """The model a batch worker serves for ``dropin:<provider>:<model>``: the provider's
+    SDK, configured from the environment (``OPENAI_API_KEY``, ...) and ``base_url``; the
+    samples it stores are the ones the drop-in client of that provider reads."""
+    import importlib
+
+    _, provider, model = name.split(":", 2) if name.count(":") >= 2 else (name, "", "")
+    try:
+        module = importlib.import_module(f"cachesaver_dist.models.{provider}")
+    except ImportError as exc:
+        raise ValueError(f"model name {name!r}: no drop-in provider {provider!r} ({exc}); "
+                         "use dropin:<openai|together|anthropic|groq|openrouter|vllm>:<model>"
+                         ) from None
+    clients = [c for c in vars(module).values() if isinstance(c, type)
+               and issubclass(c, AsyncClient) and c is not AsyncClient]
+    if not clients or not model:
+        raise ValueError(f"model name {name!r} is not dropin:<provider>:<model>")
+    client = clients[0](base_url=base_url) if base_url else clients[0]()
+    return DropinModel(client._core, f"{client._core.provider_id}:{model}")
+
 
 class _Core:
     """State shared by the async and sync clients: SDK client, Redis, one pipeline per model."""
@@ -165,7 +196,12 @@ class _Core:
     def __init__(self, provider: Provider, sdk_kwargs: dict[str, Any], *, namespace: str,
                  cache: Any, run: str | None, batch_size: int, batch_timeout: float,
                  prefix: str | None, data_dir: str | None, provider_id: str | None,
-                 max_n: int | None, request_timeout: float, max_prompt_bytes: int) -> None:
+                 max_n: int | None, request_timeout: float, max_prompt_bytes: int,
+                 workers: str = "local") -> None:
+        if workers not in ("local", "pool"):
+            raise ValueError(f"workers must be 'local' (call the provider from this process) "
+                             f"or 'pool' (a batch worker pool calls it), got {workers!r}")
+        self.workers = workers
         if cache is not None and not isinstance(cache, (str, Redis)):
             raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
                             f"{type(cache).__name__}")
@@ -268,7 +304,9 @@ class _Core:
             self._connecting = asyncio.create_task(self._connect())
         redis = await asyncio.shield(self._connecting)
         model_id = f"{self.provider_id}:{model}"
-        api = OnlineAPI(DropinModel(self, model_id), cache=redis, run=self.run,
+        served = (pool_route(self.provider.name, model) if self.workers == "pool"
+                  else DropinModel(self, model_id))
+        api = OnlineAPI(served, cache=redis, run=self.run,
                         model_id=model_id, batch_size=self._batch_size,
                         timeout=self._batch_timeout, prefix=self._prefix,
                         request_timeout=self._request_timeout,
@@ -362,7 +400,9 @@ class AsyncClient:
     ``REDIS_URL``, else an embedded server in ``data_dir``), ``run``, ``batch_size``,
     ``batch_timeout`` (seconds a batch waits to fill), ``prefix``, ``provider_id``
     (cache identity), ``max_n`` (samples per provider call), ``request_timeout`` and
-    ``max_prompt_bytes``. See ``docs/dropin.md``.
+    ``max_prompt_bytes``, and ``workers``: ``"local"`` (the provider is called from this
+    process) or ``"pool"`` (batch workers started with ``--model dropin:<provider>:<model>``
+    call it). See ``docs/dropin.md``.
     """
 
     provider: ClassVar[Provider]
@@ -372,12 +412,14 @@ class AsyncClient:
                  batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, **sdk_options: Any) -> None:
+                 max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
+                 **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
             cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
             prefix=prefix, data_dir=data_dir, provider_id=provider_id, max_n=max_n,
-            request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes)
+            request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
+            workers=workers)
 
         async def create(*, namespace: str | None = None, request_id: str | None = None,
                          metadata: Any = False, **kwargs: Any) -> Any:
