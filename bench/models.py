@@ -1,9 +1,13 @@
-"""A model for our batch worker processes that counts what it generates, across processes.
+"""Models for our batch worker processes that count what they generate, across processes.
 
 Loaded by ``worker batch --model bench.models:counting_sim`` (``PYTHONPATH`` = repo).
 Environment: ``BENCH_COUNTER_KEY`` (a Redis hash: prompt -> samples generated, and
 ``__calls__``), ``BENCH_MODEL_LATENCY`` (seconds per call), ``REDIS_URL``.
 Texts carry a unique tag, so two samples never share a text by accident.
+
+``bench.models:flaky_counting_model`` (``bench/faults.py``): the crash tests' counting
+simulator (``tests.crash_client``), failing every call while the file named by
+``BENCH_FAIL_FLAG`` exists.
 """
 
 from __future__ import annotations
@@ -42,3 +46,22 @@ class CountingSim(SingleRequestModel):
 
 def counting_sim() -> CountingSim:
     return CountingSim()
+
+
+def flaky_counting_model() -> SingleRequestModel:
+    from tests.crash_client import DurableCountingModel
+
+    class FlakyCountingModel(DurableCountingModel):
+        """Raises (after its latency) while ``BENCH_FAIL_FLAG`` names an existing file."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.flag = os.environ["BENCH_FAIL_FLAG"]
+
+        async def request(self, request: Request) -> Response:
+            if os.path.exists(self.flag):  # noqa: ASYNC240 (a stat: microseconds)
+                await asyncio.sleep(self.latency)
+                raise RuntimeError("injected failure (bench.faults)")
+            return await super().request(request)
+
+    return FlakyCountingModel()

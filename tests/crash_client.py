@@ -6,8 +6,9 @@ Usage: python -m tests.crash_client PREFIX RUN MODEL NAMESPACE SEED STOP_FILE [M
 a fresh request id) until STOP_FILE exists, MAX_SECONDS have passed or
 ``MAX_REQUESTS`` were sent; every request started is awaited. Prints one JSON object:
 ``{"answers": [...], "errors": [...]}``. An answer holds the namespace, prompt,
-indices, each sample as received (data, created, id) and the wall-clock times the
-request was sent (``t0``) and answered (``t``).
+indices, each sample as received (data, created, id), where each came from
+(``source``: stored, shared or generated) and the wall-clock times the request was sent
+(``t0``) and answered (``t``).
 
 ``durable_counting_model`` is the batch workers' model for these tests: the simulator,
 counting the samples it generates per prompt through a client that rides out a restart.
@@ -78,6 +79,7 @@ def _answer(namespace: str, request: Request, response: Response, sent: float
     return {"ns": namespace, "prompt": request.prompt, "n": request.n,
             "rid": request.request_id, "t0": sent, "t": time.time(),
             "index": [m["index"] for m in response.metadata],
+            "source": [m.get("source") for m in response.metadata],
             "samples": [[d, m.get("created"), m.get("id")]
                         for d, m in zip(response.data, response.metadata)]}
 
