@@ -35,6 +35,8 @@ from .outbox import Outbox
 
 log = logging.getLogger("cachesaver_dist.batch_worker")
 
+STEP_GRACE_S = 1.1
+
 
 @dataclass
 class Work:
@@ -83,9 +85,11 @@ class BatchWorker:
         self._open_store: StoreBatch | None = None  # accepting results, not yet written
         self._store_lock = asyncio.Lock()
         self._next_upkeep = 0.0
+        self._stopped_at = 0.0
 
     def stop(self) -> None:
         """Ask ``run()`` to stop; it returns within about ``stop_grace`` seconds."""
+        self._stopped_at = self._stopped_at or time.monotonic()
         self._stop.set()
 
     async def run(self) -> None:
@@ -107,8 +111,13 @@ class BatchWorker:
 
     @staticmethod
     async def _until_stopped(work: Any, stopping: asyncio.Task) -> None:
+        """Run one step; on stop, let it finish for up to ``STEP_GRACE_S`` (a blocking
+        read returns within a second, and entries it got are then dispatched, not left
+        leased), then cancel it (Redis down: a command may wait on reconnects)."""
         step = asyncio.ensure_future(work)
         await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
+            await asyncio.wait({step}, timeout=STEP_GRACE_S)
         if not step.done():
             step.cancel()
         await asyncio.gather(step, return_exceptions=stopping.done())
@@ -132,7 +141,9 @@ class BatchWorker:
     async def _finish(self) -> None:
         if not self._tasks:
             return
-        _, late = await asyncio.wait(list(self._tasks), timeout=self.config.stop_grace)
+        spent = time.monotonic() - self._stopped_at if self._stopped_at else 0.0
+        _, late = await asyncio.wait(list(self._tasks),
+                                     timeout=max(0.5, self.config.stop_grace - spent))
         for task in late:
             task.cancel()
         if late:
@@ -167,7 +178,8 @@ class BatchWorker:
         got = await self.redis.xreadgroup(
             CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count, block=block
         )
-        if got and self.config.batch_wait > 0 and _size(got) < count:
+        if got and self.config.batch_wait > 0 and _size(got) < count and \
+                not self._stop.is_set():
             await asyncio.sleep(self.config.batch_wait)
             more = await self.redis.xreadgroup(
                 CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"),
