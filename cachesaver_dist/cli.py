@@ -35,6 +35,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     logs.add_argument(p)
 
 
+def _wait_replicas(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-replicas", type=int, default=None, metavar="N",
+                   help="answer a reservation or store only once N replicas hold it, so a "
+                        "failover loses nothing (default: $CACHESAVER_WAIT_REPLICAS; else, "
+                        "with a redis+sentinel:// URL, 1 when the primary has 2+ replicas; "
+                        "else 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachesaver-dist", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
     metrics.add_arguments(cache)
+    _wait_replicas(cache)
     batch = kinds.add_parser("batch", help="generation worker: calls the models")
     _common(batch)
+    _wait_replicas(batch)
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
                        help="model to serve: sim:<name>, together:<model>, openai:<model> or "
                             "package.module:factory (repeatable)")
@@ -266,9 +276,11 @@ def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     from workers import run
 
     exporter = metrics.options_from_args(args)
+    replicas = (defaults.wait_replicas(url) if args.wait_replicas is None
+                else args.wait_replicas)
     if args.kind == "cache":
         return run.serve_cache(url, keys, poll_delay=args.poll_delay, max_jobs=args.max_jobs,
-                               run_ttl_s=args.run_ttl, metrics=exporter)
+                               run_ttl_s=args.run_ttl, metrics=exporter, replicas=replicas)
     from .backends import BackendOptions
     from .models import load_model
 
@@ -284,7 +296,8 @@ def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
                                  redis=redis, keys=keys) for name in args.model}
 
     config = run.BatchWorkerConfig(batch_size=args.batch_size, batch_wait=args.batch_wait,
-                                   concurrency=args.concurrency, lease=args.lease)
+                                   concurrency=args.concurrency, lease=args.lease,
+                                   replicas=replicas)
     return run.serve_batch(url, keys, models, config, metrics=exporter)
 
 

@@ -45,6 +45,19 @@ LOG_FORMATS = ("text", "json")
 TOP_INTERVAL_S = 2.0
 
 
+WAIT_REPLICAS_TIMEOUT_MS = 1000
+
+
+def wait_replicas(url: str | None) -> int | None:
+    """Replicas a worker's atomic steps wait for: ``CACHESAVER_WAIT_REPLICAS``; else, behind
+    Sentinel (``redis+sentinel://``), None: decided at start from the primary's replicas
+    (``replication.replicas_to_wait``); else 0."""
+    value = os.environ.get("CACHESAVER_WAIT_REPLICAS")
+    if value:
+        return int(value)
+    return None if url and url.split("://", 1)[0].endswith("+sentinel") else 0
+
+
 def redis_url() -> str | None:
     """``REDIS_URL``, or None (use the embedded server)."""
     return os.environ.get("REDIS_URL") or None

@@ -12,6 +12,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelError",
     "NoWorkerError",
+    "NotReplicatedError",
     "ProtocolError",
     "ProviderError",
     "RedisRefusedError",
@@ -61,6 +62,10 @@ class ProtocolError(CacheSaverError, ValueError):
 
 class RedisUnavailableError(CacheSaverError, ConnectionError):
     """Redis cannot be reached (or the connection cannot be set up) in the time allowed."""
+
+
+class NotReplicatedError(RedisUnavailableError):
+    """A write was not confirmed by the replicas asked for (``--wait-replicas``) in time."""
 
 
 class RedisRefusedError(CacheSaverError):

@@ -19,6 +19,7 @@ from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import check_model, model_identity
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
+from .replication import replicas_to_wait
 from .runs import Replayer
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
@@ -141,6 +142,7 @@ class OnlineAPI:
         self._redis: Redis | None = None
         self._client: CacheClient | Replayer | None = None
         self._local: Any = None  # workers.run.LocalWorkers
+        self._replicas = defaults.wait_replicas(None)
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -177,7 +179,9 @@ class OnlineAPI:
 
             self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
                                        batch_size=self._model_batch_size,
-                                       concurrency=self._concurrency, run_ttl_s=self._run_ttl_s)
+                                       concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
+                                       replicas=await replicas_to_wait(self._redis,
+                                                                       self._replicas))
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -194,6 +198,7 @@ class OnlineAPI:
             # A diskcache.Cache from single-process code: keep its folder as the data home.
             self._data_dir, cache = Path(directory) / "cachesaver-redis", None
         url, self._server = await asyncio.to_thread(resolve_redis_url, cache, self._data_dir)
+        self._replicas = defaults.wait_replicas(url)
         await check_reachable(url)
         return connect(url)
 

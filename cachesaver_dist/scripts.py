@@ -13,10 +13,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from . import defaults
 from .deadletters import set_aside_key
-from .errors import ProtocolError
+from .errors import NotReplicatedError, ProtocolError
 from .protocol import Keys, WorkItem, decode_waiter_record, manifest_field, waiter_tail
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -73,9 +74,41 @@ class MalformedWaiter:
     raw: bytes
 
 
+async def run_script(redis: Any, name: str, keys: list[str], args: list[Any],
+                     replicas: int = 0) -> Any:
+    """Run ``lua/<name>.lua``; with ``replicas``, answer only once that many replicas
+    hold its writes (``WAIT`` on the same connection), else raise ``NotReplicatedError``.
+
+    Behind Sentinel this is what keeps a failover from handing an index out twice: a
+    write the old primary accepted after the promotion is never acknowledged.
+    """
+    if not replicas:
+        return await script(redis, name)(keys=keys, args=args)
+    sha = script(redis, name).sha
+    try:  # one connection: the script, then WAIT for its writes
+        result, acked = await _then_wait(redis, "EVALSHA", sha, keys, args, replicas)
+    except NoScriptError:  # a new primary after a failover: send the source this once
+        result, acked = await _then_wait(redis, "EVAL", source(name), keys, args, replicas)
+    if int(acked) < replicas:
+        raise NotReplicatedError(
+            f"{name}: {acked} of {replicas} replica(s) confirmed the write within "
+            f"{defaults.WAIT_REPLICAS_TIMEOUT_MS} ms (a failover, or a replica down); it is "
+            "not acknowledged and will be asked again")
+    return result
+
+
+async def _then_wait(redis: Any, command: str, script_ref: str, keys: list[str],
+                     args: list[Any], replicas: int) -> tuple[Any, int]:
+    pipe = redis.pipeline(transaction=False)
+    pipe.execute_command(command, script_ref, len(keys), *keys, *args)
+    pipe.execute_command("WAIT", replicas, defaults.WAIT_REPLICAS_TIMEOUT_MS)
+    result, acked = await pipe.execute()
+    return result, int(acked)
+
+
 async def reserve(
     redis: Redis, keys: Keys, client: str, items: list[WorkItem],
-    run_ttl_s: int = defaults.RUN_TTL_S, reservation_ttl_s: int = 3600,
+    run_ttl_s: int = defaults.RUN_TTL_S, reservation_ttl_s: int = 3600, replicas: int = 0,
 ) -> list[Reservation]:
     """Reserve indices for ``items`` in the given order.
 
@@ -100,7 +133,7 @@ async def reserve(
                      if it.manifest and it.request_id else ""]
         for model_id, run in pairs:
             k += [keys.model_keys(model_id), keys.manifest(run)]
-        raw, stopped_at = await script(redis, "reserve")(keys=k, args=argv)
+        raw, stopped_at = await run_script(redis, "reserve", k, argv, replicas)
         out += [Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
                 for it, r in zip(items, raw)]
         if stopped_at < 0:
@@ -118,7 +151,7 @@ async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) ->
 
 async def fill_many(
     redis: Redis, keys: Keys, fills: list[tuple[str, dict[int, bytes]]], *,
-    set_aside_foreign: bool = True,
+    set_aside_foreign: bool = True, replicas: int = 0,
 ) -> tuple[list[list[Waiter]], list[MalformedWaiter]]:
     """Store samples (set-if-absent) for several prompt keys in one round trip.
 
@@ -133,7 +166,7 @@ async def fill_many(
         argv.append(len(samples))
         for idx, sample in samples.items():
             argv += [idx, sample]
-    per_key, malformed, wrongtype = await script(redis, "fill")(keys=k, args=argv)
+    per_key, malformed, wrongtype = await run_script(redis, "fill", k, argv, replicas)
     waiters, bad = [], _malformed(malformed)
     for entries in per_key:
         waiters.append(_waiters(entries, bad, keys))
@@ -143,7 +176,7 @@ async def fill_many(
             await set_aside_key(redis, keys, name, "hash")
         redo = [i for i, (key, _) in enumerate(fills) if names & set(_key_triple(keys, key))]
         again, more_bad = await fill_many(redis, keys, [fills[i] for i in redo],
-                                          set_aside_foreign=False)
+                                          set_aside_foreign=False, replicas=replicas)
         for i, got in zip(redo, again):
             waiters[i] = got
         bad += more_bad

@@ -239,9 +239,9 @@ async def test_calls_returning_together_are_stored_together(redis_url, keys, mon
     stores = []
     real_fill_many = bw.fill_many
 
-    async def counting_fill_many(redis, k, fills):
+    async def counting_fill_many(redis, k, fills, **kw):
         stores.append(len(fills))
-        return await real_fill_many(redis, k, fills)
+        return await real_fill_many(redis, k, fills, **kw)
 
     monkeypatch.setattr(bw, "fill_many", counting_fill_many)
     model = SimModel("together", latency=0.2)

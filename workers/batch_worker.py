@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from cachesaver_dist import defaults, metrics
-from cachesaver_dist.errors import ProtocolError, refused
+from cachesaver_dist.errors import NotReplicatedError, ProtocolError, refused
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.models import Job, generate
 from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, Spec, decode_stream_entry, entry_claim
@@ -36,6 +36,7 @@ from .outbox import Outbox
 log = logging.getLogger("cachesaver_dist.batch_worker")
 
 STEP_GRACE_S = 1.1
+STORE_ATTEMPTS = 10
 
 
 @dataclass
@@ -64,6 +65,7 @@ class BatchWorkerConfig:
     concurrency: int = defaults.CONCURRENCY
     lease: float = defaults.LEASE_S
     stop_grace: float = defaults.STOP_GRACE_S
+    replicas: int | None = 0  # replicas that must hold stored samples before replies go out
 
 
 class BatchWorker:
@@ -308,7 +310,15 @@ class BatchWorker:
             if self._open_store is batch:
                 self._open_store = None
             try:
-                await self._write(batch.items)
+                for attempt in range(STORE_ATTEMPTS):
+                    try:
+                        await self._write(batch.items)
+                        break
+                    except NotReplicatedError as exc:  # a failover: store again (idempotent)
+                        log.warning("%s (attempt %d of %d)", exc, attempt + 1, STORE_ATTEMPTS)
+                        if attempt == STORE_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.5)
             except ResponseError as exc:
                 log.error("%s; the entries stay leased and will be generated again",
                           refused(exc, "storing samples"))
@@ -331,8 +341,9 @@ class BatchWorker:
             else:
                 filled.append((work, dict(zip(work.indices, result))))
         if filled:
-            completed, bad = await fill_many(self.redis, self.keys,
-                                             [(work.key, samples) for work, samples in filled])
+            fills = [(work.key, samples) for work, samples in filled]
+            completed, bad = await fill_many(self.redis, self.keys, fills,
+                                             replicas=self.config.replicas or 0)
             outbox.malformed_waiters(bad)
             for (work, _), waiters in zip(filled, completed):
                 for w in waiters:

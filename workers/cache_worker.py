@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesaver_dist import defaults, metrics
 from cachesaver_dist.deadletters import set_aside, set_aside_key
-from cachesaver_dist.errors import ProtocolError, redis_message, refused
+from cachesaver_dist.errors import NotReplicatedError, ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
 from cachesaver_dist.protocol import (
     CACHE_JOB,
@@ -54,7 +54,8 @@ HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this of
 
 
 async def handle_batch(
-    redis: Any, keys: Keys, payload: bytes | MalformedJob, run_ttl_s: int = defaults.RUN_TTL_S
+    redis: Any, keys: Keys, payload: bytes | MalformedJob, run_ttl_s: int = defaults.RUN_TTL_S,
+    replicas: int = 0,
 ) -> int:
     """Serve one client batch; return how many requests were answered at once."""
     outbox = Outbox(keys)
@@ -72,7 +73,11 @@ async def handle_batch(
         return 0
     items = sorted(job.items, key=lambda it: it.request_id)
     try:
-        reservations = await reserve(redis, keys, job.client, items, run_ttl_s, job.keep_s)
+        reservations = await reserve(redis, keys, job.client, items, run_ttl_s, job.keep_s,
+                                     replicas)
+    except NotReplicatedError as exc:  # nothing acknowledged: the client asks again
+        log.warning("batch of %d from client %s not answered: %s", len(items), job.client, exc)
+        return 0
     except ResponseError as exc:  # Redis refused: retrying the job would not help
         message = str(refused(exc, "reserving samples"))
         log.error("%s (batch of %d from client %s)", message, len(items), job.client)
@@ -95,7 +100,8 @@ async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> i
     """The arq job function."""
     started = time.perf_counter()
     try:
-        return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"])
+        return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"],
+                                  ctx.get("replicas", 0))
     finally:
         metrics.cache_job_done(time.perf_counter() - started)
 
@@ -249,8 +255,10 @@ def cache_worker(
     poll_delay: float = defaults.POLL_DELAY_S,
     max_jobs: int = defaults.MAX_JOBS,
     run_ttl_s: int = defaults.RUN_TTL_S,
+    replicas: int = 0,
 ) -> CacheWorker:
-    """A worker for the cache queue: msgpack jobs, short job timeout, woken by clients.
+    """A worker for the cache queue: msgpack jobs, short job timeout, woken by clients;
+    ``replicas``: how many replicas must hold a reservation before it is answered.
 
     Signals are not handled here: the caller runs it and stops it with ``stop_worker``.
     """
@@ -268,7 +276,7 @@ def cache_worker(
         handle_signals=False,
         health_check_interval=HEALTH_CHECK_S,
         health_check_key=keys.cache_health,
-        ctx={"keys": keys, "run_ttl_s": run_ttl_s},
+        ctx={"keys": keys, "run_ttl_s": run_ttl_s, "replicas": replicas},
         on_startup=_startup,
         on_shutdown=_shutdown,
         log_results=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from cachesaver_dist import metrics as worker_metrics
 from cachesaver_dist.connection import check_reachable, connect, connection_pool, safe_url
 from cachesaver_dist.errors import CacheSaverError, refused
 from cachesaver_dist.protocol import Keys
+from cachesaver_dist.replication import replicas_to_wait
 from cachesaver_dist.retention import check_eviction_policy
 
 from .batch_worker import BatchWorker, BatchWorkerConfig
@@ -39,12 +41,12 @@ class LocalWorkers:
 
     def __init__(self, redis: Redis, keys: Keys, route: str, model: Any, *,
                  batch_size: int = defaults.BATCH_SIZE, concurrency: int = defaults.CONCURRENCY,
-                 run_ttl_s: int = defaults.RUN_TTL_S) -> None:
+                 run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0) -> None:
         self._cache = cache_worker(keys, redis_pool=ArqRedis(connection_pool=redis.connection_pool),
-                                   run_ttl_s=run_ttl_s)
+                                   run_ttl_s=run_ttl_s, replicas=replicas)
         self._batch = BatchWorker(redis, keys, {route: model},
-                                  BatchWorkerConfig(batch_size=batch_size,
-                                                    concurrency=concurrency))
+                                  BatchWorkerConfig(batch_size=batch_size, concurrency=concurrency,
+                                                    replicas=replicas))
         self._tasks = (asyncio.create_task(self._cache.async_run()),
                        asyncio.create_task(self._batch.run()))
 
@@ -116,13 +118,16 @@ async def _first(task: asyncio.Task, stop: asyncio.Event) -> None:
 
 
 def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_ttl_s: int,
-                metrics: worker_metrics.MetricsOptions | None = None) -> int:
+                metrics: worker_metrics.MetricsOptions | None = None,
+                replicas: int | None = 0) -> int:
     """The ``cachesaver-dist worker cache`` process (serving ``/metrics`` with ``metrics``)."""
 
     async def main(stop: asyncio.Event) -> int:
         exporter = await worker_metrics.start(metrics, url, keys, (), kind="cache")
-        worker = cache_worker(keys, redis_pool=ArqRedis(connection_pool=connection_pool(url)),
-                              poll_delay=poll_delay, max_jobs=max_jobs, run_ttl_s=run_ttl_s)
+        pool = ArqRedis(connection_pool=connection_pool(url))
+        worker = cache_worker(keys, redis_pool=pool, poll_delay=poll_delay, max_jobs=max_jobs,
+                              run_ttl_s=run_ttl_s,
+                              replicas=await replicas_to_wait(pool, replicas))
         log.info("cache worker on %s (queue %s)", safe_url(url), keys.cache_queue)
         task = asyncio.create_task(worker.async_run())
         await _first(task, stop)
@@ -146,6 +151,8 @@ def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
 
     async def main(stop: asyncio.Event) -> int:
         redis = connect(url)
+        settings = dataclasses.replace(
+            config, replicas=await replicas_to_wait(redis, config.replicas))
         exporter = None
         try:
             try:
@@ -154,7 +161,7 @@ def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
                 logs.fail(f"cachesaver-dist: {exc}")
                 return EXIT_USAGE
             exporter = await worker_metrics.start(metrics, url, keys, served, kind="batch")
-            worker = BatchWorker(redis, keys, served, config)
+            worker = BatchWorker(redis, keys, served, settings)
             log.info("batch worker on %s", safe_url(url))
             task = asyncio.create_task(worker.run())
             await _first(task, stop)
