@@ -95,6 +95,7 @@ class Setup:
     lease: float = 30.0  # the batch workers' --lease (the default)
     model: str = DURABLE  # DURABLE, FLAKY or PROVIDER (the simulator over HTTP)
     sentinel: bool = False  # primary + replica + sentinel, redis+sentinel:// everywhere
+    wait_replicas: int | None = None  # the workers' --wait-replicas (None: their default)
 
 
 @dataclass
@@ -174,14 +175,19 @@ class Stage:
 
     def start_cache(self) -> subprocess.Popen:
         assert self.procs is not None
-        proc = self.procs.cli("worker", "cache", "--redis-url", self.url, name="cache")
+        proc = self.procs.cli("worker", "cache", "--redis-url", self.url, *self._waits(),
+                              name="cache")
         self.cache_procs.append(proc)
         return proc
+
+    def _waits(self) -> list[str]:
+        w = self.setup.wait_replicas
+        return [] if w is None else ["--wait-replicas", str(w)]
 
     def start_batch(self) -> subprocess.Popen:
         assert self.procs is not None
         args = ["worker", "batch", "--model", self.route, "--redis-url", self.url,
-                "--lease", f"{self.setup.lease:g}"]
+                "--lease", f"{self.setup.lease:g}", *self._waits()]
         if self.setup.model == PROVIDER:
             args += ["--base-url", f"{self.sim_url}/v1"]
         proc = self.procs.cli(*args, name="batch",
@@ -489,6 +495,9 @@ FAULTS = [
     Fault("sentinel-failover", "Sentinel failover (SENTINEL FAILOVER)",
           "primary + replica + one sentinel; clients and workers on redis+sentinel://; "
           "SENTINEL FAILOVER under load", sentinel_failover, Setup(sentinel=True)),
+    Fault("sentinel-failover-wait", "Sentinel failover, workers with --wait-replicas 1",
+          "as sentinel-failover; every reservation and store waits for the replica (WAIT)",
+          sentinel_failover, Setup(sentinel=True, wait_replicas=1)),
     Fault("model-fails", "model raising for 3 s (no retries)",
           "the batch worker's model raises on every call for 3 s",
           model_fails, Setup(model=FLAKY), model_errors_expected=True),
