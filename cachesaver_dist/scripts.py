@@ -6,6 +6,7 @@ The ``.lua`` files are the source of truth; the wrappers here only lay out
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,8 +26,12 @@ LUA_DIR = Path(__file__).parent / "lua"
 
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return (LUA_DIR / f"{name}.lua").read_text()
+    """The text of ``lua/<name>.lua``, each ``-- #include <lib>`` line replaced by
+    ``lua/lib/<lib>.lua`` (Redis scripts cannot share functions otherwise)."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    return re.sub(r"^-- #include (\w+)$",
+                  lambda m: (LUA_DIR / "lib" / f"{m.group(1)}.lua").read_text(), text,
+                  flags=re.M)
 
 
 def script(redis: Any, name: str) -> AsyncScript:

@@ -28,36 +28,7 @@ local function store(skey, gkey, a)
   return lo, hi
 end
 
-local function completed(skey, wkey, lo, hi, malformed)
-  local out = {}
-  local waiters = redis.call('HGETALL', wkey)
-  for i = 1, #waiters, 2 do
-    local record = waiters[i + 1]
-    local s, flags = string.match(record, '^(%d+)|(%a*)|.')
-    if not s then
-      redis.call('HDEL', wkey, waiters[i])
-      table.insert(malformed, wkey)
-      table.insert(malformed, waiters[i])
-      table.insert(malformed, record)
-    else
-      local start = tonumber(s)
-      local last = start + #flags - 1
-      if start <= hi and last >= lo then
-        local entry = {waiters[i], record}
-        for idx = start, last do
-          local sample = redis.call('HGET', skey, idx)
-          if not sample then entry = nil break end
-          entry[#entry + 1] = sample
-        end
-        if entry then
-          redis.call('HDEL', wkey, waiters[i])
-          out[#out + 1] = entry
-        end
-      end
-    end
-  end
-  return out
-end
+-- #include waiters
 
 local result, malformed, wrongtype = {}, {}, {}
 local a = 1

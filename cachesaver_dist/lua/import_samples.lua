@@ -14,6 +14,8 @@
 -- waiter as in fill.lua, {waiter_id, waiter_record, sample...}, for every waiter now
 -- complete (removed). Waiters exist only when a client without the folder reserved the
 -- key first. malformed as in fill.lua.
+-- #include waiters
+
 local result, malformed = {}, {}
 local a = 1
 for k = 0, #KEYS / 3 - 1 do
@@ -42,31 +44,8 @@ for k = 0, #KEYS / 3 - 1 do
     redis.call('HSET', gkey, 'imported', m, 'imported_from', origin)
 
     local out = {1, stored}
-    local waiters = redis.call('HGETALL', wkey)
-    for i = 1, #waiters, 2 do
-      local record = waiters[i + 1]
-      local s, flags = string.match(record, '^(%d+)|(%a*)|.')
-      if not s then
-        redis.call('HDEL', wkey, waiters[i])
-        table.insert(malformed, wkey)
-        table.insert(malformed, waiters[i])
-        table.insert(malformed, record)
-      else
-        local start = tonumber(s)
-        local last = start + #flags - 1
-        if start < m and last >= 0 then
-          local entry = {waiters[i], record}
-          for idx = start, last do
-            local sample = redis.call('HGET', skey, idx)
-            if not sample then entry = nil break end
-            entry[#entry + 1] = sample
-          end
-          if entry then
-            redis.call('HDEL', wkey, waiters[i])
-            out[#out + 1] = entry
-          end
-        end
-      end
+    for _, entry in ipairs(completed(skey, wkey, 0, m - 1, malformed)) do
+      out[#out + 1] = entry
     end
     result[#result + 1] = out
   end
