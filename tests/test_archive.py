@@ -21,7 +21,7 @@ import pytest
 import redis as sync_redis
 
 from cachesaver_dist import OnlineAPI, Request, SimModel
-from cachesaver_dist.archive import FORMAT, read_records
+from cachesaver_dist.archive_format import FORMAT, read_records
 from cachesaver_dist.errors import ArchiveError
 from cachesaver_dist.protocol import Keys, decode_spec, prompt_key
 from cachesaver_dist.server import EmbeddedServer
