@@ -35,12 +35,21 @@ from .errors import (
     refused,
 )
 from .heartbeat import alive_workers
-from .protocol import CACHE_JOB, Keys, WorkItem, arq_serialize, decode_replies, encode_job
+from .protocol import (
+    CACHE_JOB,
+    Keys,
+    WorkItem,
+    arq_serialize,
+    decode_replies,
+    encode_job,
+    unique_id,
+)
 
 log = logging.getLogger("cachesaver_dist.client")
 
 MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
+MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 
 
 class CacheClient:
@@ -53,6 +62,9 @@ class CacheClient:
         self.reply_timeout, self.request_timeout = reply_timeout, request_timeout
         self.client_id = uuid.uuid4().hex
         self._waiting: dict[str, asyncio.Future] = {}
+        # Reservation records of batches answered at their first ask: deleted with the
+        # next enqueue (or at close), so a hit leaves nothing behind in Redis.
+        self._answered: list[str] = []
         self._pubsub: Any = None
         self._reader: asyncio.Task | None = None
 
@@ -75,6 +87,10 @@ class CacheClient:
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
+        if self._answered:
+            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
+            self._answered.clear()
         if self._reader:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,16 +126,22 @@ class CacheClient:
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
 
-    async def submit(self, items: list[WorkItem]) -> list[dict[str, Any] | GenerationError]:
-        """Send ``items`` as one batch; return their replies (or errors) in the same order."""
+    async def submit(self, items: list[WorkItem], batch: str | None = None,
+                     ) -> list[dict[str, Any] | GenerationError]:
+        """Send ``items`` as one batch; return their replies (or errors) in the same order.
+
+        ``batch`` names the batch's reservation records (default: a fresh id); sending
+        the same items under the same name again gets the same indices."""
         loop = asyncio.get_running_loop()
         futures = {it.uuid: loop.create_future() for it in items}
         self._waiting.update(futures)
+        batch, asks = batch or unique_id(), 0
         try:
             deadline = time.monotonic() + self.request_timeout
             pending, wait = items, self.reply_timeout
             while pending:
-                await self._enqueue(pending, deadline)
+                await self._enqueue(pending, deadline, batch)
+                asks += 1
                 left = deadline - time.monotonic()
                 await asyncio.wait([futures[it.uuid] for it in pending], timeout=min(wait, left))
                 pending = [it for it in pending if not futures[it.uuid].done()]
@@ -135,6 +157,8 @@ class CacheClient:
         finally:
             for it in items:
                 self._waiting.pop(it.uuid, None)
+        if asks == 1:  # asked again: a late job may still read the records; they expire
+            self._answered.append(self.keys.reservations(self.client_id, batch))
         out: list[dict[str, Any] | GenerationError] = []
         for it in items:
             reply = futures[it.uuid].result()
@@ -146,26 +170,30 @@ class CacheClient:
                 out.append(reply)
         return out
 
-    async def _enqueue(self, items: list[WorkItem], deadline: float) -> None:
+    async def _enqueue(self, items: list[WorkItem], deadline: float, batch: str) -> None:
         """Enqueue one arq job and wake a cache worker, in one round trip.
 
         The job is written as arq's ``enqueue_job`` writes it, without its check for an
         existing job id (ours are unique): that check costs three round trips.
         """
         keep_s = int(self.request_timeout) + 60
-        payload = encode_job(self.client_id, items, keep_s)
+        payload = encode_job(self.client_id, items, keep_s, batch)
         backoff = 0.1
         while True:
             job_id = self.keys.new_job_id()
             now_ms = int(time.time() * 1000)
             job = serialize_job(CACHE_JOB, (payload,), {}, None, now_ms, serializer=arq_serialize)
+            answered = self._answered[:MAX_DELETES]
             try:
-                pipe = self.redis.pipeline(transaction=True)
+                pipe = self.redis.pipeline(transaction=False)
                 pipe.psetex(job_key_prefix + job_id, int(self.request_timeout * 1000), job)
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
                 pipe.lpush(self.keys.cache_wake, job_id)
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+                if answered:
+                    pipe.delete(*answered)
                 await pipe.execute()
+                del self._answered[:len(answered)]
                 return
             except ResponseError as exc:
                 raise refused(exc, "enqueueing requests") from None

@@ -82,9 +82,11 @@ class Keys:
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
         return f"{escaped}{family}:*"
 
-    def reservation(self, request_uuid: str) -> str:
-        """String: ``start|flags`` given to one request, for idempotent retries."""
-        return f"{self.prefix}r:{request_uuid}"
+    def reservations(self, client: str, batch: str) -> str:
+        """Hash per client batch: waiter id -> ``start|flags`` given to each of its
+        requests, so a re-ask gets the same indices. The client deletes it once the batch
+        is answered without a re-ask; otherwise it expires with the batch's ``keep_s``."""
+        return f"{self.prefix}r:{client}:{batch}"
 
     def stats(self, run: str | None = None) -> str:
         """Hash: ``<model>|<counter>`` -> count, per run, or over all runs."""
@@ -271,14 +273,18 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class CacheJob:
+    """One client batch: ``batch`` names it across re-asks (its reservation records)."""
+
     client: str
     items: list[WorkItem]
     keep_s: int
+    batch: str = ""
 
 
-def encode_job(client: str, items: list[WorkItem], keep_s: int) -> bytes:
-    """A client batch; ``keep_s``: how long reservations must outlive it (re-asks)."""
-    return pack({"v": SCHEMA_VERSION, "client": client,
+def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "") -> bytes:
+    """A client batch; ``keep_s``: how long reservations must outlive it (re-asks);
+    ``batch``: the same id on every re-ask of the batch."""
+    return pack({"v": SCHEMA_VERSION, "client": client, "batch": batch,
                  "requests": [it.to_wire() for it in items], "keep_s": keep_s})
 
 
@@ -288,8 +294,11 @@ def decode_job(data: bytes) -> CacheJob:
     client = _id(msg.get("client"), "client", kind)
     requests = _get(msg, "requests", list, kind)
     keep_s = _get(msg, "keep_s", int, kind)
+    batch = msg.get("batch", "")
+    if batch != "":
+        batch = _id(batch, "batch", kind)
     items = [WorkItem.from_wire(r, f"{kind} request {i}") for i, r in enumerate(requests)]
-    return CacheJob(client, items, keep_s)
+    return CacheJob(client, items, keep_s, batch)
 
 
 def job_waiters(data: bytes) -> list[str]:

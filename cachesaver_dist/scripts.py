@@ -19,7 +19,14 @@ from redis.exceptions import NoScriptError
 from . import defaults
 from .deadletters import set_aside_key
 from .errors import NotReplicatedError, ProtocolError
-from .protocol import Keys, WorkItem, decode_waiter_record, manifest_field, waiter_tail
+from .protocol import (
+    CacheJob,
+    Keys,
+    WorkItem,
+    decode_waiter_record,
+    manifest_field,
+    waiter_tail,
+)
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -114,36 +121,55 @@ async def _then_wait(redis: Any, command: str, script_ref: str, keys: list[str],
 async def reserve(
     redis: Redis, keys: Keys, client: str, items: list[WorkItem],
     run_ttl_s: int = defaults.RUN_TTL_S, reservation_ttl_s: int = 3600, replicas: int = 0,
+    *, batch: str = "",
 ) -> list[Reservation]:
-    """Reserve indices for ``items`` in the given order.
+    """Reserve indices for ``items`` (one batch of ``client``) in the given order."""
+    [out] = await reserve_jobs(redis, keys, [CacheJob(client, items, reservation_ttl_s, batch)],
+                               run_ttl_s, replicas)
+    return out
+
+
+async def reserve_jobs(
+    redis: Redis, keys: Keys, jobs: list[CacheJob], run_ttl_s: int = defaults.RUN_TTL_S,
+    replicas: int = 0,
+) -> list[list[Reservation]]:
+    """Reserve indices for the requests of several client batches, each in its order;
+    the reservations per job.
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
     on, the rest are sent again with their specs: a second round trip.
-    A reservation record lives ``reservation_ttl_s`` (as long as its client may retry).
+    A batch's reservation records live its ``keep_s`` (as long as its client may retry).
     Items with ``manifest`` set (and a request id) are recorded in their run's manifest.
     """
-    out: list[Reservation] = []
+    pending = [(job, it) for job in jobs for it in job.items]
+    ttl_ms = max(job.keep_s for job in jobs) * 1000
+    done: dict[int, list[Reservation]] = {id(job): [] for job in jobs}
     for with_specs in (False, True):
         k: list[str] = []
-        argv: list[Any] = [reservation_ttl_s * 1000, run_ttl_s * 1000]
-        pairs: dict[tuple[str, str], int] = {}  # (model, run) -> KEYS position (1-based)
-        for it in items:
-            k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key),
-                  keys.usage(it.run), keys.reservation(it.uuid), keys.work_stream(it.route)]
-            pair = pairs.setdefault((it.model_id, it.run), 6 * len(items) + 2 * len(pairs) + 1)
-            argv += [it.key + it.namespace, it.n, f"{client}:{it.uuid}",
+        for _, it in pending:
+            k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key)]
+        argv: list[Any] = [ttl_ms, run_ttl_s * 1000]
+        groups: dict[tuple[str, str, str, str], int] = {}  # -> KEYS position (1-based)
+        shared: list[str] = []
+        for job, it in pending:
+            records = keys.reservations(job.client, job.batch)
+            group = groups.get((it.run, it.model_id, it.route, records))
+            if group is None:
+                group = groups[it.run, it.model_id, it.route, records] = len(k) + len(shared) + 1
+                shared += [keys.usage(it.run), keys.work_stream(it.route),
+                           keys.model_keys(it.model_id), keys.manifest(it.run), records]
+            argv += [it.namespace, it.n, f"{job.client}:{it.uuid}",
                      waiter_tail(it.run, it.model_id), it.key, it.spec if with_specs else b"",
-                     pair, manifest_field(it.namespace, it.request_id)
+                     group, manifest_field(it.namespace, it.request_id)
                      if it.manifest and it.request_id else ""]
-        for model_id, run in pairs:
-            k += [keys.model_keys(model_id), keys.manifest(run)]
-        raw, stopped_at = await run_script(redis, "reserve", k, argv, replicas)
-        out += [Reservation(it, bool(r[0]), bool(r[1]), int(r[2]), _text(r[3]), list(r[4:]))
-                for it, r in zip(items, raw)]
+        raw, stopped_at = await run_script(redis, "reserve", k + shared, argv, replicas)
+        for (job, it), r in zip(pending, raw):
+            done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
+                                             _text(r[3]), list(r[4:])))
         if stopped_at < 0:
-            return out
-        items = items[stopped_at:]
+            return [done[id(job)] for job in jobs]
+        pending = pending[stopped_at:]
     raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
                         "come from prepare(); do not build WorkItems by hand", "spec")
 

@@ -59,7 +59,7 @@ async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list) -> None:
 async def served_within(redis, keys, request_uuid: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if await redis.exists(keys.reservation(request_uuid)):
+        if await redis.hexists(keys.reservations("c", ""), f"c:{request_uuid}"):
             return True
         await asyncio.sleep(0.05)
     return False

@@ -413,8 +413,8 @@ async def _(h: Hostile) -> Check:
     real = client_module.encode_job
     sent: list[str] = []
 
-    def newer_client(client: str, items: list, keep_s: int) -> bytes:
-        data = msgpack.unpackb(real(client, items, keep_s))
+    def newer_client(client: str, items: list, keep_s: int, batch: str) -> bytes:
+        data = msgpack.unpackb(real(client, items, keep_s, batch))
         sent.append(items[0].uuid)
         return mp({**data, "v": 99})
 
@@ -580,16 +580,18 @@ async def _(h: Hostile) -> None:
 # --- reservation records --------------------------------------------------------------------
 
 
-async def _reserved_over(h: Hostile, record: Any, as_hash: bool = False) -> Any:
+async def _reserved_over(h: Hostile, record: Any, as_string: bool = False) -> Any:
     """A request whose reservation record is hostile, through the real client."""
     item = prepare(Request(f"reservation {h.marker}", 2, "r", "ns"), run=h.pipe.run,
                    route=h.pipe.route, model_id=h.pipe.model_id)
-    if as_hash:
-        await h.redis.hset(h.keys.reservation(item.uuid), "x", record)
-    else:
-        await h.redis.set(h.keys.reservation(item.uuid), record)
     assert h.pipe._client is not None
-    [result] = await asyncio.wait_for(h.pipe._client.submit([item]), 10)
+    client = h.pipe._client.client_id
+    records = h.keys.reservations(client, h.marker)
+    if as_string:
+        await h.redis.set(records, record)
+    else:
+        await h.redis.hset(records, f"{client}:{item.uuid}", record)
+    [result] = await asyncio.wait_for(h.pipe._client.submit([item], batch=h.marker), 10)
     return result
 
 
@@ -607,9 +609,9 @@ async def _(h: Hostile) -> None:
     assert (result["start"], len(result["samples"])) == (0, 2)
 
 
-@entry("reservation-is-a-hash", None)
+@entry("reservation-records-are-a-string", None)
 async def _(h: Hostile) -> None:
-    result = await _reserved_over(h, h.marker, as_hash=True)
+    result = await _reserved_over(h, h.marker, as_string=True)
     assert isinstance(result, GenerationError) and "WRONGTYPE" in str(result), result
 
 

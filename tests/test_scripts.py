@@ -135,11 +135,11 @@ async def test_a_claim_sends_the_rest_of_the_batch_again_with_specs(r, specs_sen
 
 async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     it = item("u1", n=3)
-    argv = [3_600_000, 3_600_000, it.key + it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"",
-            7, "ns\nr1"]
+    argv = [3_600_000, 3_600_000, it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"",
+            4, "ns\nr1"]
     keys = [KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"), KEYS.usage("run"),
-            KEYS.reservation("u1"), KEYS.work_stream("sim:x"), KEYS.model_keys("sim:x"),
-            KEYS.manifest("run")]
+            KEYS.work_stream("sim:x"), KEYS.model_keys("sim:x"), KEYS.manifest("run"),
+            KEYS.reservations("c", "b")]
     assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0]
     assert [await r.exists(k) for k in keys] == [0] * 8  # no counter, record, claim, entry,
     # spec, model index or manifest entry

@@ -4,10 +4,13 @@ A job reorders its requests by ``request_id``, reserves indices for all of them 
 one script call (which also hands claimed indices to the batch workers), and
 publishes every reply that is already complete.
 
-arq finds jobs by polling; clients also push each job's id to a wake-up list, and the
-worker blocks on that list between polls and starts the job it pops at once, so a job
-starts within a round trip while an idle worker costs next to nothing. arq's full poll
-still runs every ``poll_delay`` and picks up whatever the list missed.
+arq finds jobs by polling; clients also push each job's id to a wake-up list. The
+worker blocks on that list between polls and serves the jobs it pops at once, up to
+``WAKE_BATCH`` together, in three round trips whatever their number: one script takes
+and reads them (arq's claim and job read), one reserves for all their requests, one
+publishes the replies and finishes the jobs. arq's full poll still runs every
+``poll_delay`` and runs, with arq's own steps and retry rules, whatever the list missed
+and every job started before.
 
 A job, wake token or queue entry that cannot be read is set aside as a dead letter;
 the worker never stops for one.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -34,6 +38,7 @@ from cachesaver_dist.errors import NotReplicatedError, ProtocolError, redis_mess
 from cachesaver_dist.heartbeat import heartbeat_loop
 from cachesaver_dist.protocol import (
     CACHE_JOB,
+    CacheJob,
     Keys,
     MalformedJob,
     arq_deserialize_job,
@@ -43,65 +48,86 @@ from cachesaver_dist.protocol import (
     job_waiters,
     waiter_id,
 )
-from cachesaver_dist.scripts import reserve, script
+from cachesaver_dist.scripts import Reservation, reserve_jobs, script
 
 from .outbox import Outbox
 
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+WAKE_BATCH = 16  # wake tokens (jobs) served together at most
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
-async def handle_batch(
-    redis: Any, keys: Keys, payload: bytes | MalformedJob, run_ttl_s: int = defaults.RUN_TTL_S,
-    replicas: int = 0,
+async def handle_jobs(
+    redis: Any, keys: Keys, payloads: list[bytes | MalformedJob],
+    run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
+    also: Callable[[Any], None] | None = None,
 ) -> int:
-    """Serve one client batch; return how many requests were answered at once."""
+    """Serve client batches: one reserve call for all of them, their replies in one
+    round trip (with ``also``'s commands); return how many requests were answered."""
     outbox = Outbox(keys)
-    try:
-        if isinstance(payload, MalformedJob):
-            raise ProtocolError(payload.reason)
-        job = decode_job(payload)
-    except ProtocolError as exc:
-        raw = payload.raw if isinstance(payload, MalformedJob) else payload
-        await set_aside(redis, keys, "cache job", str(exc), raw, keys.cache_queue)
-        for wid in job_waiters(raw):
-            outbox.error(wid, "protocol_error", f"the request's batch could not be read by the "
-                         f"cache worker ({exc}) and was set aside; ask again")
-        await outbox.send(redis)
-        return 0
-    items = sorted(job.items, key=lambda it: it.request_id)
-    try:
-        reservations = await reserve(redis, keys, job.client, items, run_ttl_s, job.keep_s,
-                                     replicas)
-    except NotReplicatedError as exc:  # nothing acknowledged: the client asks again
-        log.warning("batch of %d from client %s not answered: %s", len(items), job.client, exc)
-        return 0
-    except ResponseError as exc:  # Redis refused: retrying the job would not help
-        message = str(refused(exc, "reserving samples"))
-        log.error("%s (batch of %d from client %s)", message, len(items), job.client)
-        for it in items:
-            outbox.error(waiter_id(job.client, it.uuid), "redis_refused", message)
-        await outbox.send(redis)
-        return 0
-    for r in reservations:
-        if r.complete:
-            it = r.item
-            outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags, r.samples,
-                         it.run, it.model_id, first=r.new)
-    await outbox.send(redis)
-    answered = sum(r.complete for r in reservations)
-    log.debug("batch of %d from %s: %d answered from cache", len(items), job.client, answered)
+    jobs: list[CacheJob] = []
+    for payload in payloads:
+        try:
+            if isinstance(payload, MalformedJob):
+                raise ProtocolError(payload.reason)
+            job = decode_job(payload)
+        except ProtocolError as exc:
+            raw = payload.raw if isinstance(payload, MalformedJob) else payload
+            await set_aside(redis, keys, "cache job", str(exc), raw, keys.cache_queue)
+            for wid in job_waiters(raw):
+                outbox.error(wid, "protocol_error", f"the request's batch could not be read "
+                             f"by the cache worker ({exc}) and was set aside; ask again")
+            continue
+        items = sorted(job.items, key=lambda it: it.request_id)
+        jobs.append(CacheJob(job.client, items, job.keep_s, job.batch))
+    answered = 0
+    for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox):
+        for r in reservations:
+            if r.complete:
+                it = r.item
+                outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags,
+                             r.samples, it.run, it.model_id, first=r.new)
+                answered += 1
+    await outbox.send(redis, also)
+    log.debug("%d batch(es): %d requests answered from cache", len(payloads), answered)
     return answered
 
 
+async def _reserve(
+    redis: Any, keys: Keys, jobs: list[CacheJob], run_ttl_s: int, replicas: int,
+    outbox: Outbox,
+) -> list[tuple[CacheJob, list[Reservation]]]:
+    """Reserve for all ``jobs`` in one call. When Redis refuses it (a key of another
+    type, say), each job is tried alone, so only the batches it concerns get the error."""
+    if not jobs:
+        return []
+    try:
+        return list(zip(jobs, await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas)))
+    except NotReplicatedError as exc:  # nothing acknowledged: the clients ask again
+        log.warning("%d batch(es) not answered: %s", len(jobs), exc)
+        return []
+    except ResponseError as exc:  # Redis refused: retrying the job would not help
+        if len(jobs) > 1:
+            out = []
+            for job in jobs:
+                out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox)
+            return out
+        message = str(refused(exc, "reserving samples"))
+        log.error("%s (batch of %d from client %s)", message, len(jobs[0].items),
+                  jobs[0].client)
+        for it in jobs[0].items:
+            outbox.error(waiter_id(jobs[0].client, it.uuid), "redis_refused", message)
+        return []
+
+
 async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> int:
-    """The arq job function."""
+    """The arq job function: one client batch."""
     started = time.perf_counter()
     try:
-        return await handle_batch(ctx["redis"], ctx["keys"], payload, ctx["run_ttl_s"],
-                                  ctx.get("replicas", 0))
+        return await handle_jobs(ctx["redis"], ctx["keys"], [payload], ctx["run_ttl_s"],
+                                 ctx.get("replicas", 0))
     finally:
         metrics.cache_job_done(time.perf_counter() - started)
 
@@ -122,6 +148,7 @@ class CacheWorker(Worker):
     def __init__(self, *args: Any, keys: Keys, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keys = keys
+        self._blmpop = True
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -175,10 +202,9 @@ class CacheWorker(Worker):
                 if time.monotonic() >= next_poll:
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                popped = await self.pool.brpop(  # type: ignore[misc]
-                    [self.keys.cache_wake], timeout=self.poll_delay_s)  # type: ignore[arg-type]
-                if popped:
-                    await self._wake(popped[1])
+                tokens = await self._pop_wake_tokens()
+                if tokens:
+                    await self._wake(tokens)
             except CONNECTION_ERRORS as exc:
                 log.warning("Redis unavailable (%s); trying again in 1 s", exc)
                 await asyncio.sleep(1.0)
@@ -186,6 +212,24 @@ class CacheWorker(Worker):
                 if "WRONGTYPE" not in str(exc):
                     raise
                 await set_aside_key(self.pool, self.keys, self.keys.cache_wake, "list")
+
+    async def _pop_wake_tokens(self) -> list[bytes]:
+        """Wait up to ``poll_delay`` for wake tokens; take up to ``WAKE_BATCH`` at once
+        (``BLMPOP``, Redis 7; one at a time with ``BRPOP`` on older servers)."""
+        if self._blmpop:
+            try:
+                popped = await self.pool.execute_command(
+                    "BLMPOP", self.poll_delay_s, 1, self.keys.cache_wake, "RIGHT", "COUNT",
+                    WAKE_BATCH)
+                return list(popped[1]) if popped else []
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                log.info("this Redis has no BLMPOP: wake tokens are taken one at a time")
+                self._blmpop = False
+        popped = await self.pool.brpop(  # type: ignore[misc]
+            [self.keys.cache_wake], timeout=self.poll_delay_s)  # type: ignore[arg-type]
+        return [popped[1]] if popped else []
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -195,15 +239,52 @@ class CacheWorker(Worker):
                             job_id, job_key_prefix + job_id)
             await self.finish_failed_job(job_id, None)
 
-    async def _wake(self, token: bytes) -> None:
-        try:
-            job_id = decode_wake_token(token, self.keys)
-        except ProtocolError as exc:
-            await set_aside(self.pool, self.keys, "wake token", str(exc), token,
-                            self.keys.cache_wake)
+    async def _wake(self, tokens: list[bytes]) -> None:
+        """Serve the jobs the tokens name, together, in a task of their own."""
+        ids: list[str] = []
+        for token in tokens:
+            try:
+                ids.append(decode_wake_token(token, self.keys))
+            except ProtocolError as exc:
+                await set_aside(self.pool, self.keys, "wake token", str(exc), token,
+                                self.keys.cache_wake)
+        if not ids:
             return
-        # Not started when arq's poll or another worker got there first: fine.
-        await self.start_jobs([job_id.encode()])
+        await self.sem.acquire()
+        self.job_counter += 1
+        task = self.loop.create_task(self._serve_woken(ids))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[f"woken:{ids[0]}"] = task
+
+    async def _serve_woken(self, ids: list[str]) -> None:
+        """Take the jobs (those arq's poll or another worker did not get first), serve
+        them in one reserve call, and finish them with the replies, in one round trip.
+
+        Never raises: a job that could not be served keeps its in-progress key until it
+        expires, and arq's poll runs it again (its reservation is idempotent)."""
+        started = time.perf_counter()
+        try:
+            bodies = await script(self.pool, "take_jobs")(
+                keys=[self.queue_name, *(k for i in ids for k in arq_keys(i)[:3])],
+                args=[int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *ids])
+            taken = [(i, body) for i, body in zip(ids, bodies) if body]
+            if not taken:
+                return
+
+            def finish(pipe: Any) -> None:
+                pipe.zrem(self.queue_name, *(i for i, _ in taken))
+                pipe.delete(*(k for i, _ in taken for k in arq_keys(i)))
+
+            payloads = [arq_deserialize_job(body)["a"][0] for _, body in taken]
+            await asyncio.wait_for(
+                handle_jobs(self.pool, self.keys, payloads, self.ctx["run_ttl_s"],
+                            self.ctx.get("replicas", 0), also=finish),
+                defaults.JOB_TIMEOUT_S)
+            for _ in taken:
+                metrics.cache_job_done(time.perf_counter() - started)
+        except Exception as exc:  # logged: arq's poll runs the jobs again
+            log.warning("%d woken job(s) not served (%s: %s); arq's poll runs them again",
+                        len(ids), type(exc).__name__, redis_message(exc))
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
     # here), so a worker touches only keys of its own prefix.
@@ -227,6 +308,12 @@ class CacheWorker(Worker):
                       job_key_prefix + job_id, result_key_prefix + job_id)
             tr.zrem(self.queue_name, job_id)
             await tr.execute()
+
+
+def arq_keys(job_id: str) -> tuple[str, str, str, str]:
+    """arq's keys of one job: in-progress, body, try counter, result."""
+    return (in_progress_key_prefix + job_id, job_key_prefix + job_id,
+            arq_retry_prefix + job_id, result_key_prefix + job_id)
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = defaults.STOP_GRACE_S,
