@@ -14,12 +14,11 @@ from typing import Any
 
 from . import defaults
 from .errors import InvalidRequestError
-from .protocol import WorkItem, encode_spec, prompt_key, unique_id
+from .protocol import MAX_DEPTH, WorkItem, encode_spec, prompt_key, unique_id
 from .typedefs import Request
 
 MAX_N = 10_000
 MAX_NAMESPACE_CHARS = 256
-MAX_DEPTH = 32
 DEFAULT_NAMESPACE = "default"
 DEFAULT_MAX_PROMPT_BYTES = defaults.MAX_PROMPT_BYTES
 _RUN_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
@@ -174,11 +173,19 @@ def prepare(
     namespace = _check_namespace(request.namespace)
     request_id = _check_request_id(request.request_id)
     fields = request.model_fields()
-    for name, value in fields.items():
-        _check_value(value, repr(name))
-    key = prompt_key(model_id, fields) if hash is None else prompt_key_of(hash, request,
-                                                                        model_id)
-    spec = encode_spec(route, model_id, fields, namespace, request.request_id)
+    try:  # hashing and encoding check the fields as they go: the common case
+        key = prompt_key(model_id, fields) if hash is None else None
+        spec = encode_spec(route, model_id, fields, namespace, request.request_id)
+    except (TypeError, ValueError, OverflowError, UnicodeEncodeError):
+        for name, value in fields.items():  # names the culprit
+            _check_value(value, repr(name))
+        raise InvalidRequestError("the request's fields cannot be stored; use str, int, "
+                                  "float, bool, None, bytes, and lists and dicts of those"
+                                  ) from None
+    if key is None:
+        for name, value in fields.items():
+            _check_value(value, repr(name))
+        key = prompt_key_of(hash, request, model_id)  # type: ignore[arg-type]
     if len(spec) > max_prompt_bytes:
         raise InvalidRequestError(
             f"request is {len(spec)} bytes encoded, over the limit of {max_prompt_bytes}; "

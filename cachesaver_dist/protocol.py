@@ -171,26 +171,39 @@ def unpack(data: bytes, kind: str = "message") -> Any:
 
 
 _AS_IS = (str, int, bytes)  # bool is an int
+MAX_DEPTH = 32  # levels of lists and dicts in a request's fields
 
 
-def _canonical(value: Any) -> Any:
+def _canonical(value: Any, depth: int = 0) -> Any:
     if isinstance(value, _AS_IS):
         return value
     if isinstance(value, dict):
-        return [[k, v if isinstance(v, _AS_IS) else _canonical(v)]
-                for k, v in sorted(value.items()) if v is not None]
+        if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
+            raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
+        items = sorted(value.items())  # TypeError for keys of mixed types
+        if not all(type(k) is str for k, _ in items):
+            raise TypeError("dict keys must be str")
+        return [[k, v if isinstance(v, _AS_IS) else _canonical(v, depth + 1)]
+                for k, v in items if v is not None]
     if isinstance(value, (list, tuple)):
-        return [v if isinstance(v, _AS_IS) else _canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+        if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
+            raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
+        return [v if isinstance(v, _AS_IS) else _canonical(v, depth + 1) for v in value]
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if value is None:
+        return value
+    raise TypeError(f"a {type(value).__name__} cannot be stored")
 
 
 def prompt_key(model_id: str, fields: dict[str, Any]) -> str:
     """Stable hash of everything that shapes generation.
 
     Independent of dict order; a field set to ``None`` equals an omitted one; ``1.0``
-    equals ``1``. Raises ``TypeError`` for values msgpack cannot encode.
+    equals ``1``. Raises ``TypeError`` (``ValueError``, ``OverflowError``,
+    ``UnicodeEncodeError``) for values msgpack cannot store as they are: types other than
+    str, int, float, bool, None, bytes, list, tuple and str-keyed dict, ints beyond 64
+    bits, text that is not UTF-8, nesting deeper than ``MAX_DEPTH``.
     """
     blob = msgpack.packb([model_id, _canonical(fields)], use_bin_type=True)
     return hashlib.blake2b(blob, digest_size=16).hexdigest()

@@ -251,8 +251,9 @@ async def test_request(redis_url, keys, redis, case_id, bad, expected):
         if writes:
             expected_keys.add(key_of(pipe, bad))
         assert await prompt_keys_written(redis, keys) == expected_keys
-        reservations = [k async for k in redis.scan_iter(match=f"{keys.prefix}r:*")]
-        assert len(reservations) == len(goods) + writes
+        records = [k async for k in redis.scan_iter(match=f"{keys.prefix}r:*")]
+        reserved = sum([await redis.hlen(k) for k in records])
+        assert reserved == len(goods) + writes
         prompts = {str(g.prompt) for g in goods}
         if writes:  # as the model sees it: tuples arrive as lists
             prompts.add(str(msgpack.unpackb(msgpack.packb(bad.prompt))))
