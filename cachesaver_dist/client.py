@@ -42,6 +42,7 @@ from .protocol import (
     arq_serialize,
     decode_replies,
     encode_job,
+    encode_wake_token,
     unique_id,
 )
 
@@ -188,7 +189,7 @@ class CacheClient:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.psetex(job_key_prefix + job_id, int(self.request_timeout * 1000), job)
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake, job_id)
+                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
                 if answered:
                     pipe.delete(*answered)

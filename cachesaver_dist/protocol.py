@@ -286,12 +286,15 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class CacheJob:
-    """One client batch: ``batch`` names it across re-asks (its reservation records)."""
+    """One client batch: ``batch`` names it across re-asks (its reservation records);
+    ``job_id``, not part of the message: the arq job it came in, when the worker read it
+    from a wake token and has yet to take that job."""
 
     client: str
     items: list[WorkItem]
     keep_s: int
     batch: str = ""
+    job_id: str = ""
 
 
 def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "") -> bytes:
@@ -572,16 +575,23 @@ def decode_replies(data: bytes) -> list[dict[str, Any]]:
 # --- wake tokens -------------------------------------------------------------------------
 
 
-def decode_wake_token(data: bytes, keys: Keys) -> str:
-    """A wake token is the id of an enqueued job (see ``Keys.new_job_id``)."""
-    try:
-        job_id = data.decode()
-    except UnicodeDecodeError:
-        raise ProtocolError("wake token is not UTF-8", "token") from None
+def encode_wake_token(job_id: str, payload: bytes) -> bytes:
+    """A wake token: an enqueued job's id and its cache job message, so the worker that
+    pops it needs no round trip to read the job."""
+    return pack([job_id, payload])
+
+
+def decode_wake_token(data: bytes, keys: Keys) -> tuple[str, bytes]:
+    """The job id (checked: ``Keys.new_job_id`` under this prefix) and the payload."""
+    msg = unpack(data, "wake token")
+    if not (isinstance(msg, list) and len(msg) == 2 and isinstance(msg[1], bytes)):
+        raise ProtocolError("wake token is not a [job id, payload] pair", "token")
+    job_id = msg[0]
     # ``Keys.new_job_id``: the prefix, then a short id (a long prefix is fine)
-    if not job_id.startswith(keys.prefix) or len(job_id) - len(keys.prefix) > MAX_ID_CHARS:
+    if not isinstance(job_id, str) or not job_id.startswith(keys.prefix) or \
+            len(job_id) - len(keys.prefix) > MAX_ID_CHARS:
         raise ProtocolError(f"wake token is not a job id under prefix {keys.prefix!r}", "token")
-    return job_id
+    return job_id, msg[1]
 
 
 # --- dead letters ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The ``.lua`` files are the source of truth; the wrappers here only lay out
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -126,15 +127,20 @@ async def reserve(
     """Reserve indices for ``items`` (one batch of ``client``) in the given order."""
     [out] = await reserve_jobs(redis, keys, [CacheJob(client, items, reservation_ttl_s, batch)],
                                run_ttl_s, replicas)
+    assert out is not None
     return out
 
 
 async def reserve_jobs(
     redis: Redis, keys: Keys, jobs: list[CacheJob], run_ttl_s: int = defaults.RUN_TTL_S,
-    replicas: int = 0,
-) -> list[list[Reservation]]:
+    replicas: int = 0, *, in_progress_ms: int = 60_000,
+) -> list[list[Reservation] | None]:
     """Reserve indices for the requests of several client batches, each in its order;
     the reservations per job.
+
+    A job with a ``job_id`` is an arq job the caller has not claimed: it is taken in the
+    same call (``None`` in its place when arq's poll or another worker has it) and
+    finished once all its requests are reserved (see reserve.lua).
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
@@ -145,11 +151,15 @@ async def reserve_jobs(
     pending = [(job, it) for job in jobs for it in job.items]
     ttl_ms = max(job.keep_s for job in jobs) * 1000
     done: dict[int, list[Reservation]] = {id(job): [] for job in jobs}
-    for with_specs in (False, True):
-        k: list[str] = []
+    taken: set[int] = {id(job) for job in jobs if not job.job_id}
+    arq_jobs = [job for job in jobs if job.job_id]
+    for take in (True, False):  # the second pass: with specs, for the jobs held
+        number = {id(job): n for n, job in enumerate(arq_jobs, 1)}
+        k = [keys.cache_queue, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
         for _, it in pending:
             k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key)]
-        argv: list[Any] = [ttl_ms, run_ttl_s * 1000]
+        argv: list[Any] = [ttl_ms, run_ttl_s * 1000, int(time.time() * 1000), in_progress_ms,
+                           int(take), len(arq_jobs), *(job.job_id for job in arq_jobs)]
         groups: dict[tuple[str, str, str, str], int] = {}  # -> KEYS position (1-based)
         shared: list[str] = []
         for job, it in pending:
@@ -160,16 +170,19 @@ async def reserve_jobs(
                 shared += [keys.usage(it.run), keys.work_stream(it.route),
                            keys.model_keys(it.model_id), keys.manifest(it.run), records]
             argv += [it.namespace, it.n, f"{job.client}:{it.uuid}",
-                     waiter_tail(it.run, it.model_id), it.key, it.spec if with_specs else b"",
+                     waiter_tail(it.run, it.model_id), it.key, b"" if take else it.spec,
                      group, manifest_field(it.namespace, it.request_id)
-                     if it.manifest and it.request_id else ""]
-        raw, stopped_at = await run_script(redis, "reserve", k + shared, argv, replicas)
+                     if it.manifest and it.request_id else "", number.get(id(job), 0)]
+        raw, stopped_at, held = await run_script(redis, "reserve", k + shared, argv, replicas)
+        taken.update(id(job) for job, h in zip(arq_jobs, held) if h)
         for (job, it), r in zip(pending, raw):
-            done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
-                                             _text(r[3]), list(r[4:])))
+            if r is not None:
+                done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
+                                                 _text(r[3]), list(r[4:])))
         if stopped_at < 0:
-            return [done[id(job)] for job in jobs]
-        pending = pending[stopped_at:]
+            return [done[id(job)] if id(job) in taken else None for job in jobs]
+        pending = [(job, it) for job, it in pending[stopped_at:] if id(job) in taken]
+        arq_jobs = [job for job in arq_jobs if id(job) in taken]
     raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
                         "come from prepare(); do not build WorkItems by hand", "spec")
 
@@ -230,6 +243,14 @@ async def discard(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes])
         argv += [idx, raw]
     return int(await script(redis, "discard")(
         keys=[keys.samples(key), keys.generation(key)], args=argv))
+
+
+def arq_job_keys(job_id: str) -> tuple[str, str, str]:
+    """arq's keys of a job: in-progress, body and try counter (arq names them itself)."""
+    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+    return (in_progress_key_prefix + job_id, job_key_prefix + job_id,
+            retry_key_prefix + job_id)
 
 
 def _key_triple(keys: Keys, key: str) -> list[str]:

@@ -12,7 +12,13 @@ from arq.constants import in_progress_key_prefix
 
 from cachesaver_dist.connection import connection_pool
 from cachesaver_dist.prepare import prepare
-from cachesaver_dist.protocol import CACHE_JOB, arq_serialize, encode_job, encode_sample
+from cachesaver_dist.protocol import (
+    CACHE_JOB,
+    arq_serialize,
+    encode_job,
+    encode_sample,
+    encode_wake_token,
+)
 from cachesaver_dist.scripts import fill, reserve, source
 from cachesaver_dist.typedefs import Request
 from workers.cache_worker import cache_worker, stop_worker
@@ -46,14 +52,17 @@ async def worker(redis_url, keys):
     await stop_worker(w, task)
 
 
-async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list) -> None:
-    """A job as arq's own ``enqueue_job`` writes it: no wake-up token."""
-    item = prepare(Request("p", 1, None, "b"), run="run", route="sim:x", model_id="sim:x")
+async def enqueue_plain_arq(redis_url, keys, request_uuid_holder: list,
+                            namespace: str = "b") -> bytes:
+    """A job as arq's own ``enqueue_job`` writes it: no wake-up token; its wake token."""
+    item = prepare(Request("p", 1, None, namespace), run="run", route="sim:x",
+                   model_id="sim:x")
     request_uuid_holder.append(item.uuid)
     arq = ArqRedis(connection_pool=connection_pool(redis_url), job_serializer=arq_serialize)
-    await arq.enqueue_job(CACHE_JOB, encode_job("c", [item], 60), _job_id=keys.new_job_id(),
-                          _queue_name=keys.cache_queue)
+    job_id, payload = keys.new_job_id(), encode_job("c", [item], 60)
+    await arq.enqueue_job(CACHE_JOB, payload, _job_id=job_id, _queue_name=keys.cache_queue)
     await arq.aclose()
+    return encode_wake_token(job_id, payload)
 
 
 async def served_within(redis, keys, request_uuid: str, seconds: float) -> bool:
@@ -76,10 +85,40 @@ async def test_a_job_named_on_the_wake_list_starts_at_once(redis_url, keys, redi
     await warm(redis, keys)
     await asyncio.sleep(0.3)  # the worker's first poll is done; it now waits on the list
     uuids: list[str] = []
-    await enqueue_plain_arq(redis_url, keys, uuids)
+    token = await enqueue_plain_arq(redis_url, keys, uuids)
     job_id = (await redis.zrange(keys.cache_queue, 0, -1))[0]
-    await redis.lpush(keys.cache_wake, job_id)
+    await redis.lpush(keys.cache_wake, token)
     assert await served_within(redis, keys, uuids[0], 2.0)
+    # taken, served and finished in one step: nothing of the job is left
+    assert await redis.zcard(keys.cache_queue) == 0
+    assert [k async for k in redis.scan_iter(match=f"arq:*{job_id.decode()}")] == []
+
+
+async def test_jobs_woken_together_are_served_by_one_script_call(redis_url, keys, redis,
+                                                                 worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    uuids: list[str] = []
+    tokens = [await enqueue_plain_arq(redis_url, keys, uuids, f"ns{i}") for i in range(3)]
+    await redis.config_resetstat()
+    await redis.lpush(keys.cache_wake, *tokens)  # one push: one pop takes all three
+    for u in uuids:
+        assert await served_within(redis, keys, u, 2.0)
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1, stats.get("cmdstat_evalsha")
+    assert await redis.zcard(keys.cache_queue) == 0
+
+
+async def test_a_token_of_a_job_held_elsewhere_serves_nothing(redis_url, keys, redis, worker):
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    uuids: list[str] = []
+    token = await enqueue_plain_arq(redis_url, keys, uuids)
+    job_id = (await redis.zrange(keys.cache_queue, 0, -1))[0]
+    await redis.set(in_progress_key_prefix + job_id.decode(), b"1", px=1500)  # another's
+    await redis.lpush(keys.cache_wake, token)
+    assert not await served_within(redis, keys, uuids[0], 1.0)
+    assert await redis.zcard(keys.cache_queue) == 1  # still arq's to run
 
 
 async def test_a_token_that_is_no_job_id_is_set_aside(redis_url, keys, redis, worker):
@@ -87,9 +126,8 @@ async def test_a_token_that_is_no_job_id_is_set_aside(redis_url, keys, redis, wo
     await asyncio.sleep(0.3)
     await redis.lpush(keys.cache_wake, b"1", b"\xff\xfe")  # an old client's token; not UTF-8
     uuids: list[str] = []
-    await enqueue_plain_arq(redis_url, keys, uuids)
-    job_id = (await redis.zrange(keys.cache_queue, 0, -1))[0]
-    await redis.lpush(keys.cache_wake, job_id)
+    token = await enqueue_plain_arq(redis_url, keys, uuids)
+    await redis.lpush(keys.cache_wake, token)
     assert await served_within(redis, keys, uuids[0], 2.0)  # the worker went on
     letters = await redis.xrange(keys.dead_letters)
     assert sorted(f[b"raw"] for _, f in letters) == [b"1", b"\xff\xfe"]
@@ -99,8 +137,9 @@ async def test_a_token_that_is_no_job_id_is_set_aside(redis_url, keys, redis, wo
 async def test_a_token_of_a_job_already_taken_is_ignored(redis_url, keys, redis, worker):
     await warm(redis, keys)
     await asyncio.sleep(0.3)
-    await redis.lpush(keys.cache_wake, b"no-such-job")
     uuids: list[str] = []
+    gone = encode_wake_token(keys.new_job_id(), encode_job("c", [], 60))
+    await redis.lpush(keys.cache_wake, gone)  # a job run and finished already
     await enqueue_plain_arq(redis_url, keys, uuids)  # no token of its own
     assert not await served_within(redis, keys, uuids[0], 1.0)  # no poll was triggered
     assert await served_within(redis, keys, uuids[0], 6.0)

@@ -52,9 +52,11 @@ from cachesaver_dist.protocol import (
     SCHEMA_VERSION,
     Keys,
     arq_serialize,
+    encode_job,
     encode_replies,
     encode_sample,
     encode_spec,
+    encode_wake_token,
     prompt_key,
     reply,
 )
@@ -144,18 +146,17 @@ class Hostile:
 
         return acked
 
-    async def job(self, data: bytes, *, job_id: str | None = None, token: bool = True,
+    async def job(self, data: bytes, *, job_id: str | None = None,
                   as_hash: bool = False) -> Callable[[], Awaitable[bool]]:
-        """Put an arq job (its bytes as given) on the cache queue; returns the check that
-        it left the queue and its key was deleted."""
+        """Put an arq job (its bytes as given) on the cache queue, with no wake token (a
+        token carries the cache job message, never arq's job: arq's poll reads these);
+        returns the check that it left the queue and its key was deleted."""
         job_id = job_id or self.keys.new_job_id()
         if as_hash:
             await self.redis.hset(job_key_prefix + job_id, "payload", data)
         elif data:
             await self.redis.set(job_key_prefix + job_id, data, px=60_000)
         await self.redis.zadd(self.keys.cache_queue, {job_id: int(time.time() * 1000)})
-        if token:
-            await self.redis.lpush(self.keys.cache_wake, job_id)
 
         async def acked() -> bool:
             return (await self.redis.zscore(self.keys.cache_queue, job_id) is None
@@ -443,24 +444,35 @@ async def _(h: Hostile) -> Check:
 TOKEN = "wake token"
 
 
-@entry("token-not-utf8", TOKEN, r"wake token is not UTF-8")
+@entry("token-not-msgpack", TOKEN, r"wake token is not valid msgpack")
 async def _(h: Hostile) -> Check:
-    return await h.token(b"\xff\xfe\xfd" + h.marker.encode())
+    return await h.token(b"\xc1\xff\xfe" + h.marker.encode())
+
+
+@entry("token-an-old-job-id", TOKEN, r"wake token is not a \[job id, payload\] pair")
+async def _(h: Hostile) -> Check:
+    return await h.token(mp(f"{h.keys.prefix}job:{h.marker}"))
 
 
 @entry("token-without-prefix", TOKEN, r"wake token is not a job id under prefix")
 async def _(h: Hostile) -> Check:
-    return await h.token(f"other:job:{h.marker}".encode())
+    return await h.token(mp([f"other:job:{h.marker}", b""]))
 
 
 @entry("token-huge", TOKEN, r"wake token is not a job id under prefix")
 async def _(h: Hostile) -> Check:
-    return await h.token(f"{h.keys.prefix}job:{h.marker}".encode() * 5000)
+    return await h.token(mp([f"{h.keys.prefix}job:{h.marker}" * 5000, b""]))
+
+
+@entry("token-payload-not-msgpack", JOB, r"cache job is not valid msgpack")
+async def _(h: Hostile) -> Check:
+    return await h.token(mp([f"{h.keys.prefix}job:x", b"\xc1" + h.marker.encode()]))
 
 
 @entry("token-of-no-job", None)
-async def _(h: Hostile) -> Check:
-    return await h.token(f"{h.keys.prefix}job:nosuchjob".encode())  # ignored: no dead letter
+async def _(h: Hostile) -> Check:  # a job run already: ignored, no dead letter
+    return await h.token(encode_wake_token(f"{h.keys.prefix}job:nosuchjob",
+                                           encode_job("c", [], 60)))
 
 
 # --- waiter records -------------------------------------------------------------------------

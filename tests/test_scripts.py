@@ -52,8 +52,10 @@ def specs_sent(r, monkeypatch):
     original = r.evalsha
 
     async def evalsha(sha, numkeys, *args):
-        argv = args[numkeys:]
-        calls.append([argv[i] for i in range(7, len(argv), 8)])
+        if sha == script(r, "reserve").sha:
+            argv = args[numkeys:]
+            first = 6 + int(argv[5])  # the header and the job ids, then 9 values per request
+            calls.append([argv[i] for i in range(first + 5, len(argv), 9)])
         return await original(sha, numkeys, *args)
 
     monkeypatch.setattr(r, "evalsha", evalsha)
@@ -135,13 +137,14 @@ async def test_a_claim_sends_the_rest_of_the_batch_again_with_specs(r, specs_sen
 
 async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     it = item("u1", n=3)
-    argv = [3_600_000, 3_600_000, it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"",
-            4, "ns\nr1"]
-    keys = [KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"), KEYS.usage("run"),
+    argv = [3_600_000, 3_600_000, 0, 60_000, 1, 0,
+            it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"", 5, "ns\nr1", 0]
+    keys = [KEYS.cache_queue, KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"),
+            KEYS.usage("run"),
             KEYS.work_stream("sim:x"), KEYS.model_keys("sim:x"), KEYS.manifest("run"),
             KEYS.reservations("c", "b")]
-    assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0]
-    assert [await r.exists(k) for k in keys] == [0] * 8  # no counter, record, claim, entry,
+    assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0, []]
+    assert [await r.exists(k) for k in keys] == [0] * 9  # no counter, record, claim, entry,
     # spec, model index or manifest entry
 
 

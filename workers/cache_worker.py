@@ -4,13 +4,13 @@ A job reorders its requests by ``request_id``, reserves indices for all of them 
 one script call (which also hands claimed indices to the batch workers), and
 publishes every reply that is already complete.
 
-arq finds jobs by polling; clients also push each job's id to a wake-up list. The
-worker blocks on that list between polls and serves the jobs it pops at once, up to
-``WAKE_BATCH`` together, in three round trips whatever their number: one script takes
-and reads them (arq's claim and job read), one reserves for all their requests, one
-publishes the replies and finishes the jobs. arq's full poll still runs every
-``poll_delay`` and runs, with arq's own steps and retry rules, whatever the list missed
-and every job started before.
+arq finds jobs by polling; clients also push a wake token (the job's id and its
+message) to a wake-up list. The worker blocks on that list between polls and serves
+the jobs it pops at once, up to ``WAKE_BATCH`` together, in two round trips whatever
+their number: one script call takes the jobs (arq's claim), reserves for all their
+requests and finishes the jobs, one pipeline publishes the replies. arq's full poll
+still runs every ``poll_delay`` and runs, with arq's own steps and retry rules, whatever
+the list missed and every job started before.
 
 A job, wake token or queue entry that cannot be read is set aside as a dead letter;
 the worker never stops for one.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -56,19 +55,22 @@ log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAKE_BATCH = 16  # wake tokens (jobs) served together at most
+IN_PROGRESS_MS = (defaults.JOB_TIMEOUT_S + 10) * 1000  # as arq's in_progress_timeout_s
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
 async def handle_jobs(
-    redis: Any, keys: Keys, payloads: list[bytes | MalformedJob],
+    redis: Any, keys: Keys, payloads: list[tuple[str, bytes | MalformedJob]],
     run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
-    also: Callable[[Any], None] | None = None,
 ) -> int:
-    """Serve client batches: one reserve call for all of them, their replies in one
-    round trip (with ``also``'s commands); return how many requests were answered."""
+    """Serve client batches, given as (arq job id, payload): one reserve call for all of
+    them, their replies in one round trip; return how many requests were answered.
+
+    A job id is given for a job read from a wake token: the reserve call takes the job
+    (unless arq's poll or another worker has it) and finishes it. ``""``: arq runs it."""
     outbox = Outbox(keys)
     jobs: list[CacheJob] = []
-    for payload in payloads:
+    for job_id, payload in payloads:
         try:
             if isinstance(payload, MalformedJob):
                 raise ProtocolError(payload.reason)
@@ -79,9 +81,11 @@ async def handle_jobs(
             for wid in job_waiters(raw):
                 outbox.error(wid, "protocol_error", f"the request's batch could not be read "
                              f"by the cache worker ({exc}) and was set aside; ask again")
+            if job_id:
+                outbox.finished.append(job_id)
             continue
         items = sorted(job.items, key=lambda it: it.request_id)
-        jobs.append(CacheJob(job.client, items, job.keep_s, job.batch))
+        jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id))
     answered = 0
     for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox):
         for r in reservations:
@@ -90,7 +94,7 @@ async def handle_jobs(
                 outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags,
                              r.samples, it.run, it.model_id, first=r.new)
                 answered += 1
-    await outbox.send(redis, also)
+    await outbox.send(redis)
     log.debug("%d batch(es): %d requests answered from cache", len(payloads), answered)
     return answered
 
@@ -104,7 +108,9 @@ async def _reserve(
     if not jobs:
         return []
     try:
-        return list(zip(jobs, await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas)))
+        per_job = await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas,
+                                     in_progress_ms=IN_PROGRESS_MS)
+        return [(job, r) for job, r in zip(jobs, per_job) if r is not None]
     except NotReplicatedError as exc:  # nothing acknowledged: the clients ask again
         log.warning("%d batch(es) not answered: %s", len(jobs), exc)
         return []
@@ -126,8 +132,8 @@ async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> i
     """The arq job function: one client batch."""
     started = time.perf_counter()
     try:
-        return await handle_jobs(ctx["redis"], ctx["keys"], [payload], ctx["run_ttl_s"],
-                                 ctx.get("replicas", 0))
+        return await handle_jobs(ctx["redis"], ctx["keys"], [("", payload)],
+                                 ctx["run_ttl_s"], ctx.get("replicas", 0))
     finally:
         metrics.cache_job_done(time.perf_counter() - started)
 
@@ -202,7 +208,7 @@ class CacheWorker(Worker):
                 if time.monotonic() >= next_poll:
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                tokens = await self._pop_wake_tokens()
+                tokens = await self._pop_wake_tokens(max(0.01, next_poll - time.monotonic()))
                 if tokens:
                     await self._wake(tokens)
             except CONNECTION_ERRORS as exc:
@@ -213,13 +219,13 @@ class CacheWorker(Worker):
                     raise
                 await set_aside_key(self.pool, self.keys, self.keys.cache_wake, "list")
 
-    async def _pop_wake_tokens(self) -> list[bytes]:
-        """Wait up to ``poll_delay`` for wake tokens; take up to ``WAKE_BATCH`` at once
+    async def _pop_wake_tokens(self, wait_s: float) -> list[bytes]:
+        """Wait up to ``wait_s`` for wake tokens; take up to ``WAKE_BATCH`` at once
         (``BLMPOP``, Redis 7; one at a time with ``BRPOP`` on older servers)."""
         if self._blmpop:
             try:
                 popped = await self.pool.execute_command(
-                    "BLMPOP", self.poll_delay_s, 1, self.keys.cache_wake, "RIGHT", "COUNT",
+                    "BLMPOP", round(wait_s, 3), 1, self.keys.cache_wake, "RIGHT", "COUNT",
                     WAKE_BATCH)
                 return list(popped[1]) if popped else []
             except ResponseError as exc:
@@ -228,7 +234,7 @@ class CacheWorker(Worker):
                 log.info("this Redis has no BLMPOP: wake tokens are taken one at a time")
                 self._blmpop = False
         popped = await self.pool.brpop(  # type: ignore[misc]
-            [self.keys.cache_wake], timeout=self.poll_delay_s)  # type: ignore[arg-type]
+            [self.keys.cache_wake], timeout=wait_s)  # type: ignore[arg-type]
         return [popped[1]] if popped else []
 
     async def run_job(self, job_id: str, score: int) -> None:
@@ -240,51 +246,38 @@ class CacheWorker(Worker):
             await self.finish_failed_job(job_id, None)
 
     async def _wake(self, tokens: list[bytes]) -> None:
-        """Serve the jobs the tokens name, together, in a task of their own."""
-        ids: list[str] = []
+        """Serve the jobs the tokens carry, together, in a task of their own."""
+        woken: list[tuple[str, bytes | MalformedJob]] = []
         for token in tokens:
             try:
-                ids.append(decode_wake_token(token, self.keys))
-            except ProtocolError as exc:
+                woken.append(decode_wake_token(token, self.keys))
+            except ProtocolError as exc:  # its job, if any, is run by arq's poll
                 await set_aside(self.pool, self.keys, "wake token", str(exc), token,
                                 self.keys.cache_wake)
-        if not ids:
+        if not woken:
             return
         await self.sem.acquire()
         self.job_counter += 1
-        task = self.loop.create_task(self._serve_woken(ids))
+        task = self.loop.create_task(self._serve_woken(woken))
         task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-        self.tasks[f"woken:{ids[0]}"] = task
+        self.tasks[f"woken:{woken[0][0]}"] = task
 
-    async def _serve_woken(self, ids: list[str]) -> None:
-        """Take the jobs (those arq's poll or another worker did not get first), serve
-        them in one reserve call, and finish them with the replies, in one round trip.
+    async def _serve_woken(self, woken: list[tuple[str, bytes | MalformedJob]]) -> None:
+        """Take, serve and finish the woken jobs: one reserve call, then the replies.
 
-        Never raises: a job that could not be served keeps its in-progress key until it
-        expires, and arq's poll runs it again (its reservation is idempotent)."""
+        Never raises: a job that could not be served stays queued (or keeps its
+        in-progress key until it expires), and arq's poll runs it again; its
+        reservations are idempotent."""
         started = time.perf_counter()
         try:
-            bodies = await script(self.pool, "take_jobs")(
-                keys=[self.queue_name, *(k for i in ids for k in arq_keys(i)[:3])],
-                args=[int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *ids])
-            taken = [(i, body) for i, body in zip(ids, bodies) if body]
-            if not taken:
-                return
-
-            def finish(pipe: Any) -> None:
-                pipe.zrem(self.queue_name, *(i for i, _ in taken))
-                pipe.delete(*(k for i, _ in taken for k in arq_keys(i)))
-
-            payloads = [arq_deserialize_job(body)["a"][0] for _, body in taken]
             await asyncio.wait_for(
-                handle_jobs(self.pool, self.keys, payloads, self.ctx["run_ttl_s"],
-                            self.ctx.get("replicas", 0), also=finish),
+                handle_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
+                            self.ctx.get("replicas", 0)),
                 defaults.JOB_TIMEOUT_S)
-            for _ in taken:
-                metrics.cache_job_done(time.perf_counter() - started)
+            metrics.cache_job_done(time.perf_counter() - started)
         except Exception as exc:  # logged: arq's poll runs the jobs again
             log.warning("%d woken job(s) not served (%s: %s); arq's poll runs them again",
-                        len(ids), type(exc).__name__, redis_message(exc))
+                        len(woken), type(exc).__name__, redis_message(exc))
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
     # here), so a worker touches only keys of its own prefix.
@@ -308,12 +301,6 @@ class CacheWorker(Worker):
                       job_key_prefix + job_id, result_key_prefix + job_id)
             tr.zrem(self.queue_name, job_id)
             await tr.execute()
-
-
-def arq_keys(job_id: str) -> tuple[str, str, str, str]:
-    """arq's keys of one job: in-progress, body, try counter, result."""
-    return (in_progress_key_prefix + job_id, job_key_prefix + job_id,
-            arq_retry_prefix + job_id, result_key_prefix + job_id)
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = defaults.STOP_GRACE_S,

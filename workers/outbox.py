@@ -24,7 +24,7 @@ from cachesaver_dist.protocol import (
     reply,
     split_waiter_id,
 )
-from cachesaver_dist.scripts import MalformedWaiter, discard
+from cachesaver_dist.scripts import MalformedWaiter, arq_job_keys, discard
 from cachesaver_dist.stats import Tally, account, write_tally
 
 
@@ -41,6 +41,7 @@ class Outbox:
         self.tally: Tally = {}
         self.bad_samples: dict[str, dict[int, bytes]] = defaultdict(dict)
         self.dead: list[tuple[str, str, bytes, str]] = []  # kind, reason, raw, source
+        self.finished: list[str] = []  # arq jobs (of the cache queue) to finish, unread
 
     def reply(
         self, waiter_id: str, key: str, start: int, flags: str, samples: list[bytes], run: str,
@@ -86,7 +87,7 @@ class Outbox:
 
     async def send(self, redis: Redis, also: Callable[[Any], None] | None = None) -> None:
         """Send everything in one pipeline; ``also`` adds more commands to it."""
-        if not (self.replies or self.tally or self.dead or also):
+        if not (self.replies or self.tally or self.dead or self.finished or also):
             return
         for key, samples in self.bad_samples.items():  # rare: one script call per key
             await discard(redis, self.keys, key, samples)
@@ -96,11 +97,15 @@ class Outbox:
         write_tally(pipe, self.keys, self.tally)
         for kind, reason, raw, source in self.dead:
             queue_dead_letter(pipe, self.keys, kind, reason, raw, source)
+        if self.finished:
+            pipe.zrem(self.keys.cache_queue, *self.finished)
+            pipe.delete(*(key for job_id in self.finished for key in arq_job_keys(job_id)))
         if also is not None:
             also(pipe)
         tally, self.tally = self.tally, {}
         self.replies.clear()
         self.bad_samples.clear()
         self.dead.clear()
+        self.finished.clear()
         await pipe.execute()
         metrics.count(tally)  # once stats has it: the workers' counters add up to stats
