@@ -1,10 +1,11 @@
-"""``import cachesaver_dist`` stays light: the public names load on first use (issue #11).
-
-Each check runs in a fresh interpreter, where nothing is imported yet.
+"""Start and stop (issue #11): ``import cachesaver_dist`` stays light (its public names
+load on first use; checked in a fresh interpreter, where nothing is imported yet), and
+stopping loses nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,7 +13,12 @@ import sys
 
 import pytest
 
+from cachesaver_dist import OnlineAPI, Request, SimModel
+from cachesaver_dist.prepare import prepare
+from cachesaver_dist.protocol import CONSUMER_GROUP
+from cachesaver_dist.scripts import reserve
 from tests.conftest import ROOT
+from workers.batch_worker import BatchWorker
 
 HEAVY = ("arq", "redis", "workers", "msgpack", "asyncio")
 
@@ -74,3 +80,45 @@ def test_unknown_name_is_an_attribute_error() -> None:
         cachesaver_dist.OnlineApi  # type: ignore[attr-defined]  # noqa: B018
     with pytest.raises(ImportError):
         exec("from cachesaver_dist import OnlineApi", {})
+
+
+# --- stop -----------------------------------------------------------------------------
+
+
+async def test_close_lets_pending_requests_finish(redis_url, keys):
+    model = SimModel("closing", latency=0.2)
+    pipe = OnlineAPI(model, cache=redis_url, prefix=keys.prefix)
+    await pipe.start()
+    asked = [asyncio.create_task(pipe.request(Request(f"p{i}", 1, str(i), "ns")))
+             for i in range(3)]
+    await asyncio.sleep(0)  # the requests are queued; the model has not answered yet
+    await pipe.close()
+    done = await asyncio.gather(*asked)
+    assert [(len(r.data), r.cached) for r in done] == [(1, [False])] * 3
+    assert sorted(model.calls) == [("p0", 1), ("p1", 1), ("p2", 1)]
+
+
+async def test_entries_handed_to_a_read_cut_short_by_stop_are_generated(redis, keys):
+    """``stop()`` cuts the batch worker's blocking read short. Entries Redis handed such a
+    read (here: read by the test under the worker's consumer name) are generated and
+    acknowledged, not left leased until their lease runs out."""
+    route = "sim:stopping"
+    item = prepare(Request("p", 1, None, "ns"), run="run", route=route, model_id=route)
+    [res] = await reserve(redis, keys, "c", [item])
+    assert not res.complete  # claimed: one work entry
+    model = SimModel(route)
+    worker = BatchWorker(redis, keys, {route: model})
+    await worker._ensure_groups()
+    stream = keys.work_stream(route)
+    got = await redis.xreadgroup(CONSUMER_GROUP, worker.name, {stream: ">"}, count=10)
+    assert len(got[0][1]) == 1
+    running = asyncio.create_task(worker.run())
+    for _ in range(500):  # until the worker waits on its blocking read
+        if worker._reading is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert worker._reading is not None
+    worker.stop()
+    await asyncio.wait_for(running, 10)
+    assert model.calls == [("p", 1)]
+    assert (await redis.xpending(stream, CONSUMER_GROUP))["pending"] == 0
