@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,21 @@ def _client(port: int, timeout: float = 2.0) -> redis.Redis:
                        socket_connect_timeout=timeout)
 
 
+def _pauses(first: float = 0.001, most: float = 0.05) -> Iterator[float]:
+    """Pauses between polls: short at first (a server starts or exits in milliseconds),
+    doubling up to ``most``."""
+    pause = first
+    while True:
+        yield pause
+        pause = min(pause * 2, most)
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     """Poll until pid is gone (or a zombie); False on timeout."""
     deadline = time.monotonic() + timeout
+    pauses = _pauses()
     while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(next(pauses))
     return not _pid_alive(pid)
 
 
@@ -257,7 +267,7 @@ class EmbeddedServer:
             log.info("port %s was taken, retrying", port)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline, pauses = time.monotonic() + READY_TIMEOUT, _pauses(0.002)
         with _client(port, timeout=0.5) as cli:
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
@@ -267,7 +277,7 @@ class EmbeddedServer:
                     deadline = time.monotonic() + READY_TIMEOUT  # big dataset: keep waiting
                 except redis.RedisError:
                     pass
-                time.sleep(0.05)
+                time.sleep(next(pauses))
         return False
 
 

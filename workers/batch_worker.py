@@ -88,11 +88,16 @@ class BatchWorker:
         self._store_lock = asyncio.Lock()
         self._next_upkeep = 0.0
         self._stopped_at = 0.0
+        self._reading: asyncio.Future | None = None  # the blocking read of new entries
 
     def stop(self) -> None:
-        """Ask ``run()`` to stop; it returns within about ``stop_grace`` seconds."""
+        """Ask ``run()`` to stop; it returns within about ``stop_grace`` seconds, at
+        once when idle: a blocking read or a wait for a free call slot is cut short."""
         self._stopped_at = self._stopped_at or time.monotonic()
         self._stop.set()
+        self._slot_freed.set()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def run(self) -> None:
         """Read, generate and fill until ``stop()``; then give the calls in flight
@@ -113,8 +118,8 @@ class BatchWorker:
 
     @staticmethod
     async def _until_stopped(work: Any, stopping: asyncio.Task) -> None:
-        """Run one step; on stop, let it finish for up to ``STEP_GRACE_S`` (a blocking
-        read returns within a second, and entries it got are then dispatched, not left
+        """Run one step; on stop, let it finish for up to ``STEP_GRACE_S`` (``stop()``
+        cuts a blocking read short, and entries it got are then dispatched, not left
         leased), then cancel it (Redis down: a command may wait on reconnects)."""
         step = asyncio.ensure_future(work)
         await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -176,10 +181,7 @@ class BatchWorker:
                 await asyncio.wait_for(self._slot_freed.wait(), timeout=1.0)
             return
         count = min(self.config.batch_size, free)
-        block = int(min(1.0, self.config.lease / 3) * 1000)
-        got = await self.redis.xreadgroup(
-            CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count, block=block
-        )
+        got = await self._read_new(count)
         if got and self.config.batch_wait > 0 and _size(got) < count and \
                 not self._stop.is_set():
             await asyncio.sleep(self.config.batch_wait)
@@ -189,6 +191,39 @@ class BatchWorker:
             )
             got = list(got) + list(more or [])
         await self._dispatch([(s.decode(), entries) for s, entries in got or []])
+
+    async def _read_new(self, count: int) -> Any:
+        """Wait up to a second for new entries; ``stop()`` cuts the wait short."""
+        if self._stop.is_set():
+            return None
+        block = int(min(1.0, self.config.lease / 3) * 1000)
+        read = asyncio.ensure_future(self.redis.xreadgroup(
+            CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count, block=block
+        ))
+        self._reading = read
+        try:
+            await asyncio.wait({read})
+        finally:
+            self._reading = None
+            read.cancel()  # done: no effect; else this task is being cancelled
+        if read.cancelled():
+            return await self._read_back()
+        return read.result()
+
+    async def _read_back(self) -> Any:
+        """After a read cut short by ``stop()``: the entries Redis handed it before the
+        connection closed (it adds them to this consumer's pending list as it sends
+        them), read back from that list so they are dispatched, not left leased."""
+        try:
+            got = await asyncio.wait_for(self.redis.xreadgroup(
+                CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, "0")), 1.0)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("pending entries not read back on stop (%s): they stay leased and "
+                        "are taken over", exc)
+            return None
+        return [(stream, [(eid, data) for eid, data in entries
+                          if eid.decode() not in self._inflight[stream.decode()]])
+                for stream, entries in got or []]
 
     async def _upkeep(self) -> None:
         """Refresh our leases, take over expired ones of dead workers."""
