@@ -141,6 +141,7 @@ def run(duration: float) -> None:
            "idle": {str(k): v for k, v in idle.items()}, "monitor": monitor,
            "original": orig_c32, "command": COMMAND}
     res["summary"] = summarise(res)
+    res["history"] = history(res)
     out = C.write_json(JSON_NAME, res)
     report(res)
     write_docs(res)
@@ -149,6 +150,21 @@ def run(duration: float) -> None:
 
 def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
     return {k: sum(C.cpu_seconds(p) for p in ps) for k, ps in pids.items()}
+
+
+def host_cpu() -> tuple[float, float]:
+    """CPU seconds the whole machine was busy (all cores), and stolen by the hypervisor,
+    since boot (``/proc/stat``; NaN elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
@@ -160,14 +176,16 @@ def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
     drivers = [C.start_driver("ours", scaling_spec(st, windows, f"{salt}-{i}"), env=st.env())
                for i in range(n_clients)]
     server: dict[str, tuple[dict[str, Any], dict[str, float], float]] = {}
+    hosts: dict[str, tuple[float, float]] = {}
     for kind, (start_at, _) in windows.items():
         time.sleep(max(0.0, start_at - time.time()))
-        a, cpu0 = st.info_snapshot(), cpu_of(pids)
+        a, cpu0, host0 = st.info_snapshot(), cpu_of(pids), host_cpu()
         t = time.monotonic()
         time.sleep(duration)
-        b, cpu1 = st.info_snapshot(), cpu_of(pids)
+        b, cpu1, host1 = st.info_snapshot(), cpu_of(pids), host_cpu()
         wall = time.monotonic() - t
         server[kind] = (C.info_delta(a, b, own), {k: cpu1[k] - cpu0[k] for k in pids}, wall)
+        hosts[kind] = (host1[0] - host0[0], host1[1] - host0[1])
     results = [C.finish_driver(d, timeout=60)["phases"] for d in drivers]
     rows = []
     for kind, (delta, cpu, wall) in server.items():
@@ -176,6 +194,7 @@ def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
         # requests completed inside the server window: scale each client's count to it
         in_window = max(1.0, sum(r["count"] * min(1.0, wall / r["wall"]) for r in res))
         cpu = {**cpu, "clients": sum(r["cpu"]["client"] for r in res)}
+        busy, steal = hosts[kind]
         lat = [x for r in res for x in r["latencies_ms"]]
         usec = {k: v / in_window for k, v in delta["usec"].items()}
         scripts = sum(v for k, v in usec.items() if k in SCRIPTS)
@@ -193,6 +212,9 @@ def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
             "usec": usec, "usec_scripts": scripts,
             "usec_other": outside_scripts(usec, monitor[kind]),
             "cpu_pct": {k: 100 * v / wall for k, v in cpu.items()},
+            # the machine while we measured: CPU used by processes not ours, and stolen
+            "others_pct": 100 * (busy - sum(cpu.values())) / wall,
+            "steal_pct": 100 * steal / wall,
             "cpu_us_by": {k: v * 1e6 / in_window for k, v in cpu.items()},
             "cpu_us": sum(cpu.values()) * 1e6 / in_window,
             "redis_us": cpu.get("redis-server", float("nan")) * 1e6 / in_window})
@@ -320,12 +342,37 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
                      "clients": peak["clients"],
                      "redis_cpu_pct": peak["cpu_pct"].get("redis-server", 0.0)},
             "keys_per_request": statistics.median(r["keys"] for r in rs),
+            "others_pct_median": statistics.median(r.get("others_pct", 0.0) for r in rs),
+            "steal_pct_median": statistics.median(r.get("steal_pct", 0.0) for r in rs),
             "bytes_per_request": statistics.median(r["mem"] for r in rs),
         }
     h, m = out["hits"]["redis_us_median"], out["misses"]["redis_us_median"]
     out["mixed"] = {str(ratio): 1e6 / (ratio * h + (1 - ratio) * m)
                     for ratio in (0.5, 0.9, 0.99)}
     return out
+
+
+def host(r: dict[str, Any]) -> str:
+    return f"{r.get('others_pct', float('nan')):.0f} / {r.get('steal_pct', float('nan')):.0f}"
+
+
+def history(res: dict[str, Any], keep: int = 8) -> list[dict[str, Any]]:
+    """This run's headline figures after those of the runs before it (from the JSON this
+    run replaces): on a shared machine they vary from run to run."""
+    def entry(r: dict[str, Any]) -> dict[str, Any]:
+        s = r["summary"]
+        return {"date": r["env"]["date"], "commit": r["env"]["commit"],
+                **{f"{k}_redis_us": s[k]["redis_us_median"] for k in KINDS},
+                **{f"{k}_{f}": s[k].get(f"{f}_median") for k in KINDS
+                   for f in ("others_pct", "steal_pct")}}
+    path = C.BENCH_HOME / "results" / f"{JSON_NAME}.json"
+    before: list[dict[str, Any]] = []
+    try:
+        prev = json.loads(path.read_text())
+        before = prev.get("history") or [entry(prev)]
+    except (OSError, ValueError, KeyError):
+        pass
+    return [*before, entry(res)][-keep:]
 
 
 def report(res: dict[str, Any]) -> None:
@@ -336,8 +383,9 @@ def report(res: dict[str, Any]) -> None:
                  "round trips / req (server reads)", "of which idle polling",
                  "client round trips / req", "commands / req (incl. Lua)",
                  "Redis keys / bytes kept per req", "redis-server CPU µs / req",
-                 "commandstats µs / req (scripts + other commands)", "CPU µs / req (all processes)",
-                 "CPU % (clients, cache workers, redis)"]
+                 "commandstats µs / req (scripts + other commands)",
+                 "CPU µs / req (all processes)", "CPU % (clients, cache workers, redis)",
+                 "machine: others' CPU % / steal %"]
     h_table = []
     for r in hits:
         cpu = r["cpu_pct"]
@@ -349,13 +397,14 @@ def report(res: dict[str, Any]) -> None:
                         f"{r['usec_scripts']:.1f} + {r['usec_other']:.1f}",
                         C.fmt(r["cpu_us"], 0),
                         f"{cpu.get('clients', 0):.0f} / {cpu.get('cache workers', 0):.0f} / "
-                        f"{cpu.get('redis-server', 0):.0f}"])
+                        f"{cpu.get('redis-server', 0):.0f}", host(r)])
     m_headers = ["cache workers", "clients", "misses/s", "p50 ms", "p99 ms",
                  "round trips / req (server reads)", "commands / req (incl. Lua)",
                  "Redis keys / bytes kept per req", "redis-server CPU µs / req",
                  "commandstats µs / req (scripts + other commands)",
                  "CPU µs / req (clients, cache workers, batch worker)",
-                 "CPU % (clients, cache workers, batch worker, redis)"]
+                 "CPU % (clients, cache workers, batch worker, redis)",
+                 "machine: others' CPU % / steal %"]
     m_table = []
     for r in misses:
         cpu, us = r["cpu_pct"], r["cpu_us_by"]
@@ -368,7 +417,7 @@ def report(res: dict[str, Any]) -> None:
                         f"{us.get('batch worker', 0):.0f}",
                         f"{cpu.get('clients', 0):.0f} / {cpu.get('cache workers', 0):.0f} / "
                         f"{cpu.get('batch worker', 0):.0f} / "
-                        f"{cpu.get('redis-server', 0):.0f}"])
+                        f"{cpu.get('redis-server', 0):.0f}", host(r)])
     print()
     print(C.text_table(h_headers, h_table))
     print()
@@ -430,6 +479,13 @@ def report(res: dict[str, Any]) -> None:
         f"hit, {summ['misses']['usec_scripts']:.1f} + {summ['misses']['usec_other']:.1f} µs "
         "per miss; the rest of the server process's CPU is reading, parsing and answering.",
         f"* Idle (no load, 2 s): {idle}.",
+        f"* The machine while measuring (median over the windows): processes not of the "
+        f"study used {summ['hits']['others_pct_median']:.0f} % (hits) and "
+        f"{summ['misses']['others_pct_median']:.0f} % (misses) of a core; steal "
+        f"{summ['hits']['steal_pct_median']:.0f} % and "
+        f"{summ['misses']['steal_pct_median']:.0f} %. CPU µs per request of every process "
+        "grows alike when the cores are shared: read the ratios between processes, which "
+        "vary less than the µs.",
         "",
         "Commandstats per request by command, pooled over every configuration (calls are "
         "machine-independent; in-script calls are counted under their own name and their "
@@ -507,6 +563,7 @@ def write_docs(res: dict[str, Any]) -> None:
     """The figures block of ``docs/scaling.md``, from ``results/scaling.json``."""
     s, env = res["summary"], res["env"]
     h, m = s["hits"], s["misses"]
+    nan = float("nan")
     roles = ("clients", "cache workers", "batch worker")
     per_core = {kind: {role: s[kind]["cpu_us_by_role_median"][role]
                        / s[kind]["redis_us_median"] for role in roles} for kind in KINDS}
@@ -559,6 +616,18 @@ def write_docs(res: dict[str, Any]) -> None:
         "Mixed load, requests/s per primary core = 10⁶ ÷ (h × µs per hit + (1 − h) × µs "
         "per miss): " + ", ".join(f"h = {k}: **{C.fmt(v, 0)}**" for k, v in s["mixed"].items())
         + ".",
+    ]
+    lines += [
+        "",
+        f"While it ran, processes not of the study used a median "
+        f"{h.get('others_pct_median', nan):.0f} % (hits) and "
+        f"{m.get('others_pct_median', nan):.0f} % (misses) of a core, and the hypervisor "
+        f"took {h.get('steal_pct_median', nan):.0f} % and "
+        f"{m.get('steal_pct_median', nan):.0f} %. "
+        "Redis CPU µs per hit / per miss in the runs kept in the JSON (`history`): "
+        + "; ".join(f"{e['date']} ({str(e['commit']).split()[0]}): "
+                    f"{e['hits_redis_us']:.1f} / {e['misses_redis_us']:.1f}"
+                    for e in res.get("history", [])) + ".",
     ]
     C.write_block(DOCS, "figures:scaling", "\n".join(lines))
     print(f"written to {DOCS} (block figures:scaling)")
