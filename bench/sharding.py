@@ -182,9 +182,10 @@ def report(res: dict[str, Any]) -> None:
         "again; the checks see it.",
         "",
         "### Throughput (informational)\n",
-        "Everything (clients, in-process workers of every shard) runs in one Python "
-        "process on a shared 2-core machine, so this shows what the router costs, not "
-        "what more primaries add: that is `docs/scaling.md`'s capacity model.\n",
+        "Everything (the client and the in-process workers of every shard) runs in one "
+        "Python process on a shared 2-core machine, so this shows what splitting costs "
+        "that process (three sets of workers, sub-batches a third the size), not what "
+        "more primaries add: that is `docs/scaling.md`'s capacity model.\n",
         C.md_table(t_headers, t_rows), "",
     ]
     C.write_section(STUDY, "\n".join(lines))
