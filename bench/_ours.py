@@ -204,8 +204,29 @@ async def round_trip_cost(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MODES = {"hits": hits, "round_trip_cost": round_trip_cost, "direct_hits": direct_hits,
-         "burst": burst, "mp_client": mp_client, "savings": savings}
+async def scaling(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.scaling``: phases one after another, each a closed loop that starts at its
+    own ``start_at`` (the same instant in every client process): ``hits`` phases reuse
+    sample 0 of the warmed prompts, ``misses`` phases (a ``salt`` of their own) ask for
+    prompts never seen, one sample each."""
+    out: dict[str, Any] = {"phases": {}}
+    for ph in spec["phases"]:
+        async with api_for(spec, batch_size=ph["batch_size"], timeout=ph["timeout"]) as api:
+            await api.start()
+            await asyncio.sleep(max(0.0, ph["start_at"] - time.time()))
+            ROUND_TRIPS.update(n=0)
+            res = await W.closed_loop(asker(api), callers=ph["callers"],
+                                      duration=ph["duration"],
+                                      max_requests=ph["max_requests"],
+                                      prompts=ph["prompts"], tag=ph["name"],
+                                      salt=ph.get("salt", ""))
+            res["round_trips"] = ROUND_TRIPS["n"]
+            out["phases"][ph["name"]] = res
+    return out
+
+
+MODES = {"hits": hits, "scaling": scaling, "round_trip_cost": round_trip_cost,
+         "direct_hits": direct_hits, "burst": burst, "mp_client": mp_client, "savings": savings}
 
 
 def main() -> None:

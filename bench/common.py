@@ -169,21 +169,35 @@ is a shared, noisy 2-core VM: read ratios and medians, not lone absolute times.
 
 def write_section(study: str, body: str) -> None:
     """Replace (or append) ``<!-- study:NAME -->`` ... ``<!-- /study:NAME -->``."""
-    begin, end = f"<!-- study:{study} -->", f"<!-- /study:{study} -->"
+    write_block(RESULTS, f"study:{study}", body, _PREAMBLE)
+
+
+def write_block(path: Path, name: str, body: str, preamble: str = "") -> None:
+    """Replace (or append) ``<!-- NAME -->`` ... ``<!-- /NAME -->`` in the file at ``path``
+    (a generated part of a hand-written page, e.g. figures in ``docs/``)."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     with open(WORK / "results.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = RESULTS.read_text() if RESULTS.exists() else _PREAMBLE
+        text = path.read_text() if path.exists() else preamble
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):
             text = pattern.sub(lambda _: block, text)
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
-        tmp = RESULTS.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(text if text.endswith("\n") else text + "\n")
-        tmp.replace(RESULTS)
+        tmp.replace(path)
+
+
+def write_json(name: str, data: Any) -> Path:
+    """``bench/results/NAME.json``: a study's figures, for the docs that quote them."""
+    out = BENCH_HOME / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    return out
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -396,14 +410,17 @@ class Stack:
                 "memory": mem, "keys": keys,
                 "commands": stats["total_commands_processed"],
                 "cmd": {k.removeprefix("cmdstat_"): v["calls"] for k, v in cmds.items()},
+                "usec": {k.removeprefix("cmdstat_"): v["usec"] for k, v in cmds.items()},
                 "t": time.monotonic()}
 
 
 def raw_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     cmd = {k: v - a["cmd"].get(k, 0) for k, v in b["cmd"].items()}
+    usec = {k: v - a.get("usec", {}).get(k, 0) for k, v in b.get("usec", {}).items()}
     return {"reads": b["reads"] - a["reads"], "writes": b["writes"] - a["writes"],
             "memory": b["memory"] - a["memory"], "keys": b["keys"] - a["keys"],
-            "commands": b["commands"] - a["commands"], "cmd": cmd, "seconds": b["t"] - a["t"]}
+            "commands": b["commands"] - a["commands"], "cmd": cmd, "usec": usec,
+            "seconds": b["t"] - a["t"]}
 
 
 def info_delta(a: dict[str, Any], b: dict[str, Any],
@@ -414,7 +431,9 @@ def info_delta(a: dict[str, Any], b: dict[str, Any],
         for k in ("reads", "writes", "commands"):
             d[k] -= own[k]
         d["cmd"] = {k: v - own["cmd"].get(k, 0) for k, v in d["cmd"].items()}
+        d["usec"] = {k: v - own.get("usec", {}).get(k, 0) for k, v in d["usec"].items()}
     d["cmd"] = {k: v for k, v in d["cmd"].items() if v}
+    d["usec"] = {k: v for k, v in d["usec"].items() if k in d["cmd"]}
     return d
 
 

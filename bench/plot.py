@@ -47,19 +47,32 @@ def miss_backlog(s, fig):
 
 
 def scaling(s, fig):
-    axs = fig.subplots(1, 2)
+    axs = fig.subplots(1, 3 if "miss" in next(iter(s["series"].values())) else 2)
     for workers, series in s["series"].items():
-        axs[0].plot(s["clients"], series["thr"], marker="o", label=f"{workers} cache worker(s)")
-        axs[1].plot(s["clients"], series["rt"], marker="o", label=f"{workers} cache worker(s)")
+        label = f"{workers} cache worker(s)"
+        line = axs[0].plot(s["clients"], series["thr"], marker="o", label=label)[0]
+        if "miss" in series:
+            axs[1].plot(s["clients"], series["miss"], marker="o", label=label)
+            axs[2].plot(s["clients"], series["redis_hit"], marker="o", color=line.get_color(),
+                        label=f"hit, {label}")
+            axs[2].plot(s["clients"], series["redis_miss"], marker="s", linestyle="--",
+                        color=line.get_color(), label=f"miss, {label}")
+        else:
+            axs[1].plot(s["clients"], series["rt"], marker="o", label=label)
     axs[0].axhline(s["original"], color="#999999", linestyle="--", label="original, 1 process")
     axs[0].set_title("cache-hit throughput (32 callers per client)", fontsize=10)
-    axs[0].set_xlabel("client processes")
     axs[0].set_ylabel("requests/s")
-    axs[1].axhline(1.0, color="#c53030", linestyle="--", label="target ≤ 1")
-    axs[1].set_title("Redis round trips per hit (server read events)", fontsize=10)
-    axs[1].set_xlabel("client processes")
-    axs[1].set_ylim(bottom=0)
+    if len(axs) == 3:
+        axs[1].set_title("miss throughput (sim model, 0 latency, 1 batch worker)", fontsize=10)
+        axs[1].set_ylabel("requests/s")
+        axs[2].set_title("redis-server CPU per request", fontsize=10)
+        axs[2].set_ylabel("µs")
+    else:
+        axs[1].axhline(1.0, color="#c53030", linestyle="--", label="target ≤ 1")
+        axs[1].set_title("Redis round trips per hit (server read events)", fontsize=10)
     for ax in axs:
+        ax.set_xlabel("client processes")
+        ax.set_ylim(bottom=0)
         ax.set_xticks(s["clients"])
         ax.legend(fontsize=7)
 

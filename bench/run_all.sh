@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark study of issue #4, one after another (each takes under ~2 minutes
+# Run every benchmark study of issue #4, one after another (each takes under ~3 minutes
 # and rewrites its own section of bench/RESULTS.md). Usage: bash bench/run_all.sh [study...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +7,7 @@ PY=.venv/bin/python
 "$PY" bench/original_env.py          # bench/.venv-original (cachesaver==0.0.6), bench/.venv-tools
 studies=("$@")
 if [ ${#studies[@]} -eq 0 ]; then
-  studies=(hit_path miss_backlog multiprocess scaling savings_study)
+  studies=(hit_path miss_backlog multiprocess scaling sharding savings_study)
 fi
 failed=()
 for s in "${studies[@]}"; do

@@ -81,13 +81,16 @@ def proc_cpu(pid: int) -> float:
 async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: int,
                       prompts: int, tag: str, start_at: float | None = None,
                       watch: dict[str, int] | None = None,
-                      workload: str = "short") -> dict[str, Any]:
+                      workload: str = "short", salt: str = "") -> dict[str, Any]:
     """``callers`` coroutines each send one request at a time until ``duration`` s or
     ``max_requests`` in total. Request ``i`` is prompt ``i % prompts`` in namespace
     ``tag-(i // prompts)``: every request is a cross-namespace reuse of sample 0, a hit.
     ``watch``: processes (name -> pid) whose CPU seconds over the loop are reported,
-    this one included as ``client``. ``workload``: a key of ``HIT_WORKLOADS``."""
-    prompt_of = HIT_WORKLOADS[workload]
+    this one included as ``client``. ``workload``: a key of ``HIT_WORKLOADS``.
+    ``salt``: prepended to every (completion) prompt, so a salt never used before and
+    ``prompts`` ≥ the requests sent make every request a miss."""
+    base = HIT_WORKLOADS[workload]
+    prompt_of = (lambda i: f"[{salt}] {base(i)}") if salt else base
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
     watch = {"client": os.getpid(), **(watch or {})}
