@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -243,9 +243,9 @@ def _id(value: Any, name: str, kind: str) -> str:
 # --- cache job: one client batch for the cache workers ----------------------------------
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One request as the cache worker reserves it."""
+class WorkItem(NamedTuple):
+    """One request as the cache worker reserves it (a named tuple: made per request on
+    both sides, so cheap to build)."""
 
     uuid: str
     request_id: str

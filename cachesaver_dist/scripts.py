@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -54,8 +54,7 @@ def script(redis: Any, name: str) -> AsyncScript:
     return scripts[name]
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """What reserve decided for one request."""
 
     item: WorkItem

@@ -6,9 +6,10 @@ publishes every reply that is already complete.
 
 arq finds jobs by polling; clients also push a wake token (the job's id and its
 message) to a wake-up list. The worker blocks on that list between polls and serves
-the jobs it pops at once, up to ``WAKE_BATCH`` together, in two round trips whatever
+the jobs it pops at once, up to ``WAKE_BATCH`` together, in one round trip whatever
 their number: one script call takes the jobs (arq's claim), reserves for all their
-requests and finishes the jobs, one pipeline publishes the replies. arq's full poll
+requests and finishes the jobs; their replies go out in the same pipeline as the next
+blocking pop (Redis runs them first, so they do not wait for it). arq's full poll
 still runs every ``poll_delay`` and runs, with arq's own steps and retry rules, whatever
 the list missed and every job started before.
 
@@ -63,8 +64,20 @@ async def handle_jobs(
     redis: Any, keys: Keys, payloads: list[tuple[str, bytes | MalformedJob]],
     run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
 ) -> int:
-    """Serve client batches, given as (arq job id, payload): one reserve call for all of
-    them, their replies in one round trip; return how many requests were answered.
+    """Serve client batches and send their replies; return how many requests were
+    answered (see ``serve_jobs``)."""
+    outbox = await serve_jobs(redis, keys, payloads, run_ttl_s, replicas)
+    answered = outbox.answered
+    await outbox.send(redis)
+    return answered
+
+
+async def serve_jobs(
+    redis: Any, keys: Keys, payloads: list[tuple[str, bytes | MalformedJob]],
+    run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
+) -> Outbox:
+    """Serve client batches, given as (arq job id, payload), with one reserve call for
+    all of them; return the replies to send (in one round trip).
 
     A job id is given for a job read from a wake token: the reserve call takes the job
     (unless arq's poll or another worker has it) and finishes it. ``""``: arq runs it."""
@@ -86,17 +99,15 @@ async def handle_jobs(
             continue
         items = sorted(job.items, key=lambda it: it.request_id)
         jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id))
-    answered = 0
     for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox):
         for r in reservations:
             if r.complete:
                 it = r.item
                 outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags,
                              r.samples, it.run, it.model_id, first=r.new)
-                answered += 1
-    await outbox.send(redis)
-    log.debug("%d batch(es): %d requests answered from cache", len(payloads), answered)
-    return answered
+                outbox.answered += 1
+    log.debug("%d batch(es): %d requests answered from cache", len(payloads), outbox.answered)
+    return outbox
 
 
 async def _reserve(
@@ -203,39 +214,55 @@ class CacheWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         next_poll = 0.0
+        replies: Outbox | None = None  # of the jobs just served: sent with the next pop
         while True:
             try:
                 if time.monotonic() >= next_poll:
+                    if replies:
+                        await replies.send(self.pool)
+                    replies = None
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                tokens = await self._pop_wake_tokens(max(0.01, next_poll - time.monotonic()))
+                wait_s = max(0.01, next_poll - time.monotonic())
+                tokens, replies = await self._pop_wake_tokens(wait_s, replies), None
                 if tokens:
-                    await self._wake(tokens)
+                    replies = await self._serve_woken(tokens)
             except CONNECTION_ERRORS as exc:
                 log.warning("Redis unavailable (%s); trying again in 1 s", exc)
+                replies = None  # the clients ask again
                 await asyncio.sleep(1.0)
             except ResponseError as exc:
                 if "WRONGTYPE" not in str(exc):
                     raise
                 await set_aside_key(self.pool, self.keys, self.keys.cache_wake, "list")
 
-    async def _pop_wake_tokens(self, wait_s: float) -> list[bytes]:
-        """Wait up to ``wait_s`` for wake tokens; take up to ``WAKE_BATCH`` at once
-        (``BLMPOP``, Redis 7; one at a time with ``BRPOP`` on older servers)."""
+    async def _pop_wake_tokens(self, wait_s: float, replies: Outbox | None) -> list[bytes]:
+        """Send ``replies`` and wait up to ``wait_s`` for wake tokens, in one round trip;
+        take up to ``WAKE_BATCH`` tokens at once (``BLMPOP``, Redis 7; one at a time with
+        ``BRPOP`` on older servers). Redis runs the replies first, so they go out at once."""
+        pipe = self.pool.pipeline(transaction=False)
+        tally = await replies.queue(self.pool, pipe) if replies else None
         if self._blmpop:
-            try:
-                popped = await self.pool.execute_command(
-                    "BLMPOP", round(wait_s, 3), 1, self.keys.cache_wake, "RIGHT", "COUNT",
-                    WAKE_BATCH)
-                return list(popped[1]) if popped else []
-            except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
-                log.info("this Redis has no BLMPOP: wake tokens are taken one at a time")
-                self._blmpop = False
-        popped = await self.pool.brpop(  # type: ignore[misc]
-            [self.keys.cache_wake], timeout=wait_s)  # type: ignore[arg-type]
-        return [popped[1]] if popped else []
+            pipe.execute_command("BLMPOP", round(wait_s, 3), 1, self.keys.cache_wake, "RIGHT",
+                                 "COUNT", WAKE_BATCH)
+        else:
+            pipe.brpop([self.keys.cache_wake], timeout=wait_s)  # type: ignore[arg-type]
+        *sent, popped = await pipe.execute(raise_on_error=False)
+        for result in sent:
+            if isinstance(result, Exception):  # the clients ask again
+                log.error("replies not sent: %s", redis_message(result))
+        if tally:
+            metrics.count(tally)
+        if isinstance(popped, ResponseError) and self._blmpop and \
+                "unknown command" in str(popped).lower():
+            log.info("this Redis has no BLMPOP: wake tokens are taken one at a time")
+            self._blmpop = False
+            return []
+        if isinstance(popped, Exception):
+            raise popped
+        if not popped:
+            return []
+        return list(popped[1]) if self._blmpop else [popped[1]]
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -245,8 +272,13 @@ class CacheWorker(Worker):
                             job_id, job_key_prefix + job_id)
             await self.finish_failed_job(job_id, None)
 
-    async def _wake(self, tokens: list[bytes]) -> None:
-        """Serve the jobs the tokens carry, together, in a task of their own."""
+    async def _serve_woken(self, tokens: list[bytes]) -> Outbox | None:
+        """Take, serve and finish the jobs the tokens carry, with one reserve call; the
+        replies, for the caller to send.
+
+        Never raises but for Redis outages: a job that could not be served stays queued
+        (or keeps its in-progress key until it expires) and arq's poll runs it again; its
+        reservations are idempotent."""
         woken: list[tuple[str, bytes | MalformedJob]] = []
         for token in tokens:
             try:
@@ -255,29 +287,21 @@ class CacheWorker(Worker):
                 await set_aside(self.pool, self.keys, "wake token", str(exc), token,
                                 self.keys.cache_wake)
         if not woken:
-            return
-        await self.sem.acquire()
-        self.job_counter += 1
-        task = self.loop.create_task(self._serve_woken(woken))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-        self.tasks[f"woken:{woken[0][0]}"] = task
-
-    async def _serve_woken(self, woken: list[tuple[str, bytes | MalformedJob]]) -> None:
-        """Take, serve and finish the woken jobs: one reserve call, then the replies.
-
-        Never raises: a job that could not be served stays queued (or keeps its
-        in-progress key until it expires), and arq's poll runs it again; its
-        reservations are idempotent."""
+            return None
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                handle_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
-                            self.ctx.get("replicas", 0)),
+            replies = await asyncio.wait_for(
+                serve_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
+                           self.ctx.get("replicas", 0)),
                 defaults.JOB_TIMEOUT_S)
-            metrics.cache_job_done(time.perf_counter() - started)
+        except CONNECTION_ERRORS:
+            raise
         except Exception as exc:  # logged: arq's poll runs the jobs again
             log.warning("%d woken job(s) not served (%s: %s); arq's poll runs them again",
                         len(woken), type(exc).__name__, redis_message(exc))
+            return None
+        metrics.cache_job_done(time.perf_counter() - started)
+        return replies
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
     # here), so a worker touches only keys of its own prefix.

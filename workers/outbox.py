@@ -42,6 +42,7 @@ class Outbox:
         self.bad_samples: dict[str, dict[int, bytes]] = defaultdict(dict)
         self.dead: list[tuple[str, str, bytes, str]] = []  # kind, reason, raw, source
         self.finished: list[str] = []  # arq jobs (of the cache queue) to finish, unread
+        self.answered = 0  # requests answered from cache (the cache worker counts them)
 
     def reply(
         self, waiter_id: str, key: str, start: int, flags: str, samples: list[bytes], run: str,
@@ -87,11 +88,24 @@ class Outbox:
 
     async def send(self, redis: Redis, also: Callable[[Any], None] | None = None) -> None:
         """Send everything in one pipeline; ``also`` adds more commands to it."""
-        if not (self.replies or self.tally or self.dead or self.finished or also):
+        if not (self or also):
             return
+        pipe = redis.pipeline(transaction=False)
+        tally = await self.queue(redis, pipe)
+        if also is not None:
+            also(pipe)
+        await pipe.execute()
+        metrics.count(tally)  # once stats has it: the workers' counters add up to stats
+
+    def __bool__(self) -> bool:
+        return bool(self.replies or self.tally or self.dead or self.finished)
+
+    async def queue(self, redis: Redis, pipe: Any) -> Tally:
+        """Put everything on ``pipe`` (unreadable samples are discarded first, on
+        ``redis``) and empty the outbox; the accounting it queued, for ``metrics.count``
+        once the pipeline has run."""
         for key, samples in self.bad_samples.items():  # rare: one script call per key
             await discard(redis, self.keys, key, samples)
-        pipe = redis.pipeline(transaction=False)
         for client, replies in self.replies.items():
             pipe.publish(self.keys.reply_channel(client), encode_replies(replies))
         write_tally(pipe, self.keys, self.tally)
@@ -100,12 +114,9 @@ class Outbox:
         if self.finished:
             pipe.zrem(self.keys.cache_queue, *self.finished)
             pipe.delete(*(key for job_id in self.finished for key in arq_job_keys(job_id)))
-        if also is not None:
-            also(pipe)
         tally, self.tally = self.tally, {}
         self.replies.clear()
         self.bad_samples.clear()
         self.dead.clear()
         self.finished.clear()
-        await pipe.execute()
-        metrics.count(tally)  # once stats has it: the workers' counters add up to stats
+        return tally
