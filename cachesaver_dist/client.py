@@ -19,8 +19,6 @@ import time
 import uuid
 from typing import Any
 
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -36,11 +34,11 @@ from .errors import (
 )
 from .heartbeat import alive_workers
 from .protocol import (
-    CACHE_JOB,
+    ARQ_JOB,
     Keys,
     WorkItem,
-    arq_serialize,
     decode_replies,
+    encode_arq_job,
     encode_job,
     encode_wake_token,
     unique_id,
@@ -183,22 +181,23 @@ class CacheClient:
         while True:
             job_id = self.keys.new_job_id()
             now_ms = int(time.time() * 1000)
-            job = serialize_job(CACHE_JOB, (payload,), {}, None, now_ms, serializer=arq_serialize)
-            answered = self._answered[:MAX_DELETES]
+            job = encode_arq_job(payload, now_ms)
+            # taken off the list before the await: enqueues run concurrently
+            answered, self._answered = self._answered[:MAX_DELETES], self._answered[MAX_DELETES:]
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.psetex(job_key_prefix + job_id, int(self.request_timeout * 1000), job)
+                pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000), job)
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
                 pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
                 pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
                 if answered:
                     pipe.delete(*answered)
                 await pipe.execute()
-                del self._answered[:len(answered)]
                 return
             except ResponseError as exc:
                 raise refused(exc, "enqueueing requests") from None
             except (RedisError, OSError) as exc:
+                self._answered += answered
                 if time.monotonic() + backoff >= deadline:
                     raise RedisUnavailableError(
                         f"could not enqueue {len(items)} request(s) within request_timeout "

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from . import defaults, migrate
+from . import defaults
 from .client import CacheClient
 from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
@@ -20,7 +20,6 @@ from .models import check_model, model_identity
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
 from .replication import replicas_to_wait
-from .runs import Replayer
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -132,7 +131,11 @@ class OnlineAPI:
                                     "prefix"))
         self._cache = cache
         # A diskcache.Cache: its samples are imported before requests reserve (migrate.py).
-        self._folder, self._originals = migrate.folder_of(cache), dict[str, Request]()
+        self._folder, self._originals = None, dict[str, Request]()
+        if cache is not None and not isinstance(cache, (str, Redis)):
+            from . import migrate
+
+            self._folder = migrate.folder_of(cache)
         self._data_dir = Path(data_dir if data_dir is not None else defaults.data_dir())
         self._reply_timeout, self._request_timeout = reply_timeout, request_timeout
         self._concurrency, self._max_prompt_bytes = concurrency, max_prompt_bytes
@@ -140,7 +143,7 @@ class OnlineAPI:
         self._started: asyncio.Task | None = None
         self._server: EmbeddedServer | None = None
         self._redis: Redis | None = None
-        self._client: CacheClient | Replayer | None = None
+        self._client: CacheClient | Any = None  # Any: a runs.Replayer
         self._local: Any = None  # workers.run.LocalWorkers
         self._replicas = defaults.wait_replicas(None)
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
@@ -168,6 +171,8 @@ class OnlineAPI:
     async def _start(self) -> None:
         self._redis = await self._open_redis()
         if self.replay is not None:  # reads only: no subscription, no workers
+            from .runs import Replayer
+
             self._client = Replayer(self._redis, self.keys, self.replay)
             await self._client.start()
             return
@@ -265,6 +270,8 @@ class OnlineAPI:
             await self.start()
             assert self._client is not None and self._redis is not None
             if self._folder is not None:
+                from . import migrate
+
                 await migrate.import_for(self._redis, self.keys, self._folder, [
                     (it, r) for it, r in zip(items, batch.requests) if it.n > 0], self._hash)
             replies = dict(zip((it.uuid for it in wanted), await self._client.submit(wanted)))
@@ -295,6 +302,8 @@ class OnlineAPI:
         try:
             assert self._client is not None and self._redis is not None
             if self._folder is not None:
+                from . import migrate
+
                 await migrate.import_for(self._redis, self.keys, self._folder, [
                     (it, self._originals.pop(it.uuid)) for it, _ in pending], self._hash)
             replies = await self._client.submit([item for item, _ in pending])

@@ -640,6 +640,23 @@ def arq_serialize(obj: dict[str, Any]) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, default=_arq_default)
 
 
+# arq's names for a job's keys (``arq.constants``), here so that clients need not import
+# arq; tests/test_scripts.py checks them against arq's.
+ARQ_JOB, ARQ_IN_PROGRESS, ARQ_RETRY = "arq:job:", "arq:in-progress:", "arq:retry:"
+
+
+def arq_job_keys(job_id: str) -> tuple[str, str, str]:
+    """arq's keys of a job: in-progress, body and try counter."""
+    return ARQ_IN_PROGRESS + job_id, ARQ_JOB + job_id, ARQ_RETRY + job_id
+
+
+def encode_arq_job(payload: bytes, enqueue_time_ms: int) -> bytes:
+    """The body of an arq job calling the cache job with ``payload``, as arq's
+    ``serialize_job`` writes it (with ``arq_serialize``)."""
+    return arq_serialize({"t": None, "f": CACHE_JOB, "a": [payload], "k": {},
+                          "et": enqueue_time_ms})
+
+
 class Payload(bytes):
     """A job's msgpack payload: arq logs ``repr(args)`` for every job, and the repr of
     a large ``bytes`` object costs more than serving the batch."""

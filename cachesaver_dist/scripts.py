@@ -24,6 +24,7 @@ from .protocol import (
     CacheJob,
     Keys,
     WorkItem,
+    arq_job_keys,
     decode_waiter_record,
     manifest_field,
     waiter_tail,
@@ -242,14 +243,6 @@ async def discard(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes])
         argv += [idx, raw]
     return int(await script(redis, "discard")(
         keys=[keys.samples(key), keys.generation(key)], args=argv))
-
-
-def arq_job_keys(job_id: str) -> tuple[str, str, str]:
-    """arq's keys of a job: in-progress, body and try counter (arq names them itself)."""
-    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
-    return (in_progress_key_prefix + job_id, job_key_prefix + job_id,
-            retry_key_prefix + job_id)
 
 
 def _key_triple(keys: Keys, key: str) -> list[str]:

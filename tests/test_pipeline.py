@@ -250,3 +250,20 @@ async def test_calls_returning_together_are_stored_together(redis_url, keys, mon
                                                   for i in range(16)]))
     assert len(model.calls) == 16 and all(len(r.data) == 1 for r in replies)
     assert sum(stores) == 16 and len(stores) <= 3, stores  # not one round trip per call
+
+
+async def test_answered_batches_leave_no_reservation_records(redis_url, keys, redis):
+    """A batch answered at its first ask needs its records no more: the client deletes
+    them (with its next enqueue, or when it closes), whatever the batches in flight."""
+    records = f"{keys.prefix}r:*"
+    async with api(SimModel("records"), redis_url, keys, batch_size=2, timeout=0) as pipe:
+        await asyncio.gather(*(pipe.request(Request(f"p{i}", 1, f"{i:02d}", "ns"))
+                               for i in range(64)))  # 32 batches in flight together
+        for ns in ("a", "b", "c"):
+            hits = await asyncio.gather(*(pipe.request(Request(f"p{i}", 1, f"{i:02d}", ns))
+                                          for i in range(64)))
+            assert all(h.cached == [True] for h in hits)
+        await pipe.request(Request("last", 1, "x", "ns"))
+        left = [k async for k in redis.scan_iter(match=records)]
+        assert len(left) <= 1, left  # only the batch just answered
+    assert [k async for k in redis.scan_iter(match=records)] == []

@@ -354,3 +354,24 @@ async def test_fork_copies_counters_and_refuses_an_existing_run(r):
     ks[0] = KEYS.usage("missing")
     ks[1] = KEYS.usage("new2")
     assert await script(r, "fork")(keys=ks, args=["new2", 1.0, 60_000]) == -1
+
+
+def test_arq_job_bodies_and_keys_are_arqs_own():
+    from arq import constants
+    from arq.jobs import deserialize_job
+
+    from cachesaver_dist.protocol import (
+        ARQ_IN_PROGRESS,
+        ARQ_JOB,
+        ARQ_RETRY,
+        CACHE_JOB,
+        arq_deserialize,
+        encode_arq_job,
+    )
+
+    assert (ARQ_JOB, ARQ_IN_PROGRESS, ARQ_RETRY) == (
+        constants.job_key_prefix, constants.in_progress_key_prefix, constants.retry_key_prefix)
+    job = deserialize_job(encode_arq_job(b"payload", 1234), deserializer=arq_deserialize)
+    assert (job.function, list(job.args), job.kwargs, job.job_try) == (
+        CACHE_JOB, [b"payload"], {}, None)
+    assert job.enqueue_time.timestamp() == 1.234

@@ -46,9 +46,17 @@ def test_import_loads_no_heavy_module(statement: str) -> None:
 
 
 def test_the_check_sees_an_eager_import() -> None:
-    loaded = json.loads(_run("import cachesaver_dist\nimport cachesaver_dist.pipelines"
+    loaded = json.loads(_run("import cachesaver_dist\nimport workers.cache_worker"
                              + REPORT_LOADED))
     assert {"arq", "redis", "asyncio"} <= set(loaded)
+
+
+def test_a_client_does_not_load_arq() -> None:
+    """Clients write arq's job bodies themselves (protocol.encode_arq_job): only workers
+    import arq."""
+    loaded = json.loads(_run("from cachesaver_dist import OnlineAPI, Request\n"
+                             "import cachesaver_dist.pipelines" + REPORT_LOADED))
+    assert "redis" in loaded and "arq" not in loaded
 
 
 def test_every_public_name_resolves() -> None:

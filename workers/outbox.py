@@ -18,13 +18,14 @@ from cachesaver_dist.deadletters import queue_dead_letter
 from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
     Keys,
+    arq_job_keys,
     decode_sample,
     encode_replies,
     error_reply,
     reply,
     split_waiter_id,
 )
-from cachesaver_dist.scripts import MalformedWaiter, arq_job_keys, discard
+from cachesaver_dist.scripts import MalformedWaiter, discard
 from cachesaver_dist.stats import Tally, account, write_tally
 
 
