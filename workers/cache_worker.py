@@ -20,6 +20,7 @@ the worker never stops for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -226,7 +227,7 @@ class CacheWorker(Worker):
                 wait_s = max(0.01, next_poll - time.monotonic())
                 tokens, replies = await self._pop_wake_tokens(wait_s, replies), None
                 if tokens:
-                    replies = await self._serve_woken(tokens)
+                    replies = await self._serve_now(tokens)
             except CONNECTION_ERRORS as exc:
                 log.warning("Redis unavailable (%s); trying again in 1 s", exc)
                 replies = None  # the clients ask again
@@ -271,6 +272,25 @@ class CacheWorker(Worker):
             await set_aside(self.pool, self.keys, "cache job", f"unreadable: {redis_message(exc)}",
                             job_id, job_key_prefix + job_id)
             await self.finish_failed_job(job_id, None)
+
+    async def _serve_now(self, tokens: list[bytes]) -> Outbox | None:
+        """``_serve_woken`` as a task of the worker's: a worker stopping mid-way gives it
+        its grace (``stop_worker``) and it then sends its own replies."""
+        task = self.loop.create_task(self._serve_woken(tokens))
+        name = f"woken:{id(task)}"
+        self.tasks[name] = task
+        task.add_done_callback(lambda _: self.tasks.pop(name, None))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.tasks[f"{name}:send"] = self.loop.create_task(self._send_when_done(task))
+            raise
+
+    async def _send_when_done(self, task: asyncio.Task) -> None:
+        with contextlib.suppress(Exception):
+            replies = await task
+            if replies:
+                await replies.send(self.pool)
 
     async def _serve_woken(self, tokens: list[bytes]) -> Outbox | None:
         """Take, serve and finish the jobs the tokens carry, with one reserve call; the
