@@ -17,7 +17,9 @@ worker at its default flags. Rounds are interleaved (original and ours per workl
 again) and the figures are medians over rounds (throughput) and pooled percentiles
 (latency).
 
-Targets, per workload: c32 throughput ≥ 10× the original's; ``seq`` p50 ≤ 5 ms.
+Targets (issue #11), per workload: c32 throughput ≥ 6× the original's (short) and ≥ 10×
+(chat); c256 ≥ 15×; CPU per hit, all processes, ≤ a tenth of the original's, of it Redis
+≤ 25 µs; ``seq`` p50 ≤ 5 ms.
 
 Usage: ``.venv/bin/python -m bench.hit_path [--duration S] [--rounds N] [--no-profile]``
 """
@@ -47,7 +49,8 @@ MODEL = "sim:bench"
 
 WORKLOADS = ("short", "chat")
 PROMPTS = 512
-TARGET_RATIO, TARGET_SEQ_P50 = 10.0, 5.0
+TARGET_RATIO = {"short": 6.0, "chat": 10.0}  # c32, × the original (issue #11)
+TARGET_C256, TARGET_CPU_SHARE, TARGET_REDIS_US, TARGET_SEQ_P50 = 15.0, 10.0, 25.0, 5.0
 
 
 def phases(duration: float) -> list[dict[str, Any]]:
@@ -185,13 +188,25 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
                          C.fmt(a["c256"]["thr"] / orig["c256"]["thr"]), cpu_txt])
         d = agg[label("ours", wl)]
         ratio = d["c32"]["thr"] / orig["c32"]["thr"]
-        ok_ratio, ok_seq = ratio >= TARGET_RATIO, d["seq"]["p50"] <= TARGET_SEQ_P50
+        ratio256 = d["c256"]["thr"] / orig["c256"]["thr"]
+        target = TARGET_RATIO[wl]
+        cpu, cpu_orig = sum(d["c32"]["cpu_us"].values()), sum(orig["c32"]["cpu_us"].values())
+        redis_cpu = d["c32"]["cpu_us"].get("redis", 0.0)
+        ok_ratio, ok_seq = ratio >= target, d["seq"]["p50"] <= TARGET_SEQ_P50
+        ok_256, ok_cpu = ratio256 >= TARGET_C256, cpu <= cpu_orig / TARGET_CPU_SHARE
         verdicts += [
-            f"* {wl}: c32 throughput ≥ {TARGET_RATIO:g}× original: **{ratio:.2f}×** "
+            f"* {wl}: c32 throughput ≥ {target:g}× original: **{ratio:.2f}×** "
             f"({C.fmt(d['c32']['thr'], 0)} vs {C.fmt(orig['c32']['thr'], 0)} req/s) → "
             f"{C.verdict(ok_ratio)}"
-            + ("" if ok_ratio else f", short by {TARGET_RATIO / ratio:.1f}× "
-               f"(needs {C.fmt(TARGET_RATIO * orig['c32']['thr'], 0)} req/s)") + ".",
+            + ("" if ok_ratio else f", short by {target / ratio:.2f}× "
+               f"(needs {C.fmt(target * orig['c32']['thr'], 0)} req/s)") + ".",
+            f"* {wl}: c256 throughput ≥ {TARGET_C256:g}× original: **{ratio256:.2f}×** → "
+            f"{C.verdict(ok_256)}.",
+            f"* {wl}: CPU per hit, all processes, ≤ a {TARGET_CPU_SHARE:g}th of the "
+            f"original's ({cpu_orig / TARGET_CPU_SHARE:.0f} µs here): **{cpu:.0f} µs**, "
+            f"{cpu_orig / cpu:.1f}× less → {C.verdict(ok_cpu)}; of it Redis "
+            f"**{redis_cpu:.0f} µs** (target ≤ {TARGET_REDIS_US:g} µs: "
+            f"{C.verdict(redis_cpu <= TARGET_REDIS_US)}).",
             f"* {wl}: single sequential hit p50 ≤ {TARGET_SEQ_P50:g} ms: "
             f"**{d['seq']['p50']:.2f} ms** → {C.verdict(ok_seq)}"
             + ("" if ok_seq else f", over by {d['seq']['p50'] - TARGET_SEQ_P50:.2f} ms")
@@ -285,7 +300,7 @@ def findings(agg: dict[str, Any], whatifs: dict[str, dict[str, Any]],
     for wl in WORKLOADS:
         d, orig = agg[label("ours", wl)], agg[label("original", wl)]
         cpu = d["c32"]["cpu_us"]
-        need = 1e6 / (TARGET_RATIO * orig["c32"]["thr"])
+        need = 1e6 / (TARGET_RATIO[wl] * orig["c32"]["thr"])
         parts.append(f"{wl}: client {cpu.get('client', 0):.0f} + cache worker "
                      f"{cpu.get('worker', 0):.0f} + redis-server {cpu.get('redis', 0):.0f} "
                      f"= {sum(cpu.values()):.0f} µs per hit (c32 p50 {d['c32']['p50']:.1f} ms "
@@ -300,51 +315,44 @@ def findings(agg: dict[str, Any], whatifs: dict[str, dict[str, Any]],
         for wl, w in whatifs.items() if "error" not in w) or "see the what-if table"
     return f"""### Findings (hot spots, what was fixed, what is proposed)
 
-* **Why c32 is short of 10×.** With 32 closed-loop callers and batch size 32 exactly
-  one batch is in flight, so throughput = 32 / batch latency, and the batch latency is
-  the CPU spent on it in series. {parts[0]}; {parts[1]}. One Redis round trip costs a
-  Python process {rt_py:.0f} µs of CPU here ({rt_bare:.0f} µs over a bare socket: system
-  calls are expensive on this VM), and the serial path of a batch has 7: the client's
-  enqueue, then the worker's wake-up pop (which carries the job id), arq's job claim,
-  arq's job read, reserve, the replies + stats, and arq's finish. More cache workers
-  cannot help a single in-flight batch (see `scaling`); with several batches in flight
-  (c256) the two cores overlap the three processes.
-* **Fixed in this round** (package commits d7e819d, df86ed1, 414414d, f27f04a; the
-  `compare` section above measures them against the previous round, f9eec91): arq's
-  per-job claim (WATCH, EXISTS, ZSCORE, MULTI/EXEC: 4 round trips) is one script call
-  (`workers/claim_jobs.lua`, same checks); clients push the job id, not a bare token,
-  and the worker starts the job it pops without polling arq's queue first (arq's poll
-  still runs every `--poll-delay`); `reserve` sends no specs for hits (the whole prompt,
-  1.5 kB per request in the chat workload) and sends the rest of a batch again, with
-  specs, only from the first request that claims; redis-py 5 checked every pooled
-  connection with a zero-timeout read (an event-loop turn and a timer per command): the
-  connection now checks its buffer, as redis-py 8 does (a PING went from ~230 to ~150 µs
-  of CPU in one measurement); request ids come from a per-process counter (`uuid4` reads
-  the OS random source per call); prompt keys are canonicalised without a call per
-  leaf; arq's log line no longer reprs the whole job payload; a hit is accounted with
-  plain dict increments; `OnlineAPI.request` no longer wraps the start-up task in a new
-  `shield` per call.
+* **Why c32 is short.** With 32 closed-loop callers and batch size 32 exactly one batch
+  is in flight, so throughput = 32 / batch latency, and the batch latency is the CPU
+  spent on it in series. {parts[0]}; {parts[1]}. One Redis round trip costs a Python
+  process {rt_py:.0f} µs of CPU here ({rt_bare:.0f} µs over a bare socket: system calls,
+  loopback TCP processing included, are expensive on this VM), so the serial path's round
+  trips are the floor: a batch now makes three (the client's enqueue; the worker's
+  reserve; the replies, sent in the same pipeline as the worker's next blocking pop),
+  where the previous round made seven. More cache workers cannot help a single in-flight
+  batch (see `scaling`); with several batches in flight (c256) one pop takes up to 16
+  woken jobs and one reserve call serves them all.
+* **Fixed in this round** (issue #11; `compare` and *Before and after* above measure
+  them against e732389): a wake token carries its job's message, so the worker reads no
+  job; `reserve.lua` takes the woken jobs itself (arq's claim checks), reserves for all
+  their requests and finishes the jobs (arq's queue entry and keys) in the same atomic
+  step: arq's claim, job read, try counter and finish are no round trips of their own;
+  the replies leave with the next `BLMPOP`; a hit reads its samples with one `HMGET` and
+  no generation state; reservation records are one hash per client batch, read and
+  written once per call and deleted by the client once answered; the usage key's expiry
+  is refreshed once per call, not per request; `prepare` checks a request by hashing and
+  encoding it (the detailed walk only runs to name the culprit of a refusal); work items
+  and reservations are named tuples. FCALL was measured (`fcall`) and costs the same as
+  EVALSHA here, so the scripts stay scripts.
 * **Where the CPU goes now** (profiles above): the cache worker spends about half its
-  samples in socket writes and `epoll`, the rest spread over redis-py, the event loop
-  and `stats.account`; the client spends most in `prepare` (msgpack + BLAKE2b of the
-  request), `_response` and the event loop.
+  samples in socket writes and `epoll`, the rest in packing the reserve call's
+  arguments, decoding the job and accounting; the client spends most in `prepare`
+  (msgpack + BLAKE2b of the request, msgpack of its spec), the event loop, and decoding
+  the replies; the bench driver itself is about a tenth of the client process.
 
 Still proposed, in order of effect:
 
-1. **Hits without the worker hop**: `CacheClient.submit` sorts its batch by
-   `request_id` and calls `scripts.reserve` itself, answers complete reservations from
-   the script's return value and waits on pub/sub only for the rest (the script
-   already queues claims and registers waiters; a re-ask reruns reserve with the same
-   uuid). One round trip per batch: the what-if measures {wi_txt}. It departs from the
-   design's client → cache worker hop, so it needs that decision.
-2. Keep token usage beside each sample (written by `fill.lua`) so a hit is accounted
-   without a msgpack decode (`stats.account` is about a tenth of the cache worker's
-   Python time per batch).
-
-Tried and reverted: sending a job's replies in the transaction of arq's finish
-(commit 6725679, one round trip less per batch) made c32 0.74× (chat) and 0.97×
-(short) of the revision before it in `compare`: the replies then wait for arq's
-post-job bookkeeping, which moves into the serial path.
+1. **Replies published by the reserve script** (built in Lua): one round trip less on
+   the serial path; the worker would then validate and account the samples after the
+   fact, and a malformed sample would reach the client before it is set aside.
+2. **Hits without the worker hop**, as an opt-in client mode: the what-if measures
+   {wi_txt}; it is a second code path for the same step, kept out of the package until
+   a user needs it.
+3. Keep token usage beside each sample (written by `fill.lua`) so a hit is accounted
+   without a msgpack decode.
 """
 
 
