@@ -334,7 +334,6 @@ def _empty() -> Response:
 
 
 _SOURCES = {CACHED: "stored", DUPLICATED: "shared", GENERATED: "generated"}
-_INTERNAL = frozenset({"v", "data", "call_first"})
 
 
 def _response(reply: dict[str, Any]) -> Response:
@@ -342,17 +341,18 @@ def _response(reply: dict[str, Any]) -> Response:
 
     Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
     sample before sending it, so this means a worker of another version)."""
-    samples = [decode_sample(raw) for raw in reply["samples"]]
-    flags = reply["flags"]
-    return Response(
-        data=[s["data"] for s in samples],
-        cached=[f != GENERATED for f in flags],
-        duplicated=[f == GENERATED and not s.get("call_first", True)
-                    for f, s in zip(flags, samples)],
-        metadata=[{**{k: v for k, v in s.items() if k not in _INTERNAL},
-                   "index": reply["start"] + i, "source": _SOURCES.get(f, f)}
-                  for i, (f, s) in enumerate(zip(flags, samples))],
-    )
+    start, flags = reply["start"], reply["flags"]
+    data, cached, duplicated, metadata = [], [], [], []
+    for i, (raw, flag) in enumerate(zip(reply["samples"], flags)):
+        meta = decode_sample(raw)  # a fresh dict: it becomes the metadata
+        data.append(meta.pop("data"))
+        first = meta.pop("call_first", True)
+        meta.pop("v", None)
+        meta["index"], meta["source"] = start + i, _SOURCES.get(flag, flag)
+        cached.append(flag != GENERATED)
+        duplicated.append(flag == GENERATED and not first)
+        metadata.append(meta)
+    return Response(data=data, cached=cached, duplicated=duplicated, metadata=metadata)
 
 
 class LocalAPI(OnlineAPI):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from . import defaults
@@ -23,6 +24,7 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_MAX_PROMPT_BYTES = defaults.MAX_PROMPT_BYTES
 _RUN_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _INT_RANGE = (-(2**63), 2**64 - 1)
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def check_text(value: Any, what: str) -> str:
@@ -60,11 +62,16 @@ def _check_namespace(namespace: Any) -> str:
         raise InvalidRequestError(
             f"namespace must be a str, got {type(namespace).__name__} {namespace!r:.80}"
         )
+    return _checked_namespace(namespace)
+
+
+@lru_cache(maxsize=4096)  # namespaces repeat: each is checked once (refusals are not kept)
+def _checked_namespace(namespace: str) -> str:
     if not namespace or len(namespace) > MAX_NAMESPACE_CHARS:
         raise InvalidRequestError(
             f"namespace must have 1 to {MAX_NAMESPACE_CHARS} characters, got {len(namespace)}"
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in namespace):
+    if _CONTROL.search(namespace):
         raise InvalidRequestError(
             f"namespace {namespace!r:.80} contains control characters; use printable text"
         )

@@ -180,11 +180,9 @@ def _canonical(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
             raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
-        items = sorted(value.items())  # TypeError for keys of mixed types
-        if not all(type(k) is str for k, _ in items):
-            raise TypeError("dict keys must be str")
+        "".join(value)  # TypeError unless every key is a str (a str subclass is one too)
         return [[k, v if isinstance(v, _AS_IS) else _canonical(v, depth + 1)]
-                for k, v in items if v is not None]
+                for k, v in sorted(value.items()) if v is not None]
     if isinstance(value, (list, tuple)):
         if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
             raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
