@@ -13,8 +13,10 @@ from arq.constants import in_progress_key_prefix
 from cachesaver_dist.connection import connection_pool
 from cachesaver_dist.prepare import prepare
 from cachesaver_dist.protocol import (
+    ARQ_JOB,
     CACHE_JOB,
     arq_serialize,
+    encode_arq_job,
     encode_job,
     encode_sample,
     encode_wake_token,
@@ -152,3 +154,40 @@ async def test_a_job_without_token_is_found_by_arqs_poll(redis_url, keys, redis,
     await enqueue_plain_arq(redis_url, keys, uuids)
     assert not await served_within(redis, keys, uuids[0], 1.0)  # nobody woke the worker
     assert await served_within(redis, keys, uuids[0], 6.0)  # the next poll finds it
+
+
+async def test_without_blmpop_tokens_are_taken_one_at_a_time(redis_url, keys, redis):
+    """Redis before 7 has no BLMPOP: the worker falls back to BRPOP (forced here)."""
+    pool = ArqRedis(connection_pool=connection_pool(redis_url))
+    w = cache_worker(keys, redis_pool=pool, poll_delay=5.0)
+    w._blmpop = False
+    task = asyncio.create_task(w.async_run())
+    try:
+        await warm(redis, keys)
+        await asyncio.sleep(0.3)
+        uuids: list[str] = []
+        tokens = [await enqueue_plain_arq(redis_url, keys, uuids, f"ns{i}") for i in range(2)]
+        await redis.lpush(keys.cache_wake, *tokens)
+        for u in uuids:
+            assert await served_within(redis, keys, u, 2.0)
+    finally:
+        await stop_worker(w, task)
+
+
+async def test_a_refused_job_fails_alone_among_jobs_woken_together(redis_url, keys, redis,
+                                                                 worker):
+    """One of two woken jobs has its reservation records under a key of another type:
+    Redis refuses the shared reserve call, and the worker serves each job alone, so the
+    other one is answered."""
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    item = prepare(Request("p", 1, None, "bad"), run="run", route="sim:x", model_id="sim:x")
+    bad_id, bad = keys.new_job_id(), encode_job("other", [item], 60, "hostile")
+    await redis.set(keys.reservations("other", "hostile"), b"not a hash")
+    await redis.zadd(keys.cache_queue, {bad_id: int(time.time() * 1000)})
+    await redis.set(ARQ_JOB + bad_id, encode_arq_job(bad, 1), px=60_000)
+    uuids: list[str] = []
+    good = await enqueue_plain_arq(redis_url, keys, uuids)
+    await redis.lpush(keys.cache_wake, encode_wake_token(bad_id, bad), good)
+    assert await served_within(redis, keys, uuids[0], 2.0)
+    assert await redis.type(keys.reservations("other", "hostile")) == b"string"

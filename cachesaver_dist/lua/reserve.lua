@@ -96,131 +96,139 @@ local function read_samples(skey, start, n)
   return got, nil
 end
 
-for i = 0, (#ARGV - first_arg) / 9 - 1 do
-  local k = first_key + i * 3
-  local skey, gkey, wkey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local a = first_arg + i * 9
-  local ns, n, waiter, tail = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
-  local pkey, spec, group, mfield = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
-  local job = tonumber(ARGV[a + 9])
-  if job > 0 and not held[job] then
-    out[#out + 1] = false
-  else
-    local ukey, ufield, rkey = KEYS[group], pkey .. ns, KEYS[group + 4]
+-- Any error a command raises midway (a key of another type, say) ends the loop like the
+-- errors above: what was reserved before it is kept and handed on, the jobs are let go.
+local function reserve_requests()
+  for i = 0, (#ARGV - first_arg) / 9 - 1 do
+    local k = first_key + i * 3
+    local skey, gkey, wkey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local a = first_arg + i * 9
+    local ns, n, waiter, tail = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
+    local pkey, spec, group, mfield = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
+    local job = tonumber(ARGV[a + 9])
+    if job > 0 and not held[job] then
+      out[#out + 1] = false
+    else
+      local ukey, ufield, rkey = KEYS[group], pkey .. ns, KEYS[group + 4]
 
-    local start, old_flags, new = nil, nil, 0
-    local record = records_of(rkey)[waiter]
-    local s, f = nil, nil
-    if record then s, f = string.match(record, '^(%d+)|(%a*)$') end
-    if s and #f == n then
-      start, old_flags = tonumber(s), f
-    else  -- no record, or one that is unreadable: a new range (never an old index twice)
-      start = redis.call('HINCRBY', ukey, ufield, n) - n
-      new = 1
-    end
+      local start, old_flags, new = nil, nil, 0
+      local record = records_of(rkey)[waiter]
+      local s, f = nil, nil
+      if record then s, f = string.match(record, '^(%d+)|(%a*)$') end
+      if s and #f == n then
+        start, old_flags = tonumber(s), f
+      else  -- no record, or one that is unreadable: a new range (never an old index twice)
+        start = redis.call('HINCRBY', ukey, ufield, n) - n
+        new = 1
+      end
 
-    local got, unreadable = read_samples(skey, start, n)
-    local flags, samples, complete = {}, {}, unreadable == nil
-    for j = 1, unreadable and 0 or n do
-      if got[j] then
-        samples[#samples + 1] = got[j]
-        flags[j] = old_flags and string.sub(old_flags, j, j) or 'c'
-      else
-        complete = false
-      end
-    end
-
-    local mark = nil
-    if not complete then
-      mark = tonumber(redis.call('HGET', gkey, 'mark') or '0')
-      if not mark then
-        failure = redis.error_reply('CORRUPT generation state ' .. gkey .. ': mark is not a number')
-      elseif unreadable and start < mark then
-        -- Samples below the mark should be there: an unreadable samples key fails the call.
-        -- Above it nothing is stored yet: the fill that comes sets the key aside.
-        failure = unreadable
-      end
-      if failure then
-        if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
-          redis.call('HDEL', ukey, ufield)
-        end
-        break
-      end
-      local need_spec = spec == '' and start + n > mark
-      for idx = start, math.min(start + n, mark) - 1 do
-        if need_spec then break end
-        if not flags[idx - start + 1] and spec == '' and
-            redis.call('HEXISTS', gkey, 'x' .. idx) == 1 then
-          need_spec = true
+      local got, unreadable = read_samples(skey, start, n)
+      local flags, samples, complete = {}, {}, unreadable == nil
+      for j = 1, unreadable and 0 or n do
+        if got[j] then
+          samples[#samples + 1] = got[j]
+          flags[j] = old_flags and string.sub(old_flags, j, j) or 'c'
+        else
+          complete = false
         end
       end
-      if need_spec then
-        if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
-          redis.call('HDEL', ukey, ufield)
-        end
-        stopped_at = i
-        break
-      end
-    end
-    if not touched[group] then
-      redis.call('PEXPIRE', ukey, usage_ttl)
-      touched[group] = true
-    end
-    if new == 1 and mfield ~= '' then
-      local mkey = KEYS[group + 3]
-      if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. start .. '|' .. n) == 0 then
-        local first = redis.call('HGET', mkey, mfield)
-        if string.sub(first, -2) ~= '|*' then redis.call('HSET', mkey, mfield, first .. '|*') end
-      end
-      redis.call('PEXPIRE', mkey, usage_ttl)
-    end
 
-    if not complete then
-      for idx = start, start + n - 1 do
-        local j = idx - start + 1
-        if not flags[j] then
-          if idx >= mark or redis.call('HDEL', gkey, 'x' .. idx) == 1 then
-            local stream = KEYS[group + 1]
-            local id = stream .. '\0' .. pkey
-            local claim = claim_by[id]
-            if not claim then
-              claim = {stream, pkey, spec, {}, gkey, KEYS[group + 2]}
-              claim_by[id] = claim
-              claims[#claims + 1] = claim
-            end
-            table.insert(claim[4], idx)
-            flags[j] = 'g'
-          else
-            flags[j] = old_flags and string.sub(old_flags, j, j) or 'd'
+      local mark = nil
+      if not complete then
+        mark = tonumber(redis.call('HGET', gkey, 'mark') or '0')
+        if not mark then
+          failure = redis.error_reply('CORRUPT generation state ' .. gkey .. ': mark is not a number')
+        elseif unreadable and start < mark then
+          -- Samples below the mark should be there: an unreadable samples key fails the call.
+          -- Above it nothing is stored yet: the fill that comes sets the key aside.
+          failure = unreadable
+        end
+        if failure then
+          if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
+            redis.call('HDEL', ukey, ufield)
+          end
+          break
+        end
+        local need_spec = spec == '' and start + n > mark
+        for idx = start, math.min(start + n, mark) - 1 do
+          if need_spec then break end
+          if not flags[idx - start + 1] and spec == '' and
+              redis.call('HEXISTS', gkey, 'x' .. idx) == 1 then
+            need_spec = true
           end
         end
+        if need_spec then
+          if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
+            redis.call('HDEL', ukey, ufield)
+          end
+          stopped_at = i
+          break
+        end
       end
-      if start + n > mark then
-        for idx = mark, start - 1 do redis.call('HSET', gkey, 'x' .. idx, 1) end
-        redis.call('HSET', gkey, 'mark', start + n)
+      if not touched[group] then
+        redis.call('PEXPIRE', ukey, usage_ttl)
+        touched[group] = true
       end
-    end
+      if new == 1 and mfield ~= '' then
+        local mkey = KEYS[group + 3]
+        if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. start .. '|' .. n) == 0 then
+          local first = redis.call('HGET', mkey, mfield)
+          if string.sub(first, -2) ~= '|*' then redis.call('HSET', mkey, mfield, first .. '|*') end
+        end
+        redis.call('PEXPIRE', mkey, usage_ttl)
+      end
 
-    local fl = table.concat(flags)
-    if fl ~= old_flags then  -- written once at the end; seen at once by a repeat
-      records[rkey][waiter] = start .. '|' .. fl
-      local list = new_records[rkey]
-      if not list then
-        list = {}
-        new_records[rkey] = list
+      if not complete then
+        for idx = start, start + n - 1 do
+          local j = idx - start + 1
+          if not flags[j] then
+            if idx >= mark or redis.call('HDEL', gkey, 'x' .. idx) == 1 then
+              local stream = KEYS[group + 1]
+              local id = stream .. '\0' .. pkey
+              local claim = claim_by[id]
+              if not claim then
+                claim = {stream, pkey, spec, {}, gkey, KEYS[group + 2]}
+                claim_by[id] = claim
+                claims[#claims + 1] = claim
+              end
+              table.insert(claim[4], idx)
+              flags[j] = 'g'
+            else
+              flags[j] = old_flags and string.sub(old_flags, j, j) or 'd'
+            end
+          end
+        end
+        if start + n > mark then
+          for idx = mark, start - 1 do redis.call('HSET', gkey, 'x' .. idx, 1) end
+          redis.call('HSET', gkey, 'mark', start + n)
+        end
       end
-      list[#list + 1] = waiter
-      list[#list + 1] = start .. '|' .. fl
-    end
-    if complete then
-      local entry = {1, new, start, fl}
-      for _, sample in ipairs(samples) do entry[#entry + 1] = sample end
-      out[#out + 1] = entry
-    else
-      redis.call('HSET', wkey, waiter, start .. '|' .. fl .. '|' .. tail)
-      out[#out + 1] = {0, new, start, fl}
+
+      local fl = table.concat(flags)
+      if fl ~= old_flags then  -- written once at the end; seen at once by a repeat
+        records[rkey][waiter] = start .. '|' .. fl
+        local list = new_records[rkey]
+        if not list then
+          list = {}
+          new_records[rkey] = list
+        end
+        list[#list + 1] = waiter
+        list[#list + 1] = start .. '|' .. fl
+      end
+      if complete then
+        local entry = {1, new, start, fl}
+        for _, sample in ipairs(samples) do entry[#entry + 1] = sample end
+        out[#out + 1] = entry
+      else
+        redis.call('HSET', wkey, waiter, start .. '|' .. fl .. '|' .. tail)
+        out[#out + 1] = {0, new, start, fl}
+      end
     end
   end
+end
+local ok, raised = pcall(reserve_requests)
+if not ok then
+  failure = redis.error_reply(type(raised) == 'table' and raised.err or tostring(raised))
 end
 
 for rkey, list in pairs(new_records) do
