@@ -7,7 +7,6 @@ The ``.lua`` files are the source of truth; the wrappers here only lay out
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -158,8 +157,8 @@ async def reserve_jobs(
         k = [keys.cache_queue, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
         for _, it in pending:
             k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key)]
-        argv: list[Any] = [ttl_ms, run_ttl_s * 1000, int(time.time() * 1000), in_progress_ms,
-                           int(take), len(arq_jobs), *(job.job_id for job in arq_jobs)]
+        argv: list[Any] = [ttl_ms, run_ttl_s * 1000, in_progress_ms, int(take), len(arq_jobs),
+                           *(job.job_id for job in arq_jobs)]
         groups: dict[tuple[str, str, str, str], int] = {}  # -> KEYS position (1-based)
         shared: list[str] = []
         for job, it in pending:

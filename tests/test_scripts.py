@@ -54,7 +54,7 @@ def specs_sent(r, monkeypatch):
     async def evalsha(sha, numkeys, *args):
         if sha == script(r, "reserve").sha:
             argv = args[numkeys:]
-            first = 6 + int(argv[5])  # the header and the job ids, then 9 values per request
+            first = 5 + int(argv[4])  # the header and the job ids, then 9 values per request
             calls.append([argv[i] for i in range(first + 5, len(argv), 9)])
         return await original(sha, numkeys, *args)
 
@@ -137,7 +137,7 @@ async def test_a_claim_sends_the_rest_of_the_batch_again_with_specs(r, specs_sen
 
 async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     it = item("u1", n=3)
-    argv = [3_600_000, 3_600_000, 0, 60_000, 1, 0,
+    argv = [3_600_000, 3_600_000, 60_000, 1, 0,
             it.namespace, it.n, "c:u1", "run|sim:x", it.key, b"", 5, "ns\nr1", 0]
     keys = [KEYS.cache_queue, KEYS.samples("k1"), KEYS.generation("k1"), KEYS.waiters("k1"),
             KEYS.usage("run"),

@@ -6,8 +6,8 @@
 --   then per request 3: samples, generation, waiters; then per group of requests that
 --   share them (one client batch of one run and model), 5: usage counters, work stream,
 --   model index, manifest, reservation records.
--- ARGV: reservation_ttl_ms, usage_ttl_ms, now_ms, in_progress_ms, take, job count, the
---   job ids, then per request 9 values:
+-- ARGV: reservation_ttl_ms, usage_ttl_ms, in_progress_ms, take, job count, the job ids,
+--   then per request 9 values:
 --   namespace, n, waiter_id, waiter_tail ("run|model"), prompt_key, spec,
 --   group (KEYS position of the request's group: its usage key; the other four follow),
 --   manifest_field ('' = the run keeps no manifest, or the request has no request_id),
@@ -20,7 +20,8 @@
 -- request's spec.
 --
 -- Jobs: with take = 1, each job is taken first, with the checks of claim_jobs.lua (queued,
--- due, not in progress) and only on its first try (a job started before is left to arq's
+-- not in progress; not "due": a woken job is due, whatever the clocks of the client and
+-- this worker say) and only on its first try (a job started before is left to arq's
 -- poll); its in-progress key and try counter are set as arq's run_job sets them. With
 -- take = 0 the jobs are already held (a second pass). When every request is reserved,
 -- the jobs are finished as arq finishes them (removed from the queue, their keys
@@ -43,13 +44,13 @@
 -- that request and those after it again, with their specs.
 local reservation_ttl = tonumber(ARGV[1])
 local usage_ttl = tonumber(ARGV[2])
-local now, in_progress_ms, njobs = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
+local in_progress_ms, njobs = ARGV[3], tonumber(ARGV[5])
 local held = {}
 for j = 1, njobs do
   local in_progress, body, tries = KEYS[j * 3 - 1], KEYS[j * 3], KEYS[j * 3 + 1]
-  if ARGV[5] == '1' then
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[6 + j])
-    if score and tonumber(score) <= now and redis.call('EXISTS', in_progress, tries) == 0 then
+  if ARGV[4] == '1' then
+    if redis.call('ZSCORE', KEYS[1], ARGV[5 + j]) and
+        redis.call('EXISTS', in_progress, tries) == 0 then
       redis.call('SET', in_progress, '1', 'PX', in_progress_ms)
       redis.call('SET', tries, '1', 'EX', 88400)
       held[j] = true
@@ -58,7 +59,7 @@ for j = 1, njobs do
     held[j] = true
   end
 end
-local first_key, first_arg = 1 + njobs * 3, 6 + njobs
+local first_key, first_arg = 1 + njobs * 3, 5 + njobs
 local out = {}
 local claims, claim_by = {}, {}
 local stopped_at = -1
@@ -248,7 +249,7 @@ for j = 1, njobs do
   if held[j] and failure then
     redis.call('DEL', KEYS[j * 3 - 1], KEYS[j * 3 + 1])
   elseif held[j] and stopped_at < 0 then
-    redis.call('ZREM', KEYS[1], ARGV[6 + j])
+    redis.call('ZREM', KEYS[1], ARGV[5 + j])
     redis.call('DEL', KEYS[j * 3 - 1], KEYS[j * 3], KEYS[j * 3 + 1])
   end
 end
