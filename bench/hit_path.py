@@ -313,6 +313,13 @@ def findings(agg: dict[str, Any], whatifs: dict[str, dict[str, Any]],
         f"{w['c32']['throughput'] / agg[label('original', wl)]['c32']['thr']:.1f}× the "
         f"original with the {wl} workload"
         for wl, w in whatifs.items() if "error" not in w) or "see the what-if table"
+    full = {wl: agg[label("ours", wl)]["c32"]["thr"] for wl in WORKLOADS}
+    full_txt = ", ".join(f"{C.fmt(full[wl], 0)} req/s ({wl})" for wl in WORKLOADS)
+    pays = [w["c32"]["throughput"] > full[wl] for wl, w in whatifs.items() if "error" not in w]
+    wi_verdict = ("it would pay for its second code path (the issue allows it as an opt-in "
+                  "mode)" if pays and all(pays) else
+                  "the client alone is not faster than the full path, which spreads each "
+                  "batch over three processes, so it would not pay for a second code path")
     return f"""### Findings (hot spots, what was fixed, what is proposed)
 
 * **Why c32 is short.** With 32 closed-loop callers and batch size 32 exactly one batch
@@ -349,8 +356,7 @@ Still proposed, in order of effect:
    the serial path; the worker would then validate and account the samples after the
    fact, and a malformed sample would reach the client before it is set aside.
 2. **Hits without the worker hop**, as an opt-in client mode: the what-if measures
-   {wi_txt}; it is a second code path for the same step, kept out of the package until
-   a user needs it.
+   {wi_txt}, against the full path's {full_txt}: {wi_verdict}.
 3. Keep token usage beside each sample (written by `fill.lua`) so a hit is accounted
    without a msgpack decode.
 """
