@@ -10,6 +10,7 @@ import pytest
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 
+from cachesaver_dist.client import CacheClient
 from cachesaver_dist.connection import connection_pool
 from cachesaver_dist.prepare import prepare
 from cachesaver_dist.protocol import (
@@ -191,3 +192,55 @@ async def test_a_refused_job_fails_alone_among_jobs_woken_together(redis_url, ke
     await redis.lpush(keys.cache_wake, encode_wake_token(bad_id, bad), good)
     assert await served_within(redis, keys, uuids[0], 2.0)
     assert await redis.type(keys.reservations("other", "hostile")) == b"string"
+
+
+async def answer_within(redis, keys, namespace: str, seconds: float) -> dict:
+    """One hit asked through a real client; its reply, or a failure after ``seconds``."""
+    client = CacheClient(redis, keys, reply_timeout=seconds, request_timeout=seconds)
+    await client.start()
+    try:
+        item = prepare(Request("p", 1, None, namespace), run="run", route="sim:x",
+                       model_id="sim:x")
+        [reply] = await asyncio.wait_for(client.submit([item]), seconds)
+        assert not isinstance(reply, Exception), reply
+        return reply
+    finally:
+        await client.close()
+
+
+async def test_replies_do_not_wait_for_the_next_wake_token(redis_url, keys, redis, worker):
+    """The replies go out in the pipeline of the worker's next blocking pop: Redis runs
+    them before it blocks, so a lone request is answered long before that pop (here up
+    to the 5 s poll delay) returns."""
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    reply = await answer_within(redis, keys, "lone", 4.0)
+    assert reply["flags"] == "c" and time.monotonic() - started < 2.0
+
+
+async def test_a_worker_stopped_mid_serve_still_sends_the_replies(redis_url, keys, redis,
+                                                                 monkeypatch):
+    """Stopping gives the jobs being served their grace; their replies are sent."""
+    import workers.cache_worker as cw
+
+    serving = asyncio.Event()
+    real = cw.serve_jobs
+
+    async def slow_serve(*args, **kwargs):
+        serving.set()
+        await asyncio.sleep(0.5)  # the stop comes now
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(cw, "serve_jobs", slow_serve)
+    pool = ArqRedis(connection_pool=connection_pool(redis_url))
+    w = cache_worker(keys, redis_pool=pool, poll_delay=5.0)
+    task = asyncio.create_task(w.async_run())
+    await warm(redis, keys)
+    await asyncio.sleep(0.3)
+    asked = asyncio.create_task(answer_within(redis, keys, "stopping", 4.0))
+    await asyncio.wait_for(serving.wait(), 2.0)
+    await stop_worker(w, task, close_pool=False)
+    reply = await asked
+    assert reply["flags"] == "c"
+    await pool.aclose()
