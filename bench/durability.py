@@ -111,7 +111,8 @@ def one_round(st: PersistentStack, duration: float, warm: bool, tag: str) -> dic
         out[f"hit_{name}"] = {"throughput": ph["throughput"], "misses": ph["misses"],
                               "count": ph["count"], **C.summary(ph["latencies_ms"])}
     with st.sync_redis() as r:
-        aof, forks = r.info("persistence")["aof_current_size"], r.info("stats")["total_forks"]
+        aof = r.info("persistence").get("aof_current_size", 0)  # 0: no AOF
+        forks = r.info("stats")["total_forks"]
     out["context"] = {"aof_mib": aof / 2**20, "forks": forks, "load1": os.getloadavg()[0]}
     return out
 
