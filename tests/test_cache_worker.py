@@ -192,6 +192,12 @@ async def test_a_refused_job_fails_alone_among_jobs_woken_together(redis_url, ke
     await redis.lpush(keys.cache_wake, encode_wake_token(bad_id, bad), good)
     assert await served_within(redis, keys, uuids[0], 2.0)
     assert await redis.type(keys.reservations("other", "hostile")) == b"string"
+    # the refused job is done with (its waiters were told), not left for arq to re-run
+    deadline = time.monotonic() + 2.0
+    while await redis.zscore(keys.cache_queue, bad_id) is not None:
+        assert time.monotonic() < deadline, "the refused job is still queued"
+        await asyncio.sleep(0.05)
+    assert not await redis.exists(ARQ_JOB + bad_id)
 
 
 async def answer_within(redis, keys, namespace: str, seconds: float) -> dict:

@@ -132,11 +132,13 @@ async def _reserve(
             for job in jobs:
                 out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox)
             return out
+        job = jobs[0]
         message = str(refused(exc, "reserving samples"))
-        log.error("%s (batch of %d from client %s)", message, len(jobs[0].items),
-                  jobs[0].client)
-        for it in jobs[0].items:
-            outbox.error(waiter_id(jobs[0].client, it.uuid), "redis_refused", message)
+        log.error("%s (batch of %d from client %s)", message, len(job.items), job.client)
+        for it in job.items:
+            outbox.error(waiter_id(job.client, it.uuid), "redis_refused", message)
+        if job.job_id:  # the script let it go; done with, as arq finishes a refused one
+            outbox.finished.append(job.job_id)
         return []
 
 
