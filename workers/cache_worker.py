@@ -57,7 +57,6 @@ log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAKE_BATCH = 16  # wake tokens (jobs) served together at most
-IN_PROGRESS_MS = (defaults.JOB_TIMEOUT_S + 10) * 1000  # as arq's in_progress_timeout_s
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
@@ -75,13 +74,14 @@ async def handle_jobs(
 
 async def serve_jobs(
     redis: Any, keys: Keys, payloads: list[tuple[str, bytes | MalformedJob]],
-    run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
+    run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0, in_progress_ms: int = 60_000,
 ) -> Outbox:
     """Serve client batches, given as (arq job id, payload), with one reserve call for
     all of them; return the replies to send (in one round trip).
 
     A job id is given for a job read from a wake token: the reserve call takes the job
-    (unless arq's poll or another worker has it) and finishes it. ``""``: arq runs it."""
+    (unless arq's poll or another worker has it; ``in_progress_ms``: how long it is held,
+    arq's in-progress timeout) and finishes it. ``""``: arq runs it."""
     outbox = Outbox(keys)
     jobs: list[CacheJob] = []
     for job_id, payload in payloads:
@@ -100,7 +100,8 @@ async def serve_jobs(
             continue
         items = sorted(job.items, key=lambda it: it.request_id)
         jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id))
-    for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox):
+    for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox,
+                                            in_progress_ms):
         for r in reservations:
             if r.complete:
                 it = r.item
@@ -113,7 +114,7 @@ async def serve_jobs(
 
 async def _reserve(
     redis: Any, keys: Keys, jobs: list[CacheJob], run_ttl_s: int, replicas: int,
-    outbox: Outbox,
+    outbox: Outbox, in_progress_ms: int,
 ) -> list[tuple[CacheJob, list[Reservation]]]:
     """Reserve for all ``jobs`` in one call. When Redis refuses it (a key of another
     type, say), each job is tried alone, so only the batches it concerns get the error."""
@@ -121,7 +122,7 @@ async def _reserve(
         return []
     try:
         per_job = await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas,
-                                     in_progress_ms=IN_PROGRESS_MS)
+                                     in_progress_ms=in_progress_ms)
         return [(job, r) for job, r in zip(jobs, per_job) if r is not None]
     except NotReplicatedError as exc:  # nothing acknowledged: the clients ask again
         log.warning("%d batch(es) not answered: %s", len(jobs), exc)
@@ -130,7 +131,8 @@ async def _reserve(
         if len(jobs) > 1:
             out = []
             for job in jobs:
-                out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox)
+                out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox,
+                                      in_progress_ms)
             return out
         job = jobs[0]
         message = str(refused(exc, "reserving samples"))
@@ -314,7 +316,7 @@ class CacheWorker(Worker):
         try:
             replies = await asyncio.wait_for(
                 serve_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
-                           self.ctx.get("replicas", 0)),
+                           self.ctx.get("replicas", 0), int(self.in_progress_timeout_s * 1000)),
                 defaults.JOB_TIMEOUT_S)
         except CONNECTION_ERRORS:
             raise

@@ -47,7 +47,7 @@ local usage_ttl = tonumber(ARGV[2])
 local in_progress_ms, njobs = ARGV[3], tonumber(ARGV[5])
 local held = {}
 for j = 1, njobs do
-  local in_progress, body, tries = KEYS[j * 3 - 1], KEYS[j * 3], KEYS[j * 3 + 1]
+  local in_progress, tries = KEYS[j * 3 - 1], KEYS[j * 3 + 1]
   if ARGV[4] == '1' then
     if redis.call('ZSCORE', KEYS[1], ARGV[5 + j]) and
         redis.call('EXISTS', in_progress, tries) == 0 then
@@ -97,8 +97,9 @@ local function read_samples(skey, start, n)
   return got, nil
 end
 
--- Any error a command raises midway (a key of another type, say) ends the loop like the
--- errors above: what was reserved before it is kept and handed on, the jobs are let go.
+-- An error ends the loop, one found here (a corrupt mark, unreadable samples) or one a
+-- command raises (a key of another type, say): what was reserved before it is kept and
+-- handed on (records, claims), and the jobs are let go.
 local function reserve_requests()
   for i = 0, (#ARGV - first_arg) / 9 - 1 do
     local k = first_key + i * 3
