@@ -68,7 +68,8 @@ def asker(api: OnlineAPI) -> W.Ask:
 
 def api_for(spec: dict[str, Any], **kw: Any) -> OnlineAPI:
     return OnlineAPI(spec["model"], cache=spec["url"], prefix=spec["prefix"],
-                     request_timeout=spec.get("request_timeout", 60), **kw)
+                     request_timeout=spec.get("request_timeout", 60),
+                     direct=spec.get("direct", False), **kw)
 
 
 async def hits(spec: dict[str, Any]) -> dict[str, Any]:
@@ -131,50 +132,6 @@ async def savings(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
-async def direct_hits(spec: dict[str, Any]) -> dict[str, Any]:
-    """What-if (not the package's path): the client runs the reserve script itself, one
-    round trip per batch, no cache worker; hits are decoded as ``OnlineAPI`` would."""
-    import uuid
-
-    from cachesaver_dist.prepare import prepare
-    from cachesaver_dist.protocol import Keys, decode_sample
-    from cachesaver_dist.scripts import reserve
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(spec["url"])
-    keys, client = Keys(spec["prefix"]), uuid.uuid4().hex
-    out: dict[str, Any] = {"phases": {}}
-    for ph in spec["phases"]:
-        run = f"direct-{uuid.uuid4().hex[:8]}"
-        tag, size, prompts = ph["name"], ph["batch_size"], spec["prompts"]
-        latencies: list[float] = []
-        misses, i = 0, 0
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        end = t0 + ph["duration"]
-        while time.perf_counter() < end and i < ph["max_requests"]:
-            b0 = time.perf_counter()
-            prompt_of = W.HIT_WORKLOADS[spec.get("workload", "short")]
-            items = sorted((prepare(bench_request(prompt_of(j % prompts), n=1,
-                                                  request_id=f"{tag}/{j:08d}",
-                                                  namespace=f"{tag}-{j // prompts}"),
-                                    run=run, route=spec["model"], model_id=spec["model"])
-                            for j in range(i, i + size)), key=lambda it: it.request_id)
-            res = await reserve(redis, keys, client, items)
-            for r in res:
-                misses += not r.complete
-                _ = [decode_sample(x)["data"] for x in r.samples]
-            dt = (time.perf_counter() - b0) * 1000
-            latencies += [dt] * size
-            i += size
-        wall = time.perf_counter() - t0
-        out["phases"][tag] = {"latencies_ms": latencies, "wall": wall, "count": len(latencies),
-                              "misses": misses, "throughput": len(latencies) / wall,
-                              "cpu": {"client": time.process_time() - cpu0}}
-    await redis.aclose()
-    return out
-
-
 async def round_trip_cost(spec: dict[str, Any]) -> dict[str, Any]:
     """CPU µs and wall µs of one Redis round trip (PING) on this machine: through the
     package's connection (redis-py asyncio) and over a bare socket."""
@@ -226,7 +183,7 @@ async def scaling(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 MODES = {"hits": hits, "scaling": scaling, "round_trip_cost": round_trip_cost,
-         "direct_hits": direct_hits, "burst": burst, "mp_client": mp_client, "savings": savings}
+         "burst": burst, "mp_client": mp_client, "savings": savings}
 
 
 def main() -> None:

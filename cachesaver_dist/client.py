@@ -17,7 +17,8 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -35,6 +36,7 @@ from .errors import (
 from .heartbeat import alive_workers
 from .protocol import (
     ARQ_JOB,
+    CacheJob,
     Keys,
     WorkItem,
     decode_replies,
@@ -42,23 +44,34 @@ from .protocol import (
     encode_job,
     encode_wake_token,
     unique_id,
+    waiter_id,
 )
 
 log = logging.getLogger("cachesaver_dist.client")
 
 MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
+T = TypeVar("T")
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 
 
 class CacheClient:
-    """Sends request batches through Redis and returns the raw replies."""
+    """Sends request batches through Redis and returns the raw replies.
+
+    ``direct``: run the reserve step in this process instead of a cache worker (one
+    round trip per batch; hits are answered by its result, misses wait for the batch
+    workers' replies as usual); ``run_ttl_s`` and ``replicas`` are then the cache
+    worker's ``--run-ttl`` and ``--wait-replicas``.
+    """
 
     def __init__(self, redis: Redis, keys: Keys, *,
                  reply_timeout: float = defaults.REPLY_TIMEOUT_S,
-                 request_timeout: float = defaults.REQUEST_TIMEOUT_S) -> None:
+                 request_timeout: float = defaults.REQUEST_TIMEOUT_S,
+                 direct: bool = False, run_ttl_s: int = defaults.RUN_TTL_S,
+                 replicas: int = 0) -> None:
         self.redis, self.keys = redis, keys
         self.reply_timeout, self.request_timeout = reply_timeout, request_timeout
+        self.direct, self.run_ttl_s, self.replicas = direct, run_ttl_s, replicas
         self.client_id = uuid.uuid4().hex
         self._waiting: dict[str, asyncio.Future] = {}
         # Reservation records of batches answered at their first ask: deleted with the
@@ -66,6 +79,7 @@ class CacheClient:
         self._answered: list[str] = []
         self._pubsub: Any = None
         self._reader: asyncio.Task | None = None
+        self._sending: set[asyncio.Task] = set()  # direct mode: accounting under way
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
@@ -86,6 +100,8 @@ class CacheClient:
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=5.0)
         if self._answered:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
@@ -120,10 +136,13 @@ class CacheClient:
                 log.error("unreadable reply on %s (%d bytes): %s; its requests are asked "
                           "again", msg["channel"], len(msg["data"]), exc)
                 continue
-            for reply in replies:
-                fut = self._waiting.get(reply["id"])
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
+            self._deliver(replies)
+
+    def _deliver(self, replies: list[dict[str, Any]]) -> None:
+        for reply in replies:
+            fut = self._waiting.get(reply["id"])
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
 
     async def submit(self, items: list[WorkItem], batch: str | None = None,
                      ) -> list[dict[str, Any] | GenerationError]:
@@ -138,8 +157,9 @@ class CacheClient:
         try:
             deadline = time.monotonic() + self.request_timeout
             pending, wait = items, self.reply_timeout
+            send = self._reserve_here if self.direct else self._enqueue
             while pending:
-                await self._enqueue(pending, deadline, batch)
+                await send(pending, deadline, batch)
                 asks += 1
                 left = deadline - time.monotonic()
                 await asyncio.wait([futures[it.uuid] for it in pending], timeout=min(wait, left))
@@ -175,35 +195,111 @@ class CacheClient:
         The job is written as arq's ``enqueue_job`` writes it, without its check for an
         existing job id (ours are unique): that check costs three round trips.
         """
-        keep_s = int(self.request_timeout) + 60
-        payload = encode_job(self.client_id, items, keep_s, batch)
-        backoff = 0.1
-        while True:
+        payload = encode_job(self.client_id, items, self._keep_s, batch)
+
+        async def send() -> None:
             job_id = self.keys.new_job_id()
             now_ms = int(time.time() * 1000)
-            job = encode_arq_job(payload, now_ms)
-            # taken off the list before the await: enqueues run concurrently
-            answered, self._answered = self._answered[:MAX_DELETES], self._answered[MAX_DELETES:]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
+                        encode_arq_job(payload, now_ms))
+            pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
+            pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
+            pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+            await self._with_deletes(pipe.execute, pipe)
+
+        await self._retrying(send, f"enqueue {len(items)} request(s)", "enqueueing requests",
+                             deadline)
+
+    async def _reserve_here(self, items: list[WorkItem], deadline: float, batch: str) -> None:
+        """Direct mode: reserve for ``items`` in this process, with the cache workers'
+        script and ordering; complete requests are answered at once, the others get
+        their replies from the batch workers. Samples are checked and the run's
+        accounting written as a cache worker does (``Outbox``)."""
+        from .outbox import Outbox
+        from .scripts import Reservation, reserve_jobs
+
+        job = CacheJob(self.client_id, sorted(items, key=_request_id), self._keep_s, batch)
+
+        async def reserve() -> list[list[Reservation] | None]:
+            return await reserve_jobs(self.redis, self.keys, [job], self.run_ttl_s,
+                                      self.replicas)
+
+        # not acknowledged by enough replicas (NotReplicatedError): asked again, as a
+        # lost connection is; the reservation records make that idempotent
+        [reservations] = await self._retrying(
+            reserve, f"reserve samples for {len(items)} request(s)", "reserving samples",
+            deadline)
+        outbox, records = Outbox(self.keys), {}
+        for r in reservations or ():
+            if r.complete:
+                it = r.item
+                decoded = outbox.reply(waiter_id(self.client_id, it.uuid), it.key, r.start,
+                                       r.flags, r.samples, it.run, it.model_id, first=r.new)
+                if decoded is not None:
+                    records[it.uuid] = decoded
+        replies = outbox.replies.pop(self.client_id, [])
+        for reply in replies:  # decoded once: the response is built from these
+            if reply["id"] in records:
+                reply["records"] = records[reply["id"]]
+        if outbox.bad_samples:  # removed before the error is told, so asking again works
+            await self._send_outbox(outbox, len(items))
+            self._deliver(replies)
+            return
+        self._deliver(replies)
+        # accounting: off the requests' path (close() waits for it)
+        task = asyncio.create_task(self._send_outbox(outbox, len(items)))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_outbox(self, outbox: Any, requests: int) -> None:
+        from . import metrics
+
+        pipe = self.redis.pipeline(transaction=False)
+        try:
+            tally = await outbox.queue(self.redis, pipe)
+            await self._with_deletes(pipe.execute, pipe)
+        except (RedisError, OSError) as exc:  # the requests are answered all the same
+            log.warning("accounting of %d request(s) not written: %s", requests,
+                        redis_message(exc))
+            return
+        metrics.count(tally)
+
+    @property
+    def _keep_s(self) -> int:
+        """How long a batch's reservation records must live: as long as it may ask again."""
+        return int(self.request_timeout) + 60
+
+    async def _with_deletes(self, execute: Callable[[], Awaitable[Any]], pipe: Any) -> None:
+        """Run ``execute`` (which sends ``pipe``) with the deletion of answered batches'
+        reservation records added to ``pipe``; they are kept for later if it fails."""
+        # taken off the list before the await: sends run concurrently
+        answered, self._answered = self._answered[:MAX_DELETES], self._answered[MAX_DELETES:]
+        if answered:
+            pipe.delete(*answered)
+        try:
+            await execute()
+        except BaseException:
+            self._answered += answered
+            raise
+
+    async def _retrying(self, send: Callable[[], Awaitable[T]], what: str, doing: str,
+                        deadline: float) -> T:
+        """``send()``, tried again with backoff while Redis is unreachable, until
+        ``deadline``; a command Redis refuses fails at once (``RedisRefusedError``)."""
+        backoff = 0.1
+        while True:
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000), job)
-                pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
-                pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
-                if answered:
-                    pipe.delete(*answered)
-                await pipe.execute()
-                return
+                return await send()
             except ResponseError as exc:
-                raise refused(exc, "enqueueing requests") from None
+                raise refused(exc, doing) from None
             except (RedisError, OSError) as exc:
-                self._answered += answered
                 if time.monotonic() + backoff >= deadline:
                     raise RedisUnavailableError(
-                        f"could not enqueue {len(items)} request(s) within request_timeout "
-                        f"({redis_message(exc)}); is Redis up?") from None
-                log.warning("enqueue failed (%s); retrying in %.1f s", redis_message(exc),
-                            backoff)
+                        f"could not {what} within request_timeout ({redis_message(exc)}); "
+                        "is Redis up?") from None
+                log.warning("could not %s (%s); retrying in %.1f s", what,
+                            redis_message(exc), backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -222,7 +318,7 @@ class CacheClient:
     async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
         """route (or "cache") -> what to start, for each one no live worker serves."""
         missing = {}
-        if not await alive_workers(self.redis, self.keys, "cache"):
+        if not self.direct and not await alive_workers(self.redis, self.keys, "cache"):
             missing["cache"] = ("no cache worker is alive: start one with "
                                 "'cachesaver-dist worker cache'")
         for route in sorted(routes):
@@ -238,6 +334,10 @@ class CacheClient:
         hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
                 f"({hint}); samples generated meanwhile stay cached")
+
+
+def _request_id(item: WorkItem) -> str:
+    return item.request_id
 
 
 def describe(item: WorkItem) -> str:

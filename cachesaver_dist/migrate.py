@@ -445,7 +445,7 @@ async def _store(redis: Redis, keys: Keys, found: list[Found], summary: Summary)
             if waiters:
                 done.append((f.key, waiters))
         if done or bad:
-            from workers.outbox import Outbox
+            from .outbox import Outbox
 
             outbox = Outbox(keys)
             outbox.malformed_waiters(bad)

@@ -51,6 +51,12 @@ class OnlineAPI:
     ``replay=RUN``: serve exactly the samples run ``RUN`` recorded to the same request ids
     (same namespace, prompt and ``n``), read straight from Redis: no worker is needed and
     nothing is generated; any other request fails with ``ReplayError``.
+
+    ``direct=True`` (opt in): this process runs the cache workers' reserve step itself,
+    one Redis round trip per batch, so hits need no cache worker (misses still go to the
+    batch workers). Same script, order and results; it costs this process the work a
+    cache worker would do, and its Redis user needs the cache worker's rights
+    (``docs/acl.md``). Worth it when most requests are hits (``docs/scaling.md``).
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class OnlineAPI:
         run_ttl_s: int = defaults.RUN_TTL_S,
         manifest: bool = False,
         replay: str | None = None,
+        direct: bool = False,
     ) -> None:
         if correctness:
             raise InvalidRequestError(
@@ -121,8 +128,11 @@ class OnlineAPI:
             if manifest or (run is not None and run != replay):
                 raise InvalidRequestError("replay=RUN serves a recorded run: it takes no "
                                           "manifest=True and no other run=")
+            if direct:
+                raise InvalidRequestError("replay=RUN reads the recorded samples itself: "
+                                          "drop direct=True")
             run = replay
-        self.replay, self.manifest = replay, bool(manifest)
+        self.replay, self.manifest, self.direct = replay, bool(manifest), bool(direct)
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.batch_size, self.timeout = batch_size, timeout
         self.allow_batch_overflow = allow_batch_overflow  # no effect: see the class docstring
@@ -176,8 +186,12 @@ class OnlineAPI:
             self._client = Replayer(self._redis, self.keys, self.replay)
             await self._client.start()
             return
+        replicas = 0
+        if self.direct or self._model is not None:
+            replicas = await replicas_to_wait(self._redis, self._replicas)
         self._client = CacheClient(self._redis, self.keys, reply_timeout=self._reply_timeout,
-                                   request_timeout=self._request_timeout)
+                                   request_timeout=self._request_timeout, direct=self.direct,
+                                   run_ttl_s=self._run_ttl_s, replicas=replicas)
         await self._client.start()
         if self._model is not None:
             from workers.run import LocalWorkers
@@ -185,8 +199,7 @@ class OnlineAPI:
             self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
                                        batch_size=self._model_batch_size,
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
-                                       replicas=await replicas_to_wait(self._redis,
-                                                                       self._replicas))
+                                       replicas=replicas)
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -342,9 +355,9 @@ def _response(reply: dict[str, Any]) -> Response:
     Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
     sample before sending it, so this means a worker of another version)."""
     start, flags = reply["start"], reply["flags"]
+    records = reply.get("records") or [decode_sample(raw) for raw in reply["samples"]]
     data, cached, duplicated, metadata = [], [], [], []
-    for i, (raw, flag) in enumerate(zip(reply["samples"], flags)):
-        meta = decode_sample(raw)  # a fresh dict: it becomes the metadata
+    for i, (meta, flag) in enumerate(zip(records, flags)):  # fresh dicts: the metadata
         data.append(meta.pop("data"))
         first = meta.pop("call_first", True)
         meta.pop("v", None)

@@ -171,26 +171,32 @@ def unpack(data: bytes, kind: str = "message") -> Any:
 
 
 _AS_IS = (str, int, bytes)  # bool is an int
+_PLAIN = frozenset((str, int, bytes, bool))  # exact types kept as they are (fast path)
 MAX_DEPTH = 32  # levels of lists and dicts in a request's fields
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, _AS_IS):
+    # Exact types first (a plain dict or list of str is the common request); subclasses
+    # (an IntEnum, an OrderedDict) take the general checks below, to the same result.
+    kind = type(value)
+    if kind is dict or kind is list or kind is tuple:
+        if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
+            raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
+        if kind is dict:
+            "".join(value)  # TypeError unless every key is a str
+            return [[k, v if type(v) in _PLAIN else _canonical(v, depth + 1)]
+                    for k, v in sorted(value.items()) if v is not None]
+        return [v if type(v) in _PLAIN else _canonical(v, depth + 1) for v in value]
+    if kind is float:
+        return int(value) if value.is_integer() else value
+    if value is None or isinstance(value, _AS_IS):
         return value
     if isinstance(value, dict):
-        if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
-            raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
-        "".join(value)  # TypeError unless every key is a str (a str subclass is one too)
-        return [[k, v if isinstance(v, _AS_IS) else _canonical(v, depth + 1)]
-                for k, v in sorted(value.items()) if v is not None]
+        return _canonical(dict(value), depth)
     if isinstance(value, (list, tuple)):
-        if depth > MAX_DEPTH and value:  # depth 0 is the fields dict itself
-            raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
-        return [v if isinstance(v, _AS_IS) else _canonical(v, depth + 1) for v in value]
+        return _canonical(list(value), depth)
     if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    if value is None:
-        return value
+        return _canonical(float(value), depth)
     raise TypeError(f"a {type(value).__name__} cannot be stored")
 
 
@@ -557,6 +563,7 @@ def decode_replies(data: bytes) -> list[dict[str, Any]]:
     for r in replies:
         if not isinstance(r, dict) or not isinstance(r.get("id"), str):
             raise ProtocolError(f"{kind}: each reply needs a str 'id'", "id")
+        r.pop("records", None)  # decoded samples: only a direct-mode reply has them
         if "error" in r:
             err = r["error"]
             if not (isinstance(err, dict) and isinstance(err.get("kind"), str)

@@ -1,6 +1,7 @@
 """A client OS process for cross-process tests: sends requests, prints what it got as JSON.
 
 Usage: python -m tests.client_proc PREFIX RUN MODEL NAMESPACE SEED COUNT
+(``CLIENT_DIRECT=1``: ``OnlineAPI(direct=True)``)
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ async def main(prefix: str, run: str, model: str, namespace: str, seed: int, cou
                 for i in range(count)]
     async with OnlineAPI(model, cache=os.environ["REDIS_URL"], prefix=prefix, run=run,
                          batch_size=8, timeout=0.002, reply_timeout=1.0,
-                         request_timeout=90) as api:
+                         request_timeout=90,
+                         direct=os.environ.get("CLIENT_DIRECT") == "1") as api:
         responses = await asyncio.gather(*(api.request(r) for r in requests))
     out = [{"prompt": r.prompt, "n": r.n, "data": resp.data,
             "index": [m["index"] for m in resp.metadata]}

@@ -128,7 +128,7 @@ def test_hooks_do_nothing_without_an_exporter():
     metrics.model_failed("m")
     metrics.provider_error("m", 429, True)
     # clients and in-process workers never import prometheus_client
-    code = ("import sys, cachesaver_dist.pipelines, workers.outbox, workers.batch_worker, "
+    code = ("import sys, cachesaver_dist.pipelines, cachesaver_dist.outbox, workers.batch_worker, "
             "cachesaver_dist.backends.chat; sys.exit('prometheus_client' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 

@@ -28,10 +28,9 @@ from cachesaver_dist import defaults, metrics
 from cachesaver_dist.errors import NotReplicatedError, ProtocolError, refused
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.models import Job, generate
+from cachesaver_dist.outbox import Outbox
 from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, Spec, decode_stream_entry, entry_claim
 from cachesaver_dist.scripts import fill_many, release
-
-from .outbox import Outbox
 
 log = logging.getLogger("cachesaver_dist.batch_worker")
 

@@ -37,6 +37,7 @@ from cachesaver_dist import defaults, metrics
 from cachesaver_dist.deadletters import set_aside, set_aside_key
 from cachesaver_dist.errors import NotReplicatedError, ProtocolError, redis_message, refused
 from cachesaver_dist.heartbeat import heartbeat_loop
+from cachesaver_dist.outbox import Outbox
 from cachesaver_dist.protocol import (
     CACHE_JOB,
     CacheJob,
@@ -50,8 +51,6 @@ from cachesaver_dist.protocol import (
     waiter_id,
 )
 from cachesaver_dist.scripts import Reservation, reserve_jobs, script
-
-from .outbox import Outbox
 
 log = logging.getLogger("cachesaver_dist.cache_worker")
 

@@ -48,12 +48,15 @@ class Outbox:
     def reply(
         self, waiter_id: str, key: str, start: int, flags: str, samples: list[bytes], run: str,
         model_id: str, *, first: bool = True,
-    ) -> None:
-        """Answer one request; ``first`` is false for a repeat answer (not counted again)."""
-        usages = []
+    ) -> list[dict[str, Any]] | None:
+        """Answer one request; ``first`` is false for a repeat answer (not counted again).
+        Returns the decoded samples (fresh dicts), or None when the request got an error."""
+        records, usages = [], []
         for i, raw in enumerate(samples):
             try:
-                usages.append(decode_sample(raw).get("usage"))
+                record = decode_sample(raw)
+                records.append(record)
+                usages.append(record.get("usage"))
             except ProtocolError as exc:
                 self.bad_samples[key][start + i] = raw
                 where = f"{self.keys.samples(key)}[{start + i}]"
@@ -63,11 +66,12 @@ class Outbox:
                        f"{len(samples) - len(usages)} stored sample(s) of this request could "
                        "not be read and were set aside (see 'cachesaver-dist dead-letters'); "
                        "ask again and they are generated anew")
-            return
+            return None
         if not self._add(waiter_id, reply, start, flags, samples):
-            return
+            return None
         if first:
             account(self.tally, run, model_id, flags, usages)
+        return records
 
     def error(self, waiter_id: str, kind: str, message: str) -> None:
         self._add(waiter_id, error_reply, kind, message)

@@ -1,0 +1,147 @@
+"""``OnlineAPI(direct=True)``: the client runs the reserve step itself.
+
+Same script, same order, same results as through a cache worker; hits need no cache
+worker, misses still go to the batch workers. Real Redis; the cross-process cases run
+real client and worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from cachesaver_dist import (
+    Batch,
+    GenerationError,
+    InvalidRequestError,
+    OnlineAPI,
+    Request,
+    SimModel,
+)
+from cachesaver_dist.deadletters import list_dead_letters
+from cachesaver_dist.errors import RedisRefusedError
+from cachesaver_dist.protocol import prompt_key
+from cachesaver_dist.stats import read_stats
+from tests.conftest import ROOT, subprocess_env
+from tests.test_processes import MODEL, check_invariants, collect, start_pool
+
+BATCH = [Request(f"prompt {i % 3}", 1 + i % 2, f"{i:02d}", f"ns{i % 2}") for i in range(12)]
+
+
+def api(model, redis_url, keys, **kw) -> OnlineAPI:
+    return OnlineAPI(model, cache=redis_url, prefix=keys.prefix, **kw)
+
+
+def pattern(responses) -> list:
+    return [([m["index"] for m in r.metadata], r.cached, r.duplicated) for r in responses]
+
+
+async def test_direct_gives_what_the_worker_path_gives(redis_url, keys):
+    """The same batch, in fresh runs: the same indices and flags either way, and a
+    direct run after a worker run reads the very samples the worker path stored."""
+    model = SimModel("direct-same")
+    async with api(model, redis_url, keys, run="via-worker") as pipe:
+        via_worker = await pipe.batch_request(Batch(BATCH))
+    calls = len(model.calls)
+    async with api(model, redis_url, keys, run="direct", direct=True) as pipe:
+        direct = await pipe.batch_request(Batch(BATCH))
+    assert len(model.calls) == calls, "the direct run generated samples already stored"
+    assert [r.data for r in direct] == [r.data for r in via_worker]
+    assert all(all(r.cached) for r in direct)
+
+    fresh = SimModel("direct-same")  # an empty cache (other prefix): generation again
+    async with OnlineAPI(fresh, cache=redis_url, prefix=keys.prefix + "w:", run="r") as pipe:
+        a = await pipe.batch_request(Batch(BATCH))
+    async with OnlineAPI(fresh, cache=redis_url, prefix=keys.prefix + "d:", run="r",
+                         direct=True) as pipe:
+        b = await pipe.batch_request(Batch(BATCH))
+    assert pattern(a) == pattern(b)
+
+
+async def test_direct_hits_are_counted_and_leave_nothing_behind(redis_url, keys, redis):
+    model = SimModel("direct-stats")
+    async with api(model, redis_url, keys, run="fill") as pipe:
+        await pipe.batch_request(Batch(BATCH))
+    async with api(model, redis_url, keys, run="hits", direct=True) as pipe:
+        out = await asyncio.gather(*(pipe.request(r) for r in BATCH))
+    assert all(all(r.cached) for r in out)
+    stats = (await read_stats(redis, keys, "hits"))[pipe.model_id]
+    assert stats["requests"] == len(BATCH)
+    assert stats["samples_cached"] == sum(r.n for r in BATCH)
+    assert stats["samples_generated"] == 0
+    assert [k async for k in redis.scan_iter(match=keys.reservations("*", "*"))] == []
+    assert not await redis.exists(keys.cache_queue, keys.cache_wake)
+
+
+async def test_direct_sets_an_unreadable_sample_aside(redis_url, keys, redis):
+    pipe = api(SimModel("direct-bad"), redis_url, keys, direct=True)
+    key = prompt_key(pipe.model_id, {"prompt": "p"})
+    await redis.hset(keys.samples(key), 0, b"\xc1 not msgpack")
+    await redis.hset(keys.generation(key), "mark", 1)
+    async with pipe:
+        with pytest.raises(GenerationError, match=r"could not be read and were set aside.*"
+                                                  r"\(request_id 'a'\)"):
+            await pipe.request(Request("p", 1, "a", "first"))
+        again = await pipe.request(Request("p", 1, "b", "second"))
+    assert again.cached == [False] and again.metadata[0]["index"] == 0
+    assert msgpack.unpackb(await redis.hget(keys.samples(key), 0))["data"] == again.data[0]
+    [(_, letter)] = await list_dead_letters(redis, keys)
+    assert letter.kind == "sample" and letter.raw == b"\xc1 not msgpack"
+
+
+async def test_direct_refusal_names_what_to_do(redis_url, keys, redis):
+    pipe = api(SimModel("direct-refused"), redis_url, keys, direct=True)
+    key = prompt_key(pipe.model_id, {"prompt": "p"})
+    await redis.set(keys.samples(key), "a string")
+    await redis.hset(keys.generation(key), "mark", 1)
+    async with pipe:
+        with pytest.raises(RedisRefusedError, match=r"^Redis refused reserving samples: "
+                                                    r"WRONGTYPE.*another type"):
+            await pipe.request(Request("p", 1, "a", "ns"))
+        ok = await pipe.request(Request("q", 1, "a", "ns"))  # the pipeline goes on
+    assert len(ok.data) == 1
+
+
+def test_direct_with_replay_is_refused(redis_url, keys):
+    with pytest.raises(InvalidRequestError, match="drop direct=True"):
+        api("sim:x", redis_url, keys, replay="some-run", direct=True)
+
+
+def _clients(redis_url, keys, run, count, direct: list[bool]) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.client_proc", keys.prefix, run, MODEL, "shared",
+             str(i), str(count)],
+            env=subprocess_env(redis_url, CLIENT_DIRECT="1" if d else "0"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        for i, d in enumerate(direct)
+    ]
+
+
+@pytest.mark.processes
+def test_direct_clients_need_no_cache_worker(redis_url, keys, processes):
+    """Three direct client processes share one namespace; only a batch worker runs."""
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=0, counter=counter)
+    results = collect(_clients(redis_url, keys, "direct-only", 40, [True] * 3))
+    check_invariants([("shared", r) for r in results], redis_url, keys, counter)
+    per_prompt: dict[str, list[int]] = {}
+    for answers in results:
+        for a in answers:
+            per_prompt.setdefault(a["prompt"], []).extend(a["index"])
+    for prompt, indices in per_prompt.items():
+        assert sorted(indices) == list(range(len(indices))), prompt
+
+
+@pytest.mark.processes
+def test_direct_and_worker_clients_share_a_namespace(redis_url, keys, processes):
+    """Direct clients and clients of the worker path, one namespace, one run: no index is
+    handed out twice and nothing is generated twice."""
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=1, counter=counter)
+    results = collect(_clients(redis_url, keys, "mixed", 40, [True, False, True, False]))
+    check_invariants([("shared", r) for r in results], redis_url, keys, counter)
