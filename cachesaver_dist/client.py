@@ -162,7 +162,9 @@ class CacheClient:
                 await send(pending, deadline, batch)
                 asks += 1
                 left = deadline - time.monotonic()
-                await asyncio.wait([futures[it.uuid] for it in pending], timeout=min(wait, left))
+                waiting = [f for f in (futures[it.uuid] for it in pending) if not f.done()]
+                if waiting:  # (a direct-mode batch of hits is already answered)
+                    await asyncio.wait(waiting, timeout=min(wait, left))
                 pending = [it for it in pending if not futures[it.uuid].done()]
                 if pending and time.monotonic() >= deadline:
                     raise ReplyTimeoutError(await self._timeout_message(pending))

@@ -155,23 +155,31 @@ async def reserve_jobs(
     for take in (True, False):  # the second pass: with specs, for the jobs held
         number = {id(job): n for n, job in enumerate(arq_jobs, 1)}
         k = [keys.cache_queue, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
-        for _, it in pending:
-            k += [keys.samples(it.key), keys.generation(it.key), keys.waiters(it.key)]
         argv: list[Any] = [ttl_ms, run_ttl_s * 1000, in_progress_ms, int(take), len(arq_jobs),
                            *(job.job_id for job in arq_jobs)]
-        groups: dict[tuple[str, str, str, str], int] = {}  # -> KEYS position (1-based)
+        # per group of requests (one client batch of one run, model and route): its five
+        # keys, after the requests' keys (KEYS position, 1-based), and its waiter tail
+        groups: dict[tuple[str, str, str, str], tuple[int, str]] = {}
         shared: list[str] = []
+        base = len(k) + 3 * len(pending) + 1
+        records, job_of = "", None
+        s_, g_, w_ = keys.samples(""), keys.generation(""), keys.waiters("")
         for job, it in pending:
-            records = keys.reservations(job.client, job.batch)
-            group = groups.get((it.run, it.model_id, it.route, records))
-            if group is None:
-                group = groups[it.run, it.model_id, it.route, records] = len(k) + len(shared) + 1
+            if job is not job_of:
+                job_of, records = job, keys.reservations(job.client, job.batch)
+                client, job_number = job.client, number.get(id(job), 0)
+            key = it.key
+            k += [s_ + key, g_ + key, w_ + key]
+            found = groups.get((it.run, it.model_id, it.route, records))
+            if found is None:
+                found = groups[it.run, it.model_id, it.route, records] = (
+                    base + len(shared), waiter_tail(it.run, it.model_id))
                 shared += [keys.usage(it.run), keys.work_stream(it.route),
                            keys.model_keys(it.model_id), keys.manifest(it.run), records]
-            argv += [it.namespace, it.n, f"{job.client}:{it.uuid}",
-                     waiter_tail(it.run, it.model_id), it.key, b"" if take else it.spec,
-                     group, manifest_field(it.namespace, it.request_id)
-                     if it.manifest and it.request_id else "", number.get(id(job), 0)]
+            argv += [it.namespace, it.n, f"{client}:{it.uuid}", found[1], key,
+                     b"" if take else it.spec, found[0],
+                     manifest_field(it.namespace, it.request_id)
+                     if it.manifest and it.request_id else "", job_number]
         raw, stopped_at, held = await run_script(redis, "reserve", k + shared, argv, replicas)
         taken.update(id(job) for job, h in zip(arq_jobs, held) if h)
         for (job, it), r in zip(pending, raw):

@@ -34,24 +34,30 @@ def account(tally: Tally, run: str, model_id: str, flags: str,
             usages: list[dict[str, Any] | None]) -> None:
     """Add one completed request to ``tally`` (keyed by ``(run, field)``); ``usages``:
     each sample's token usage."""
-    key = run, f"{model_id}|requests"
+    names = _field_names(model_id)
+    key = run, names[""][0]
     tally[key] = tally.get(key, 0) + 1
     for flag, usage in zip(flags, usages):
-        names = _field_names(model_id, flag)
-        key = run, names[0]
+        samples, prompt, completion = names[flag]
+        key = run, samples
         tally[key] = tally.get(key, 0) + 1
         if isinstance(usage, dict):
-            for name, what in zip(names[1:], ("prompt_tokens", "completion_tokens")):
-                if isinstance(usage.get(what), (int, float)):
+            for name, value in ((prompt, usage.get("prompt_tokens")),
+                                (completion, usage.get("completion_tokens"))):
+                if isinstance(value, (int, float)):
                     key = run, name
-                    tally[key] = tally.get(key, 0) + usage[what]
+                    tally[key] = tally.get(key, 0) + value
 
 
 @lru_cache(maxsize=1024)
-def _field_names(model_id: str, flag: str) -> tuple[str, str, str]:
-    kind = KIND_NAMES[flag]
-    return (f"{model_id}|samples_{kind}", f"{model_id}|prompt_tokens_{kind}",
-            f"{model_id}|completion_tokens_{kind}")
+def _field_names(model_id: str) -> dict[str, tuple[str, ...]]:
+    """flag -> the model's samples, prompt and completion token counters; ``""`` ->
+    its request counter."""
+    names: dict[str, tuple[str, ...]] = {"": (f"{model_id}|requests",)}
+    for flag, kind in KIND_NAMES.items():
+        names[flag] = (f"{model_id}|samples_{kind}", f"{model_id}|prompt_tokens_{kind}",
+                       f"{model_id}|completion_tokens_{kind}")
+    return names
 
 
 REFRESH_EVERY_S = 60.0
