@@ -375,3 +375,21 @@ def test_arq_job_bodies_and_keys_are_arqs_own():
     assert (job.function, list(job.args), job.kwargs, job.job_try) == (
         CACHE_JOB, [b"payload"], {}, None)
     assert job.enqueue_time.timestamp() == 1.234
+
+
+async def test_batches_of_one_run_in_one_call_share_its_counters(r):
+    """Two client batches (two groups) of the same run, reserved in one call: their
+    requests for the same prompt and namespace get consecutive ranges, and a corrupt
+    counter fails the call with what is wrong."""
+    from cachesaver_dist.protocol import CacheJob
+    from cachesaver_dist.scripts import reserve_jobs
+
+    jobs = [CacheJob("c1", [item("a", n=2)], 60, "b1"), CacheJob("c2", [item("b", n=1)], 60, "b2"),
+            CacheJob("c1", [item("c", n=1, run="other")], 60, "b3")]
+    got = await reserve_jobs(r, KEYS, jobs)
+    assert [[x.start for x in per_job] for per_job in got] == [[0], [2], [0]]
+    assert await r.hgetall(KEYS.usage("run")) == {b"k1ns": b"3"}
+    assert 0 < await r.pttl(KEYS.usage("run"))
+    await r.hset(KEYS.usage("run"), "k1ns", "three")
+    with pytest.raises(Exception, match="CORRUPT usage counter k1ns"):
+        await reserve(r, KEYS, "c3", [item("d")], batch="b4")

@@ -27,8 +27,10 @@
 -- the jobs are finished as arq finishes them (removed from the queue, their keys
 -- deleted), in the same atomic step; on an error they are let go again.
 --
--- A hit costs its counter increment and one read of its samples: the generation state is
--- read only when a sample is missing (a stored sample's index is always below the mark).
+-- A hit costs one read of its samples: the generation state is read only when a sample
+-- is missing (a stored sample's index is always below the mark). Usage counters are read
+-- with one HMGET per group (at its first request) and the changed ones written with one
+-- HSET at the end, not one HINCRBY per request.
 -- Reservation records (waiter id -> 'start|flags') are one hash per client batch, read
 -- once and written once per call; the client deletes it when the batch is answered.
 --
@@ -66,6 +68,44 @@ local stopped_at = -1
 local failure = nil  -- an error reply: the requests before it keep their reservations
 local records, new_records, touched = {}, {}, {}
 
+local nrequests = (#ARGV - first_arg) / 9
+-- Usage counters, per counter hash (groups of the same run share one): the fields the
+-- requests use, their values as read and as they stand now.
+local counter_fields, counters, counted_before = {}, {}, {}
+for i = 0, nrequests - 1 do
+  local a = first_arg + i * 9
+  local ukey = KEYS[tonumber(ARGV[a + 7])]
+  local list = counter_fields[ukey]
+  if not list then
+    list = {}
+    counter_fields[ukey] = list
+  end
+  list[#list + 1] = ARGV[a + 5] .. ARGV[a + 1]
+end
+
+-- The usage counters in hash ukey (field -> next unused index), read at its first use.
+local function counters_of(ukey)
+  local found = counters[ukey]
+  if not found then
+    local fields, before = counter_fields[ukey], {}
+    found = {}
+    for j = 1, #fields, 200 do
+      local chunk = {unpack(fields, j, math.min(j + 199, #fields))}
+      local values = redis.call('HMGET', ukey, unpack(chunk))
+      for c = 1, #chunk do
+        local value = values[c] and tonumber(values[c])
+        if values[c] and not (value and value >= 0 and value == math.floor(value)) then
+          error({err = 'CORRUPT usage counter ' .. chunk[c] .. ' in ' .. ukey ..
+            ': not a count'})
+        end
+        found[chunk[c]], before[chunk[c]] = value or 0, value or 0
+      end
+    end
+    counters[ukey], counted_before[ukey] = found, before
+  end
+  return found
+end
+
 local function records_of(rkey)
   local found = records[rkey]
   if not found then
@@ -101,7 +141,7 @@ end
 -- command raises (a key of another type, say): what was reserved before it is kept and
 -- handed on (records, claims), and the jobs are let go.
 local function reserve_requests()
-  for i = 0, (#ARGV - first_arg) / 9 - 1 do
+  for i = 0, nrequests - 1 do
     local k = first_key + i * 3
     local skey, gkey, wkey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
     local a = first_arg + i * 9
@@ -111,7 +151,7 @@ local function reserve_requests()
     if job > 0 and not held[job] then
       out[#out + 1] = false
     else
-      local ukey, ufield, rkey = KEYS[group], pkey .. ns, KEYS[group + 4]
+      local ufield, rkey = pkey .. ns, KEYS[group + 4]
 
       local start, old_flags, new = nil, nil, 0
       local record = records_of(rkey)[waiter]
@@ -120,7 +160,9 @@ local function reserve_requests()
       if s and #f == n then
         start, old_flags = tonumber(s), f
       else  -- no record, or one that is unreadable: a new range (never an old index twice)
-        start = redis.call('HINCRBY', ukey, ufield, n) - n
+        local counted = counters_of(KEYS[group])
+        start = counted[ufield]
+        counted[ufield] = start + n
         new = 1
       end
 
@@ -146,9 +188,7 @@ local function reserve_requests()
           failure = unreadable
         end
         if failure then
-          if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
-            redis.call('HDEL', ukey, ufield)
-          end
+          if new == 1 then counters[KEYS[group]][ufield] = start end
           break
         end
         local need_spec = spec == '' and start + n > mark
@@ -160,17 +200,12 @@ local function reserve_requests()
           end
         end
         if need_spec then
-          if new == 1 and redis.call('HINCRBY', ukey, ufield, -n) == 0 then
-            redis.call('HDEL', ukey, ufield)
-          end
+          if new == 1 then counters[KEYS[group]][ufield] = start end
           stopped_at = i
           break
         end
       end
-      if not touched[group] then
-        redis.call('PEXPIRE', ukey, usage_ttl)
-        touched[group] = true
-      end
+      touched[KEYS[group]] = true
       if new == 1 and mfield ~= '' then
         local mkey = KEYS[group + 3]
         if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. start .. '|' .. n) == 0 then
@@ -233,6 +268,22 @@ if not ok then
   failure = redis.error_reply(type(raised) == 'table' and raised.err or tostring(raised))
 end
 
+-- Counters changed (an error raised midway keeps the range it had taken: a gap, never an
+-- index twice), and the expiry of every counter hash used.
+for ukey, counted in pairs(counters) do
+  local changed = {}
+  for field, value in pairs(counted) do
+    if value ~= counted_before[ukey][field] then
+      changed[#changed + 1] = field
+      changed[#changed + 1] = string.format('%d', value)
+    end
+  end
+  for j = 1, #changed, 200 do
+    redis.call('HSET', ukey, unpack(changed, j, math.min(j + 199, #changed)))
+  end
+  if #changed > 0 then touched[ukey] = true end
+end
+for ukey in pairs(touched) do redis.call('PEXPIRE', ukey, usage_ttl) end
 for rkey, list in pairs(new_records) do
   for j = 1, #list, 200 do
     redis.call('HSET', rkey, unpack(list, j, math.min(j + 199, #list)))
