@@ -69,7 +69,7 @@ def asker(api: OnlineAPI) -> W.Ask:
 def api_for(spec: dict[str, Any], **kw: Any) -> OnlineAPI:
     return OnlineAPI(spec["model"], cache=spec["url"], prefix=spec["prefix"],
                      request_timeout=spec.get("request_timeout", 60),
-                     direct=spec.get("direct", False), **kw)
+                     **({"direct": True} if spec.get("direct") else {}), **kw)
 
 
 async def hits(spec: dict[str, Any]) -> dict[str, Any]:

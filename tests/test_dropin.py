@@ -105,9 +105,11 @@ def texts(completion) -> list[str | None]:
 # --- each client: its SDK's type, n choices, cache across namespaces --------------------
 
 
-async def test_async_openai_cache_across_namespaces(sim, opts):
+@pytest.mark.parametrize("direct", [False, True], ids=["via-cache-worker", "direct"])
+async def test_async_openai_cache_across_namespaces(sim, opts, direct):
     model = model_name()
-    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, direct=direct,
+                           **opts) as client:
         first, meta = await client.chat.completions.create(model=model, messages=MSGS, n=3,
                                                            metadata=True)
         assert isinstance(first, ChatCompletion) and len(first.choices) == 3
@@ -123,10 +125,11 @@ async def test_async_openai_cache_across_namespaces(sim, opts):
     assert sim.requests(model) == 2
 
 
-def test_sync_openai_cache_across_namespaces(sim, opts):
+@pytest.mark.parametrize("direct", [False, True], ids=["via-cache-worker", "direct"])
+def test_sync_openai_cache_across_namespaces(sim, opts, direct):
     model = model_name()
     with OpenAI(api_key="test", base_url=sim.openai, max_retries=0, namespace="ns1",
-                **opts) as client:
+                direct=direct, **opts) as client:
         first = client.chat.completions.create(model=model, messages=MSGS, n=2)
         assert isinstance(first, ChatCompletion) and len(first.choices) == 2
         other, meta = client.chat.completions.create(model=model, messages=MSGS, n=2,

@@ -197,11 +197,11 @@ class _Core:
                  cache: Any, run: str | None, batch_size: int, batch_timeout: float,
                  prefix: str | None, data_dir: str | None, provider_id: str | None,
                  max_n: int | None, request_timeout: float, max_prompt_bytes: int,
-                 workers: str = "local") -> None:
+                 workers: str = "local", direct: bool = False) -> None:
         if workers not in ("local", "pool"):
             raise ValueError(f"workers must be 'local' (call the provider from this process) "
                              f"or 'pool' (a batch worker pool calls it), got {workers!r}")
-        self.workers = workers
+        self.workers, self.direct = workers, bool(direct)
         if cache is not None and not isinstance(cache, (str, Redis)):
             raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
                             f"{type(cache).__name__}")
@@ -310,7 +310,7 @@ class _Core:
                         model_id=model_id, batch_size=self._batch_size,
                         timeout=self._batch_timeout, prefix=self._prefix,
                         request_timeout=self._request_timeout,
-                        max_prompt_bytes=self._max_prompt_bytes)
+                        max_prompt_bytes=self._max_prompt_bytes, direct=self.direct)
         await api.start()
         return api
 
@@ -400,9 +400,10 @@ class AsyncClient:
     ``REDIS_URL``, else an embedded server in ``data_dir``), ``run``, ``batch_size``,
     ``batch_timeout`` (seconds a batch waits to fill), ``prefix``, ``provider_id``
     (cache identity), ``max_n`` (samples per provider call), ``request_timeout`` and
-    ``max_prompt_bytes``, and ``workers``: ``"local"`` (the provider is called from this
+    ``max_prompt_bytes``, ``workers``: ``"local"`` (the provider is called from this
     process) or ``"pool"`` (batch workers started with ``--model dropin:<provider>:<model>``
-    call it). See ``docs/dropin.md``.
+    call it), and ``direct`` (``OnlineAPI(direct=True)``: hits answered without the cache
+    worker hop). See ``docs/dropin.md``.
     """
 
     provider: ClassVar[Provider]
@@ -413,13 +414,13 @@ class AsyncClient:
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
-                 **sdk_options: Any) -> None:
+                 direct: bool = False, **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
             cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
             prefix=prefix, data_dir=data_dir, provider_id=provider_id, max_n=max_n,
             request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
-            workers=workers)
+            workers=workers, direct=direct)
 
         async def create(*, namespace: str | None = None, request_id: str | None = None,
                          metadata: Any = False, **kwargs: Any) -> Any:
