@@ -8,6 +8,10 @@ doubles up to 30 s, until ``request_timeout``. A request whose model (or the cac
 queue) has no live worker fails at its first re-ask, naming the worker to start.
 Redis errors that retrying cannot fix (permissions, memory, a read-only replica) fail
 at once; a lost connection is retried within ``request_timeout``.
+
+In direct mode (``OnlineAPI(direct=True)``) a batch is not enqueued: the client runs the
+cache workers' reserve call itself and answers the complete requests from its result;
+the others are answered on the reply channel, by the batch workers, as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -47,11 +51,14 @@ from .protocol import (
     waiter_id,
 )
 
+if TYPE_CHECKING:
+    from .outbox import Outbox
+
 log = logging.getLogger("cachesaver_dist.client")
+T = TypeVar("T")
 
 MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
-T = TypeVar("T")
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 
 
@@ -254,7 +261,9 @@ class CacheClient:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send_outbox(self, outbox: Any, requests: int) -> None:
+    async def _send_outbox(self, outbox: Outbox, requests: int) -> None:
+        """Write the accounting and dead letters of a direct-mode batch (with the
+        deletion of answered batches' reservation records)."""
         from . import metrics
 
         pipe = self.redis.pipeline(transaction=False)

@@ -199,7 +199,7 @@ class OnlineAPI:
             self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
                                        batch_size=self._model_batch_size,
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
-                                       replicas=replicas)
+                                       replicas=replicas, with_cache_worker=not self.direct)
 
     async def _open_redis(self) -> Redis:
         cache = self._cache

@@ -37,24 +37,30 @@ EXIT_OK, EXIT_REDIS, EXIT_USAGE = 0, 1, 2
 
 
 class LocalWorkers:
-    """A cache worker and a batch worker for one model, inside this process."""
+    """A cache worker and a batch worker for one model, inside this process (no cache
+    worker with ``with_cache_worker=False``: a direct-mode client reserves itself)."""
 
     def __init__(self, redis: Redis, keys: Keys, route: str, model: Any, *,
                  batch_size: int = defaults.BATCH_SIZE, concurrency: int = defaults.CONCURRENCY,
-                 run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0) -> None:
-        self._cache = cache_worker(keys, redis_pool=ArqRedis(connection_pool=redis.connection_pool),
-                                   run_ttl_s=run_ttl_s, replicas=replicas)
+                 run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
+                 with_cache_worker: bool = True) -> None:
         self._batch = BatchWorker(redis, keys, {route: model},
                                   BatchWorkerConfig(batch_size=batch_size, concurrency=concurrency,
                                                     replicas=replicas))
-        self._tasks = (asyncio.create_task(self._cache.async_run()),
-                       asyncio.create_task(self._batch.run()))
+        self._batch_task = asyncio.create_task(self._batch.run())
+        self._cache: Any = None
+        if with_cache_worker:
+            pool = ArqRedis(connection_pool=redis.connection_pool)
+            self._cache = cache_worker(keys, redis_pool=pool, run_ttl_s=run_ttl_s,
+                                       replicas=replicas)
+            self._cache_task = asyncio.create_task(self._cache.async_run())
 
     async def stop(self) -> None:
         """Stop both within a few seconds; the Redis client stays open (it is the caller's)."""
         self._batch.stop()
-        await asyncio.gather(self._tasks[1], return_exceptions=True)
-        await stop_worker(self._cache, self._tasks[0], close_pool=False)
+        await asyncio.gather(self._batch_task, return_exceptions=True)
+        if self._cache is not None:
+            await stop_worker(self._cache, self._cache_task, close_pool=False)
 
 
 async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults.CONNECT_WAIT_S
