@@ -30,7 +30,10 @@ next one starts whatever happened), the slowest take 40 s: a batch worker's SIGK
 with the default 30 s lease, the failover (both wait out a lease), and a SIGTERM that
 left work leased (see ``docs/reliability.md``).
 
-Usage: ``.venv/bin/python -m bench.faults [--only NAME ...] [--list] [--keep]``
+``--direct``: the clients are ``OnlineAPI(direct=True)`` (they reserve themselves; the
+cache workers still run); written to ``bench/results/faults-direct.json``.
+
+Usage: ``.venv/bin/python -m bench.faults [--direct] [--only NAME ...] [--list] [--keep]``
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from tests.test_urls import PASSWORD, SentinelGroup, Servers  # noqa: E402
 
 STUDY = "faults"
 OUT = C.BENCH_HOME / "results" / "faults.json"
+DIRECT = False  # --direct: the clients reserve themselves
 NAMESPACES = ("a", "a", "b", "b")  # two clients per namespace: shared counters
 LOAD_REPLIES = 40  # replies before the fault, and after it is over
 SETTLE_S = 0.5  # more load before the fault
@@ -200,6 +204,14 @@ class Stage:
         self.told.add(proc.pid)
         proc.send_signal(sig)
 
+    def client_env(self) -> dict[str, str]:
+        """A direct client reserves itself: it waits for the replicas the workers wait for."""
+        if not DIRECT:
+            return {}
+        w = self.setup.wait_replicas
+        return {"CRASH_CLIENT_DIRECT": "1",
+                **({"CACHESAVER_WAIT_REPLICAS": str(w)} if w is not None else {})}
+
     def start_clients(self) -> None:
         for seed, ns in enumerate(NAMESPACES):
             with open(self.dir / f"client-{seed}.log", "wb") as log:
@@ -207,7 +219,8 @@ class Stage:
                     [sys.executable, "-m", "tests.crash_client", self.keys.prefix,
                      self.fault.name, self.route, ns, str(seed), str(self.stop_file),
                      str(CLIENT_MAX_S)],
-                    env=subprocess_env(self.url), stdout=subprocess.PIPE, stderr=log, cwd=ROOT))
+                    env=subprocess_env(self.url, **self.client_env()),
+                    stdout=subprocess.PIPE, stderr=log, cwd=ROOT))
 
     def collect(self) -> tuple[list[dict[str, Any]], list[str]]:
         """What each client received; and the clients that failed (their requests lost)."""
@@ -649,7 +662,12 @@ def main() -> None:
     p.add_argument("--only", nargs="+", metavar="NAME", help="these faults only (see --list)")
     p.add_argument("--list", action="store_true", help="list the faults and exit")
     p.add_argument("--keep", action="store_true", help="keep logs and data dirs in bench/.work")
+    p.add_argument("--direct", action="store_true",
+                   help="clients with OnlineAPI(direct=True) (results: faults-direct.json)")
     a = p.parse_args()
+    global DIRECT, OUT
+    if a.direct:
+        DIRECT, OUT = True, OUT.with_name("faults-direct.json")
     if a.list:
         for f in FAULTS:
             print(f"{f.name:20} {f.what}")
@@ -682,12 +700,13 @@ def main() -> None:
     print()
     print(table(results))
     res = {"study": STUDY, "env": env, "seconds": round(time.monotonic() - started, 1),
-           "command": ".venv/bin/python -m bench.faults" +
+           "command": ".venv/bin/python -m bench.faults" + (" --direct" if DIRECT else "") +
                       (f" --only {' '.join(a.only)}" if a.only else ""),
            "setup": {"redis": "ops/redis.conf (port, dir, bind overridden); the failover: "
                               "tests/test_urls.py's SentinelGroup",
                      "clients": f"{len(NAMESPACES)} x tests/crash_client.py (6 callers, "
-                                "reply_timeout 1 s, request_timeout 60 s)",
+                                "reply_timeout 1 s, request_timeout 60 s"
+                                + (", direct=True)" if DIRECT else ")"),
                      "model": f"{DURABLE} (20 ms a call) unless the fault says otherwise",
                      "load_replies": LOAD_REPLIES},
            "faults": results}

@@ -58,12 +58,18 @@ def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
     return asyncio.create_task(loop(), name=f"heartbeat:{name}")
 
 
+RESTART_GRACE_S = 5.0  # a worker that stopped cleanly still counts this long
+
+
 async def retire(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> None:
-    """Take ``name`` out of the registry at once (best effort, bounded)."""
+    """Shorten ``name``'s promise to ``RESTART_GRACE_S`` from now (best effort, bounded):
+    a request waiting through a restart (stop, then start) waits for the replacement
+    instead of failing; with no replacement, it fails at its first re-ask after that."""
+    deadline_ms = int((time.time() + RESTART_GRACE_S) * 1000)
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
         pipe = redis.pipeline(transaction=False)
         for route in routes:
-            pipe.zrem(keys.workers(route), name)
+            pipe.zadd(keys.workers(route), {name: deadline_ms}, xx=True)
         await asyncio.wait_for(pipe.execute(), 1.0)
 
 

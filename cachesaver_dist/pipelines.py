@@ -57,6 +57,11 @@ class OnlineAPI:
     batch workers). Same script, order and results; it costs this process the work a
     cache worker would do, and its Redis user needs the cache worker's rights
     (``docs/acl.md``). Worth it when most requests are hits (``docs/scaling.md``).
+
+    ``wait_replicas``: with in-process workers or ``direct=True``, how many replicas must
+    hold each reservation and store before it is answered, as the workers'
+    ``--wait-replicas`` (default ``CACHESAVER_WAIT_REPLICAS``, else decided behind
+    Sentinel as the workers decide). A direct client needs the cache workers' setting.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class OnlineAPI:
         manifest: bool = False,
         replay: str | None = None,
         direct: bool = False,
+        wait_replicas: int | None = None,
     ) -> None:
         if correctness:
             raise InvalidRequestError(
@@ -98,6 +104,11 @@ class OnlineAPI:
                             ("max_prompt_bytes", max_prompt_bytes), ("run_ttl_s", run_ttl_s)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+        if wait_replicas is not None and (not isinstance(wait_replicas, int) or
+                                          isinstance(wait_replicas, bool) or wait_replicas < 0):
+            raise InvalidRequestError(f"wait_replicas must be an int >= 0 or None, got "
+                                      f"{wait_replicas!r}")
+        self._wait_replicas = wait_replicas
         for name, seconds in (("timeout", timeout), ("reply_timeout", reply_timeout),
                               ("request_timeout", request_timeout)):
             if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or \
@@ -155,7 +166,8 @@ class OnlineAPI:
         self._redis: Redis | None = None
         self._client: CacheClient | Any = None  # Any: a runs.Replayer
         self._local: Any = None  # workers.run.LocalWorkers
-        self._replicas = defaults.wait_replicas(None)
+        self._replicas = wait_replicas if wait_replicas is not None else \
+            defaults.wait_replicas(None)
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -216,7 +228,8 @@ class OnlineAPI:
             # A diskcache.Cache from single-process code: keep its folder as the data home.
             self._data_dir, cache = Path(directory) / "cachesaver-redis", None
         url, self._server = await asyncio.to_thread(resolve_redis_url, cache, self._data_dir)
-        self._replicas = defaults.wait_replicas(url)
+        if self._wait_replicas is None:
+            self._replicas = defaults.wait_replicas(url)
         await check_reachable(url)
         return connect(url)
 

@@ -107,7 +107,8 @@ async def main(prefix: str, run: str, model: str, namespace: str, seed: int,
 
     async with OnlineAPI(model, cache=os.environ["REDIS_URL"], prefix=prefix, run=run,
                          batch_size=8, timeout=0.002, reply_timeout=1.0,
-                         request_timeout=60) as api:
+                         request_timeout=60,
+                         direct=os.environ.get("CRASH_CLIENT_DIRECT") == "1") as api:
         await asyncio.gather(*(caller(api) for _ in range(CALLERS)))
     return {"answers": answers, "errors": errors}
 

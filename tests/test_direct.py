@@ -145,3 +145,9 @@ def test_direct_and_worker_clients_share_a_namespace(redis_url, keys, processes)
     start_pool(processes, cache_workers=1, counter=counter)
     results = collect(_clients(redis_url, keys, "mixed", 40, [True, False, True, False]))
     check_invariants([("shared", r) for r in results], redis_url, keys, counter)
+
+
+def test_wait_replicas_is_checked(redis_url, keys):
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(InvalidRequestError, match="wait_replicas must be an int >= 0"):
+            api("sim:x", redis_url, keys, direct=True, wait_replicas=bad)

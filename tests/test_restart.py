@@ -61,7 +61,8 @@ def persistent_redis(tmp_path):
     server.stop()
 
 
-async def test_samples_survive_and_everyone_reconnects(persistent_redis, tmp_path):
+@pytest.mark.parametrize("direct", [False, True], ids=["via-cache-worker", "direct"])
+async def test_samples_survive_and_everyone_reconnects(persistent_redis, tmp_path, direct):
     keys = Keys(f"restart{uuid.uuid4().hex[:6]}:")
     procs = Processes(persistent_redis.url, keys, tmp_path)
     try:
@@ -70,7 +71,7 @@ async def test_samples_survive_and_everyone_reconnects(persistent_redis, tmp_pat
         procs.wait_alive("cache")
         procs.wait_alive(MODEL)
         async with OnlineAPI(MODEL, cache=persistent_redis.url, prefix=keys.prefix,
-                             reply_timeout=1.0, request_timeout=60) as api:
+                             reply_timeout=1.0, request_timeout=60, direct=direct) as api:
             before = await api.request(Request("persist me", 2, "a", "ns1"))
             persistent_redis.stop()
             time.sleep(0.5)

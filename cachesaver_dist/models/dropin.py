@@ -197,11 +197,12 @@ class _Core:
                  cache: Any, run: str | None, batch_size: int, batch_timeout: float,
                  prefix: str | None, data_dir: str | None, provider_id: str | None,
                  max_n: int | None, request_timeout: float, max_prompt_bytes: int,
-                 workers: str = "local", direct: bool = False) -> None:
+                 workers: str = "local", direct: bool = False,
+                 wait_replicas: int | None = None) -> None:
         if workers not in ("local", "pool"):
             raise ValueError(f"workers must be 'local' (call the provider from this process) "
                              f"or 'pool' (a batch worker pool calls it), got {workers!r}")
-        self.workers, self.direct = workers, bool(direct)
+        self.workers, self.direct, self.wait_replicas = workers, bool(direct), wait_replicas
         if cache is not None and not isinstance(cache, (str, Redis)):
             raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
                             f"{type(cache).__name__}")
@@ -310,7 +311,8 @@ class _Core:
                         model_id=model_id, batch_size=self._batch_size,
                         timeout=self._batch_timeout, prefix=self._prefix,
                         request_timeout=self._request_timeout,
-                        max_prompt_bytes=self._max_prompt_bytes, direct=self.direct)
+                        max_prompt_bytes=self._max_prompt_bytes, direct=self.direct,
+                        wait_replicas=self.wait_replicas)
         await api.start()
         return api
 
@@ -402,8 +404,8 @@ class AsyncClient:
     (cache identity), ``max_n`` (samples per provider call), ``request_timeout`` and
     ``max_prompt_bytes``, ``workers``: ``"local"`` (the provider is called from this
     process) or ``"pool"`` (batch workers started with ``--model dropin:<provider>:<model>``
-    call it), and ``direct`` (``OnlineAPI(direct=True)``: hits answered without the cache
-    worker hop). See ``docs/dropin.md``.
+    call it), ``direct`` (``OnlineAPI(direct=True)``: hits answered without the cache
+    worker hop) and ``wait_replicas`` (as ``OnlineAPI``'s). See ``docs/dropin.md``.
     """
 
     provider: ClassVar[Provider]
@@ -414,13 +416,14 @@ class AsyncClient:
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
-                 direct: bool = False, **sdk_options: Any) -> None:
+                 direct: bool = False, wait_replicas: int | None = None,
+                 **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
             cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
             prefix=prefix, data_dir=data_dir, provider_id=provider_id, max_n=max_n,
             request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
-            workers=workers, direct=direct)
+            workers=workers, direct=direct, wait_replicas=wait_replicas)
 
         async def create(*, namespace: str | None = None, request_id: str | None = None,
                          metadata: Any = False, **kwargs: Any) -> Any:

@@ -84,14 +84,16 @@ class Client:
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
-                 direct: bool = False, **sdk_options: Any) -> None:
+                 direct: bool = False, wait_replicas: int | None = None,
+                 **sdk_options: Any) -> None:
         self._sdk_options = self.provider.sdk_kwargs(sdk_options)
         self._core = core = _Core(
             self.provider, {k: v for k, v in self._sdk_options.items() if k != "http_client"},
             namespace=namespace, cache=cache, run=run, batch_size=batch_size,
             batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir,
             provider_id=provider_id, max_n=max_n, request_timeout=request_timeout,
-            max_prompt_bytes=max_prompt_bytes, workers=workers, direct=direct)
+            max_prompt_bytes=max_prompt_bytes, workers=workers, direct=direct,
+            wait_replicas=wait_replicas)
         self._runner = runner = _LoopThread(f"cachesaver-{type(self).__name__}")
         self._finalizer = core.exit_hook = weakref.finalize(self, _shutdown, runner, core)
         self._sync_sdk: Any = None
