@@ -29,8 +29,8 @@
 --
 -- A hit costs one read of its samples: the generation state is read only when a sample
 -- is missing (a stored sample's index is always below the mark). Usage counters are read
--- with one HMGET per group (at its first request) and the changed ones written with one
--- HSET at the end, not one HINCRBY per request.
+-- with one HMGET per counter hash (at its first use) and the changed ones written with
+-- one HSET at the end, not one HINCRBY per request.
 -- Reservation records (waiter id -> 'start|flags') are one hash per client batch, read
 -- once and written once per call; the client deletes it when the batch is answered.
 --
