@@ -2,7 +2,9 @@
 
 Every sample is read before it is sent: one that cannot be read is set aside as a dead
 letter and removed from the cache (so it is generated again), and its request gets an
-error that says so, instead of a reply the client could not decode.
+error that says so, instead of a reply the client could not decode. Cache workers and
+batch workers publish the replies; a direct-mode client takes its own out and sends the
+rest (accounting, dead letters).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from cachesaver_dist import metrics
-from cachesaver_dist.deadletters import queue_dead_letter
-from cachesaver_dist.errors import ProtocolError
-from cachesaver_dist.protocol import (
+from . import metrics
+from .deadletters import queue_dead_letter
+from .errors import ProtocolError
+from .protocol import (
     Keys,
     arq_job_keys,
     decode_sample,
@@ -25,8 +27,8 @@ from cachesaver_dist.protocol import (
     reply,
     split_waiter_id,
 )
-from cachesaver_dist.scripts import MalformedWaiter, discard
-from cachesaver_dist.stats import Tally, account, write_tally
+from .scripts import MalformedWaiter, discard
+from .stats import Tally, account, write_tally
 
 
 class Outbox:
