@@ -3,8 +3,9 @@
 It starts the LLM simulator server, a cache worker and a batch worker as separate
 processes (the shape of a real deployment; the batch worker talks to the simulator
 over HTTP as it would to an OpenAI-compatible provider), then runs the workload
-twice. The first pass pays only for samples no method has asked for before; the
-second pass (a new run) is served from cache.
+three times. The first pass pays only for samples no method has asked for before; the
+second pass (a new run) is served from cache; the third does the same as a direct
+client (``OnlineAPI(direct=True)``: it reserves itself, without the cache worker hop).
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ METHODS = {
 
 
 async def _run_pass(url: str, keys: Keys, puzzles: list[str], label: str,
-                    console: Console) -> dict[str, float]:
+                    console: Console, *, direct: bool = False) -> dict[str, float]:
     started = time.monotonic()
     requests = 0
     async with OnlineAPI(MODEL, cache=url, prefix=keys.prefix, batch_size=32,
-                         request_timeout=120) as api:
+                         request_timeout=120, direct=direct) as api:
         with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task(label, total=len(puzzles) * len(METHODS))
@@ -147,7 +148,7 @@ async def _wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen])
 
 async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.05, *,
                    as_json: bool = False) -> int:
-    """Start workers, run the workload twice, print what was generated vs cached (the
+    """Start workers, run the workload three times, print what was generated vs cached (the
     rows as JSON on stdout with ``as_json``; everything else then goes to stderr)."""
     console = Console(stderr=as_json)
     chosen = (PUZZLES * (puzzles // len(PUZZLES) + 1))[:puzzles]
@@ -158,8 +159,9 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
     procs = _spawn_processes(url, keys, latency)
     try:
         await _wait_for_workers(url, keys, procs)
-        rows = [await _run_pass(url, keys, chosen, label, console)
-                for label in ("pass 1", "pass 2 (re-run)")]
+        rows = [await _run_pass(url, keys, chosen, label, console, direct=direct)
+                for label, direct in (("pass 1", False), ("pass 2 (re-run)", False),
+                                      ("pass 3 (re-run, direct)", True))]
     finally:
         for p in procs:
             p.terminate()

@@ -90,5 +90,7 @@ def test_demo_command_runs_on_the_embedded_default(tmp_path):
     first_run, second_run = rows
     assert int(first_run[0][2]) > 0, outputs[0]  # pass 1 generated samples
     assert int(first_run[1][2]) == 0 and int(first_run[1][3]) > 0  # pass 2 from cache
+    assert first_run[2][0].startswith("pass 3") and int(first_run[2][2]) == 0  # direct
+    assert first_run[2][3] == first_run[1][3]  # the same samples served from cache
     assert all(int(r[2]) == 0 for r in second_run), outputs[1]  # data kept across runs
     assert (tmp_path / ".cachesaver" / "appendonlydir").is_dir()  # persisted where it ran
