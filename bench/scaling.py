@@ -25,6 +25,10 @@ ours alone):
   the calls into top-level commands per process (connections mapped to processes with
   psutil) and commands run inside scripts (``[lua]``).
 
+The same windows then run with 1-4 *direct* client processes (``OnlineAPI(direct=True)``:
+they reserve themselves) and no cache worker: their rows and summary are apart from the
+full path's (``summary["direct"]``).
+
 The original (one process, no sharing possible) is measured at 32 callers for reference.
 Target: ≤ 1 Redis round trip per hit request, amortised, at batch 32.
 
@@ -77,7 +81,7 @@ def phase(duration: float) -> dict[str, Any]:
 
 
 def scaling_spec(st: C.Stack, windows: dict[str, tuple[float, float]],
-                 salt: str) -> dict[str, Any]:
+                 salt: str, direct: bool = False) -> dict[str, Any]:
     """One client process: a hits window, then a misses window (prompts salted with
     ``salt``, never seen before), each starting at its own instant."""
     phases = []
@@ -86,7 +90,7 @@ def scaling_spec(st: C.Stack, windows: dict[str, tuple[float, float]],
                        "prompts": PROMPTS if kind == "hits" else 10**9,
                        "salt": salt if kind == "misses" else ""})
     return {"mode": "scaling", "url": st.url, "prefix": st.prefix, "model": MODEL,
-            "phases": phases, "count_round_trips": True}
+            "phases": phases, "count_round_trips": True, "direct": direct}
 
 
 def run(duration: float) -> None:
@@ -130,6 +134,14 @@ def run(duration: float) -> None:
                 print(f"{n_workers} cache worker(s), {n_clients} client process(es)", flush=True)
                 rows += measure(st, duration, n_workers, n_clients, idle[n_workers], own, pids,
                                 f"{tag}-{n_workers}-{n_clients}", monitor)
+        for w in workers:  # direct clients need no cache worker
+            st.stop_worker(w)
+        pids = {"cache workers": [], "batch worker": [batch.pid],
+                "redis-server": [redis_pid] if redis_pid else []}
+        for n_clients in CLIENTS:
+            print(f"no cache worker, {n_clients} direct client process(es)", flush=True)
+            rows += measure(st, duration, 0, n_clients, {"reads_per_s": 0.0}, own, pids,
+                            f"{tag}-direct-{n_clients}", monitor, direct=True)
         print("original, 1 process, 32 callers", flush=True)
         cache_dir = C.WORK / f"orig-{STUDY}-{uuid.uuid4().hex[:6]}"
         orig = C.run_driver("original", {"mode": "hits", "cache_dir": str(cache_dir),
@@ -169,12 +181,13 @@ def host_cpu() -> tuple[float, float]:
 
 def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
             idle: dict[str, float], own: dict[str, Any], pids: dict[str, list[int]],
-            salt: str, monitor: dict[str, Any]) -> list[dict[str, Any]]:
-    """The hits window, then the misses window, of one configuration: one row each."""
+            salt: str, monitor: dict[str, Any], direct: bool = False) -> list[dict[str, Any]]:
+    """The hits window, then the misses window, of one configuration: one row each
+    (``direct``: the clients are ``OnlineAPI(direct=True)``)."""
     start = time.time() + 3.0
     windows = {"hits": (start, duration), "misses": (start + duration + GAP, duration)}
-    drivers = [C.start_driver("ours", scaling_spec(st, windows, f"{salt}-{i}"), env=st.env())
-               for i in range(n_clients)]
+    drivers = [C.start_driver("ours", scaling_spec(st, windows, f"{salt}-{i}", direct),
+                              env=st.env()) for i in range(n_clients)]
     server: dict[str, tuple[dict[str, Any], dict[str, float], float]] = {}
     hosts: dict[str, tuple[float, float]] = {}
     for kind, (start_at, _) in windows.items():
@@ -199,7 +212,8 @@ def measure(st: C.Stack, duration: float, n_workers: int, n_clients: int,
         usec = {k: v / in_window for k, v in delta["usec"].items()}
         scripts = sum(v for k, v in usec.items() if k in SCRIPTS)
         rows.append({
-            "kind": kind, "workers": n_workers, "clients": n_clients, "count": count,
+            "kind": kind, "workers": n_workers, "clients": n_clients, "direct": direct,
+            "count": count,
             "in_window": in_window, "wall": wall,
             "throughput": sum(r["throughput"] for r in res), "p50": C.percentile(lat, 50),
             "p99": C.percentile(lat, 99), "misses": sum(r["misses"] for r in res),
@@ -294,8 +308,10 @@ def outside_scripts(usec: dict[str, float], monitor: dict[str, Any]) -> float:
     return total
 
 
-def per_kind(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in rows if r["kind"] == kind]
+def per_kind(rows: list[dict[str, Any]], kind: str, direct: bool = False
+             ) -> list[dict[str, Any]]:
+    """The rows of one kind, of the full path (or of the direct clients)."""
+    return [r for r in rows if r["kind"] == kind and bool(r.get("direct")) == direct]
 
 
 def pooled(rows: list[dict[str, Any]], field: str) -> dict[str, float]:
@@ -349,6 +365,23 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     h, m = out["hits"]["redis_us_median"], out["misses"]["redis_us_median"]
     out["mixed"] = {str(ratio): 1e6 / (ratio * h + (1 - ratio) * m)
                     for ratio in (0.5, 0.9, 0.99)}
+    direct = {}
+    for kind in KINDS:
+        rs = per_kind(res["rows"], kind, direct=True)
+        if rs:
+            redis_us = statistics.median(r["redis_us"] for r in rs)
+            clients = statistics.median(r["cpu_us_by"].get("clients", 0.0) for r in rs)
+            peak = max(rs, key=lambda r: r["throughput"])
+            direct[kind] = {"redis_us_median": redis_us, "per_core": 1e6 / redis_us,
+                            "clients_us_median": clients,
+                            "commands_per_request": statistics.median(r["cmds"] for r in rs),
+                            "rt_server_median": statistics.median(r["rt_server"] for r in rs),
+                            "peak": {"throughput": peak["throughput"],
+                                     "clients": peak["clients"],
+                                     "redis_cpu_pct": peak["cpu_pct"].get("redis-server",
+                                                                          0.0)}}
+    if direct:
+        out["direct"] = direct
     return out
 
 
@@ -464,6 +497,7 @@ def report(res: dict[str, Any]) -> None:
         C.md_table(h_headers, h_table), "",
         "### Misses\n",
         C.md_table(m_headers, m_table), "",
+        *direct_section(rows, orig),
         "### Per request, for the capacity model\n",
         f"* redis-server CPU per **hit**: median {summ['hits']['redis_us_median']:.1f} µs "
         f"(range {summ['hits']['redis_us_min']:.1f}-{summ['hits']['redis_us_max']:.1f}) → "
@@ -559,6 +593,28 @@ def report(res: dict[str, Any]) -> None:
     print(f"\nwritten to {C.RESULTS} (section {STUDY})")
 
 
+def direct_section(rows: list[dict[str, Any]], orig: dict[str, Any]) -> list[str]:
+    """The direct clients' rows (no cache worker), hits and misses side by side."""
+    table = []
+    for h in per_kind(rows, "hits", direct=True):
+        [m] = [r for r in per_kind(rows, "misses", direct=True) if r["clients"] == h["clients"]]
+        table.append([h["clients"], C.fmt(h["throughput"], 0),
+                      C.fmt(h["throughput"] / orig["throughput"]), C.fmt(h["p50"]),
+                      C.fmt(h["rt_server"], 3), C.fmt(h["cmds"], 2), C.fmt(h["redis_us"], 1),
+                      C.fmt(h["cpu_us_by"].get("clients", 0), 0), C.fmt(h["cpu_us"], 0),
+                      C.fmt(m["throughput"], 0), C.fmt(m["redis_us"], 1),
+                      C.fmt(m["cpu_us"], 0)])
+    if not table:
+        return []
+    return ["### Direct clients (`OnlineAPI(direct=True)`, no cache worker)\n",
+            C.md_table(["direct clients", "hits/s", "× original", "p50 ms",
+                        "round trips / hit (server reads)", "commands / hit",
+                        "redis-server CPU µs / hit", "clients' CPU µs / hit",
+                        "CPU µs / hit (all processes)", "misses/s",
+                        "redis-server CPU µs / miss", "CPU µs / miss (all processes)"],
+                       table), ""]
+
+
 def write_docs(res: dict[str, Any]) -> None:
     """The figures block of ``docs/scaling.md``, from ``results/scaling.json``."""
     s, env = res["summary"], res["env"]
@@ -617,6 +673,21 @@ def write_docs(res: dict[str, Any]) -> None:
         "per miss): " + ", ".join(f"h = {k}: **{C.fmt(v, 0)}**" for k, v in s["mixed"].items())
         + ".",
     ]
+    if "direct" in s:
+        dh, dm = s["direct"]["hits"], s["direct"]["misses"]
+        lines += [
+            "",
+            f"Direct clients (`OnlineAPI(direct=True)`, no cache worker; 1-4 client "
+            f"processes): redis-server CPU per hit **{dh['redis_us_median']:.1f} µs** "
+            f"(median; → **{C.fmt(dh['per_core'], 0)}** hits/s per primary core), per miss "
+            f"{dm['redis_us_median']:.1f} µs; {dh['commands_per_request']:.2f} commands and "
+            f"{dh['rt_server_median']:.3f} round trips per hit; the clients' CPU per hit "
+            f"{dh['clients_us_median']:.0f} µs → "
+            f"{dh['clients_us_median'] / dh['redis_us_median']:.1f} client cores per primary "
+            f"core; best {C.fmt(dh['peak']['throughput'], 0)} hits/s here "
+            f"({dh['peak']['clients']} clients; Redis CPU "
+            f"{dh['peak']['redis_cpu_pct']:.0f} %).",
+        ]
     lines += [
         "",
         f"While it ran, processes not of the study used a median "
