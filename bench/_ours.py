@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -187,6 +188,7 @@ MODES = {"hits": hits, "scaling": scaling, "round_trip_cost": round_trip_cost,
 
 
 def main() -> None:
+    os.environ.pop("CACHESAVER_DIRECT", None)  # the spec says which path ("direct")
     spec = json.loads(sys.stdin.read())
     if spec.get("count_round_trips"):
         count_round_trips()

@@ -58,6 +58,18 @@ def wait_replicas(url: str | None) -> int | None:
     return None if url and url.split("://", 1)[0].endswith("+sentinel") else 0
 
 
+def direct() -> bool:
+    """``CACHESAVER_DIRECT``: ``1``, ``true`` or ``yes`` make clients reserve themselves
+    (``OnlineAPI(direct=True)``); unset, empty, ``0``, ``false`` or ``no``: they do not.
+    Anything else raises ``ValueError`` naming the variable."""
+    value = os.environ.get("CACHESAVER_DIRECT", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"CACHESAVER_DIRECT={value!r}: use 1 or 0 (true/false, yes/no)")
+
+
 def redis_url() -> str | None:
     """``REDIS_URL``, or None (use the embedded server)."""
     return os.environ.get("REDIS_URL") or None

@@ -52,7 +52,8 @@ class OnlineAPI:
     (same namespace, prompt and ``n``), read straight from Redis: no worker is needed and
     nothing is generated; any other request fails with ``ReplayError``.
 
-    ``direct=True`` (opt in): this process runs the cache workers' reserve step itself,
+    ``direct=True`` (opt in; default ``CACHESAVER_DIRECT``, else off): this process runs
+    the cache workers' reserve step itself,
     one Redis round trip per batch, so hits need no cache worker (misses still go to the
     batch workers). Same script, order and results; it costs this process the work a
     cache worker would do, and its Redis user needs the cache worker's rights
@@ -86,7 +87,7 @@ class OnlineAPI:
         run_ttl_s: int = defaults.RUN_TTL_S,
         manifest: bool = False,
         replay: str | None = None,
-        direct: bool = False,
+        direct: bool | None = None,
         wait_replicas: int | None = None,
     ) -> None:
         if correctness:
@@ -134,14 +135,19 @@ class OnlineAPI:
         if len(self.model_id) > MAX_ID_CHARS:
             raise InvalidRequestError(f"model_id has {len(self.model_id)} characters; use at "
                                       f"most {MAX_ID_CHARS}")
+        if replay is not None and direct:
+            raise InvalidRequestError("replay=RUN reads the recorded samples itself: drop "
+                                      "direct=True")
+        if direct is None and replay is None:
+            try:
+                direct = defaults.direct()
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from None
         if replay is not None:
             check_run(replay)
             if manifest or (run is not None and run != replay):
                 raise InvalidRequestError("replay=RUN serves a recorded run: it takes no "
                                           "manifest=True and no other run=")
-            if direct:
-                raise InvalidRequestError("replay=RUN reads the recorded samples itself: "
-                                          "drop direct=True")
             run = replay
         self.replay, self.manifest, self.direct = replay, bool(manifest), bool(direct)
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"

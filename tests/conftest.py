@@ -22,6 +22,8 @@ from cachesaver_dist.protocol import Keys
 from cachesaver_dist.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# Each test says which path it takes (direct=...): a user's setting must not choose it.
+os.environ.pop("CACHESAVER_DIRECT", None)
 
 
 @pytest.fixture(scope="session")

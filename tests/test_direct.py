@@ -151,3 +151,15 @@ def test_wait_replicas_is_checked(redis_url, keys):
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(InvalidRequestError, match="wait_replicas must be an int >= 0"):
             api("sim:x", redis_url, keys, direct=True, wait_replicas=bad)
+
+
+def test_direct_from_the_environment(redis_url, keys, monkeypatch):
+    monkeypatch.setenv("CACHESAVER_DIRECT", "1")
+    assert api("sim:x", redis_url, keys).direct is True
+    assert api("sim:x", redis_url, keys, direct=False).direct is False  # the argument wins
+    assert api("sim:x", redis_url, keys, replay="some-run").direct is False  # replay reads
+    monkeypatch.setenv("CACHESAVER_DIRECT", "maybe")
+    with pytest.raises(InvalidRequestError, match=r"CACHESAVER_DIRECT='maybe': use 1 or 0"):
+        api("sim:x", redis_url, keys)
+    monkeypatch.setenv("CACHESAVER_DIRECT", "0")
+    assert api("sim:x", redis_url, keys).direct is False

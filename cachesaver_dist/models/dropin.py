@@ -197,12 +197,12 @@ class _Core:
                  cache: Any, run: str | None, batch_size: int, batch_timeout: float,
                  prefix: str | None, data_dir: str | None, provider_id: str | None,
                  max_n: int | None, request_timeout: float, max_prompt_bytes: int,
-                 workers: str = "local", direct: bool = False,
+                 workers: str = "local", direct: bool | None = None,
                  wait_replicas: int | None = None) -> None:
         if workers not in ("local", "pool"):
             raise ValueError(f"workers must be 'local' (call the provider from this process) "
                              f"or 'pool' (a batch worker pool calls it), got {workers!r}")
-        self.workers, self.direct, self.wait_replicas = workers, bool(direct), wait_replicas
+        self.workers, self.direct, self.wait_replicas = workers, direct, wait_replicas
         if cache is not None and not isinstance(cache, (str, Redis)):
             raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
                             f"{type(cache).__name__}")
@@ -416,7 +416,7 @@ class AsyncClient:
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
-                 direct: bool = False, wait_replicas: int | None = None,
+                 direct: bool | None = None, wait_replicas: int | None = None,
                  **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,

@@ -84,7 +84,7 @@ class Client:
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
-                 direct: bool = False, wait_replicas: int | None = None,
+                 direct: bool | None = None, wait_replicas: int | None = None,
                  **sdk_options: Any) -> None:
         self._sdk_options = self.provider.sdk_kwargs(sdk_options)
         self._core = core = _Core(
