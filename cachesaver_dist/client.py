@@ -48,11 +48,11 @@ from .protocol import (
     encode_job,
     encode_wake_token,
     unique_id,
-    waiter_id,
 )
 
 if TYPE_CHECKING:
     from .outbox import Outbox
+    from .stats import Tally
 
 log = logging.getLogger("cachesaver_dist.client")
 T = TypeVar("T")
@@ -60,6 +60,7 @@ T = TypeVar("T")
 MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
+ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 
 
 class CacheClient:
@@ -86,7 +87,10 @@ class CacheClient:
         self._answered: list[str] = []
         self._pubsub: Any = None
         self._reader: asyncio.Task | None = None
-        self._sending: set[asyncio.Task] = set()  # direct mode: accounting under way
+        # direct mode: accounting not written yet, and the task that writes it
+        self._tally: Tally = {}
+        self._accounting: asyncio.Task | None = None
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
@@ -107,8 +111,12 @@ class CacheClient:
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
-        if self._sending:
-            await asyncio.wait(self._sending, timeout=5.0)
+        self._closing.set()
+        if self._accounting is not None:
+            await asyncio.wait([self._accounting], timeout=5.0)
+        if self._tally:  # left by a failed write: tried once more
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._write_accounts(), 5.0)
         if self._answered:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
@@ -223,10 +231,12 @@ class CacheClient:
     async def _reserve_here(self, items: list[WorkItem], deadline: float, batch: str) -> None:
         """Direct mode: reserve for ``items`` in this process, with the cache workers'
         script and ordering; complete requests are answered at once, the others get
-        their replies from the batch workers. Samples are checked and the run's
-        accounting written as a cache worker does (``Outbox``)."""
+        their replies from the batch workers. Samples are checked as a cache worker
+        checks them (``Outbox``); the run's accounting is written within
+        ``ACCOUNT_EVERY_S``, several batches' in one round trip."""
         from .outbox import Outbox
         from .scripts import Reservation, reserve_jobs
+        from .stats import account
 
         job = CacheJob(self.client_id, sorted(items, key=_request_id), self._keep_s, batch)
 
@@ -239,42 +249,57 @@ class CacheClient:
         [reservations] = await self._retrying(
             reserve, f"reserve samples for {len(items)} request(s)", "reserving samples",
             deadline)
-        outbox, records = Outbox(self.keys), {}
+        outbox, replies = Outbox(self.keys), []
         for r in reservations or ():
             if r.complete:
                 it = r.item
-                decoded = outbox.reply(waiter_id(self.client_id, it.uuid), it.key, r.start,
-                                       r.flags, r.samples, it.run, it.model_id, first=r.new)
-                if decoded is not None:
-                    records[it.uuid] = decoded
-        replies = outbox.replies.pop(self.client_id, [])
-        for reply in replies:  # decoded once: the response is built from these
-            if reply["id"] in records:
-                reply["records"] = records[reply["id"]]
+                answer, records = outbox.answer(it.uuid, it.key, r.start, r.flags, r.samples)
+                replies.append(answer)
+                if records is not None:
+                    answer["records"] = records  # decoded once: the response is built from these
+                    if r.new:
+                        account(self._tally, it.run, it.model_id, r.flags,
+                                [rec.get("usage") for rec in records])
         if outbox.bad_samples:  # removed before the error is told, so asking again works
-            await self._send_outbox(outbox, len(items))
-            self._deliver(replies)
-            return
+            await self._set_aside(outbox)
         self._deliver(replies)
-        # accounting: off the requests' path (close() waits for it)
-        task = asyncio.create_task(self._send_outbox(outbox, len(items)))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        if self._tally and (self._accounting is None or self._accounting.done()):
+            self._accounting = asyncio.create_task(self._write_accounts())
 
-    async def _send_outbox(self, outbox: Outbox, requests: int) -> None:
-        """Write the accounting and dead letters of a direct-mode batch (with the
-        deletion of answered batches' reservation records)."""
+    async def _write_accounts(self) -> None:
+        """Direct mode: write the accounting gathered over ``ACCOUNT_EVERY_S`` (at once
+        when closing), with the deletion of answered batches' reservation records."""
         from . import metrics
+        from .stats import write_tally
 
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), ACCOUNT_EVERY_S)
+        tally, self._tally = self._tally, {}
         pipe = self.redis.pipeline(transaction=False)
+        write_tally(pipe, self.keys, tally)
         try:
-            tally = await outbox.queue(self.redis, pipe)
             await self._with_deletes(pipe.execute, pipe)
         except (RedisError, OSError) as exc:  # the requests are answered all the same
-            log.warning("accounting of %d request(s) not written: %s", requests,
+            if self._closing.is_set():
+                log.warning("accounting of %d counter(s) not written: %s", len(tally),
+                            redis_message(exc))
+                return
+            log.warning("accounting not written (%s); trying again with the next batch",
                         redis_message(exc))
+            for field, value in tally.items():
+                self._tally[field] = self._tally.get(field, 0) + value
             return
         metrics.count(tally)
+
+    async def _set_aside(self, outbox: Outbox) -> None:
+        """Direct mode: discard a batch's unreadable samples and file them as dead
+        letters (so asking again regenerates them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        try:
+            await outbox.queue(self.redis, pipe)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("unreadable samples not set aside: %s", redis_message(exc))
 
     @property
     def _keep_s(self) -> int:

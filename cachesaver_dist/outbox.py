@@ -53,27 +53,37 @@ class Outbox:
     ) -> list[dict[str, Any]] | None:
         """Answer one request; ``first`` is false for a repeat answer (not counted again).
         Returns the decoded samples (fresh dicts), or None when the request got an error."""
-        records, usages = [], []
+        answer, records = self.answer("", key, start, flags, samples)
+        try:
+            client, answer["id"] = split_waiter_id(waiter_id)
+        except ProtocolError as exc:
+            self.dead.append(("waiter id", str(exc), waiter_id.encode(errors="replace"),
+                              "waiters"))
+            return None
+        self.replies[client].append(answer)
+        if records is not None and first:
+            account(self.tally, run, model_id, flags, [r.get("usage") for r in records])
+        return records
+
+    def answer(self, request_uuid: str, key: str, start: int, flags: str,
+               samples: list[bytes]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The reply to one request and its decoded samples (fresh dicts); an error reply
+        and None if a sample cannot be read (it is set aside, to be sent with ``queue``)."""
+        records = []
         for i, raw in enumerate(samples):
             try:
-                record = decode_sample(raw)
-                records.append(record)
-                usages.append(record.get("usage"))
+                records.append(decode_sample(raw))
             except ProtocolError as exc:
                 self.bad_samples[key][start + i] = raw
                 where = f"{self.keys.samples(key)}[{start + i}]"
                 self.dead.append(("sample", str(exc), raw, where))
-        if len(usages) < len(samples):
-            self.error(waiter_id, "malformed_sample",
-                       f"{len(samples) - len(usages)} stored sample(s) of this request could "
-                       "not be read and were set aside (see 'cachesaver-dist dead-letters'); "
-                       "ask again and they are generated anew")
-            return None
-        if not self._add(waiter_id, reply, start, flags, samples):
-            return None
-        if first:
-            account(self.tally, run, model_id, flags, usages)
-        return records
+        if len(records) < len(samples):
+            return error_reply(
+                request_uuid, "malformed_sample",
+                f"{len(samples) - len(records)} stored sample(s) of this request could not be "
+                "read and were set aside (see 'cachesaver-dist dead-letters'); ask again and "
+                "they are generated anew"), None
+        return reply(request_uuid, start, flags, samples), records
 
     def error(self, waiter_id: str, kind: str, message: str) -> None:
         self._add(waiter_id, error_reply, kind, message)

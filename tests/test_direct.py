@@ -77,6 +77,42 @@ async def test_direct_hits_are_counted_and_leave_nothing_behind(redis_url, keys,
     assert not await redis.exists(keys.cache_queue, keys.cache_wake)
 
 
+async def test_direct_accounting_is_gathered_and_survives_a_failed_write(
+        redis_url, keys, redis, monkeypatch):
+    """Several batches' accounting goes out in one write within ``ACCOUNT_EVERY_S``
+    (no close needed); a write that fails is tried again with the next batch."""
+    from redis.asyncio.client import Pipeline
+
+    from cachesaver_dist import client as client_mod
+
+    model = SimModel("direct-accounting")
+    async with api(model, redis_url, keys, run="fill") as pipe:
+        await pipe.batch_request(Batch(BATCH))
+    writes = {"n": 0, "fail": 1}
+    execute = Pipeline.execute
+
+    async def counted(self, *a, **kw):  # the accounting write is the only pipeline here
+        writes["n"] += 1
+        if writes["fail"]:
+            writes["fail"] -= 1
+            raise ConnectionError("injected: accounting write lost")
+        return await execute(self, *a, **kw)
+
+    monkeypatch.setattr(client_mod, "ACCOUNT_EVERY_S", 0.3)
+    async with api(model, redis_url, keys, run="hits", direct=True, batch_size=2) as pipe:
+        monkeypatch.setattr(Pipeline, "execute", counted)
+        await asyncio.gather(*(pipe.request(r) for r in BATCH))  # six batches of two
+        await asyncio.sleep(0.5)
+        assert writes["n"] == 1, "six batches' accounting should be one write"
+        assert await read_stats(redis, keys, "hits") == {}, "the failed write counted"
+        await pipe.request(BATCH[0])  # the next batch: its accounting and the lost one
+        await asyncio.sleep(0.5)
+        stats = (await read_stats(redis, keys, "hits"))[pipe.model_id]
+        assert writes["n"] == 2
+        assert stats["requests"] == len(BATCH) + 1
+        assert stats["samples_cached"] == sum(r.n for r in BATCH) + BATCH[0].n
+
+
 async def test_direct_sets_an_unreadable_sample_aside(redis_url, keys, redis):
     pipe = api(SimModel("direct-bad"), redis_url, keys, direct=True)
     key = prompt_key(pipe.model_id, {"prompt": "p"})
