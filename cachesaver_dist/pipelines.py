@@ -56,7 +56,7 @@ class OnlineAPI:
     the cache workers' reserve step itself,
     one Redis round trip per batch, so hits need no cache worker (misses still go to the
     batch workers). Same script, order and results; it costs this process the work a
-    cache worker would do, and its Redis user needs the cache worker's rights
+    cache worker would do; under ACLs it needs the direct-client user
     (``docs/acl.md``). Worth it when most requests are hits (``docs/scaling.md``).
 
     ``wait_replicas``: with in-process workers or ``direct=True``, how many replicas must

@@ -154,7 +154,11 @@ async def reserve_jobs(
     arq_jobs = [job for job in jobs if job.job_id]
     for take in (True, False):  # the second pass: with specs, for the jobs held
         number = {id(job): n for n, job in enumerate(arq_jobs, 1)}
-        k = [keys.cache_queue, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
+        # the queue is only touched with arq jobs: without, a key the call writes anyway
+        # (a direct client's user has no rights on the queue)
+        first = keys.cache_queue if arq_jobs else keys.reservations(jobs[0].client,
+                                                                    jobs[0].batch)
+        k = [first, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
         argv: list[Any] = [ttl_ms, run_ttl_s * 1000, in_progress_ms, int(take), len(arq_jobs),
                            *(job.job_id for job in arq_jobs)]
         # per group of requests (one client batch of one run, model and route): its five

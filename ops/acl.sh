@@ -3,13 +3,14 @@
 #
 #   sh ops/acl.sh                   the server-wide users (default off, admin) and the users
 #                                   of the default prefix cachesaver: (cachesaver-client, ...)
-#   sh ops/acl.sh PREFIX [NAME]     only the four users of another tenant: keys and channels
+#   sh ops/acl.sh PREFIX [NAME]     only the users of another tenant: keys and channels
 #                                   under PREFIX, users NAME-client, NAME-cache-worker, ...
 #                                   (NAME defaults to PREFIX without its trailing colon)
 #
 # Passwords come from CACHESAVER_ACL_{ADMIN,CLIENT,CACHE_WORKER,BATCH_WORKER,OPERATOR}_PASSWORD
-# (ADMIN only without PREFIX); only their SHA-256 hashes are written. Comments are dropped:
-# an aclfile takes none.
+# (ADMIN only without PREFIX) and, for the optional direct-client user (OnlineAPI(direct=True)),
+# CACHESAVER_ACL_DIRECT_CLIENT_PASSWORD; only their SHA-256 hashes are written. Comments are
+# dropped: an aclfile takes none.
 set -eu
 
 template="$(dirname "$0")/acl.conf"
@@ -29,8 +30,14 @@ sha256() {
     if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi | cut -c1-64
 }
 
-hashes=""
-for role in ADMIN CLIENT CACHE_WORKER BATCH_WORKER OPERATOR; do
+hashes="" skip='^$'
+if [ -z "${CACHESAVER_ACL_DIRECT_CLIENT_PASSWORD:-}" ]; then
+    skip='^user cachesaver-direct-client '
+    echo "ops/acl.sh: no direct-client user (for OnlineAPI(direct=True)): set" \
+         "CACHESAVER_ACL_DIRECT_CLIENT_PASSWORD to render it" >&2
+fi
+for role in ADMIN CLIENT CACHE_WORKER BATCH_WORKER OPERATOR DIRECT_CLIENT; do
+    [ "$role" = DIRECT_CLIENT ] && [ "$skip" != '^$' ] && continue
     [ "$role" = ADMIN ] && [ "$server" = no ] && continue
     password=$(eval "printf '%s' \"\${CACHESAVER_ACL_${role}_PASSWORD:-}\"")
     if [ -z "$password" ]; then
@@ -44,6 +51,6 @@ done
     if [ "$server" = yes ]; then
         grep '^user ' "$template" | grep -v '^user cachesaver-'
     fi
-    grep '^user cachesaver-' "$template" |
+    grep '^user cachesaver-' "$template" | grep -v "$skip" |
         sed -e "s|cachesaver:|$prefix|g" -e "s|^user cachesaver-|user $name-|"
 } | sed $hashes

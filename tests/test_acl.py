@@ -1,7 +1,7 @@
 """ACL users per role (``ops/acl.conf`` rendered by ``ops/acl.sh``) on a private Redis server.
 
 Two tenants share one server: the default prefix ``cachesaver:`` and ``other:``, each with
-its four users. Every process logs in as its role's user; the whole path must work and no
+its five users. Every process logs in as its role's user; the whole path must work and no
 command may be refused (ACL LOG stays empty), while each user is refused everything of the
 other tenant and every server-wide command.
 """
@@ -37,7 +37,7 @@ from tests.test_rate_limit import simulator_process
 pytestmark = pytest.mark.processes
 
 ROLES = {"client": "CLIENT", "cache-worker": "CACHE_WORKER", "batch-worker": "BATCH_WORKER",
-         "operator": "OPERATOR"}
+         "operator": "OPERATOR", "direct-client": "DIRECT_CLIENT"}
 TENANTS = {"cachesaver": "cachesaver:", "other": "other:"}  # user name part -> prefix
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex}"
 LIMITED = "openai:sim-model"  # a provider route: the only kind the cluster limits apply to
@@ -162,6 +162,17 @@ async def miss_then_hit(url: str, prefix: str, model: str) -> None:
     assert replayed.data == first.data, (prefix, model)
 
 
+async def direct_miss_then_hit(url: str, prefix: str, model: str) -> None:
+    """A direct client (its own user, no cache worker involved): a miss goes to the batch
+    worker, the same prompt in another namespace is answered by its own reserve."""
+    async with OnlineAPI(model, cache=url, prefix=prefix, run="acl-direct", direct=True,
+                         reply_timeout=2, request_timeout=30) as api:
+        first = await api.request(Request("Who reserves?", 2, "d/q1", "ns1"))
+        again = await api.request(Request("Who reserves?", 2, "d/q2", "ns2"))
+    assert first.cached == [False, False] and again.cached == [True, True]
+    assert again.data == first.data
+
+
 async def no_worker(url: str, prefix: str) -> None:
     """A model nobody serves fails fast: the client reads the heartbeats (ZCOUNT)."""
     async with OnlineAPI("sim:nobody", cache=url, prefix=prefix, reply_timeout=0.5,
@@ -210,6 +221,8 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
                 miss_then_hit(server.url("cachesaver", "client"), "cachesaver:", "sim:x"),
                 miss_then_hit(server.url("cachesaver", "client"), "cachesaver:", LIMITED),
                 miss_then_hit(server.url("other", "client"), "other:", "sim:x"),
+                direct_miss_then_hit(server.url("cachesaver", "direct-client"), "cachesaver:",
+                                     "sim:x"),
                 no_worker(server.url("cachesaver", "client"), "cachesaver:"))
 
             stats = [operator(server, t, "stats", "--json") for t in TENANTS]
@@ -234,9 +247,9 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
     for procs in tenants:
         assert all(p.returncode == 0 for p in procs.procs), logs
     mine = {(r["run"], r["model"]): r for r in rows[0]}
-    for model in ("sim:x", LIMITED):
-        assert mine["acl-run", model]["samples_generated"] == 2
-        assert mine["acl-run", model]["samples_cached"] == 2
+    for run, model in (("acl-run", "sim:x"), ("acl-run", LIMITED), ("acl-direct", "sim:x")):
+        assert mine[run, model]["samples_generated"] == 2
+        assert mine[run, model]["samples_cached"] == 2
     assert {r["model"] for r in rows[1]} == {"sim:x"}  # the other tenant's counters only
     assert "sim:x" in plain
     # the operator has no SCAN: top found the routes in the stats
@@ -362,6 +375,7 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("XLEN", f"{p}dead"),  # metrics gauges, and `health cache`
             ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
             ("ZRANGEBYSCORE", f"{p}workers:cache", "0", "+inf"),
+            ("WAIT", "1", "10"),  # --wait-replicas
         ],
         "batch-worker": [
             ("XGROUP", "CREATE", f"{p}llm:sim:x", "batch-workers", "0", "MKSTREAM"),
@@ -387,6 +401,27 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("XLEN", f"{p}dead"),
             ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
             ("ZRANGEBYSCORE", f"{p}workers:sim:x", "0", "+inf"),
+        ],
+        "direct-client": [  # reserve.lua, discard.lua, accounting, dead letters, fail fast
+            ("HMGET", f"{p}s:k", "0", "1"),
+            ("HSETNX", f"{p}g:k", "spec", "s"),
+            ("HGETALL", f"{p}r:c:b"),
+            ("HSET", f"{p}u:r", "ns", "1"),
+            ("PEXPIRE", f"{p}u:r", "1000"),
+            ("HSETNX", f"{p}m:r", "ns\nq1", "k|0|1"),
+            ("SADD", f"{p}keys:sim:x", "k"),
+            ("XADD", f"{p}llm:sim:x", "*", "key", "k"),
+            ("HDEL", f"{p}s:k", "0"),
+            ("XADD", f"{p}dead", "MAXLEN", "~", "100", "*", "kind", "k"),
+            ("HINCRBY", f"{p}stats:r", "m|requests", "1"),
+            ("HINCRBYFLOAT", f"{p}stats", "m|x", "1.5"),
+            ("ZADD", f"{p}runs", "1", "r"),
+            ("EXPIRE", f"{p}stats:r", "100"),
+            ("ZREMRANGEBYSCORE", f"{p}runs", "-inf", "1"),
+            ("DEL", f"{p}r:c:b"),
+            ("ZCOUNT", f"{p}workers:sim:x", "0", "+inf"),
+            ("SUBSCRIBE", f"{p}reply:abc"),
+            ("WAIT", "1", "10"),
         ],
         "operator": [
             ("HGETALL", f"{p}stats"),
@@ -426,6 +461,17 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("HGETALL", f"{p}u:r"),
             ("ZRANGEBYSCORE", f"{p}queue:cache", "-inf", "+inf"),
             ("ZCOUNT", f"{p}queue:cache", "-inf", "+inf"),
+        ],
+        "direct-client": [  # no queue, no arq keys, no replies of others, no stream reads
+            ("PSETEX", f"arq:job:{p}job:x", "1000", "x"),
+            ("ZADD", f"{p}queue:cache", "1", "j"),
+            ("LPUSH", f"{p}queue:cache:wake", "j"),
+            ("SET", f"arq:in-progress:{p}job:x", "1"),
+            ("PUBLISH", f"{p}reply:abc", "x"),
+            ("XREVRANGE", f"{p}dead", "+", "-"),
+            ("XREADGROUP", "GROUP", "batch-workers", "w", "STREAMS", f"{p}llm:sim:x", ">"),
+            ("ZADD", f"{p}workers:cache", "1", "x"),
+            ("HGETALL", f"{p}limit:x"),
         ],
         "operator": [
             ("DEL", f"{p}stats"),

@@ -2,7 +2,8 @@
 --
 -- Formats: waiter records, stream entries, manifest entries and reservation records as in
 -- protocol.py (WaiterRecord, StreamEntry, ManifestEntry, Keys.reservations).
--- KEYS: the cache queue, then per arq job 3: its in-progress, body and try counter keys;
+-- KEYS: the cache queue (without jobs, any key of the call: it is then not touched),
+--   then per arq job 3: its in-progress, body and try counter keys;
 --   then per request 3: samples, generation, waiters; then per group of requests that
 --   share them (one client batch of one run and model), 5: usage counters, work stream,
 --   model index, manifest, reservation records.
