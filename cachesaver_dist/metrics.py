@@ -10,9 +10,10 @@ makes ``active`` a ``WorkerMetrics``, the hooks below return at once, and
   tally the outbox writes to the ``stats`` hashes, after that write succeeded, so the
   sum over all workers equals ``cachesaver-dist stats`` (for requests served by worker
   processes). They are added once per outbox send, not per request.
-* Gauges (queue depth, stream lag, dead letters, live workers) are cluster-wide figures
-  read from Redis by a periodic task (``refresh_s``): every worker reports the same
-  value, so dashboards take ``max`` over instances.
+* Gauges (queue depth, stream lag, dead letters, live workers, and the global stats'
+  requests and samples, which count direct clients too) are cluster-wide figures read
+  from Redis by a periodic task (``refresh_s``): every worker reports the same value,
+  so dashboards take ``max`` over instances.
 * Histograms: seconds per cache job (``cachesaver_reserve_seconds``) and per model call
   (``cachesaver_model_call_seconds``); provider errors and retries by HTTP status.
 """
@@ -113,6 +114,13 @@ class WorkerMetrics:
                                   "letter stream's length)")
         self.workers_alive = gauge("workers_alive", "Workers whose heartbeat is current, per "
                                    "route ('cache' or a model)", ["route"])
+        self.cluster_requests = gauge(
+            "cluster_requests", "Requests completed by the whole cluster, as in the global "
+            "stats hash: direct clients and in-process workers included (cumulative)",
+            ["model"])
+        self.cluster_samples = gauge(
+            "cluster_samples", "Samples served by the whole cluster, by kind, as in the "
+            "global stats hash (cumulative)", ["model", "kind"])
         self.refresh_errors = counter("gauge_refresh_errors", "Gauge refreshes that failed "
                                       "(Redis unavailable)", [])
         self._plans: dict[str, list[tuple[Any, float]]] = {}
@@ -173,6 +181,13 @@ class WorkerMetrics:
             if rs.route != CACHE_ROUTE:
                 self.stream_lag.labels(rs.route).set(rs.lag)
                 self.stream_pending.labels(rs.route).set(rs.pending)
+        for fld, value in (await redis.hgetall(keys.stats())).items():
+            model, _, counter = fld.decode(errors="replace").rpartition("|")
+            kind = counter.removeprefix("samples_")
+            if counter == "requests":
+                self.cluster_requests.labels(model).set(float(value))
+            elif kind != counter and kind in KINDS:
+                self.cluster_samples.labels(model, kind).set(float(value))
 
 
 active: WorkerMetrics | None = None

@@ -224,7 +224,28 @@ async def test_scraped_metrics_equal_stats(sim, redis_url, keys, processes, tmp_
     assert total(after, "cachesaver_model_call_seconds_count", model=route) == \
         (await sim_counters(sim))["requests"]
     assert total(after, "cachesaver_reserve_seconds_count") > 0
-    batch_only = await scrape(urls[1])
+    # a direct client's hits: in stats and the cluster gauges, in no worker's counters
+    async with OnlineAPI(route, cache=redis_url, prefix=keys.prefix, run="direct",
+                         direct=True) as api:
+        hits = await asyncio.gather(*(api.request(Request(p, 1, f"e{i}", "e"))
+                                      for i, p in enumerate(prompts)))
+    assert all(r.cached == [True] for r in hits)
+    everything = json.loads(cli(redis_url, keys.prefix, "stats", "--json").stdout)
+    [overall] = [r for r in everything if not r["run"] and r["model"] == route]  # the total
+    assert overall["samples_cached"] == row["samples_cached"] + len(prompts)
+
+    def cluster_agrees(m: dict) -> bool:
+        return (total(m, "cachesaver_cluster_requests", model=route) == overall["requests"]
+                and all(total(m, "cachesaver_cluster_samples", model=route, kind=k) ==
+                        overall[f"samples_{k}"] for k in ("generated", "cached",
+                                                          "deduplicated")))
+
+    while not cluster_agrees(batch_only := await scrape(urls[1])):
+        assert time.monotonic() < deadline + 10, (batch_only, overall)
+        await asyncio.sleep(0.1)
+    workers = merged(*[await scrape(u) for u in urls])  # their own counters: no direct hits
+    assert total(workers, "cachesaver_samples_total", model=route, kind="cached") == \
+        row["samples_cached"]
     assert total(batch_only, "cachesaver_workers_alive", route="cache") == 1
     assert total(batch_only, "cachesaver_workers_alive", route=route) == 1
     assert total(batch_only, "cachesaver_stream_lag", model=route) == 0
