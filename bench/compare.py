@@ -6,8 +6,9 @@ cache worker process, in interleaved rounds (A B, B A, ...), with the ``hit_path
 phases and workloads (``bench.workloads.HIT_WORKLOADS``). On a shared, noisy machine
 this is how a package change is judged: the ratio B / A within each round.
 
-Usage: ``.venv/bin/python -m bench.compare REV_A [REV_B] [--workload short|chat] [--rounds 4]``
-(REV_B defaults to HEAD). Writes section ``compare`` of ``RESULTS.md``.
+Usage: ``.venv/bin/python -m bench.compare REV_A [REV_B] [--workload short|chat] [--rounds 4]
+[--direct]`` (REV_B defaults to HEAD; ``--direct``: the clients run ``OnlineAPI(direct=True)``
+and no cache worker runs). Writes section ``compare`` of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def subject(rev: str) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def run(rev_a: str, rev_b: str, workloads: list[str], rounds: int, duration: float) -> None:
+def run(rev_a: str, rev_b: str, workloads: list[str], rounds: int, duration: float,
+        direct: bool = False) -> None:
     C.ensure_envs()
     trees = dict(C.export_rev(r) for r in (rev_a, rev_b))
     revs = list(trees)
@@ -56,24 +58,26 @@ def run(rev_a: str, rev_b: str, workloads: list[str], rounds: int, duration: flo
                 for rev in (revs if rnd % 2 == 0 else revs[::-1]):
                     print(f"round {rnd + 1}/{rounds}: {wl}, {rev}", flush=True)
                     root = trees[rev]
-                    worker = st.start_worker("cache", root=root)
-                    st.wait_alive("cache")
+                    worker = None if direct else st.start_worker("cache", root=root)
+                    if worker is not None:
+                        st.wait_alive("cache")
                     res = C.run_driver("ours", {
                         "mode": "hits", "url": st.url, "prefix": st.prefix, "model": MODEL,
                         "workload": wl, "prompts": PROMPTS, "warm": wl not in warmed,
-                        "phases": phases(duration), "keep_latencies": True,
-                        "watch": {"worker": worker.pid,
+                        "phases": phases(duration), "keep_latencies": True, "direct": direct,
+                        "watch": {**({"worker": worker.pid} if worker else {}),
                                   **({"redis": redis_pid} if redis_pid else {})},
                     }, env=st.env(root), root=root)
                     warmed.add(wl)
-                    st.stop_worker(worker)
+                    if worker is not None:
+                        st.stop_worker(worker)
                     results[wl, rev].append(res["phases"])
-    report(env, revs, results, workloads, rounds, duration, time.monotonic() - t_start)
+    report(env, revs, results, workloads, rounds, duration, time.monotonic() - t_start, direct)
 
 
 def report(env: dict[str, Any], revs: list[str],
            results: dict[tuple[str, str], list[dict[str, Any]]], workloads: list[str],
-           rounds: int, duration: float, seconds: float) -> None:
+           rounds: int, duration: float, seconds: float, direct: bool = False) -> None:
     a, b = revs
     headers = ["workload", "revision", "seq p50 ms", "seq req/s", "c32 req/s (per round)",
                "c32 req/s", "c256 req/s", "CPU µs/hit (c32)"]
@@ -101,14 +105,17 @@ def report(env: dict[str, Any], revs: list[str],
                                     for ph, v in ratios.items()))
     print()
     print(C.text_table(headers, rows))
+    path = "direct hit path (`OnlineAPI(direct=True)`)" if direct else "hit path"
     lines = [
-        f"## compare: the hit path of {a} and {b}, side by side\n",
+        f"## compare: the {path} of {a} and {b}, side by side\n",
         C.environment_md(env),
-        f"Command: `.venv/bin/python -m bench.compare {a} {b} --rounds {rounds}` "
+        f"Command: `.venv/bin/python -m bench.compare {a} {b} --rounds {rounds}"
+        f"{' --direct' if direct else ''}` "
         f"({duration:g} s per phase, {seconds:.0f} s in all). Each revision's package runs "
-        f"its own cache worker and the client; one Redis, one batch worker; rounds "
-        f"interleaved (A B, B A, ...); phases and workloads as in `hit_path`. req/s = "
-        f"median over rounds.\n",
+        + ("the direct client (no cache worker)" if direct else
+           "its own cache worker and the client") + "; one Redis, one batch worker; rounds "
+        "interleaved (A B, B A, ...); phases and workloads as in `hit_path`. req/s = "
+        "median over rounds.\n",
         C.md_table(headers, rows), "",
         f"Throughput of {b} over {a}, median of the per-round ratios (each round's "
         f"ratios in brackets):\n",
@@ -127,8 +134,10 @@ def main() -> None:
                    help="a workload of hit_path; repeat for several (default: both)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
+    p.add_argument("--direct", action="store_true",
+                   help="clients in direct mode (OnlineAPI(direct=True)), no cache worker")
     a = p.parse_args()
-    run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds, a.duration)
+    run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds, a.duration, a.direct)
 
 
 if __name__ == "__main__":

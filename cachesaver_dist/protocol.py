@@ -184,8 +184,14 @@ def _canonical(value: Any, depth: int = 0) -> Any:
             raise ValueError(f"fields nest deeper than {MAX_DEPTH} levels")
         if kind is dict:
             "".join(value)  # TypeError unless every key is a str
+            items = sorted(value.items())
+            for _, v in items:
+                if type(v) not in _PLAIN:
+                    break
+            else:  # all plain (a chat message): the pairs pack as the lists below would
+                return items
             return [[k, v if type(v) in _PLAIN else _canonical(v, depth + 1)]
-                    for k, v in sorted(value.items()) if v is not None]
+                    for k, v in items if v is not None]
         return [v if type(v) in _PLAIN else _canonical(v, depth + 1) for v in value]
     if kind is float:
         return int(value) if value.is_integer() else value

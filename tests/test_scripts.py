@@ -178,6 +178,17 @@ def test_prompt_key_is_canonical():
         prompt_key("m", {"prompt": object()})
 
 
+def test_prompt_keys_do_not_change_between_versions():
+    """Stored samples are found by these keys: a faster canonical form must give the
+    same bytes (values pinned from earlier versions)."""
+    chat = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            "temperature": 0.7, "max_tokens": 256, "stop": ("\nInput:",)}
+    nested = {"prompt": "p", "temperature": 1.0,
+              "meta": {"b": None, "a": [1.0, {"x": b"y", "n": None}]}}
+    assert prompt_key("m", chat) == "1a225ee56129082cbf6ea4fcef461ec6"
+    assert prompt_key("m", nested) == "e3151a2d41956a2897a6cef4aaf7d6d2"
+
+
 def test_unique_ids_are_unique_in_forked_children_too():
     ids = {unique_id() for _ in range(1000)}
     assert len(ids) == 1000
