@@ -301,9 +301,10 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
 * **Direct mode** (`OnlineAPI(direct=True)`, opt in): the client runs the same reserve
   script itself, one round trip per batch, and answers its hits from the result; no
   arq job, no cache worker, no pub/sub on a hit. {direct[0]}; {direct[1]}. The client
-  then does the cache worker's work (checking samples, accounting), its Redis user
-  needs the cache worker's rights, and its hits are not in the cache workers'
-  Prometheus counters (they are in `stats`). Misses go to the batch workers as usual.
+  then does the cache worker's work: it checks the samples, and writes its accounting
+  every 50 ms, several batches in one round trip (its hits are in `stats` and in the
+  workers' `cluster_*` gauges, not in their counters); under ACLs it logs in as the
+  `direct-client` user. Misses go to the batch workers as usual.
 * **Where the CPU goes on the full path** (profiles above): the cache worker spends
   about half its samples in socket writes and `epoll`, the rest in packing the reserve
   call's arguments, decoding the job and accounting; the client spends most in
