@@ -181,13 +181,17 @@ class WorkerMetrics:
             if rs.route != CACHE_ROUTE:
                 self.stream_lag.labels(rs.route).set(rs.lag)
                 self.stream_pending.labels(rs.route).set(rs.pending)
-        for fld, value in (await redis.hgetall(keys.stats())).items():
+        for fld, raw in (await redis.hgetall(keys.stats())).items():
             model, _, counter = fld.decode(errors="replace").rpartition("|")
             kind = counter.removeprefix("samples_")
+            try:
+                value = float(raw)
+            except ValueError:  # not a counter of ours: left out
+                continue
             if counter == "requests":
-                self.cluster_requests.labels(model).set(float(value))
+                self.cluster_requests.labels(model).set(value)
             elif kind != counter and kind in KINDS:
-                self.cluster_samples.labels(model, kind).set(float(value))
+                self.cluster_samples.labels(model, kind).set(value)
 
 
 active: WorkerMetrics | None = None

@@ -411,3 +411,20 @@ async def test_read_state_counts_lag_pending_and_workers(redis, keys):
     await redis.xdel(stream, ids[0], ids[2])  # as the workers do; and a hole ahead
     assert (await lag())["m:one"] == (1, 2, 0)
     assert await discover_routes(redis, keys) == ["cache", "m:one", "m:two"]
+
+
+async def test_cluster_gauges_read_the_global_stats_and_skip_what_is_not_a_count(redis, keys,
+                                                                                 active_metrics):
+    await redis.hset(keys.stats(), mapping={
+        "m|requests": 7, "m|samples_cached": 5, "m|samples_generated": 3,
+        "m|tokens_cached": 9,  # not a figure of these gauges
+        "n|samples_deduplicated": "not a number"})  # a stray value must not stop the refresh
+    await active_metrics.refresh(redis, keys, ())
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in active_metrics.registry.collect() for s in family.samples
+           if s.name.startswith("cachesaver_cluster_")}
+    assert got == {
+        ("cachesaver_cluster_requests", (("model", "m"),)): 7.0,
+        ("cachesaver_cluster_samples", (("kind", "cached"), ("model", "m"))): 5.0,
+        ("cachesaver_cluster_samples", (("kind", "generated"), ("model", "m"))): 3.0,
+    }
