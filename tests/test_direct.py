@@ -142,6 +142,23 @@ async def test_direct_refusal_names_what_to_do(redis_url, keys, redis):
     assert len(ok.data) == 1
 
 
+async def test_a_direct_run_keeps_a_manifest_that_replays(redis_url, keys):
+    """manifest=True works in direct mode (the same script records the ranges): a run of
+    hits and misses is replayed exactly, with nothing generated."""
+    model = SimModel("direct-manifest")
+    async with api(model, redis_url, keys, run="warm") as pipe:  # some prompts stored
+        await pipe.batch_request(Batch(BATCH[:4]))
+    async with api(model, redis_url, keys, run="recorded", direct=True,
+                   manifest=True) as pipe:
+        recorded = await asyncio.gather(*(pipe.request(r) for r in BATCH))
+    assert any(all(r.cached) for r in recorded) and not all(all(r.cached) for r in recorded)
+    calls = len(model.calls)
+    async with api(model, redis_url, keys, replay="recorded") as pipe:
+        replayed = await asyncio.gather(*(pipe.request(r) for r in reversed(BATCH)))
+    assert [r.data for r in reversed(replayed)] == [r.data for r in recorded]
+    assert len(model.calls) == calls
+
+
 def test_direct_with_replay_is_refused(redis_url, keys):
     with pytest.raises(InvalidRequestError, match="drop direct=True"):
         api("sim:x", redis_url, keys, replay="some-run", direct=True)
