@@ -98,7 +98,8 @@ class ProviderError(ModelError):
 
 _HINTS = {
     "NOPERM": "the Redis user lacks a permission: grant it (ops/acl.conf lists each role's "
-              "rules) or use a user whose rules cover this prefix",
+              "rules; OnlineAPI(direct=True) needs the direct-client user's) or use a user "
+              "whose rules cover this prefix",
     "WRONGPASS": "the user name or password in the Redis URL is wrong: fix REDIS_URL",
     "NOAUTH": "the server needs a password: put it in the Redis URL (redis://:PASSWORD@host)",
     "WRONGTYPE": "a key under this prefix holds another type: another program writes there; "
@@ -133,6 +134,20 @@ def redis_message(exc: BaseException) -> str:
 def refused(exc: BaseException, doing: str) -> RedisRefusedError:
     """A ``RedisRefusedError`` for a Redis error reply, saying what to do about it."""
     message = redis_message(exc)
-    code = message.split(" ", 1)[0].upper()
+    code = _stripped_code(exc) or message.split(" ", 1)[0].upper()
     hint = _HINTS.get(code, "see Redis's message")
     return RedisRefusedError(f"Redis refused {doing}: {message[:300]} ({hint})")
+
+
+def _stripped_code(exc: BaseException) -> str | None:
+    """The error code redis-py took off the message (it raises a class of its own for
+    these: ``NOPERM ...`` becomes ``NoPermissionError("...")``)."""
+    from redis import exceptions as e
+
+    for cls, code in ((e.NoPermissionError, "NOPERM"), (e.OutOfMemoryError, "OOM"),
+                      (e.ReadOnlyError, "READONLY"), (e.NoScriptError, "NOSCRIPT")):
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, e.AuthenticationError):
+        return "NOAUTH" if "required" in str(exc).lower() else "WRONGPASS"
+    return None

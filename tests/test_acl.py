@@ -496,6 +496,16 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
                     (role, command)
 
 
+async def test_a_direct_client_under_the_plain_client_user_is_told_which_user_to_use(
+        acl_server):
+    from cachesaver_dist.errors import RedisRefusedError
+
+    async with OnlineAPI("sim:x", cache=acl_server.url("cachesaver", "client"),
+                         prefix="cachesaver:", direct=True, request_timeout=10) as api:
+        with pytest.raises(RedisRefusedError, match="direct-client user"):
+            await api.request(Request("Which user?", 1, "u/q1", "ns"))
+
+
 def test_tenant_users_reach_only_their_prefix():
     """Every key and channel pattern of a tenant's users is under its prefix (or arq's keys of
     its job ids); nobody but the administrator gets ~*, &* or a category of commands."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis._parsers.hiredis import _AsyncHiredisParser
 
 from cachesaver_dist.connection import HiredisPackConnection, connect
@@ -39,3 +40,24 @@ async def test_a_connection_closed_by_the_server_is_replaced(redis_url):
     await pool.release(conn)
     assert await client.get("nothing-here") is None  # served on a fresh connection
     await client.aclose()
+
+
+@pytest.mark.parametrize(("reply", "hint"), [
+    ("NOPERM this user has no permissions to run the 'xadd' command", "direct-client"),
+    ("OOM command not allowed when used memory > 'maxmemory'.", "raise maxmemory"),
+    ("READONLY You can't write against a read only replica.", "point the URL at the primary"),
+    ("NOSCRIPT No matching script.", "ask again"),
+    ("WRONGPASS invalid username-password pair or user is disabled.", "fix REDIS_URL"),
+    ("NOAUTH Authentication required.", "put it in the Redis URL"),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", "another --prefix"),
+])
+def test_a_refusal_says_what_to_do_even_when_redis_py_took_its_code_off(reply, hint):
+    """redis-py raises its own class for some codes and drops the code from the
+    message: the hint must come all the same (the class tells the code)."""
+    from redis._parsers.base import BaseParser
+
+    from cachesaver_dist.errors import refused
+
+    message = str(refused(BaseParser.parse_error(reply), "doing it"))
+    assert hint in message, message
+    assert message.startswith("Redis refused doing it: ")
