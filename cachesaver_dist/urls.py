@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio.sentinel import MasterNotFoundError
-from redis.exceptions import AuthenticationError, InvalidResponse
+from redis.exceptions import AuthenticationError, InvalidResponse, NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["ACCEPTED_FORMS", "RedisURL", "explain_failure", "parse_url", "safe_url"]
@@ -248,6 +248,10 @@ def explain_failure(exc: BaseException, u: RedisURL, where: str,
     if has(MasterNotFoundError):
         return (f"no sentinel names a healthy primary of {u.service!r}",
                 "check the sentinels and the service name")
+    if has(NoPermissionError):
+        return (f"the URL's user is refused a command at {where} ({chain[-1]})",
+                "grant it to that user (ops/acl.conf lists each role's rules, +ping "
+                "included) or use another user")
     if has(AuthenticationError) or any(w in text for w in ("WRONGPASS", "NOAUTH", "NOPERM")):
         return (f"authentication failed at {where} ({chain[-1]})",
                 "check the user and password of the URL" if "password" in u.options else

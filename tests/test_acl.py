@@ -506,6 +506,21 @@ async def test_a_direct_client_under_the_plain_client_user_is_told_which_user_to
             await api.request(Request("Which user?", 1, "u/q1", "ns"))
 
 
+async def test_a_user_refused_ping_is_told_what_to_grant(acl_server):
+    from cachesaver_dist.connection import check_reachable
+    from cachesaver_dist.errors import RedisUnavailableError
+
+    with contextlib.closing(acl_server.admin()) as admin:
+        admin.execute_command("ACL", "SETUSER", "no-ping", "reset", "on", ">pw", "~x:*",
+                              "+get")
+    try:
+        with pytest.raises(RedisUnavailableError, match=r"refused a command.*\+ping"):
+            await check_reachable(f"redis://no-ping:pw@127.0.0.1:{acl_server.port}/0")
+    finally:
+        with contextlib.closing(acl_server.admin()) as admin:
+            admin.execute_command("ACL", "DELUSER", "no-ping")
+
+
 def test_tenant_users_reach_only_their_prefix():
     """Every key and channel pattern of a tenant's users is under its prefix (or arq's keys of
     its job ids); nobody but the administrator gets ~*, &* or a category of commands."""
