@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from . import defaults
 from .errors import (
@@ -106,7 +106,7 @@ class CacheClient:
                 if time.monotonic() > deadline:
                     raise RedisUnavailableError(
                         f"Redis did not confirm the subscription to {channel} in 10 s")
-        except ResponseError as exc:
+        except (ResponseError, AuthenticationError) as exc:
             raise refused(exc, f"the subscription to {channel}") from None
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
@@ -327,7 +327,7 @@ class CacheClient:
         while True:
             try:
                 return await send()
-            except ResponseError as exc:
+            except (ResponseError, AuthenticationError) as exc:  # retrying cannot fix these
                 raise refused(exc, doing) from None
             except (RedisError, OSError) as exc:
                 if time.monotonic() + backoff >= deadline:

@@ -23,8 +23,8 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -106,6 +106,36 @@ class SentinelPool(SentinelConnectionPool):
                 await sentinel.connection_pool.disconnect()
 
 
+class RetryUnlessRefused(Retry):
+    """redis-py's retry with backoff, except for a refused login.
+
+    redis-py counts ``AuthenticationError`` (a wrong password, a server that now wants
+    one, a disabled user) as a ``ConnectionError``, so it would be retried; and a new
+    connection's health-check PING, refused that way, reconnects inside the retry of
+    the connect that sent it: the retries nest and a call never returns. Asking again
+    cannot fix a login, so it is raised at once."""
+
+    async def call_with_retry(self, do: Any, fail: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except AuthenticationError as exc:
+                raise _LoginRefused(exc) from exc
+
+        try:
+            return await super().call_with_retry(once, fail)
+        except _LoginRefused as refused:
+            raise refused.error from None
+
+
+class _LoginRefused(Exception):
+    """Carries an ``AuthenticationError`` through the retry loop (not a RedisError)."""
+
+    def __init__(self, error: AuthenticationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def connection_options() -> dict[str, Any]:
     """Keyword arguments for a pool: ~20 s of retries with backoff, health checks, and a
     bounded connect (TCP connect + TLS handshake). Each connection class takes the ones it
@@ -115,7 +145,7 @@ def connection_options() -> dict[str, Any]:
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12),
+        "retry": RetryUnlessRefused(ExponentialBackoff(cap=2.0, base=0.05), retries=12),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError,
                            ConnectionRefusedError],
     }

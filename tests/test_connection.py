@@ -61,3 +61,34 @@ def test_a_refusal_says_what_to_do_even_when_redis_py_took_its_code_off(reply, h
     message = str(refused(BaseParser.parse_error(reply), "doing it"))
     assert hint in message, message
     assert message.startswith("Redis refused doing it: ")
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_a_password_set_mid_run_fails_at_once_with_what_to_do(tmp_path, direct):
+    """Asking again cannot fix a refused login: the request fails at once, saying so,
+    instead of retrying until request_timeout as for a server that is away."""
+    import time
+
+    from redis.asyncio import Redis
+
+    from cachesaver_dist import OnlineAPI, Request
+    from cachesaver_dist.errors import RedisRefusedError
+    from cachesaver_dist.server import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "auth", persist=False)
+    url = server.start()
+    try:
+        async with OnlineAPI("sim:nobody", cache=url, direct=direct,
+                             request_timeout=20) as api:
+            admin = Redis.from_url(url)
+            await admin.config_set("requirepass", "now-required")
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            started = time.monotonic()
+            with pytest.raises(RedisRefusedError, match="put it in the Redis URL"):
+                await api.request(Request("anyone?", 1, "q0", "ns"))
+            assert time.monotonic() - started < 5
+        await admin.config_set("requirepass", "")  # (admin logged in before it was set)
+        await admin.aclose()
+    finally:
+        server.stop()
