@@ -61,6 +61,7 @@ MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
+CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 
 
 class CacheClient:
@@ -111,12 +112,17 @@ class CacheClient:
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
-        self._closing.set()
-        if self._accounting is not None:
-            await asyncio.wait([self._accounting], timeout=5.0)
-        if self._tally:  # left by a failed write: tried once more
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._write_accounts(), 5.0)
+        self._closing.set()  # direct mode: the accounting not yet written goes out now
+        task = self._accounting
+        if task is not None:
+            await asyncio.wait([task], timeout=CLOSE_WAIT_S)
+            if not task.done():
+                task.cancel()
+                log.warning("accounting not written: Redis did not answer within %g s",
+                            CLOSE_WAIT_S)
+            elif self._tally:  # what a failed write left: tried once more
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._write_accounts(), CLOSE_WAIT_S)
         if self._answered:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)

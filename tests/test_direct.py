@@ -113,6 +113,37 @@ async def test_direct_accounting_is_gathered_and_survives_a_failed_write(
         assert stats["samples_cached"] == sum(r.n for r in BATCH) + BATCH[0].n
 
 
+async def test_close_gives_up_on_a_redis_that_stopped_answering(tmp_path, caplog):
+    """A frozen server (SIGSTOP): close() waits CLOSE_WAIT_S for the last accounting,
+    says it was not written, and returns; it does not wait out every retry."""
+    import os
+    import signal
+    import time
+
+    from cachesaver_dist import client as client_mod
+    from cachesaver_dist.server import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "frozen", persist=False)
+    url = server.start()
+    pid = server._proc.pid
+    try:
+        api = OnlineAPI("sim:none", cache=url, direct=True, request_timeout=30)
+        await api.start()
+        await api._redis.hset(f"{api.keys.prefix}s:{prompt_key(api.model_id, {'prompt': 'p'})}",
+                              "0", msgpack.packb({"v": 1, "data": "stored"}))
+        hit = await api.request(Request("p", 1, "q1", "ns"))
+        assert hit.data == ["stored"] and hit.cached == [True]
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        await api.close()
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop()
+    assert took < client_mod.CLOSE_WAIT_S + 2, took
+    assert "accounting not written: Redis did not answer" in caplog.text
+
+
 async def test_direct_sets_an_unreadable_sample_aside(redis_url, keys, redis):
     pipe = api(SimModel("direct-bad"), redis_url, keys, direct=True)
     key = prompt_key(pipe.model_id, {"prompt": "p"})
