@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,7 @@ WAKE_TOKENS_KEPT = 64
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
+CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
 
 
 class CacheClient:
@@ -331,8 +333,13 @@ class CacheClient:
         ``deadline``; a command Redis refuses fails at once (``RedisRefusedError``)."""
         backoff = 0.1
         while True:
-            try:
-                return await send()
+            try:  # bounded: a server that stops answering (paused, partitioned) keeps
+                # the connection open, and redis-py would wait for its reply forever
+                return await _within(send(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                raise RedisUnavailableError(
+                    f"could not {what} within request_timeout ({self.request_timeout:g} s): "
+                    "Redis did not answer; is it paused, overloaded or cut off?") from None
             except (ResponseError, AuthenticationError) as exc:  # retrying cannot fix these
                 raise refused(exc, doing) from None
             except (RedisError, OSError) as exc:
@@ -349,8 +356,9 @@ class CacheClient:
                              futures: dict[str, asyncio.Future]) -> None:
         """Fail at once the requests that no live worker can serve."""
         try:
-            missing = await self._missing_workers({it.route for it in pending})
-        except (RedisError, OSError):
+            missing = await _within(self._missing_workers({it.route for it in pending}),
+                                    CHECK_WAIT_S)
+        except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
         for it in pending:
             hint = missing.get("cache") or missing.get(it.route)
@@ -371,11 +379,20 @@ class CacheClient:
 
     async def _timeout_message(self, pending: list[WorkItem]) -> str:
         hints: list[str] = []
-        with contextlib.suppress(RedisError, OSError):
-            hints = list((await self._missing_workers({it.route for it in pending})).values())
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            hints = list((await _within(self._missing_workers({it.route for it in pending}),
+                                        CHECK_WAIT_S)).values())
         hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
                 f"({hint}); samples generated meanwhile stay cached")
+
+
+async def _within(aw: Awaitable[T], seconds: float) -> T:
+    """``aw``, cancelled after ``seconds`` (``asyncio.TimeoutError``)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(max(seconds, 0.0)):
+            return await aw
+    return await asyncio.wait_for(aw, max(seconds, 0.0))
 
 
 def _request_id(item: WorkItem) -> str:

@@ -92,3 +92,38 @@ async def test_a_password_set_mid_run_fails_at_once_with_what_to_do(tmp_path, di
         await admin.aclose()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_a_redis_that_stops_answering_fails_requests_at_request_timeout(tmp_path,
+                                                                           direct):
+    """A paused server (SIGSTOP: connections stay open, nothing answers, as in a network
+    partition) fails a request at request_timeout with what happened, not never; once
+    it answers again the same pipeline works."""
+    import os
+    import signal
+    import time
+
+    from cachesaver_dist import OnlineAPI, Request
+    from cachesaver_dist.errors import NoWorkerError, RedisUnavailableError
+    from cachesaver_dist.server import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "paused", persist=False)
+    url = server.start()
+    pid = server._proc.pid
+    try:
+        async with OnlineAPI("sim:none", cache=url, direct=direct, request_timeout=3,
+                             reply_timeout=0.5) as api:
+            await api.start()
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                with pytest.raises(RedisUnavailableError, match="Redis did not answer"):
+                    await api.request(Request("anyone?", 1, "q0", "ns"))
+                assert time.monotonic() - started < 3 + 2
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            with pytest.raises(NoWorkerError):  # Redis answered: nobody serves sim:none
+                await api.request(Request("anyone?", 1, "q1", "ns"))
+    finally:
+        server.stop()
