@@ -336,13 +336,14 @@ class CacheClient:
             try:  # bounded: a server that stops answering (paused, partitioned) keeps
                 # the connection open, and redis-py would wait for its reply forever
                 return await _within(send(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
-                raise RedisUnavailableError(
-                    f"could not {what} within request_timeout ({self.request_timeout:g} s): "
-                    "Redis did not answer; is it paused, overloaded or cut off?") from None
             except (ResponseError, AuthenticationError) as exc:  # retrying cannot fix these
                 raise refused(exc, doing) from None
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, asyncio.TimeoutError) and time.monotonic() >= deadline:
+                    raise RedisUnavailableError(
+                        f"could not {what} within request_timeout ({self.request_timeout:g} "
+                        "s): Redis did not answer; is it paused, overloaded or cut off?"
+                    ) from None
                 if time.monotonic() + backoff >= deadline:
                     raise RedisUnavailableError(
                         f"could not {what} within request_timeout ({redis_message(exc)}); "
