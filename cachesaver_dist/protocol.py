@@ -214,9 +214,66 @@ def prompt_key(model_id: str, fields: dict[str, Any]) -> str:
     ``UnicodeEncodeError``) for values msgpack cannot store as they are: types other than
     str, int, float, bool, None, bytes, list, tuple and str-keyed dict, ints beyond 64
     bits, text that is not UTF-8, nesting deeper than ``MAX_DEPTH``.
+
+    Up to ``KEYS_REMEMBERED`` keys are remembered: a prompt asked again (in another
+    namespace, say) is looked up, not hashed again.
     """
+    try:
+        seen = (model_id, *_remembered_form(fields, 0))
+    except _NotRemembered:
+        return _hash_key(model_id, fields)
+    key = _keys_seen.get(seen)
+    if key is None:
+        key = _hash_key(model_id, fields)  # raises for what cannot be stored: not kept
+        if len(_keys_seen) >= KEYS_REMEMBERED:
+            _keys_seen.clear()  # atomic: drop-in clients call this from several threads
+        _keys_seen[seen] = key
+    return key
+
+
+def _hash_key(model_id: str, fields: dict[str, Any]) -> str:
     blob = msgpack.packb([model_id, _canonical(fields)], use_bin_type=True)
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+KEYS_REMEMBERED = 4096  # prompt keys kept per process by ``prompt_key``
+_keys_seen: dict[tuple[Any, ...], str] = {}
+_BOOL, _LIST = object(), object()  # tags no request value can equal
+_SCALARS = frozenset((str, int, float, bytes, type(None)))
+
+
+class _NotRemembered(Exception):
+    """A value ``prompt_key`` hashes every time (a subclass, say)."""
+
+
+def _remembered_form(value: Any, depth: int) -> tuple[Any, ...]:
+    """A hashable form of ``value`` (a fields dict, list or tuple): two values of equal
+    forms have the same canonical form. Exact types only; Python's ``True == 1`` is kept
+    apart by a tag (``1 == 1.0`` is not: both are stored as 1), and so are lists from
+    dicts (a dict's form is its items)."""
+    kind = type(value)
+    if depth > 4:
+        raise _NotRemembered
+    if kind is dict:
+        if depth and all(type(v) is str for v in value.values()):  # a chat message
+            return tuple(value.items())  # str keys or not: the hash refuses others
+        pairs: Any = value.items()
+    elif kind is list or kind is tuple:
+        pairs = enumerate(value)
+    else:
+        raise _NotRemembered
+    out: list[Any] = []
+    for k, v in pairs:
+        kind = type(v)
+        if kind in _SCALARS:
+            out += (k, v)
+        elif kind is bool:
+            out += (k, (_BOOL, v))
+        elif kind is dict:
+            out += (k, _remembered_form(v, depth + 1))
+        else:
+            out += (k, (_LIST, *_remembered_form(v, depth + 1)))
+    return tuple(out)
 
 
 # --- validation helpers -----------------------------------------------------------------

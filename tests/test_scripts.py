@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
+from typing import Any
 
 import fakeredis
 import msgpack
 import pytest
 
+from cachesaver_dist import protocol
 from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
     Keys,
@@ -187,6 +190,41 @@ def test_prompt_keys_do_not_change_between_versions():
               "meta": {"b": None, "a": [1.0, {"x": b"y", "n": None}]}}
     assert prompt_key("m", chat) == "1a225ee56129082cbf6ea4fcef461ec6"
     assert prompt_key("m", nested) == "e3151a2d41956a2897a6cef4aaf7d6d2"
+
+
+def test_a_remembered_prompt_key_is_the_key_hashed_afresh():
+    """``prompt_key`` remembers keys by a form of the fields: values Python holds equal
+    but msgpack stores apart (``True`` and ``1``) must never share a remembered key."""
+    rng = random.Random(7)
+    scalars = [0, 1, 0.0, 1.0, -0.0, 2.5, True, False, None, "1", "a", b"1", b"a", 2**64,
+               float("nan")]
+
+    def value(depth: int = 0) -> Any:
+        roll = rng.random()
+        if depth > 5 or roll < 0.55:
+            return rng.choice(scalars)
+        if roll < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        if roll < 0.8:
+            return tuple(value(depth + 1) for _ in range(rng.randint(0, 3)))
+        if roll < 0.9:
+            return {rng.choice("xyz"): rng.choice(["s", "t"]) for _ in range(rng.randint(1, 2))}
+        return {rng.choice(["x", "y", 1]): value(depth + 1) for _ in range(rng.randint(1, 3))}
+
+    def key_or_error(fn: Any, fields: dict[str, Any]) -> str:
+        try:
+            return fn("m", fields)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return type(exc).__name__
+
+    protocol._keys_seen.clear()
+    for _ in range(4000):
+        fields = {name: value() for name in rng.sample(["p", "t", "q"], rng.randint(1, 3))}
+        assert key_or_error(prompt_key, fields) == key_or_error(protocol._hash_key, fields), \
+            fields
+    assert len(protocol._keys_seen) > 100  # the property was tested on remembered keys
+    assert prompt_key("m", {"t": 1}) != prompt_key("m", {"t": True})
+    assert prompt_key("m", {"t": [1]}) != prompt_key("m", {"t": [True]})
 
 
 def test_unique_ids_are_unique_in_forked_children_too():
