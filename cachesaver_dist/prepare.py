@@ -15,7 +15,7 @@ from typing import Any
 
 from . import defaults
 from .errors import InvalidRequestError
-from .protocol import MAX_DEPTH, WorkItem, encode_spec, prompt_key, unique_id
+from .protocol import MAX_DEPTH, WorkItem, encode_spec, pack, prompt_key, unique_id
 from .typedefs import Request
 
 MAX_N = 10_000
@@ -180,9 +180,11 @@ def prepare(
     namespace = _check_namespace(request.namespace)
     request_id = _check_request_id(request.request_id)
     fields = request.model_fields()
-    try:  # hashing and encoding check the fields as they go: the common case
-        key = prompt_key(model_id, fields) if hash is None else None
-        spec = encode_spec(route, model_id, fields, namespace, request.request_id)
+    try:  # packing and hashing check the fields as they go: the common case
+        packed = pack(fields)
+        key = prompt_key(model_id, fields, packed) if hash is None else None
+        spec = encode_spec(route, model_id, fields, namespace, request.request_id,
+                           packed=packed)
     except (TypeError, ValueError, OverflowError, UnicodeEncodeError):
         for name, value in fields.items():  # names the culprit
             _check_value(value, repr(name))

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import msgpack
@@ -206,7 +207,7 @@ def _canonical(value: Any, depth: int = 0) -> Any:
     raise TypeError(f"a {type(value).__name__} cannot be stored")
 
 
-def prompt_key(model_id: str, fields: dict[str, Any]) -> str:
+def prompt_key(model_id: str, fields: dict[str, Any], packed: bytes | None = None) -> str:
     """Stable hash of everything that shapes generation.
 
     Independent of dict order; a field set to ``None`` equals an omitted one; ``1.0``
@@ -215,13 +216,17 @@ def prompt_key(model_id: str, fields: dict[str, Any]) -> str:
     str, int, float, bool, None, bytes, list, tuple and str-keyed dict, ints beyond 64
     bits, text that is not UTF-8, nesting deeper than ``MAX_DEPTH``.
 
-    Up to ``KEYS_REMEMBERED`` keys are remembered: a prompt asked again (in another
-    namespace, say) is looked up, not hashed again.
+    Up to ``KEYS_REMEMBERED`` keys are remembered by ``pack(fields)`` (``packed``, when
+    the caller has it): a prompt asked again, in another namespace say, is looked up,
+    not hashed again. Equal bytes are equal values to the canonical form (which reads
+    lists and tuples alike, and subclasses as their base type, as msgpack does).
     """
-    try:
-        seen = (model_id, *_remembered_form(fields, 0))
-    except _NotRemembered:
-        return _hash_key(model_id, fields)
+    if packed is None:
+        try:
+            packed = pack(fields)
+        except (TypeError, ValueError, OverflowError, UnicodeEncodeError):
+            return _hash_key(model_id, fields)  # refuses it, with the canonical form's words
+    seen = model_id, packed
     key = _keys_seen.get(seen)
     if key is None:
         key = _hash_key(model_id, fields)  # raises for what cannot be stored: not kept
@@ -237,43 +242,7 @@ def _hash_key(model_id: str, fields: dict[str, Any]) -> str:
 
 
 KEYS_REMEMBERED = 4096  # prompt keys kept per process by ``prompt_key``
-_keys_seen: dict[tuple[Any, ...], str] = {}
-_BOOL, _LIST = object(), object()  # tags no request value can equal
-_SCALARS = frozenset((str, int, float, bytes, type(None)))
-
-
-class _NotRemembered(Exception):
-    """A value ``prompt_key`` hashes every time (a subclass, say)."""
-
-
-def _remembered_form(value: Any, depth: int) -> tuple[Any, ...]:
-    """A hashable form of ``value`` (a fields dict, list or tuple): two values of equal
-    forms have the same canonical form. Exact types only; Python's ``True == 1`` is kept
-    apart by a tag (``1 == 1.0`` is not: both are stored as 1), and so are lists from
-    dicts (a dict's form is its items)."""
-    kind = type(value)
-    if depth > 4:
-        raise _NotRemembered
-    if kind is dict:
-        if depth and all(type(v) is str for v in value.values()):  # a chat message
-            return tuple(value.items())  # str keys or not: the hash refuses others
-        pairs: Any = value.items()
-    elif kind is list or kind is tuple:
-        pairs = enumerate(value)
-    else:
-        raise _NotRemembered
-    out: list[Any] = []
-    for k, v in pairs:
-        kind = type(v)
-        if kind in _SCALARS:
-            out += (k, v)
-        elif kind is bool:
-            out += (k, (_BOOL, v))
-        elif kind is dict:
-            out += (k, _remembered_form(v, depth + 1))
-        else:
-            out += (k, (_LIST, *_remembered_form(v, depth + 1)))
-    return tuple(out)
+_keys_seen: dict[tuple[str, bytes], str] = {}
 
 
 # --- validation helpers -----------------------------------------------------------------
@@ -409,10 +378,24 @@ class Spec:
 
 
 def encode_spec(route: str, model_id: str, fields: dict[str, Any], namespace: str | None = None,
-                request_id: str | None = None) -> bytes:
-    """``namespace`` and ``request_id`` are the claiming request's: the model sees them."""
-    return pack({"v": SCHEMA_VERSION, "route": route, "model_id": model_id, "fields": fields,
-                 "namespace": namespace, "request_id": request_id})
+                request_id: str | None = None, *, packed: bytes | None = None) -> bytes:
+    """``namespace`` and ``request_id`` are the claiming request's: the model sees them.
+    ``packed``: ``pack(fields)``, when the caller has it.
+
+    The bytes of ``pack({"v": ..., "route": route, "model_id": ..., "fields": ...,
+    "namespace": ..., "request_id": ...})``, put together from their parts."""
+    return b"".join((_spec_head(route, model_id), pack(fields) if packed is None else packed,
+                     _NAMESPACE, pack(namespace), _REQUEST_ID, pack(request_id)))
+
+
+@lru_cache(maxsize=256)
+def _spec_head(route: str, model_id: str) -> bytes:
+    """A spec's map header and its entries before the fields' value."""
+    return b"".join((b"\x86", pack("v"), pack(SCHEMA_VERSION), pack("route"), pack(route),
+                     pack("model_id"), pack(model_id), pack("fields")))
+
+
+_NAMESPACE, _REQUEST_ID = pack("namespace"), pack("request_id")
 
 
 def decode_spec(data: bytes) -> Spec:

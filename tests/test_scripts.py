@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import enum
 import os
 import random
 from typing import Any
@@ -192,12 +195,17 @@ def test_prompt_keys_do_not_change_between_versions():
     assert prompt_key("m", nested) == "e3151a2d41956a2897a6cef4aaf7d6d2"
 
 
+class Level(enum.IntEnum):
+    LOW = 1
+
+
 def test_a_remembered_prompt_key_is_the_key_hashed_afresh():
-    """``prompt_key`` remembers keys by a form of the fields: values Python holds equal
-    but msgpack stores apart (``True`` and ``1``) must never share a remembered key."""
+    """``prompt_key`` remembers keys by the fields' msgpack bytes: values Python holds
+    equal but msgpack stores apart (``True`` and ``1``) never share a remembered key, and
+    a spec put together from its parts has the bytes of the whole map."""
     rng = random.Random(7)
     scalars = [0, 1, 0.0, 1.0, -0.0, 2.5, True, False, None, "1", "a", b"1", b"a", 2**64,
-               float("nan")]
+               float("nan"), Level.LOW, "\udc80"]
 
     def value(depth: int = 0) -> Any:
         roll = rng.random()
@@ -209,7 +217,8 @@ def test_a_remembered_prompt_key_is_the_key_hashed_afresh():
             return tuple(value(depth + 1) for _ in range(rng.randint(0, 3)))
         if roll < 0.9:
             return {rng.choice("xyz"): rng.choice(["s", "t"]) for _ in range(rng.randint(1, 2))}
-        return {rng.choice(["x", "y", 1]): value(depth + 1) for _ in range(rng.randint(1, 3))}
+        made = {rng.choice(["x", "y", 1]): value(depth + 1) for _ in range(rng.randint(1, 3))}
+        return collections.OrderedDict(made) if rng.random() < 0.2 else made
 
     def key_or_error(fn: Any, fields: dict[str, Any]) -> str:
         try:
@@ -222,6 +231,10 @@ def test_a_remembered_prompt_key_is_the_key_hashed_afresh():
         fields = {name: value() for name in rng.sample(["p", "t", "q"], rng.randint(1, 3))}
         assert key_or_error(prompt_key, fields) == key_or_error(protocol._hash_key, fields), \
             fields
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            whole = msgpack.packb({"v": 1, "route": "r", "model_id": "m", "fields": fields,
+                                   "namespace": "ns", "request_id": None}, use_bin_type=True)
+            assert encode_spec("r", "m", fields, "ns") == whole
     assert len(protocol._keys_seen) > 100  # the property was tested on remembered keys
     assert prompt_key("m", {"t": 1}) != prompt_key("m", {"t": True})
     assert prompt_key("m", {"t": [1]}) != prompt_key("m", {"t": [True]})
