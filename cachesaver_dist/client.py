@@ -84,7 +84,7 @@ class CacheClient:
         self.reply_timeout, self.request_timeout = reply_timeout, request_timeout
         self.direct, self.run_ttl_s, self.replicas = direct, run_ttl_s, replicas
         self.client_id = uuid.uuid4().hex
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._waiting: dict[str, _Replies] = {}  # request id -> its batch's replies
         # Reservation records of batches answered at their first ask: deleted with the
         # next enqueue (or at close), so a hit leaves nothing behind in Redis.
         self._answered: list[str] = []
@@ -136,9 +136,8 @@ class CacheClient:
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.cancel()
+        for replies in self._waiting.values():
+            replies.complete.cancel()
 
     async def _read_replies(self) -> None:
         backoff = 0.1
@@ -163,9 +162,9 @@ class CacheClient:
 
     def _deliver(self, replies: list[dict[str, Any]]) -> None:
         for reply in replies:
-            fut = self._waiting.get(reply["id"])
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            batch = self._waiting.get(reply["id"])
+            if batch is not None:
+                batch.put(reply["id"], reply)
 
     async def submit(self, items: list[WorkItem], batch: str | None = None,
                      ) -> list[dict[str, Any] | GenerationError]:
@@ -173,9 +172,8 @@ class CacheClient:
 
         ``batch`` names the batch's reservation records (default: a fresh id); sending
         the same items under the same name again gets the same indices."""
-        loop = asyncio.get_running_loop()
-        futures = {it.uuid: loop.create_future() for it in items}
-        self._waiting.update(futures)
+        replies = _Replies(len({it.uuid for it in items}))
+        self._waiting.update((it.uuid, replies) for it in items)
         batch, asks = batch or unique_id(), 0
         try:
             deadline = time.monotonic() + self.request_timeout
@@ -185,15 +183,16 @@ class CacheClient:
                 await send(pending, deadline, batch)
                 asks += 1
                 left = deadline - time.monotonic()
-                waiting = [f for f in (futures[it.uuid] for it in pending) if not f.done()]
-                if waiting:  # (a direct-mode batch of hits is already answered)
-                    await asyncio.wait(waiting, timeout=min(wait, left))
-                pending = [it for it in pending if not futures[it.uuid].done()]
+                if not replies.complete.done():  # (a direct-mode batch of hits is answered)
+                    await asyncio.wait([replies.complete], timeout=min(wait, left))
+                if replies.complete.cancelled():
+                    raise asyncio.CancelledError  # the client was closed
+                pending = [it for it in pending if it.uuid not in replies.got]
                 if pending and time.monotonic() >= deadline:
                     raise ReplyTimeoutError(await self._timeout_message(pending))
                 if pending:
-                    await self._fail_unserved(pending, futures)
-                    pending = [it for it in pending if not futures[it.uuid].done()]
+                    await self._fail_unserved(pending, replies)
+                    pending = [it for it in pending if it.uuid not in replies.got]
                 if pending:
                     log.debug("%d requests without reply after %.1f s; asking again",
                               len(pending), wait)
@@ -205,7 +204,7 @@ class CacheClient:
             self._answered.append(self.keys.reservations(self.client_id, batch))
         out: list[dict[str, Any] | GenerationError] = []
         for it in items:
-            reply = futures[it.uuid].result()
+            reply = replies.got[it.uuid]
             if isinstance(reply, GenerationError):
                 out.append(reply)
             elif "error" in reply:
@@ -353,8 +352,7 @@ class CacheClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _fail_unserved(self, pending: list[WorkItem],
-                             futures: dict[str, asyncio.Future]) -> None:
+    async def _fail_unserved(self, pending: list[WorkItem], replies: _Replies) -> None:
         """Fail at once the requests that no live worker can serve."""
         try:
             missing = await _within(self._missing_workers({it.route for it in pending}),
@@ -363,8 +361,8 @@ class CacheClient:
             return  # Redis is away: the next re-ask will tell
         for it in pending:
             hint = missing.get("cache") or missing.get(it.route)
-            if hint and not futures[it.uuid].done():
-                futures[it.uuid].set_result(NoWorkerError(f"{hint} ({describe(it)})"))
+            if hint:
+                replies.put(it.uuid, NoWorkerError(f"{hint} ({describe(it)})"))
 
     async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
         """route (or "cache") -> what to start, for each one no live worker serves."""
@@ -386,6 +384,24 @@ class CacheClient:
         hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
                 f"({hint}); samples generated meanwhile stay cached")
+
+
+class _Replies:
+    """The replies of one batch as they come (request id -> reply, or the error to
+    raise); ``complete`` is done once every request has one."""
+
+    __slots__ = ("complete", "got", "wanted")
+
+    def __init__(self, wanted: int) -> None:
+        self.got: dict[str, Any] = {}
+        self.wanted = wanted
+        self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def put(self, request_id: str, reply: Any) -> None:
+        if request_id not in self.got and not self.complete.done():
+            self.got[request_id] = reply
+            if len(self.got) == self.wanted:
+                self.complete.set_result(None)
 
 
 async def _within(aw: Awaitable[T], seconds: float) -> T:

@@ -373,18 +373,20 @@ def _response(reply: dict[str, Any]) -> Response:
 
     Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
     sample before sending it, so this means a worker of another version)."""
-    start, flags = reply["start"], reply["flags"]
+    index, flags = reply["start"], reply["flags"]
     records = reply.get("records") or [decode_sample(raw) for raw in reply["samples"]]
     data, cached, duplicated, metadata = [], [], [], []
-    for i, (meta, flag) in enumerate(zip(records, flags)):  # fresh dicts: the metadata
+    for meta, flag in zip(records, flags):  # fresh dicts: the metadata
         data.append(meta.pop("data"))
         first = meta.pop("call_first", True)
         meta.pop("v", None)
-        meta["index"], meta["source"] = start + i, _SOURCES.get(flag, flag)
-        cached.append(flag != GENERATED)
-        duplicated.append(flag == GENERATED and not first)
+        meta["index"], meta["source"] = index, _SOURCES.get(flag, flag)
+        index += 1
+        generated = flag == GENERATED
+        cached.append(not generated)
+        duplicated.append(generated and not first)
         metadata.append(meta)
-    return Response(data=data, cached=cached, duplicated=duplicated, metadata=metadata)
+    return Response(data, cached, duplicated, metadata)
 
 
 class LocalAPI(OnlineAPI):

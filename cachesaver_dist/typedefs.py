@@ -96,7 +96,7 @@ class Response(_ResponseFields):
     def __new__(cls, data: list[Any], cached: list[bool] | None = None,
                 duplicated: list[bool] | None = None,
                 metadata: list[dict[str, Any]] | None = None) -> Response:
-        self = super().__new__(cls, data, cached, duplicated)
+        self = tuple.__new__(cls, (data, cached, duplicated))  # the named tuple's own way
         self.metadata = metadata
         return self
 
