@@ -64,6 +64,8 @@ MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue a
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
+SUBSCRIPTION_PING_S = 10.0  # a reply subscription quiet this long is PINGed, and
+SUBSCRIPTION_SILENT_S = 5.0  # dropped (and made again) if nothing comes this long after
 
 
 class CacheClient:
@@ -89,6 +91,8 @@ class CacheClient:
         # next enqueue (or at close), so a hit leaves nothing behind in Redis.
         self._answered: list[str] = []
         self._pubsub: Any = None
+        self._heard_at = 0.0  # event-loop time the subscription last got anything
+        self._pinged = False
         self._reader: asyncio.Task | None = None
         # direct mode: accounting not written yet, and the task that writes it
         self._tally: Tally = {}
@@ -111,6 +115,7 @@ class CacheClient:
                         f"Redis did not confirm the subscription to {channel} in 10 s")
         except (ResponseError, AuthenticationError) as exc:
             raise refused(exc, f"the subscription to {channel}") from None
+        self._heard_at = asyncio.get_running_loop().time()
         self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
 
     async def close(self) -> None:
@@ -129,10 +134,9 @@ class CacheClient:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
             self._answered.clear()
-        if self._reader:
+        if self._reader:  # it also stops by itself within a second, seeing _closing
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait([self._reader], timeout=2.0)
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
@@ -141,10 +145,11 @@ class CacheClient:
 
     async def _read_replies(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing.is_set():
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
+                await self._check_subscription(msg is not None)
             except (RedisError, OSError) as exc:  # reconnects and re-subscribes next call
                 log.warning("reply subscription lost (%s); reconnecting", exc)
                 await asyncio.sleep(backoff)
@@ -159,6 +164,24 @@ class CacheClient:
                           "again", msg["channel"], len(msg["data"]), exc)
                 continue
             self._deliver(replies)
+
+    async def _check_subscription(self, heard: bool) -> None:
+        """PING the reply subscription when it has been quiet for ``SUBSCRIPTION_PING_S``;
+        if nothing comes back, drop its connection (its server froze, say, and Sentinel
+        promoted another): the next read connects and subscribes again."""
+        now = asyncio.get_running_loop().time()
+        if heard:
+            self._heard_at, self._pinged = now, False
+            return
+        quiet = now - self._heard_at
+        if quiet > SUBSCRIPTION_PING_S + SUBSCRIPTION_SILENT_S:
+            log.warning("reply subscription: Redis answered no PING for %.0f s; "
+                        "subscribing again", quiet - SUBSCRIPTION_PING_S)
+            self._heard_at, self._pinged = now, False
+            await self._pubsub.connection.disconnect()
+        elif quiet > SUBSCRIPTION_PING_S and not self._pinged:
+            self._pinged = True
+            await self._pubsub.ping()
 
     def _deliver(self, replies: list[dict[str, Any]]) -> None:
         for reply in replies:
@@ -333,22 +356,22 @@ class CacheClient:
         backoff = 0.1
         while True:
             try:  # bounded: a server that stops answering (paused, partitioned) keeps
-                # the connection open, and redis-py would wait for its reply forever
-                return await _within(send(), deadline - time.monotonic())
+                # the connection open, and redis-py would wait for its reply forever; a
+                # reply READ_TIMEOUT_S late is given up (its connection with it) and the
+                # send tried again, on the current primary behind Sentinel
+                left = deadline - time.monotonic()
+                return await _within(send(), min(left, defaults.READ_TIMEOUT_S))
             except (ResponseError, AuthenticationError) as exc:  # retrying cannot fix these
                 raise refused(exc, doing) from None
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                if isinstance(exc, asyncio.TimeoutError) and time.monotonic() >= deadline:
-                    raise RedisUnavailableError(
-                        f"could not {what} within request_timeout ({self.request_timeout:g} "
-                        "s): Redis did not answer; is it paused, overloaded or cut off?"
-                    ) from None
+                cause = ("Redis did not answer; is it paused, overloaded or cut off?"
+                         if isinstance(exc, asyncio.TimeoutError)
+                         else f"{redis_message(exc)}; is Redis up?")
                 if time.monotonic() + backoff >= deadline:
                     raise RedisUnavailableError(
-                        f"could not {what} within request_timeout ({redis_message(exc)}); "
-                        "is Redis up?") from None
-                log.warning("could not %s (%s); retrying in %.1f s", what,
-                            redis_message(exc), backoff)
+                        f"could not {what} within request_timeout ({self.request_timeout:g} "
+                        f"s): {cause}") from None
+                log.warning("could not %s (%s); retrying in %.1f s", what, cause, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 

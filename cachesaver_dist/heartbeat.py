@@ -49,11 +49,14 @@ def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
 
     async def loop() -> None:
         while True:
-            try:
-                await beat(redis, keys, routes, name)
-            except (RedisError, OSError) as exc:  # Redis restarting: try again next round
-                log.warning("heartbeat not written: %s", exc)
-            await asyncio.sleep(defaults.HEARTBEAT_S)
+            pause = defaults.HEARTBEAT_S
+            try:  # bounded: a primary that froze must not hold the beats past their TTL
+                await asyncio.wait_for(beat(redis, keys, routes, name), defaults.HEARTBEAT_S)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:  # on a new connection
+                log.warning("heartbeat not written: %s",
+                            str(exc) or f"Redis did not answer in {defaults.HEARTBEAT_S:g} s")
+                pause = min(1.0, defaults.HEARTBEAT_S)
+            await asyncio.sleep(pause)
 
     return asyncio.create_task(loop(), name=f"heartbeat:{name}")
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
+from typing import Any
 
 import pytest
 from redis._parsers.hiredis import _AsyncHiredisParser
 
+from cachesaver_dist import defaults
 from cachesaver_dist.connection import HiredisPackConnection, connect
+from cachesaver_dist.heartbeat import heartbeat_loop
+from cachesaver_dist.protocol import Keys
 
 
 async def test_a_pooled_connection_with_an_unread_reply_is_replaced(redis_url):
@@ -40,6 +46,48 @@ async def test_a_connection_closed_by_the_server_is_replaced(redis_url):
     await pool.release(conn)
     assert await client.get("nothing-here") is None  # served on a fresh connection
     await client.aclose()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux TCP options")
+async def test_a_connection_whose_peer_vanished_is_dropped_in_about_30_s(redis_url):
+    """The kernel's defaults would keep a connection to a crashed host for over two
+    hours (a worker blocked on it with it): checked on the socket itself."""
+    client = connect(redis_url)
+    conn = await client.connection_pool.get_connection()
+    sock = conn._writer.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    tcp = {name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT")}
+    assert tcp == {"TCP_KEEPIDLE": 15, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3,
+                   "TCP_USER_TIMEOUT": 30_000}
+    await client.connection_pool.release(conn)
+    await client.aclose()
+
+
+async def test_a_heartbeat_redis_does_not_answer_is_cut_off_and_sent_again(monkeypatch):
+    """A beat stuck on a frozen primary must not keep the next one from the primary that
+    replaced it until the worker's entry there expired (clients would be told that no
+    worker is alive)."""
+    monkeypatch.setattr(defaults, "HEARTBEAT_S", 0.2)
+    sent: list[float] = []
+
+    class Pipeline:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+        async def execute(self) -> None:
+            sent.append(time.monotonic())
+            if len(sent) == 1:
+                await asyncio.sleep(3600)  # no answer
+
+    class FrozenOnce:
+        def pipeline(self, transaction: bool = False) -> Pipeline:
+            return Pipeline()
+
+    task = heartbeat_loop(FrozenOnce(), Keys("hb:"), "cache", name="w")
+    await asyncio.sleep(0.7)
+    task.cancel()
+    assert len(sent) >= 2 and sent[1] - sent[0] < 0.5, sent
 
 
 @pytest.mark.parametrize(("reply", "hint"), [

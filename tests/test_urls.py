@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -24,9 +25,10 @@ import redis as sync_redis
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from cachesaver_dist import OnlineAPI, Request, SimModel, prompt_key
+from cachesaver_dist import OnlineAPI, Request, SimModel, defaults, prompt_key
 from cachesaver_dist.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    KEEPALIVE,
     HiredisPackConnection,
     HiredisSSLConnection,
     HiredisUnixConnection,
@@ -150,6 +152,13 @@ def test_each_form_gets_its_connection_class_and_only_options_it_accepts():
         assert pool.connection_kwargs["retry"]._retries == 12
     assert connection_pool("redis://h?socket_connect_timeout=0.5").connection_kwargs[
         "socket_connect_timeout"] == 0.5
+    for url in ("redis://h/0", "rediss://h/0", "redis+sentinel://s:1/m"):  # TCP: dead peers
+        assert pools[url].connection_kwargs["socket_keepalive_options"] == KEEPALIVE
+        assert "socket_timeout" not in pools[url].connection_kwargs  # clients bound their own
+    assert connection_pool("redis://h", read_timeout=30).connection_kwargs[
+        "socket_timeout"] == 30  # workers
+    assert connection_pool("redis://h?socket_timeout=2", read_timeout=30).connection_kwargs[
+        "socket_timeout"] == 2  # the URL wins
     sentinel = pools["redis+sentinel://s:1/m"]
     assert isinstance(sentinel, SentinelPool) and sentinel.service_name == "m"
     twin = sentinel.__class__(connection_class=sentinel.connection_class,
@@ -526,6 +535,58 @@ async def test_sentinel_failover_under_cli_workers(servers, tmp_path):
     finally:
         procs.stop_all()
     assert time.monotonic() - started < 60
+
+
+@processes
+@pytest.mark.timeout(120)
+async def test_workers_leave_a_frozen_primary_for_the_one_sentinel_promotes(servers,
+                                                                              tmp_path):
+    """A primary whose process froze keeps its connections open and answers nothing; the
+    sentinel promotes the replica. Workers blocked on the frozen one drop it once a reply
+    is 10 s late (their read timeout) and carry on with the new primary, which then
+    serves new clients, while the old one stays frozen; their heartbeats reach it before
+    the old ones expire, so no request is told that no worker is alive. A client that was
+    connected before does the same: its send is retried there, and its reply
+    subscription, whose PING goes unanswered, is made again there."""
+    group = SentinelGroup(servers, tmp_path)
+    keys, model = Keys(f"fz{uuid.uuid4().hex[:6]}:"), "sim:frozen"
+    procs = Processes(group.url, keys, tmp_path)
+    frozen = servers.named["primary"]
+    old_client = OnlineAPI(model, cache=group.url, prefix=keys.prefix, request_timeout=90)
+    try:
+        procs.cli("worker", "cache", "--redis-url", group.url, name="cache")
+        procs.cli("worker", "batch", "--model", model, "--sim-latency", "0.01",
+                  "--redis-url", group.url, name="batch")
+        wait_alive(group.server(group.primary), keys, procs, "cache", model)
+        first = await old_client.request(Request("before", 1, "r", "ns"))
+        assert group.server(group.primary).execute_command("WAIT", 1, 5000) == 1
+        frozen.send_signal(signal.SIGSTOP)
+        frozen_at, frozen_ms = time.monotonic(), int(time.time() * 1000)
+        asked_during = asyncio.create_task(old_client.request(Request("during", 1, "r", "ns")))
+        while group.primary_port() != group.replica:  # the sentinel's failover
+            await asyncio.sleep(0.1)
+        new = group.server(group.replica)
+        # Heartbeats written before the freeze were replicated and live 15 s: wait for
+        # ones written after it, i.e. by workers that moved.
+        since = frozen_ms + int(defaults.HEARTBEAT_S * 3000) + 1
+        while not all(new.zcount(keys.workers(r), since, "+inf") for r in ("cache", model)):
+            assert time.monotonic() - frozen_at < 60, procs.logs(procs.procs[0])
+            await asyncio.sleep(0.2)
+        moved_after = time.monotonic() - frozen_at
+        async with OnlineAPI(model, cache=group.url, prefix=keys.prefix,
+                             request_timeout=20) as api:
+            answers = await asyncio.gather(*(api.request(Request(f"p{i}", 2, f"r{i}", "ns"))
+                                             for i in range(4)))
+        assert all(r.cached == [False, False] for r in answers)
+        during = await asyncio.wait_for(asked_during, 40)
+        again = await old_client.request(Request("before", 1, "r2", "ns2"))
+        assert during.cached == [False] and again.data == first.data  # replicated before
+        assert frozen.poll() is None and group.primary_port() == group.replica
+        assert moved_after < 20, moved_after
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+        await old_client.close()
+        procs.stop_all()
 
 
 @processes

@@ -130,7 +130,8 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
 
     async def main(stop: asyncio.Event) -> int:
         exporter = await worker_metrics.start(metrics, url, keys, (), kind="cache")
-        pool = ArqRedis(connection_pool=connection_pool(url))
+        pool = ArqRedis(connection_pool=connection_pool(
+            url, read_timeout=max(defaults.READ_TIMEOUT_S, poll_delay + 10)))
         worker = cache_worker(keys, redis_pool=pool, poll_delay=poll_delay, max_jobs=max_jobs,
                               run_ttl_s=run_ttl_s,
                               replicas=await replicas_to_wait(pool, replicas))
@@ -156,7 +157,7 @@ def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
     """The ``cachesaver-dist worker batch`` process; ``models`` builds route -> model."""
 
     async def main(stop: asyncio.Event) -> int:
-        redis = connect(url)
+        redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
         settings = dataclasses.replace(
             config, replicas=await replicas_to_wait(redis, config.replicas))
         exporter = None
