@@ -1,7 +1,8 @@
 """The client transport: enqueue batches for the cache workers, wait for replies.
 
-One subscription per client process, to its own channel, receives every reply (the
-request ids are in the payload); it is confirmed before the first enqueue. Pub/sub
+One subscription per client process (``subscription.py``), to its own channel,
+receives every reply (the request ids are in the payload); it is confirmed before the
+first enqueue. Pub/sub
 delivers at most once, so a request with no reply after ``reply_timeout`` is asked
 again with the same id (its reservation is idempotent); the wait between re-asks
 doubles up to 30 s, until ``request_timeout``. A request whose model (or the cache
@@ -32,7 +33,6 @@ from . import defaults
 from .errors import (
     GenerationError,
     NoWorkerError,
-    ProtocolError,
     RedisUnavailableError,
     ReplyTimeoutError,
     redis_message,
@@ -44,12 +44,12 @@ from .protocol import (
     CacheJob,
     Keys,
     WorkItem,
-    decode_replies,
     encode_arq_job,
     encode_job,
     encode_wake_token,
     unique_id,
 )
+from .subscription import ReplySubscription
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -64,8 +64,6 @@ MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue a
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
-SUBSCRIPTION_PING_S = 10.0  # a reply subscription quiet this long is PINGed, and
-SUBSCRIPTION_SILENT_S = 5.0  # dropped (and made again) if nothing comes this long after
 
 
 class CacheClient:
@@ -90,10 +88,7 @@ class CacheClient:
         # Reservation records of batches answered at their first ask: deleted with the
         # next enqueue (or at close), so a hit leaves nothing behind in Redis.
         self._answered: list[str] = []
-        self._pubsub: Any = None
-        self._heard_at = 0.0  # event-loop time the subscription last got anything
-        self._pinged = False
-        self._reader: asyncio.Task | None = None
+        self._subscription: ReplySubscription | None = None
         # direct mode: accounting not written yet, and the task that writes it
         self._tally: Tally = {}
         self._accounting: asyncio.Task | None = None
@@ -101,22 +96,9 @@ class CacheClient:
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
-        self._pubsub = self.redis.pubsub()
-        channel = self.keys.reply_channel(self.client_id)
-        try:
-            await self._pubsub.subscribe(channel)
-            deadline = time.monotonic() + 10
-            while True:
-                msg = await self._pubsub.get_message(timeout=1.0)
-                if msg and msg["type"] == "subscribe":
-                    break
-                if time.monotonic() > deadline:
-                    raise RedisUnavailableError(
-                        f"Redis did not confirm the subscription to {channel} in 10 s")
-        except (ResponseError, AuthenticationError) as exc:
-            raise refused(exc, f"the subscription to {channel}") from None
-        self._heard_at = asyncio.get_running_loop().time()
-        self._reader = asyncio.create_task(self._read_replies(), name="cachesaver-replies")
+        self._subscription = ReplySubscription(
+            self.redis, self.keys.reply_channel(self.client_id), self._deliver)
+        await self._subscription.start()
 
     async def close(self) -> None:
         self._closing.set()  # direct mode: the accounting not yet written goes out now
@@ -134,54 +116,10 @@ class CacheClient:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
             self._answered.clear()
-        if self._reader:  # it also stops by itself within a second, seeing _closing
-            self._reader.cancel()
-            await asyncio.wait([self._reader], timeout=2.0)
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
+        if self._subscription is not None:
+            await self._subscription.close()
         for replies in self._waiting.values():
             replies.complete.cancel()
-
-    async def _read_replies(self) -> None:
-        backoff = 0.1
-        while not self._closing.is_set():
-            try:
-                msg = await self._pubsub.get_message(timeout=1.0)
-                backoff = 0.1
-                await self._check_subscription(msg is not None)
-            except (RedisError, OSError) as exc:  # reconnects and re-subscribes next call
-                log.warning("reply subscription lost (%s); reconnecting", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if not msg or msg["type"] != "message":
-                continue
-            try:
-                replies = decode_replies(msg["data"])
-            except ProtocolError as exc:  # one bad message must not stop the reader
-                log.error("unreadable reply on %s (%d bytes): %s; its requests are asked "
-                          "again", msg["channel"], len(msg["data"]), exc)
-                continue
-            self._deliver(replies)
-
-    async def _check_subscription(self, heard: bool) -> None:
-        """PING the reply subscription when it has been quiet for ``SUBSCRIPTION_PING_S``;
-        if nothing comes back, drop its connection (its server froze, say, and Sentinel
-        promoted another): the next read connects and subscribes again."""
-        now = asyncio.get_running_loop().time()
-        if heard:
-            self._heard_at, self._pinged = now, False
-            return
-        quiet = now - self._heard_at
-        if quiet > SUBSCRIPTION_PING_S + SUBSCRIPTION_SILENT_S:
-            log.warning("reply subscription: Redis answered no PING for %.0f s; "
-                        "subscribing again", quiet - SUBSCRIPTION_PING_S)
-            self._heard_at, self._pinged = now, False
-            await self._pubsub.connection.disconnect()
-        elif quiet > SUBSCRIPTION_PING_S and not self._pinged:
-            self._pinged = True
-            await self._pubsub.ping()
 
     def _deliver(self, replies: list[dict[str, Any]]) -> None:
         for reply in replies:
