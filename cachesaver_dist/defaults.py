@@ -35,13 +35,13 @@ LEASE_S = 30.0
 
 # Workers of every kind
 STOP_GRACE_S = 3.0
+HEARTBEAT_S = 5.0
+DEAD_LETTERS_KEPT = 10_000
 
 # Clients and workers: a reply from Redis that takes longer drops the connection and the
 # command is tried again on a new one (so behind Sentinel they leave a primary that froze
 # for the one that replaced it); above any blocking command they send.
 READ_TIMEOUT_S = 10.0
-HEARTBEAT_S = 5.0
-DEAD_LETTERS_KEPT = 10_000
 
 # Operations
 METRICS_HOST = "127.0.0.1"

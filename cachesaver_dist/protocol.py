@@ -216,23 +216,28 @@ def prompt_key(model_id: str, fields: dict[str, Any], packed: bytes | None = Non
     str, int, float, bool, None, bytes, list, tuple and str-keyed dict, ints beyond 64
     bits, text that is not UTF-8, nesting deeper than ``MAX_DEPTH``.
 
-    Up to ``KEYS_REMEMBERED`` keys are remembered by ``pack(fields)`` (``packed``, when
-    the caller has it): a prompt asked again, in another namespace say, is looked up,
-    not hashed again. Equal bytes are equal values to the canonical form (which reads
-    lists and tuples alike, and subclasses as their base type, as msgpack does).
+    Up to ``KEYS_REMEMBERED`` keys (``KEYS_REMEMBERED_BYTES`` of fields) are remembered
+    by ``pack(fields)`` (``packed``, when the caller has it): a prompt asked again, in
+    another namespace say, is looked up, not hashed again. Equal bytes are equal values
+    to the canonical form (which reads lists and tuples alike, and subclasses as their
+    base type, as msgpack does).
     """
     if packed is None:
         try:
             packed = pack(fields)
         except (TypeError, ValueError, OverflowError, UnicodeEncodeError):
             return _hash_key(model_id, fields)  # refuses it, with the canonical form's words
+    global _keys_bytes
     seen = model_id, packed
     key = _keys_seen.get(seen)
     if key is None:
         key = _hash_key(model_id, fields)  # raises for what cannot be stored: not kept
-        if len(_keys_seen) >= KEYS_REMEMBERED:
+        if len(_keys_seen) >= KEYS_REMEMBERED or \
+                _keys_bytes + len(packed) > KEYS_REMEMBERED_BYTES:
             _keys_seen.clear()  # atomic: drop-in clients call this from several threads
+            _keys_bytes = 0
         _keys_seen[seen] = key
+        _keys_bytes += len(packed)
     return key
 
 
@@ -241,8 +246,10 @@ def _hash_key(model_id: str, fields: dict[str, Any]) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-KEYS_REMEMBERED = 4096  # prompt keys kept per process by ``prompt_key``
+KEYS_REMEMBERED = 4096  # prompt keys kept per process by ``prompt_key``, with
+KEYS_REMEMBERED_BYTES = 32 << 20  # at most this many bytes of fields (long prompts)
 _keys_seen: dict[tuple[str, bytes], str] = {}
+_keys_bytes = 0
 
 
 # --- validation helpers -----------------------------------------------------------------

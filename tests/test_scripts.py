@@ -240,6 +240,16 @@ def test_a_remembered_prompt_key_is_the_key_hashed_afresh():
     assert prompt_key("m", {"t": [1]}) != prompt_key("m", {"t": [True]})
 
 
+def test_remembered_prompt_keys_stay_within_their_byte_budget(monkeypatch):
+    """Long prompts (up to max_prompt_bytes each) must not pile up in memory."""
+    monkeypatch.setattr(protocol, "KEYS_REMEMBERED_BYTES", 1 << 20)
+    protocol._keys_seen.clear()
+    for i in range(40):
+        prompt_key("m", {"prompt": f"{i} " + "x" * 100_000})
+        assert protocol._keys_bytes <= 1 << 20
+        assert 0 < len(protocol._keys_seen) <= 10
+
+
 def test_unique_ids_are_unique_in_forked_children_too():
     ids = {unique_id() for _ in range(1000)}
     assert len(ids) == 1000
