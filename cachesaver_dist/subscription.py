@@ -10,6 +10,7 @@ if nothing comes back within ``SILENT_S``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -62,10 +63,8 @@ class ReplySubscription:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.wait([self._reader], timeout=2.0)
-        try:
+        with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()
-        except (RedisError, OSError):
-            pass
 
     async def _read(self) -> None:
         backoff = 0.1
