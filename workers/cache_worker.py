@@ -355,7 +355,9 @@ async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = default
     """Stop a worker within about ``grace`` seconds whatever its state: no new jobs,
     running jobs get ``grace`` to finish (an unfinished one is re-run by arq later),
     then Redis is released."""
-    task.cancel()
+    while not task.done():  # a cancellation lost inside a Redis read is asked again
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
     await asyncio.gather(task, return_exceptions=True)
     running = [t for t in worker.tasks.values() if not t.done()]
     if running:
