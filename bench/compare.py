@@ -7,8 +7,10 @@ phases and workloads (``bench.workloads.HIT_WORKLOADS``). On a shared, noisy mac
 this is how a package change is judged: the ratio B / A within each round.
 
 Usage: ``.venv/bin/python -m bench.compare REV_A [REV_B] [--workload short|chat] [--rounds 4]
-[--direct]`` (REV_B defaults to HEAD; ``--direct``: the clients run ``OnlineAPI(direct=True)``
-and no cache worker runs). Writes section ``compare`` of ``RESULTS.md``.
+[--direct | --script]`` (REV_B defaults to HEAD; ``--direct``: the clients run
+``OnlineAPI(direct=True)`` and no cache worker runs; ``--script``: only the reserve
+script, its time in Redis per hit, see ``compare_script``). Writes section ``compare`` of
+``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -132,12 +134,25 @@ def main() -> None:
     p.add_argument("rev_b", nargs="?", default="HEAD", help="the revision to judge (HEAD)")
     p.add_argument("--workload", action="append", choices=("short", "chat"),
                    help="a workload of hit_path; repeat for several (default: both)")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
+    p.add_argument("--rounds", type=int,
+                   help="interleaved rounds (4; with --script, 12)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
     p.add_argument("--direct", action="store_true",
                    help="clients in direct mode (OnlineAPI(direct=True)), no cache worker")
+    p.add_argument("--script", action="store_true",
+                   help="only reserve.lua: Redis time per hit of each revision's script")
+    p.add_argument("--batches", type=int, default=150,
+                   help="with --script: batches of 32 hits per block (150)")
     a = p.parse_args()
-    run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds, a.duration, a.direct)
+    if a.script:
+        from bench import compare_script
+
+        compare_script.run(a.rev_a, a.rev_b, workload=(a.workload or ["short"])[0],
+                           rounds=a.rounds or 12, batches=a.batches, model=MODEL,
+                           prompts=PROMPTS)
+        return
+    run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds or 4, a.duration,
+        a.direct)
 
 
 if __name__ == "__main__":

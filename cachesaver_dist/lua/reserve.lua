@@ -70,18 +70,30 @@ local failure = nil  -- an error reply: the requests before it keep their reserv
 local records, new_records, touched = {}, {}, {}
 
 local nrequests = (#ARGV - first_arg) / 9
+-- Sample indices as hash fields and in records, formatted once per call: a number passed
+-- to redis.call is formatted as a float ('%.17g'), which costs more than the lookup.
+local index_text = setmetatable({}, {__index = function(t, idx)
+  local text = string.format('%d', idx)
+  t[idx] = text
+  return text
+end})
 -- Usage counters, per counter hash (groups of the same run share one): the fields the
 -- requests use, their values as read and as they stand now.
-local counter_fields, counters, counted_before = {}, {}, {}
+-- Per request i, at i + 1: its counter field (prompt key .. namespace) and group.
+local counter_fields, counters, counted_before, ufields, groups = {}, {}, {}, {}, {}
 for i = 0, nrequests - 1 do
   local a = first_arg + i * 9
-  local ukey = KEYS[tonumber(ARGV[a + 7])]
+  local group = tonumber(ARGV[a + 7])
+  groups[i + 1] = group
+  local ukey = KEYS[group]
   local list = counter_fields[ukey]
   if not list then
     list = {}
     counter_fields[ukey] = list
   end
-  list[#list + 1] = ARGV[a + 5] .. ARGV[a + 1]
+  local ufield = ARGV[a + 5] .. ARGV[a + 1]
+  ufields[i + 1] = ufield
+  list[#list + 1] = ufield
 end
 
 -- The usage counters in hash ukey (field -> next unused index), read at its first use.
@@ -122,14 +134,17 @@ end
 -- error when the samples key holds another type.
 local function read_samples(skey, start, n)
   local got
-  if n <= 128 then
+  if n == 1 then
+    got = redis.pcall('HGET', skey, index_text[start])
+    if type(got) ~= 'table' then got = {got} end
+  elseif n <= 128 then
     local fields = {}
-    for idx = start, start + n - 1 do fields[#fields + 1] = idx end
+    for idx = start, start + n - 1 do fields[#fields + 1] = index_text[idx] end
     got = redis.pcall('HMGET', skey, unpack(fields))
   else
     got = {}
     for idx = start, start + n - 1 do
-      local sample = redis.pcall('HGET', skey, idx)
+      local sample = redis.pcall('HGET', skey, index_text[idx])
       if type(sample) == 'table' and sample.err then got = sample break end
       got[idx - start + 1] = sample
     end
@@ -146,13 +161,13 @@ local function reserve_requests()
     local k = first_key + i * 3
     local skey, gkey, wkey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
     local a = first_arg + i * 9
-    local ns, n, waiter, tail = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
-    local pkey, spec, group, mfield = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
-    local job = tonumber(ARGV[a + 9])
-    if job > 0 and not held[job] then
+    local n, waiter, tail = tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
+    local pkey, spec, group, mfield = ARGV[a + 5], ARGV[a + 6], groups[i + 1], ARGV[a + 8]
+    local job = ARGV[a + 9]
+    if job ~= '0' and not held[tonumber(job)] then
       out[#out + 1] = false
     else
-      local ufield, rkey = pkey .. ns, KEYS[group + 4]
+      local ufield, rkey = ufields[i + 1], KEYS[group + 4]
 
       local start, old_flags, new = nil, nil, 0
       local record = records_of(rkey)[waiter]
@@ -242,23 +257,24 @@ local function reserve_requests()
         end
       end
 
-      local fl = table.concat(flags)
+      local fl = n == 1 and flags[1] or table.concat(flags)
+      local range = index_text[start] .. '|' .. fl
       if fl ~= old_flags then  -- written once at the end; seen at once by a repeat
-        records[rkey][waiter] = start .. '|' .. fl
+        records[rkey][waiter] = range
         local list = new_records[rkey]
         if not list then
           list = {}
           new_records[rkey] = list
         end
         list[#list + 1] = waiter
-        list[#list + 1] = start .. '|' .. fl
+        list[#list + 1] = range
       end
       if complete then
         local entry = {1, new, start, fl}
         for _, sample in ipairs(samples) do entry[#entry + 1] = sample end
         out[#out + 1] = entry
       else
-        redis.call('HSET', wkey, waiter, start .. '|' .. fl .. '|' .. tail)
+        redis.call('HSET', wkey, waiter, range .. '|' .. tail)
         out[#out + 1] = {0, new, start, fl}
       end
     end
