@@ -39,7 +39,6 @@ async def measure(url: str, prefix: str, model: str, sources: dict[str, str], *,
                   ) -> dict[str, list[dict[str, float]]]:
     """Per revision, per block: ``script`` and ``server`` µs per hit."""
     import redis.asyncio as aredis
-
     from cachesaver_dist import OnlineAPI
     from cachesaver_dist.prepare import prepare
     from cachesaver_dist.protocol import Keys

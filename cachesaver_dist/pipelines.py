@@ -172,6 +172,7 @@ class OnlineAPI:
         self._redis: Redis | None = None
         self._client: CacheClient | Any = None  # Any: a runs.Replayer
         self._local: Any = None  # workers.run.LocalWorkers
+        self._url: str | None = None  # set when this object opened the connection
         self._replicas = wait_replicas if wait_replicas is not None else \
             defaults.wait_replicas(None)
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
@@ -217,7 +218,8 @@ class OnlineAPI:
             self._local = LocalWorkers(self._redis, self.keys, self.route, self._model,
                                        batch_size=self._model_batch_size,
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
-                                       replicas=replicas, with_cache_worker=not self.direct)
+                                       replicas=replicas, with_cache_worker=not self.direct,
+                                       url=self._url)
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -234,6 +236,7 @@ class OnlineAPI:
             # A diskcache.Cache from single-process code: keep its folder as the data home.
             self._data_dir, cache = Path(directory) / "cachesaver-redis", None
         url, self._server = await asyncio.to_thread(resolve_redis_url, cache, self._data_dir)
+        self._url = url
         if self._wait_replicas is None:
             self._replicas = defaults.wait_replicas(url)
         await check_reachable(url)

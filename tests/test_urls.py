@@ -590,6 +590,34 @@ async def test_workers_leave_a_frozen_primary_for_the_one_sentinel_promotes(serv
 
 
 @processes
+@pytest.mark.timeout(120)
+async def test_in_process_workers_leave_a_frozen_primary_too(servers, tmp_path):
+    """``OnlineAPI(model_object)``: its own cache and batch workers were blocked on the
+    frozen primary like worker processes; they move to the promoted one as those do,
+    and a request sent during the freeze is answered there."""
+    group = SentinelGroup(servers, tmp_path)
+    keys = Keys(f"fi{uuid.uuid4().hex[:6]}:")
+    frozen = servers.named["primary"]
+    api = OnlineAPI(SimModel(latency=0.01), cache=group.url, prefix=keys.prefix,
+                    request_timeout=60)
+    try:
+        first = await api.request(Request("before", 1, "r", "ns"))
+        assert group.server(group.primary).execute_command("WAIT", 1, 5000) == 1
+        await asyncio.sleep(1.5)  # both workers back in their blocking reads
+        frozen.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        during = await asyncio.wait_for(api.request(Request("during", 2, "r", "ns")), 50)
+        assert during.cached == [False, False] and len(set(during.data)) == 2
+        assert group.primary_port() == group.replica and frozen.poll() is None
+        again = await api.request(Request("before", 1, "r2", "ns2"))
+        assert again.data == first.data  # replicated before the freeze
+        assert time.monotonic() - frozen_at < 40
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+        await api.close()
+
+
+@processes
 async def test_sentinel_in_process_pubsub_arq_and_clear_errors(servers, tmp_path):
     group = SentinelGroup(servers, tmp_path)
     await check_reachable(group.url)

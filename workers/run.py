@@ -38,12 +38,19 @@ EXIT_OK, EXIT_REDIS, EXIT_USAGE = 0, 1, 2
 
 class LocalWorkers:
     """A cache worker and a batch worker for one model, inside this process (no cache
-    worker with ``with_cache_worker=False``: a direct-mode client reserves itself)."""
+    worker with ``with_cache_worker=False``: a direct-mode client reserves itself).
+
+    With ``url`` they open their own connections to it, with the worker processes' read
+    timeout, so they leave a primary that froze as those do; without, they share
+    ``redis`` (a client the caller made), whose reads wait as long as it says."""
 
     def __init__(self, redis: Redis, keys: Keys, route: str, model: Any, *,
                  batch_size: int = defaults.BATCH_SIZE, concurrency: int = defaults.CONCURRENCY,
                  run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
-                 with_cache_worker: bool = True) -> None:
+                 with_cache_worker: bool = True, url: str | None = None) -> None:
+        self._own = (connect(url, read_timeout=worker_read_timeout(defaults.POLL_DELAY_S))
+                     if url else None)
+        redis = self._own or redis
         self._batch = BatchWorker(redis, keys, {route: model},
                                   BatchWorkerConfig(batch_size=batch_size, concurrency=concurrency,
                                                     replicas=replicas))
@@ -56,11 +63,20 @@ class LocalWorkers:
             self._cache_task = asyncio.create_task(self._cache.async_run())
 
     async def stop(self) -> None:
-        """Stop both within a few seconds; the Redis client stays open (it is the caller's)."""
+        """Stop both within a few seconds; a client given to them stays open."""
         self._batch.stop()
         await asyncio.gather(self._batch_task, return_exceptions=True)
         if self._cache is not None:
             await stop_worker(self._cache, self._cache_task, close_pool=False)
+        if self._own is not None:
+            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._own.aclose(), 1.0)
+
+
+def worker_read_timeout(poll_delay: float) -> float:
+    """A worker's socket read timeout: longer than its longest blocking read (the cache
+    worker's pop waits ``poll_delay``; the batch worker's stream read, 1 s)."""
+    return max(defaults.READ_TIMEOUT_S, poll_delay + 10)
 
 
 async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults.CONNECT_WAIT_S
@@ -131,7 +147,7 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
     async def main(stop: asyncio.Event) -> int:
         exporter = await worker_metrics.start(metrics, url, keys, (), kind="cache")
         pool = ArqRedis(connection_pool=connection_pool(
-            url, read_timeout=max(defaults.READ_TIMEOUT_S, poll_delay + 10)))
+            url, read_timeout=worker_read_timeout(poll_delay)))
         worker = cache_worker(keys, redis_pool=pool, poll_delay=poll_delay, max_jobs=max_jobs,
                               run_ttl_s=run_ttl_s,
                               replicas=await replicas_to_wait(pool, replicas))
