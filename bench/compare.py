@@ -137,16 +137,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int,
                    help="interleaved rounds (4; with --script, 12)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
-    p.add_argument("--direct", action="store_true",
-                   help="clients in direct mode (OnlineAPI(direct=True)), no cache worker")
-    p.add_argument("--script", action="store_true",
-                   help="only reserve.lua: Redis time per hit of each revision's script")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--direct", action="store_true",
+                      help="clients in direct mode (OnlineAPI(direct=True)), no cache worker")
+    mode.add_argument("--script", action="store_true",
+                      help="only reserve.lua: Redis time per hit of each revision's script")
     p.add_argument("--batches", type=int, default=150,
                    help="with --script: batches of 32 hits per block (150)")
     a = p.parse_args()
+    if a.rounds is not None and a.rounds < 1:
+        p.error("--rounds must be at least 1")
     if a.script:
         from bench import compare_script
 
+        if a.workload and len(a.workload) > 1:
+            p.error("--script measures one workload: give --workload once")
         compare_script.run(a.rev_a, a.rev_b, workload=(a.workload or ["short"])[0],
                            rounds=a.rounds or 12, batches=a.batches, model=MODEL,
                            prompts=PROMPTS)

@@ -8,7 +8,10 @@ spent on them: ``INFO commandstats`` time of ``EVALSHA`` (the script) and the se
 CPU time (the script plus reading the call and writing the reply), per hit.
 
 The arguments are laid out by the current package (``scripts.reserve``): the two
-revisions must share the script's interface (its KEYS and ARGV).
+revisions must share the script's interface (its KEYS and ARGV). The figures are the
+server's own, so the server must be otherwise idle: a private one (the default), or a
+``REDIS_URL`` nothing else uses meanwhile. The same revision twice is an A/A run (the
+noise floor).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ def reserve_source(root: Path) -> str:
         return str(scripts.source.__wrapped__("reserve"))  # type: ignore[attr-defined]
 
 
-async def measure(url: str, prefix: str, model: str, sources: dict[str, str], *,
+async def measure(url: str, prefix: str, model: str, sources: list[str], *,
                   workload: str, prompts: int, rounds: int, batches: int
-                  ) -> dict[str, list[dict[str, float]]]:
-    """Per revision, per block: ``script`` and ``server`` µs per hit."""
+                  ) -> list[list[dict[str, float]]]:
+    """Per source (A, B), per block: ``script`` and ``server`` µs per hit."""
     import redis.asyncio as aredis
     from cachesaver_dist import OnlineAPI
     from cachesaver_dist.prepare import prepare
@@ -48,11 +51,11 @@ async def measure(url: str, prefix: str, model: str, sources: dict[str, str], *,
         await W.warm(asker(api), prompts, workload=workload)
         run, route, model_id = api.run, api.route, api.model_id
     keys, prompt_of, counter = Keys(prefix), W.HIT_WORKLOADS[workload], itertools.count()
-    clients = {}
-    for rev, text in sources.items():  # one client per revision, its script registered
+    clients = []
+    for text in sources:  # one client per revision, its script registered
         client = aredis.Redis.from_url(url)
         client.__dict__["_cachesaver_scripts"] = {"reserve": client.register_script(text)}
-        clients[rev] = client
+        clients.append(client)
     admin = aredis.Redis.from_url(url)
 
     async def block(client: Any, count: int) -> None:
@@ -74,51 +77,55 @@ async def measure(url: str, prefix: str, model: str, sources: dict[str, str], *,
         return (stats["cmdstat_evalsha"]["usec"], stats["cmdstat_evalsha"]["calls"],
                 cpu["used_cpu_user"] + cpu["used_cpu_sys"])
 
-    out: dict[str, list[dict[str, float]]] = {rev: [] for rev in sources}
-    revs = list(sources)
-    for rev in revs:  # unmeasured: each script loaded, the counters' hash grown
-        await block(clients[rev], batches // 3)
+    out: list[list[dict[str, float]]] = [[] for _ in sources]
+    for client in clients:  # unmeasured: each script loaded, the counters' hash grown
+        await block(client, batches // 3)
     for rnd in range(rounds):
         print(f"round {rnd + 1}/{rounds}", flush=True)
-        for rev in (revs if rnd % 2 == 0 else revs[::-1]):
+        for side in ((0, 1) if rnd % 2 == 0 else (1, 0)):
             usec0, calls0, cpu0 = await reading()
-            await block(clients[rev], batches)
+            await block(clients[side], batches)
             usec1, calls1, cpu1 = await reading()
-            hits = (calls1 - calls0) * BATCH
-            out[rev].append({"script": (usec1 - usec0) / hits,
-                             "server": (cpu1 - cpu0) * 1e6 / hits})
-    for client in (*clients.values(), admin):
+            if calls1 - calls0 != batches:
+                raise RuntimeError(f"{calls1 - calls0} script calls in a block of {batches}: "
+                                   "something else uses this server; use a private one")
+            hits = batches * BATCH
+            out[side].append({"script": (usec1 - usec0) / hits,
+                              "server": (cpu1 - cpu0) * 1e6 / hits})
+    for client in (*clients, admin):
         await client.aclose()
     return out
 
 
 def run(rev_a: str, rev_b: str, *, workload: str, rounds: int, batches: int,
         model: str, prompts: int) -> None:
-    trees = dict(C.export_rev(r) for r in (rev_a, rev_b))
-    sources = {rev: reserve_source(root) for rev, root in trees.items()}
+    trees = [C.export_rev(r) for r in (rev_a, rev_b)]
+    sources = [reserve_source(root) for _, root in trees]
     with C.Stack("compare") as st:
         env = C.environment(st.redis_version())
         st.start_worker("batch", "--model", model, "--sim-latency", "0")
         st.wait_alive(model)
         res = asyncio.run(measure(st.url, st.prefix, model, sources, workload=workload,
                                   prompts=prompts, rounds=rounds, batches=batches))
-    report(env, list(trees), res, workload, rounds, batches)
+    report(env, [rev for rev, _ in trees], res, workload, rounds, batches)
 
 
-def report(env: dict[str, Any], revs: list[str], res: dict[str, list[dict[str, float]]],
+def report(env: dict[str, Any], revs: list[str], res: list[list[dict[str, float]]],
            workload: str, rounds: int, batches: int) -> None:
     a, b = revs
     headers = ["revision", "script µs/hit (per block)", "script µs/hit", "server CPU µs/hit"]
-    rows = [[rev, " ".join(f"{x['script']:.2f}" for x in res[rev]),
-             f"{C.median([x['script'] for x in res[rev]]):.2f}",
-             f"{C.median([x['server'] for x in res[rev]]):.2f}"] for rev in revs]
-    ratio = {k: [y[k] / x[k] for x, y in zip(res[a], res[b])] for k in ("script", "server")}
+    rows = [[f"{label} {rev}", " ".join(f"{x['script']:.2f}" for x in blocks),
+             f"{C.median([x['script'] for x in blocks]):.2f}",
+             f"{C.median([x['server'] for x in blocks]):.2f}"]
+            for label, rev, blocks in zip("AB", revs, res)]
+    ratio = {k: [y[k] / x[k] for x, y in zip(*res)] for k in ("script", "server")}
     lines = [
         f"## compare: `reserve.lua` of {a} and {b}, side by side (Redis time per hit)\n",
         C.environment_md(env),
         f"Command: `.venv/bin/python -m bench.compare {a} {b} --script --workload {workload} "
-        f"--rounds {rounds}`. One process sends batches of {BATCH} hits ({workload} "
-        f"workload, each in a namespace new to its prompt) through each revision's script, "
+        f"--rounds {rounds} --batches {batches}`. One process sends batches of {BATCH} hits "
+        f"({workload} workload, each in a namespace new to its prompt) through each "
+        "revision's script, "
         f"{batches} batches per block, blocks paired (A B, B A, ...); script = `INFO "
         "commandstats` time of `EVALSHA`, server = redis-server CPU time, per hit.\n",
         C.md_table(headers, rows), "",

@@ -64,13 +64,15 @@ class LocalWorkers:
 
     async def stop(self) -> None:
         """Stop both within a few seconds; a client given to them stays open."""
-        self._batch.stop()
-        await asyncio.gather(self._batch_task, return_exceptions=True)
-        if self._cache is not None:
-            await stop_worker(self._cache, self._cache_task, close_pool=False)
-        if self._own is not None:
-            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._own.aclose(), 1.0)
+        try:
+            self._batch.stop()
+            await asyncio.gather(self._batch_task, return_exceptions=True)
+            if self._cache is not None:
+                await stop_worker(self._cache, self._cache_task, close_pool=False)
+        finally:
+            if self._own is not None:
+                with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._own.aclose(), 1.0)
 
 
 def worker_read_timeout(poll_delay: float) -> float:

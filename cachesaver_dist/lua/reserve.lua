@@ -70,11 +70,12 @@ local failure = nil  -- an error reply: the requests before it keep their reserv
 local records, new_records, touched = {}, {}, {}
 
 local nrequests = (#ARGV - first_arg) / 9
--- Sample indices as hash fields and in records, formatted once per call: a number passed
--- to redis.call is formatted as a float ('%.17g'), which costs more than the lookup.
-local index_text = setmetatable({}, {__index = function(t, idx)
-  local text = string.format('%d', idx)
-  t[idx] = text
+-- Indices (and counts) as text, each formatted once per call, as integers: everywhere
+-- they are written or looked up. Redis 7.0 formats a number passed to redis.call as a
+-- float ('%.17g'), and Lua's '..' does too ('%.14g', which turns 1e14 into '1e+14').
+local int_text = setmetatable({}, {__index = function(t, i)
+  local text = string.format('%d', i)
+  t[i] = text
   return text
 end})
 -- Usage counters, per counter hash (groups of the same run share one): the fields the
@@ -135,16 +136,16 @@ end
 local function read_samples(skey, start, n)
   local got
   if n == 1 then
-    got = redis.pcall('HGET', skey, index_text[start])
+    got = redis.pcall('HGET', skey, int_text[start])
     if type(got) ~= 'table' then got = {got} end
   elseif n <= 128 then
     local fields = {}
-    for idx = start, start + n - 1 do fields[#fields + 1] = index_text[idx] end
+    for idx = start, start + n - 1 do fields[#fields + 1] = int_text[idx] end
     got = redis.pcall('HMGET', skey, unpack(fields))
   else
     got = {}
     for idx = start, start + n - 1 do
-      local sample = redis.pcall('HGET', skey, index_text[idx])
+      local sample = redis.pcall('HGET', skey, int_text[idx])
       if type(sample) == 'table' and sample.err then got = sample break end
       got[idx - start + 1] = sample
     end
@@ -211,7 +212,7 @@ local function reserve_requests()
         for idx = start, math.min(start + n, mark) - 1 do
           if need_spec then break end
           if not flags[idx - start + 1] and spec == '' and
-              redis.call('HEXISTS', gkey, 'x' .. idx) == 1 then
+              redis.call('HEXISTS', gkey, 'x' .. int_text[idx]) == 1 then
             need_spec = true
           end
         end
@@ -224,7 +225,7 @@ local function reserve_requests()
       touched[KEYS[group]] = true
       if new == 1 and mfield ~= '' then
         local mkey = KEYS[group + 3]
-        if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. start .. '|' .. n) == 0 then
+        if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. int_text[start] .. '|' .. int_text[n]) == 0 then
           local first = redis.call('HGET', mkey, mfield)
           if string.sub(first, -2) ~= '|*' then redis.call('HSET', mkey, mfield, first .. '|*') end
         end
@@ -235,7 +236,7 @@ local function reserve_requests()
         for idx = start, start + n - 1 do
           local j = idx - start + 1
           if not flags[j] then
-            if idx >= mark or redis.call('HDEL', gkey, 'x' .. idx) == 1 then
+            if idx >= mark or redis.call('HDEL', gkey, 'x' .. int_text[idx]) == 1 then
               local stream = KEYS[group + 1]
               local id = stream .. '\0' .. pkey
               local claim = claim_by[id]
@@ -244,7 +245,7 @@ local function reserve_requests()
                 claim_by[id] = claim
                 claims[#claims + 1] = claim
               end
-              table.insert(claim[4], idx)
+              table.insert(claim[4], int_text[idx])
               flags[j] = 'g'
             else
               flags[j] = old_flags and string.sub(old_flags, j, j) or 'd'
@@ -252,13 +253,13 @@ local function reserve_requests()
           end
         end
         if start + n > mark then
-          for idx = mark, start - 1 do redis.call('HSET', gkey, 'x' .. idx, 1) end
-          redis.call('HSET', gkey, 'mark', start + n)
+          for idx = mark, start - 1 do redis.call('HSET', gkey, 'x' .. int_text[idx], 1) end
+          redis.call('HSET', gkey, 'mark', int_text[start + n])
         end
       end
 
       local fl = n == 1 and flags[1] or table.concat(flags)
-      local range = index_text[start] .. '|' .. fl
+      local range = int_text[start] .. '|' .. fl
       if fl ~= old_flags then  -- written once at the end; seen at once by a repeat
         records[rkey][waiter] = range
         local list = new_records[rkey]
