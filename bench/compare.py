@@ -135,15 +135,15 @@ def main() -> None:
     p.add_argument("--workload", action="append", choices=("short", "chat"),
                    help="a workload of hit_path; repeat for several (default: both)")
     p.add_argument("--rounds", type=int,
-                   help="interleaved rounds (4; with --script, 12)")
+                   help="interleaved rounds (4; with --script, 40)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--direct", action="store_true",
                       help="clients in direct mode (OnlineAPI(direct=True)), no cache worker")
     mode.add_argument("--script", action="store_true",
                       help="only reserve.lua: Redis time per hit of each revision's script")
-    p.add_argument("--batches", type=int, default=150,
-                   help="with --script: batches of 32 hits per block (150)")
+    p.add_argument("--batches", type=int, default=40,
+                   help="with --script: batches of 32 hits per block (40)")
     a = p.parse_args()
     if a.rounds is not None and a.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -153,7 +153,7 @@ def main() -> None:
         if a.workload and len(a.workload) > 1:
             p.error("--script measures one workload: give --workload once")
         compare_script.run(a.rev_a, a.rev_b, workload=(a.workload or ["short"])[0],
-                           rounds=a.rounds or 12, batches=a.batches, model=MODEL,
+                           rounds=a.rounds or 40, batches=a.batches, model=MODEL,
                            prompts=PROMPTS)
         return
     run(a.rev_a, a.rev_b, a.workload or ["short", "chat"], a.rounds or 4, a.duration,
