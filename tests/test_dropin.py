@@ -30,7 +30,7 @@ from cachesaver_dist.errors import GenerationError
 from cachesaver_dist.models import derive_seed
 from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
 from cachesaver_dist.models.dropin import Metadata
-from cachesaver_dist.models.formats import split_usage, sum_usage
+from cachesaver_dist.models.formats import build, dump, split_usage, sum_usage
 from cachesaver_dist.models.groq import AsyncGroq, Groq
 from cachesaver_dist.models.openai import AsyncOpenAI, OpenAI
 from cachesaver_dist.models.openrouter import AsyncOpenRouter, OpenRouter
@@ -283,6 +283,45 @@ async def test_tool_calls_logprobs_usage_round_trip(sim, opts):
     assert calls.choices[0].finish_reason == "tool_calls"
     assert json.loads(calls.choices[0].message.tool_calls[0].function.arguments).keys() == \
         {"city", "days", "unit"}
+
+
+async def test_responses_are_built_as_the_sdks_construct_builds_them(sim):
+    """``build`` (strict validation, construct as the fallback) makes the very object the
+    SDK's ``construct`` makes: pydantic's ``==`` compares types and values at every level;
+    fields set and extras are compared too (an extra is also in ``model_fields_set`` after
+    validation, as with the SDK's strict response validation). Data of another type than
+    its field's (which validation would convert) is left to ``construct``."""
+    model = model_name()
+    oa = openai.AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0)
+    an = anthropic.AsyncAnthropic(api_key="test", base_url=sim.anthropic, max_retries=0)
+    made = [await oa.chat.completions.create(model=model, messages=MSGS, **case) for case in (
+        {"tools": TOOLS, "tool_choice": "auto", "n": 2}, {"logprobs": True, "top_logprobs": 2},
+        {"n": 3, "stop": ["zzz"]})]
+    chunks = [c async for c in await oa.chat.completions.create(
+        model=model, messages=MSGS, stream=True, logprobs=True)]
+    message = await an.messages.create(model=model, max_tokens=20, messages=MSGS)
+    events = [e async for e in await an.messages.create(model=model, max_tokens=20,
+                                                        messages=MSGS, stream=True)]
+    await oa.close()
+    await an.close()
+
+    def fields_set(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [fields_set(x) for x in obj]
+        if hasattr(obj, "model_fields_set"):
+            known = obj.model_fields_set - set(obj.model_extra or ())
+            return (type(obj), sorted(known), obj.model_extra,
+                    {k: fields_set(getattr(obj, k)) for k in known})
+        return obj
+
+    for sdk_object in (*made, *chunks, message, *events):
+        data = dump(sdk_object)
+        data["extra_field"] = {"kept": [1, 2]}  # fields the SDK does not know are kept
+        built, constructed = build(type(sdk_object), data), type(sdk_object).construct(**data)
+        assert built == constructed and fields_set(built) == fields_set(constructed)
+    odd = {**dump(made[0]), "created": "1733000000"}
+    assert build(ChatCompletion, odd).created == "1733000000"  # as construct keeps it
+    assert build(ChatCompletion, odd) == ChatCompletion.construct(**odd)
 
 
 async def test_tool_loop_with_the_sdks_own_message_objects(sim, opts):
