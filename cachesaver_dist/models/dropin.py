@@ -43,6 +43,7 @@ __all__ = ["AsyncChunkStream", "AsyncClient", "Metadata", "Provider"]
 NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", "extra_query"})
 DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # a reply may wait for the SDK's own timeouts and retries
 CLOSE_WAIT_S = 10.0
+ACCEPTED_KEPT = 1024  # sets of argument names remembered as accepted by the SDK's create
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class _Core:
         self.sdk_kwargs = sdk_kwargs
         self._sdk: Any = provider.async_sdk(**sdk_kwargs)  # raises for a missing key, as the SDK
         self.signature = inspect.signature(_walk(self._sdk, self.format.path).create)
+        self._accepted: set[frozenset[str]] = set()  # argument names the signature took
         if provider_id is None:
             where = _where(self._sdk.base_url)
             default = provider.default_url and _where(provider.default_url)
@@ -251,10 +253,14 @@ class _Core:
         if not isinstance(metadata, bool) and not _omitted(metadata):
             kwargs["metadata"] = metadata  # the SDK's own metadata argument
         kwargs = {k: v for k, v in kwargs.items() if not _omitted(v)}
-        try:
-            self.signature.bind(**kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.format.name}.create(): {exc}") from None
+        names = frozenset(kwargs)
+        if names not in self._accepted:  # keywords only: their names decide, not values
+            try:
+                self.signature.bind(**kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.format.name}.create(): {exc}") from None
+            if len(self._accepted) < ACCEPTED_KEPT:
+                self._accepted.add(names)
         n = kwargs.pop("n", 1) if self.format.has_n else 1
         stream, options = kwargs.pop("stream", False), kwargs.pop("stream_options", None)
         extras = {k: kwargs.pop(k) for k in list(kwargs) if k in self.format.not_in_key}
@@ -295,7 +301,9 @@ class _Core:
             self._abandon()
             self._loop = loop
         task = self._pipelines.get(model)
-        if task is None or (task.done() and (task.cancelled() or task.exception())):
+        if task is not None and task.done() and not task.cancelled() and not task.exception():
+            return task.result()  # open: the usual case, without a shield per call
+        if task is None or task.done():
             task = self._pipelines[model] = loop.create_task(self._open(model))
         return await asyncio.shield(task)
 
