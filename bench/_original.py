@@ -110,7 +110,24 @@ async def savings(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
-MODES = {"hits": hits, "burst": burst, "mp_client": mp_client, "savings": savings}
+async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.dropin``: the ``hit_path`` phases through the original's
+    ``cachesaver.models.openai.AsyncOpenAI`` at its defaults."""
+    from cachesaver.models.openai import AsyncOpenAI
+
+    client = AsyncOpenAI(cachedir=spec["cache_dir"], api_key="bench",
+                         base_url=spec["base_url"], max_retries=0)
+    ask = W.dropin_asker(client.chat.completions.create, spec["model"])
+    out: dict[str, Any] = {"phases": {}}
+    if spec.get("warm", True):
+        await W.warm(ask, spec["prompts"], workload=spec["workload"])
+    for ph in spec["phases"]:
+        out["phases"][ph["name"]] = await W.hit_phase(ask, ph, spec)
+    return out
+
+
+MODES = {"hits": hits, "dropin_hits": dropin_hits, "burst": burst, "mp_client": mp_client,
+         "savings": savings}
 
 
 def main() -> None:

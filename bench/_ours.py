@@ -183,8 +183,26 @@ async def scaling(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MODES = {"hits": hits, "scaling": scaling, "round_trip_cost": round_trip_cost,
-         "burst": burst, "mp_client": mp_client, "savings": savings}
+async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.dropin``: the ``hit_path`` phases through ``cachesaver_dist.models.openai.
+    AsyncOpenAI`` at its defaults (in-process workers; ``direct`` as the spec says)."""
+    from cachesaver_dist.models.openai import AsyncOpenAI
+
+    out: dict[str, Any] = {"phases": {}}
+    async with AsyncOpenAI(api_key="bench", base_url=spec["base_url"], max_retries=0,
+                           cache=spec["url"], prefix=spec["prefix"],
+                           direct=spec.get("direct", False)) as client:
+        ask = W.dropin_asker(client.chat.completions.create, spec["model"])
+        if spec.get("warm", True):
+            await W.warm(ask, spec["prompts"], workload=spec["workload"])
+        for ph in spec["phases"]:
+            out["phases"][ph["name"]] = await W.hit_phase(ask, ph, spec)
+    return out
+
+
+MODES = {"hits": hits, "scaling": scaling, "dropin_hits": dropin_hits,
+         "round_trip_cost": round_trip_cost, "burst": burst, "mp_client": mp_client,
+         "savings": savings}
 
 
 def main() -> None:

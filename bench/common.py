@@ -440,6 +440,30 @@ def info_delta(a: dict[str, Any], b: dict[str, Any],
 # --- drivers --------------------------------------------------------------------------
 
 
+def start_simulator(log: Path, latency: float, env: dict[str, str] | None = None
+                    ) -> tuple[subprocess.Popen, str]:
+    """The package's LLM simulator (``cachesaver-dist simulator``) on a free loopback port,
+    ready; its root URL (OpenAI SDKs: ``<url>/v1``). Output goes to ``log``."""
+    import httpx
+    from cachesaver_dist.server import _free_port
+
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cachesaver_dist.cli", "simulator", "--port", str(port),
+             "--latency", str(latency)], env=env, cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"the simulator did not start: see {log}")
+        time.sleep(0.1)
+
+
 def run_driver(side: str, spec: dict[str, Any], *, env: dict[str, str] | None = None,
                timeout: float = 120.0, root: Path | None = None) -> dict[str, Any]:
     """Run ``bench._ours`` (ours) or ``bench._original`` in its venv; return its JSON."""

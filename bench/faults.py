@@ -67,7 +67,6 @@ import msgpack  # noqa: E402
 import redis as sync_redis  # noqa: E402
 from cachesaver_dist import prompt_key  # noqa: E402
 from cachesaver_dist.protocol import CONSUMER_GROUP, Keys, decode_sample  # noqa: E402
-from cachesaver_dist.server import _free_port  # noqa: E402
 from tests.conftest import ROOT, Processes, subprocess_env  # noqa: E402
 from tests.crash_client import PROMPTS  # noqa: E402
 from tests.support import COUNTER_ENV  # noqa: E402
@@ -161,21 +160,8 @@ class Stage:
         self.wait_alive(self.route, self.setup.batch)
 
     def start_simulator(self) -> None:
-        port = _free_port()
-        with open(self.dir / "simulator.log", "wb") as log:
-            self.sim = subprocess.Popen(
-                [sys.executable, "-m", "cachesaver_dist.cli", "simulator", "--port", str(port),
-                 "--latency", "0.02"], env=subprocess_env(self.url), cwd=ROOT,
-                stdout=log, stderr=subprocess.STDOUT)
-        self.sim_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.sim_url}/health", timeout=1).status_code == 200:
-                    return
-            if self.sim.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the simulator did not start: {self.dir}/simulator.log")
-            time.sleep(0.1)
+        self.sim, self.sim_url = C.start_simulator(self.dir / "simulator.log", 0.02,
+                                                   env=subprocess_env(self.url))
 
     def start_cache(self) -> subprocess.Popen:
         assert self.procs is not None

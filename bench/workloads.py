@@ -31,6 +31,19 @@ Prompt = str | list[dict[str, str]]  # a completion prompt or chat messages
 Ask = Callable[[Prompt, int, str, str], Awaitable[Answer]]
 
 
+def dropin_asker(create: Callable[..., Awaitable[Any]], model: str) -> Ask:
+    """An ``Ask`` through a drop-in client's ``chat.completions.create`` (ours or the
+    original's: the same call, with ``namespace``, ``request_id`` and ``metadata``): the
+    chat workload's fields, as ``hit_path`` sends them."""
+    async def ask(prompt: Prompt, n: int, namespace: str, request_id: str) -> Answer:
+        completion, meta = await create(
+            model=model, messages=prompt, n=n, temperature=0.7, **CHAT_PARAMS,
+            namespace=namespace, request_id=request_id, metadata=True)
+        return Answer([c.message.content for c in completion.choices], list(meta.cached),
+                      list(meta.duplicated))
+    return ask
+
+
 def words(text: str) -> int:
     """Tokens, as the simulators count them: whitespace-separated words."""
     return len(str(text).split())
