@@ -273,7 +273,7 @@ class _Core:
             prompt=self.format.name, n=n, namespace=namespace or self.namespace,
             request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
             **fields)
-        api = await self._pipeline(model)
+        api = self._open_pipeline(model) or await self._pipeline(model)
         if extras:
             key = prompt_key(api.model_id, request.model_fields())
             self.lent.setdefault(key, []).append(extras)
@@ -292,6 +292,15 @@ class _Core:
                         list(response.duplicated or [])) if want_meta else None
         return result, meta, bool(stream)
 
+    def _open_pipeline(self, model: str) -> OnlineAPI | None:
+        """The pipeline of ``model`` if it is open on the running loop (the usual case,
+        answered without a coroutine or a shield), else None."""
+        task = self._pipelines.get(model)
+        if task is not None and task.done() and self._loop is asyncio.get_running_loop() \
+                and not task.cancelled() and task.exception() is None:
+            return task.result()
+        return None
+
     async def _pipeline(self, model: str) -> OnlineAPI:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
@@ -300,9 +309,10 @@ class _Core:
                                       "create one client per event loop")
             self._abandon()
             self._loop = loop
+        api = self._open_pipeline(model)
+        if api is not None:
+            return api
         task = self._pipelines.get(model)
-        if task is not None and task.done() and not task.cancelled() and not task.exception():
-            return task.result()  # open: the usual case, without a shield per call
         if task is None or task.done():
             task = self._pipelines[model] = loop.create_task(self._open(model))
         return await asyncio.shield(task)
