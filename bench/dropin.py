@@ -112,7 +112,7 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]], durati
     print()
     print(C.text_table(headers, rows))
     C.write_json(STUDY, {"env": env, "duration": duration, "rounds": rounds,
-                         "results": results})
+                         "sides": agg})
     lines = [
         "## dropin: cache hits through the drop-in provider clients, ours vs the original's\n",
         C.environment_md(env),
