@@ -126,13 +126,25 @@ async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MODES = {"hits": hits, "dropin_hits": dropin_hits, "burst": burst, "mp_client": mp_client,
-         "savings": savings}
+def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.dropin``'s sync phase: sequential hits through ``cachesaver.models.openai.
+    OpenAI`` at its defaults, no event loop running."""
+    from cachesaver.models.openai import OpenAI
+
+    client = OpenAI(cachedir=spec["cache_dir"], api_key="bench", base_url=spec["base_url"],
+                    max_retries=0)
+    return W.sync_phase(client.chat.completions.create, spec)
+
+
+MODES = {"hits": hits, "dropin_hits": dropin_hits, "dropin_sync": dropin_sync, "burst": burst,
+         "mp_client": mp_client, "savings": savings}
 
 
 def main() -> None:
     spec = json.loads(sys.stdin.read())
-    result = asyncio.run(MODES[spec["mode"]](spec))
+    result = MODES[spec["mode"]](spec)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

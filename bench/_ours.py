@@ -200,9 +200,19 @@ async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.dropin``'s sync phase: sequential hits through ``cachesaver_dist.models.
+    openai.OpenAI`` at its defaults (``direct`` as the spec says), no event loop running."""
+    from cachesaver_dist.models.openai import OpenAI
+
+    with OpenAI(api_key="bench", base_url=spec["base_url"], max_retries=0, cache=spec["url"],
+                prefix=spec["prefix"], direct=spec.get("direct", False)) as client:
+        return W.sync_phase(client.chat.completions.create, spec)
+
+
 MODES = {"hits": hits, "scaling": scaling, "dropin_hits": dropin_hits,
-         "round_trip_cost": round_trip_cost, "burst": burst, "mp_client": mp_client,
-         "savings": savings}
+         "dropin_sync": dropin_sync, "round_trip_cost": round_trip_cost, "burst": burst,
+         "mp_client": mp_client, "savings": savings}
 
 
 def main() -> None:
@@ -210,7 +220,9 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     if spec.get("count_round_trips"):
         count_round_trips()
-    result = asyncio.run(MODES[spec["mode"]](spec))
+    result = MODES[spec["mode"]](spec)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

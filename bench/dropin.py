@@ -11,7 +11,10 @@ with its ``diskcache`` folder (batch size 1, its default). Misses go to the pack
 LLM simulator over HTTP (``cachesaver-dist simulator``), only while warming: every
 measured request is a hit (sample 0 of one of 512 warmed requests, in a namespace that
 has not used it yet). Phases as in ``hit_path``: ``seq`` (1 caller), ``c32`` and
-``c256`` (closed-loop callers); rounds interleaved, figures are medians over rounds.
+``c256`` (closed-loop callers); then ``sync``, in a process of its own: the same hits
+one after another through the sync client (``OpenAI``), with no event loop running, as
+a notebook cell or a script calls it. Rounds interleaved, figures are medians over
+rounds.
 
 CPU µs per hit: the client process (ours: with its in-process workers) plus, for ours,
 redis-server. Not a target of its own: the issue's targets are ``hit_path``'s.
@@ -66,23 +69,27 @@ def run(duration: float, rounds: int, baseline: str | None = None) -> None:
             redis_pid = st.server_pid()
             common = {"mode": "dropin_hits", "base_url": f"{sim_url}/v1", "model": MODEL,
                       "workload": "chat",
-                      "prompts": PROMPTS, "phases": phases(duration)}
+                      "prompts": PROMPTS, "phases": phases(duration), "duration": duration}
             warmed: set[str] = set()
             for rnd in range(rounds):
                 ours = list(roots) if rnd % 2 == 0 else list(roots)[::-1]
                 for side in ("original", *ours):
                     print(f"round {rnd + 1}/{rounds}: {side}", flush=True)
                     if side == "original":
-                        res = C.run_driver("original", {
-                            **common, "cache_dir": str(work / "original"),
-                            "warm": side not in warmed})
+                        spec = {**common, "cache_dir": str(work / "original"),
+                                "warm": side not in warmed}
+                        res = C.run_driver("original", spec)
+                        res["phases"].update(C.run_driver("original", {
+                            **spec, "mode": "dropin_sync"})["phases"])
                     else:  # all of ours share one cache: warmed once
                         root = roots[side]
-                        res = C.run_driver("ours", {
-                            **common, "url": st.url, "prefix": st.prefix,
-                            "warm": "ours" not in warmed, "direct": "direct" in side,
-                            "watch": {"redis": redis_pid} if redis_pid else {}},
-                            env=st.env(root), root=root)
+                        spec = {**common, "url": st.url, "prefix": st.prefix,
+                                "warm": "ours" not in warmed, "direct": "direct" in side,
+                                "watch": {"redis": redis_pid} if redis_pid else {}}
+                        res = C.run_driver("ours", spec, env=st.env(root), root=root)
+                        res["phases"].update(C.run_driver(
+                            "ours", {**spec, "mode": "dropin_sync"}, env=st.env(root),
+                            root=root)["phases"])
                     warmed.add(side.split()[0])
                     results[side].append(res["phases"])
     finally:
@@ -93,7 +100,7 @@ def run(duration: float, rounds: int, baseline: str | None = None) -> None:
 
 def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]], duration: float,
            rounds: int, seconds: float, baseline: str | None) -> None:
-    agg = {side: {ph: _agg(rs, ph) for ph in ("seq", "c32", "c256")}
+    agg = {side: {ph: _agg(rs, ph) for ph in ("seq", "c32", "c256", "sync")}
            for side, rs in results.items()}
     orig = agg["original"]
     headers = ["side", "seq p50 ms", "seq req/s", "c32 p50 ms", "c32 req/s", "c32 × original",
@@ -109,8 +116,18 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]], durati
                      f"{sum(cpu.values()):.0f} (" + ", ".join(
                          f"{k} {v:.0f}" for k, v in cpu.items()) + ")"])
     misses = sum(a[ph]["misses"] for a in agg.values() for ph in a)
+    sync_headers = ["side", "p50 ms", "p99 ms", "calls/s", "× original",
+                    "CPU µs/call (client + Redis)"]
+    sync_rows = []
+    for side in results:
+        a = agg[side]["sync"]
+        sync_rows.append([side, C.fmt(a["p50"]), C.fmt(a["p99"]), C.fmt(a["thr"], 0),
+                          C.fmt(a["thr"] / agg["original"]["sync"]["thr"]),
+                          f"{sum(a['cpu_us'].values()):.0f}"])
     print()
     print(C.text_table(headers, rows))
+    print()
+    print(C.text_table(sync_headers, sync_rows))
     C.write_json(STUDY, {"env": env, "duration": duration, "rounds": rounds,
                          "sides": agg})
     lines = [
@@ -127,6 +144,10 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]], durati
         "LLM simulator over HTTP. req/s = median over interleaved rounds; CPU µs/hit = the "
         "client process (ours: with its workers) + redis-server, over the c32 phase.\n",
         C.md_table(headers, rows), "",
+        "Sequential calls from a sync client (`OpenAI(...)`, one call after another with no "
+        "event loop running, as a notebook cell or a script makes them; each client at its "
+        f"defaults, {duration:g} s per round after 0.3 s unmeasured; medians over rounds):\n",
+        C.md_table(sync_headers, sync_rows), "",
         *([f"`ours {rev}` rows: the package at {rev}, in the same rounds (`--baseline`)."
            for rev in {side.split()[-1] for side in results if side.startswith("ours ")
                        and side.split()[-1] != "direct"}]), "",

@@ -31,17 +31,52 @@ Prompt = str | list[dict[str, str]]  # a completion prompt or chat messages
 Ask = Callable[[Prompt, int, str, str], Awaitable[Answer]]
 
 
+def _dropin_call(model: str, prompt: Prompt, n: int, namespace: str,
+                 request_id: str) -> dict[str, Any]:
+    return {"model": model, "messages": prompt, "n": n, "temperature": 0.7, **CHAT_PARAMS,
+            "namespace": namespace, "request_id": request_id, "metadata": True}
+
+
+def _dropin_answer(result: Any) -> Answer:
+    completion, meta = result
+    return Answer([c.message.content for c in completion.choices], list(meta.cached),
+                  list(meta.duplicated))
+
+
 def dropin_asker(create: Callable[..., Awaitable[Any]], model: str) -> Ask:
     """An ``Ask`` through a drop-in client's ``chat.completions.create`` (ours or the
     original's: the same call, with ``namespace``, ``request_id`` and ``metadata``): the
     chat workload's fields, as ``hit_path`` sends them."""
     async def ask(prompt: Prompt, n: int, namespace: str, request_id: str) -> Answer:
-        completion, meta = await create(
-            model=model, messages=prompt, n=n, temperature=0.7, **CHAT_PARAMS,
-            namespace=namespace, request_id=request_id, metadata=True)
-        return Answer([c.message.content for c in completion.choices], list(meta.cached),
-                      list(meta.duplicated))
+        return _dropin_answer(await create(**_dropin_call(model, prompt, n, namespace,
+                                                          request_id)))
     return ask
+
+
+def sync_phase(create: Callable[..., Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.dropin``'s sync phase (``sync_sequential``, after an unmeasured warm-up of
+    0.3 s), as a driver's result."""
+    sync_sequential(create, spec["model"], duration=0.3, prompts=spec["prompts"],
+                    tag="sync-warmup")
+    return {"phases": {"sync": sync_sequential(create, spec["model"], duration=spec["duration"],
+                                               prompts=spec["prompts"],
+                                               watch=spec.get("watch"))}}
+
+
+def sync_sequential(create: Callable[..., Any], model: str, *, duration: float, prompts: int,
+                    watch: dict[str, int] | None = None, tag: str = "sync") -> dict[str, Any]:
+    """Cache hits through a sync drop-in client, one call after another with no event
+    loop running, as a notebook cell or a script makes them: ``closed_loop`` with one
+    caller (the same requests, namespaces and result), on the chat workload."""
+    meter = _Meter(watch)
+    i = 0
+    while time.perf_counter() < meter.start + duration:
+        t0 = time.perf_counter()
+        a = _dropin_answer(create(**_dropin_call(model, chat_prompt(i % prompts), 1,
+                                                 f"{tag}-{i // prompts}", f"{tag}/{i:08d}")))
+        meter.add(t0, a)
+        i += 1
+    return meter.result()
 
 
 def words(text: str) -> int:
@@ -106,30 +141,44 @@ async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: 
     prompt_of = (lambda i: f"[{salt}] {base(i)}") if salt else base
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-    watch = {"client": os.getpid(), **(watch or {})}
-    cpu0 = {k: proc_cpu(p) for k, p in watch.items()}
+    meter = _Meter(watch)
     counter = itertools.count()
-    latencies: list[float] = []
-    misses = 0
-    start = time.perf_counter()
-    end = start + duration
+    end = meter.start + duration
 
     async def caller(c: int) -> None:
-        nonlocal misses
         while True:
             i = next(counter)
             if i >= max_requests or time.perf_counter() >= end:
                 return
             t0 = time.perf_counter()
-            a = await ask(prompt_of(i % prompts), 1, f"{tag}-{i // prompts}", f"{tag}/{i:08d}")
-            latencies.append((time.perf_counter() - t0) * 1000)
-            misses += not all(a.cached)
+            meter.add(t0, await ask(prompt_of(i % prompts), 1, f"{tag}-{i // prompts}",
+                                    f"{tag}/{i:08d}"))
 
     await asyncio.gather(*(caller(c) for c in range(callers)))
-    wall = time.perf_counter() - start
-    cpu = {k: proc_cpu(p) - cpu0[k] for k, p in watch.items()}
-    return {"latencies_ms": latencies, "wall": wall, "count": len(latencies), "misses": misses,
-            "throughput": len(latencies) / wall if wall else 0.0, "cpu": cpu}
+    return meter.result()
+
+
+class _Meter:
+    """Latencies, misses and the CPU seconds of ``watch`` (name -> pid; this process is
+    ``client``) over a measured loop, as ``closed_loop`` reports them."""
+
+    def __init__(self, watch: dict[str, int] | None) -> None:
+        self.watch = {"client": os.getpid(), **(watch or {})}
+        self.cpu0 = {k: proc_cpu(p) for k, p in self.watch.items()}
+        self.latencies: list[float] = []
+        self.misses = 0
+        self.start = time.perf_counter()
+
+    def add(self, sent_at: float, answer: Answer) -> None:
+        self.latencies.append((time.perf_counter() - sent_at) * 1000)
+        self.misses += not all(answer.cached)
+
+    def result(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.start
+        cpu = {k: proc_cpu(p) - self.cpu0[k] for k, p in self.watch.items()}
+        return {"latencies_ms": self.latencies, "wall": wall, "count": len(self.latencies),
+                "misses": self.misses, "throughput": len(self.latencies) / wall if wall else 0.0,
+                "cpu": cpu}
 
 
 async def hit_phase(ask: Ask, phase: dict[str, Any], spec: dict[str, Any],
