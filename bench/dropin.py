@@ -45,7 +45,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.hit_path import PROMPTS, _agg, phases  # noqa: E402
+from bench.hit_path import PROMPTS, aggregate, phases  # noqa: E402
 
 STUDY = "dropin"
 MODEL = "sim-chat"  # the model name sent to the simulator
@@ -100,7 +100,7 @@ def run(duration: float, rounds: int, baseline: str | None = None) -> None:
 
 def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]], duration: float,
            rounds: int, seconds: float, baseline: str | None) -> None:
-    agg = {side: {ph: _agg(rs, ph) for ph in ("seq", "c32", "c256", "sync")}
+    agg = {side: {ph: aggregate(rs, ph) for ph in ("seq", "c32", "c256", "sync")}
            for side, rs in results.items()}
     orig = agg["original"]
     headers = ["side", "seq p50 ms", "seq req/s", "c32 p50 ms", "c32 req/s", "c32 × original",

@@ -137,7 +137,9 @@ def profile_pass(st: C.Stack, worker: Any) -> dict[str, Any]:
     return out
 
 
-def _agg(rounds: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+def aggregate(rounds: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+    """One phase over the rounds of a driver's results: pooled latency percentiles, the
+    median throughput, misses, and CPU µs per request of each watched process."""
     lat = [x for r in rounds for x in r[phase]["latencies_ms"]]
     thr = [r[phase]["throughput"] for r in rounds]
     count = sum(r[phase]["count"] for r in rounds)
@@ -183,7 +185,7 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
            idle: dict[str, float], profiles: dict[str, Any],
            rt_cost: dict[str, list[float]],
            duration: float, rounds: int, seconds: float, server_version: str) -> None:
-    agg = {side: {ph: _agg(rs, ph) for ph in ("seq", "c32", "c256")}
+    agg = {side: {ph: aggregate(rs, ph) for ph in ("seq", "c32", "c256")}
            for side, rs in results.items()}
     headers = ["workload", "side", "seq p50 ms", "seq p99 ms", "seq req/s", "c32 p50 ms",
                "c32 p99 ms", "c32 req/s", "c32 × original", "c256 req/s", "c256 × original",
