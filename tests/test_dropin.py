@@ -7,10 +7,12 @@ while it waits. Each test uses its own model names: the simulator counts per mod
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -484,6 +486,42 @@ async def test_sync_client_inside_a_running_event_loop(sim, opts):
         message = client.messages.create(model=model, max_tokens=10, messages=MSGS)
     assert isinstance(message, Message)
     assert not [t for t in threading.enumerate() if t.name.startswith("cachesaver-")]
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_client_used_without_a_name(sim, opts):
+    """``OpenAI(...).chat.completions.create(...)``: nothing names the client, and the
+    garbage collector may finalize it in any thread while the call runs, or later in
+    its own loop thread. Every call is answered, and a collected client is closed."""
+    model = model_name()
+    stop = threading.Event()
+
+    def collect() -> None:  # a collection in another thread, at any moment
+        while not stop.is_set():
+            gc.collect()
+            time.sleep(0.005)
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    try:
+        answers = [OpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+                   .chat.completions.create(model=model, messages=MSGS, namespace=f"n{i}")
+                   for i in range(4)]
+    finally:
+        stop.set()
+        collector.join(5)
+    assert len({tuple(texts(a)) for a in answers}) == 1  # one sample, reused
+
+    client = OpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+    client.chat.completions.create(model=model, messages=MSGS)
+    runner, core = client._runner, client._core
+    loop, thread = runner._loop, runner._thread
+    del client  # in a reference cycle: only a collection finds it
+    collected = threading.Event()
+    loop.call_soon_threadsafe(lambda: (gc.collect(), collected.set()))  # in its loop thread
+    assert collected.wait(10)
+    thread.join(10)
+    assert not thread.is_alive() and not core._pipelines  # closed, then stopped
 
 
 async def test_provider_errors_surface(sim, opts):

@@ -22,6 +22,9 @@ from .dropin import CLOSE_WAIT_S, DEFAULT_REQUEST_TIMEOUT_S, Provider, _Core, _m
 __all__ = ["ChunkStream", "Client"]
 
 
+_LOOP_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
 class _LoopThread:
     """A private event loop in a daemon thread; ``run`` waits for a coroutine there."""
 
@@ -41,6 +44,7 @@ class _LoopThread:
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever, name=self.name,
                                                 daemon=True)
+                _LOOP_THREADS.add(self._thread)
                 self._thread.start()
             loop = self._loop
         if threading.current_thread() is self._thread:
@@ -65,6 +69,14 @@ class _LoopThread:
 
 
 def _shutdown(runner: _LoopThread, core: _Core) -> None:
+    """Close ``core`` on its loop, then stop the loop. The garbage collector runs a
+    collected client's finalizer in whatever thread it happens to run in: from a
+    client's loop thread this moves to a thread of its own, since waiting there for a
+    loop would stall that loop, or stop it under a call it is serving."""
+    if threading.current_thread() in _LOOP_THREADS:
+        threading.Thread(target=_shutdown, args=(runner, core), name="cachesaver-close",
+                         daemon=True).start()
+        return
     if runner.started:
         with contextlib.suppress(Exception):
             runner.run(asyncio.wait_for(core.aclose(), CLOSE_WAIT_S))
@@ -100,8 +112,10 @@ class Client:
 
         def create(*, namespace: str | None = None, request_id: str | None = None,
                    metadata: Any = False, **kwargs: Any) -> Any:
-            return _wrap(runner.run(core.create(kwargs, namespace, request_id, metadata)),
-                         ChunkStream)
+            # through ``self``: a client used without a name (``OpenAI(...).chat...``)
+            # stays alive, and open, while its call runs
+            return _wrap(self._runner.run(self._core.create(kwargs, namespace, request_id,
+                                                            metadata)), ChunkStream)
 
         _mount(self, self._sdk, core.format.path, create)
 
