@@ -28,7 +28,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from together.types.chat import ChatCompletion as TogetherCompletion
 from together.types.chat import ChatCompletionChunk as TogetherChunk
 
-from cachesaver_dist.errors import GenerationError
+from cachesaver_dist.errors import GenerationError, InvalidRequestError
 from cachesaver_dist.models import derive_seed
 from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
 from cachesaver_dist.models.dropin import Metadata
@@ -529,6 +529,10 @@ async def test_provider_errors_surface(sim, opts):
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
         with pytest.raises(GenerationError, match=r"returned 400.*between 1 and 128"):
             await client.chat.completions.create(model=model, messages=MSGS, n=200)
+        for n, refused in ((0, r"n=0 asks for no choices.*pass n >= 1"),
+                           (-1, r"n must be an int from 0"), ("2", r"n must be an int")):
+            with pytest.raises(InvalidRequestError, match=refused):  # refused at once
+                await client.chat.completions.create(model=model, messages=MSGS, n=n)
     with Anthropic(api_key="test", base_url=sim.anthropic, max_retries=0, **opts) as client:
         with pytest.raises(GenerationError, match=r"anthropic returned 400.*temperature"):
             client.messages.create(model=model, max_tokens=10, messages=MSGS,

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from .. import defaults
 from ..connection import check_reachable, connect
-from ..errors import CacheSaverError, ProviderError
+from ..errors import CacheSaverError, InvalidRequestError, ProviderError
 from ..pipelines import OnlineAPI
 from ..prepare import check_run, check_text
 from ..protocol import prompt_key
@@ -262,6 +262,9 @@ class _Core:
             if len(self._accepted) < ACCEPTED_KEPT:
                 self._accepted.add(names)
         n = kwargs.pop("n", 1) if self.format.has_n else 1
+        if n == 0 and type(n) is int:  # other values: prepare() names what is wrong
+            raise InvalidRequestError(f"{self.format.name}.create(): n=0 asks for no choices, "
+                                      "and a response has at least one: pass n >= 1")
         stream, options = kwargs.pop("stream", False), kwargs.pop("stream_options", None)
         extras = {k: kwargs.pop(k) for k in list(kwargs) if k in self.format.not_in_key}
         fields = {k: plain(v) for k, v in kwargs.items()}
