@@ -524,6 +524,22 @@ def test_a_sync_client_used_without_a_name(sim, opts):
     assert not thread.is_alive() and not core._pipelines  # closed, then stopped
 
 
+async def test_call_mistakes_are_refused_at_once_and_named(sim, opts):
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        create = client.chat.completions.create
+        with pytest.raises(TypeError, match=r"^chat\.completions\.create\(\) takes 0 positional"):
+            await create(model, MSGS)
+        with pytest.raises(InvalidRequestError, match="namespace must have 1 to 256"):
+            await create(model=model, messages=MSGS, namespace="")
+        for bad in (1, "yes"):
+            with pytest.raises(TypeError, match=r"metadata=.* neither a bool nor a dict"):
+                await create(model=model, messages=MSGS, metadata=bad)
+        ok = await create(model=model, messages=MSGS, metadata={"team": "a"})  # the SDK's own
+        assert isinstance(ok, ChatCompletion)
+    assert sim.requests(model) == 1
+
+
 async def test_provider_errors_surface(sim, opts):
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:

@@ -251,6 +251,10 @@ class _Core:
         ``create(**kwargs)``."""
         want_meta = metadata if isinstance(metadata, bool) else False
         if not isinstance(metadata, bool) and not _omitted(metadata):
+            if not isinstance(metadata, Mapping):
+                raise TypeError(f"{self.format.name}.create(): metadata={metadata!r:.40} is "
+                                "neither a bool nor a dict: pass metadata=True for (response, "
+                                "Metadata), or a dict for the SDK's own metadata argument")
             kwargs["metadata"] = metadata  # the SDK's own metadata argument
         kwargs = {k: v for k, v in kwargs.items() if not _omitted(v)}
         names = frozenset(kwargs)
@@ -273,7 +277,8 @@ class _Core:
             raise TypeError(f"{self.format.name}.create(): model must be a non-empty str, "
                             f"got {model!r:.80}")
         request = _request_type(tuple(sorted(fields)))(
-            prompt=self.format.name, n=n, namespace=namespace or self.namespace,
+            prompt=self.format.name, n=n,
+            namespace=self.namespace if namespace is None else namespace,
             request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
@@ -401,6 +406,7 @@ def _mount(client: Any, sdk: Callable[[], Any], path: tuple[str, ...], create: A
     def at(depth: int) -> Callable[[], Any]:
         return lambda: _walk(sdk(), path[:depth])
 
+    create.__qualname__ = ".".join((*path, "create"))  # as errors name it: the SDK's name
     node = _Resource(at(len(path)), create=create)
     for i in range(len(path) - 1, 0, -1):
         node = _Resource(at(i), **{path[i]: node})
