@@ -26,6 +26,23 @@ from .typedefs import Batch, Request, Response
 log = logging.getLogger("cachesaver_dist")
 
 
+def check_counts(**counts: Any) -> None:
+    """``InvalidRequestError`` naming the first of ``counts`` that is not a positive int."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_seconds(**durations: Any) -> None:
+    """``InvalidRequestError`` naming the first of ``durations`` that is not a number of
+    seconds >= 0."""
+    for name, seconds in durations.items():
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or \
+                not 0 <= seconds < 1e7:
+            raise InvalidRequestError(f"{name} must be a number of seconds >= 0, got "
+                                      f"{seconds!r}")
+
+
 class OnlineAPI:
     """A cached, deduplicated, batched pipeline in front of a model.
 
@@ -100,22 +117,16 @@ class OnlineAPI:
         if timeout is None or (isinstance(timeout, (int, float)) and timeout < 0):
             timeout = 0.0  # the original's wrappers pass None or -1 for "do not wait"
         model_batch_size = batch_size if model_batch_size is None else model_batch_size
-        for name, value in (("batch_size", batch_size), ("concurrency", concurrency),
-                            ("model_batch_size", model_batch_size),
-                            ("max_prompt_bytes", max_prompt_bytes), ("run_ttl_s", run_ttl_s)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+        check_counts(batch_size=batch_size, concurrency=concurrency,
+                     model_batch_size=model_batch_size, max_prompt_bytes=max_prompt_bytes,
+                     run_ttl_s=run_ttl_s)
         if wait_replicas is not None and (not isinstance(wait_replicas, int) or
                                           isinstance(wait_replicas, bool) or wait_replicas < 0):
             raise InvalidRequestError(f"wait_replicas must be an int >= 0 or None, got "
                                       f"{wait_replicas!r}")
         self._wait_replicas = wait_replicas
-        for name, seconds in (("timeout", timeout), ("reply_timeout", reply_timeout),
-                              ("request_timeout", request_timeout)):
-            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or \
-                    not 0 <= seconds < 1e7:
-                raise InvalidRequestError(f"{name} must be a number of seconds >= 0, "
-                                          f"got {seconds!r}")
+        check_seconds(timeout=timeout, reply_timeout=reply_timeout,
+                      request_timeout=request_timeout)
         if isinstance(model, str):
             check_text(model, "model")
             self.route, self.model_id, self._model = model, model_id or model, None

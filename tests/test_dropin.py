@@ -524,6 +524,23 @@ def test_a_sync_client_used_without_a_name(sim, opts):
     assert not thread.is_alive() and not core._pipelines  # closed, then stopped
 
 
+@pytest.mark.parametrize("client_type", [OpenAI, AsyncOpenAI])
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"cache": "notaurl"}, ValueError, r"invalid Redis URL 'notaurl': no scheme"),
+    ({"cache": "redis://h:99999"}, ValueError, r"not a number from 1 to 65535"),
+    ({"cache": 123}, TypeError, r"cache must be a Redis URL"),
+    ({"prefix": 1}, InvalidRequestError, r"prefix must be a non-empty str"),
+    ({"batch_size": 0}, InvalidRequestError, r"batch_size must be a positive int, got 0"),
+    ({"max_prompt_bytes": -1}, InvalidRequestError, r"max_prompt_bytes must be a positive"),
+    ({"batch_timeout": -1}, InvalidRequestError, r"batch_timeout must be a number of seconds"),
+    ({"request_timeout": "1h"}, InvalidRequestError, r"request_timeout must be a number"),
+])
+def test_client_options_are_checked_by_the_constructor(client_type, kwargs, error, pattern):
+    """The pipelines start at the first call; what they will use is checked before."""
+    with pytest.raises(error, match=pattern):
+        client_type(api_key="test", **kwargs)
+
+
 async def test_call_mistakes_are_refused_at_once_and_named(sim, opts):
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:

@@ -31,11 +31,12 @@ from redis.asyncio import Redis
 from .. import defaults
 from ..connection import check_reachable, connect
 from ..errors import CacheSaverError, InvalidRequestError, ProviderError
-from ..pipelines import OnlineAPI
+from ..pipelines import OnlineAPI, check_counts, check_seconds
 from ..prepare import check_run, check_text
 from ..protocol import prompt_key
 from ..server import EmbeddedServer, resolve_redis_url
 from ..typedefs import Metadata, Request, Response, SingleRequestModel
+from ..urls import parse_url
 
 __all__ = ["AsyncChunkStream", "AsyncClient", "Metadata", "Provider"]
 
@@ -207,6 +208,12 @@ class _Core:
         if cache is not None and not isinstance(cache, (str, Redis)):
             raise TypeError(f"cache must be a Redis URL, a redis.asyncio.Redis or None, got "
                             f"{type(cache).__name__}")
+        if isinstance(cache, str):
+            parse_url(cache)  # the pipelines start at the first call: check what they use now
+        if prefix is not None:
+            check_text(prefix, "prefix")
+        check_counts(batch_size=batch_size, max_prompt_bytes=max_prompt_bytes)
+        check_seconds(batch_timeout=batch_timeout, request_timeout=request_timeout)
         self.provider, self.format = provider, provider.format
         self.sdk_kwargs = sdk_kwargs
         self._sdk: Any = provider.async_sdk(**sdk_kwargs)  # raises for a missing key, as the SDK
