@@ -1,5 +1,7 @@
-"""``cachesaver-dist``: workers, the demo, the simulator, stats, top, health, dead letters,
-archives, runs and retention.
+"""cachesaver-dist: a distributed LLM response cache (workers, demo, simulator, stats, ...).
+
+Commands: workers, the demo, the simulator, stats, top, health, dead letters, archives,
+runs and retention.
 
 Every command connects to ``--redis-url`` (default: ``REDIS_URL``); with neither, it
 uses the embedded server of ``--data-dir`` (started if no live process runs it).
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_flags(batch)
     metrics.add_arguments(batch)
 
-    demo = sub.add_parser("demo", help="the main job: a reasoning workload, run twice")
+    demo = sub.add_parser("demo", help="the main job: a reasoning workload, run three times")
     _common(demo)
     demo.add_argument("--puzzles", type=int, default=12, help="puzzles per pass (12)")
     demo.add_argument("--latency", type=float, default=0.05, help="model latency, s (0.05)")
