@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -557,7 +558,8 @@ async def test_call_mistakes_are_refused_at_once_and_named(sim, opts):
     assert sim.requests(model) == 1
 
 
-async def test_provider_errors_surface(sim, opts):
+async def test_provider_errors_surface(sim, opts, caplog):
+    caplog.set_level(logging.INFO, logger="cachesaver_dist")
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
         with pytest.raises(GenerationError, match=r"returned 400.*between 1 and 128"):
@@ -576,6 +578,9 @@ async def test_provider_errors_surface(sim, opts):
         await openai.AsyncOpenAI(api_key="t", base_url=sim.openai, max_retries=0) \
             .chat.completions.create(model=model, messages=MSGS, n=200)
     assert anthropic and together  # the SDKs the clients wrap are installed
+    # raised to the caller, and not printed again: the in-process worker logs it at INFO
+    failures = [r for r in caplog.records if "returned 400" in r.getMessage()]
+    assert failures and all(r.levelno == logging.INFO for r in failures)
 
 
 def test_importing_the_package_does_not_import_provider_sdks():

@@ -65,6 +65,9 @@ class BatchWorkerConfig:
     lease: float = defaults.LEASE_S
     stop_grace: float = defaults.STOP_GRACE_S
     replicas: int | None = 0  # replicas that must hold stored samples before replies go out
+    # in-process workers: whoever waits on a failed call gets its error as an exception in
+    # this process, so the worker logs it at INFO, not a second time at ERROR
+    in_process: bool = False
 
 
 class BatchWorker:
@@ -396,7 +399,8 @@ class BatchWorker:
 
     async def _fail(self, outbox: Outbox, work: Work, error: Exception) -> None:
         message = f"model {work.spec.model_id!r} failed: {type(error).__name__}: {error}"
-        log.error("%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
+        log.log(logging.INFO if self.config.in_process else logging.ERROR,
+                "%s (prompt key %s, %d samples)", message, work.key, len(work.indices))
         metrics.model_failed(work.route)
         waiters, bad = await release(self.redis, self.keys, work.key, work.indices)
         outbox.malformed_waiters(bad)

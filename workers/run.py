@@ -53,7 +53,7 @@ class LocalWorkers:
         redis = self._own or redis
         self._batch = BatchWorker(redis, keys, {route: model},
                                   BatchWorkerConfig(batch_size=batch_size, concurrency=concurrency,
-                                                    replicas=replicas))
+                                                    replicas=replicas, in_process=True))
         self._batch_task = asyncio.create_task(self._batch.run())
         self._cache: Any = None
         if with_cache_worker:
