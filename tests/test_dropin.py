@@ -525,6 +525,38 @@ def test_a_sync_client_used_without_a_name(sim, opts):
     assert not thread.is_alive() and not core._pipelines  # closed, then stopped
 
 
+async def test_an_async_client_made_per_call_is_closed_when_collected(sim, opts, redis):
+    """``await AsyncOpenAI(...).chat.completions.create(...)`` in a helper called per
+    question: each client opens pipelines, in-process workers and connections, which
+    close once the garbage collector finds the client (here: collections forced)."""
+    model = model_name()
+
+    async def connections() -> int:
+        return len(await redis.client_list())
+
+    async def ask(i: int) -> ChatCompletion:
+        client = AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+        return await client.chat.completions.create(model=model, messages=MSGS,
+                                                    namespace=f"n{i}")
+
+    base = await connections()
+    first = await ask(0)
+    gc.collect()
+    for _ in range(100):  # the close runs as a task of this loop
+        if await connections() <= base:
+            break
+        await asyncio.sleep(0.05)
+    assert await connections() <= base
+    for i in range(1, 6):
+        assert texts(await ask(i)) == texts(first)  # one sample, reused: the cache works
+        gc.collect()
+    for _ in range(100):
+        if await connections() <= base:
+            break
+        await asyncio.sleep(0.05)
+    assert await connections() <= base, "collected clients left connections open"
+
+
 @pytest.mark.parametrize("client_type", [OpenAI, AsyncOpenAI])
 @pytest.mark.parametrize("kwargs, error, pattern", [
     ({"cache": "notaurl"}, ValueError, r"invalid Redis URL 'notaurl': no scheme"),

@@ -20,6 +20,7 @@ import inspect
 import itertools
 import os
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -39,6 +40,8 @@ from ..typedefs import Metadata, Request, Response, SingleRequestModel
 from ..urls import parse_url
 
 __all__ = ["AsyncChunkStream", "AsyncClient", "Metadata", "Provider"]
+
+_CLOSING: set[asyncio.Task[None]] = set()  # closes of collected clients, until they end
 
 # Arguments of every SDK call that never shape generation: sent, but not in the key.
 NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", "extra_query"})
@@ -370,6 +373,21 @@ class _Core:
             self._sdk = None  # its connections belong to the closed loop
         self._reset()
 
+    def close_soon(self) -> None:
+        """Close on the event loop the pipelines run on, from any thread, without waiting
+        (for a client the garbage collector found); nothing if that loop is gone."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def close() -> None:
+            task = loop.create_task(self.aclose())
+            _CLOSING.add(task)
+            task.add_done_callback(_CLOSING.discard)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(close)
+
     async def aclose(self) -> None:
         """Close the pipelines (pending requests finish), Redis, the embedded server, the SDK."""
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
@@ -461,10 +479,14 @@ class AsyncClient:
 
         async def create(*, namespace: str | None = None, request_id: str | None = None,
                          metadata: Any = False, **kwargs: Any) -> Any:
-            return _wrap(await core.create(kwargs, namespace, request_id, metadata),
+            # through ``self``: a client used without a name stays open while its call runs
+            return _wrap(await self._core.create(kwargs, namespace, request_id, metadata),
                          AsyncChunkStream)
 
         _mount(self, lambda: core.sdk, core.format.path, create)
+        # A client nothing names any more (``AsyncOpenAI(...)`` made per call) is closed
+        # when collected: its pipelines, workers and connections would stay open otherwise.
+        weakref.finalize(self, core.close_soon).atexit = False
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
