@@ -16,7 +16,7 @@ from . import defaults
 from .client import CacheClient
 from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
-from .models import check_model, model_identity
+from .models import check_model, model_identity, model_name_problem
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
 from .replication import replicas_to_wait
@@ -129,6 +129,9 @@ class OnlineAPI:
                       request_timeout=request_timeout)
         if isinstance(model, str):
             check_text(model, "model")
+            problem = model_name_problem(model)
+            if problem:  # refused here: its work would wait for a worker that cannot exist
+                raise InvalidRequestError(f"{problem}, so no batch worker can serve it")
             self.route, self.model_id, self._model = model, model_id or model, None
         else:
             check_model(model, type(model).__name__)

@@ -347,6 +347,8 @@ async def test_batch_changed_after_construction_and_mixed(redis_url, keys, redis
      r"request_timeout must be .*inf"),
     ("timeout-str", {"timeout": "1"}, InvalidRequestError, r"timeout must be a number"),
     ("model-empty", {"model": ""}, InvalidRequestError, r"model must be a non-empty str"),
+    ("model-unservable", {"model": "some-model"}, InvalidRequestError,
+     r"model name 'some-model' is none of 'sim:<name>'.*so no batch worker can serve it"),
     ("model-surrogate", {"model": "sim:\udc80"}, InvalidRequestError,
      r"model is not valid text"),
     ("model-none", {"model": None}, TypeError, r"has neither request\(\) nor batch_request\(\)"),

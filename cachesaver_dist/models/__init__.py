@@ -66,6 +66,16 @@ class SimModel(SingleRequestModel, BatchRequestModel):
         return list(await asyncio.gather(*(self.request(r) for r in batch.requests)))
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why no batch worker can serve a model named ``name``, or None if one can."""
+    module_name, _, attr = name.partition(":")
+    if name.startswith(("sim:", "dropin:")) or (module_name and attr):
+        return None
+    return (f"model name {name!r} is none of 'sim:<name>', 'together:<model>', "
+            "'openai:<model>', 'dropin:<provider>:<model>' or an import path "
+            "'package.module:factory'")
+
+
 def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redis: Any = None,
                keys: Any = None) -> Any:
     """Build the model a worker serves under ``name``; clear errors for bad names.
@@ -87,13 +97,10 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     backend = make_backend(name, options, redis, keys)
     if backend is not None:
         return backend
+    problem = model_name_problem(name)
+    if problem:
+        raise ValueError(problem)
     module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ValueError(
-            f"model name {name!r} is none of 'sim:<name>', 'together:<model>', "
-            "'openai:<model>', 'dropin:<provider>:<model>' or an import path "
-            "'package.module:factory'"
-        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
