@@ -425,6 +425,15 @@ async def import_archive(redis: Redis, keys: Keys, path: str | Path, *,
 # --- CLI ------------------------------------------------------------------------------------
 
 
+def _check_writable(path: Path) -> None:
+    """``ArchiveError`` when ``path`` cannot be where an archive is written."""
+    if path.is_dir():
+        raise ArchiveError(f"{path} is a directory: name the archive file to write")
+    if not path.parent.is_dir():
+        raise ArchiveError(f"{path.parent} is not a directory: create it first, or write the "
+                           "archive to an existing one")
+
+
 def _size_of(path: str | Path) -> int:
     """The file's size; -1 if there is none."""
     try:
@@ -504,6 +513,7 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
 
 async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
     path = Path(args.file)
+    _check_writable(path)
     if _size_of(path) >= 0 and not args.force:
         raise ArchiveError(f"{path} exists: pass --force to overwrite it")
     sel = Selection(models=args.model, runs=args.run, namespaces=args.namespace, keys=args.key,

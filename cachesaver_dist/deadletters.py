@@ -8,6 +8,7 @@ the prefix and goes on. ``cachesaver-dist dead-letters`` lists and drops them.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ log = logging.getLogger("cachesaver_dist.deadletters")
 
 MAX_RAW_BYTES = 1 << 20
 
+
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a stream entry id, as Redis writes it
 
 def queue_dead_letter(pipe: Any, keys: Keys, kind: str, reason: str, raw: bytes | str,
                       source: str) -> Any:
@@ -65,6 +68,10 @@ async def drop_dead_letters(redis: Any, keys: Keys, ids: list[str] | None = None
         pipe.delete(keys.dead_letters)
         count, _ = await pipe.execute()
         return int(count)
+    bad = [i for i in ids if not _ENTRY_ID.fullmatch(i)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a dead letter id: ids look like "
+                         "'1796330463128-1' (the first column of 'cachesaver-dist dead-letters')")
     return int(await redis.xdel(keys.dead_letters, *ids)) if ids else 0
 
 

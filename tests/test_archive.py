@@ -259,6 +259,12 @@ async def test_a_corrupted_archive_is_refused_before_anything_is_written(
     assert cli(fresh_server, "victim:", "import", str(good), "--verify").returncode == 0
     assert dump(fresh_server, "victim:") == {}  # --verify writes nothing either
 
+    for where, reason in ((tmp_path / "no" / "such" / "x.gz", "is not a directory: create it"),
+                          (tmp_path, "is a directory: name the archive file")):
+        done = cli(redis_url, keys.prefix, "export", str(where), "--force")
+        assert done.returncode == 1 and reason in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
 
 async def test_archive_format_header_records_trailer(redis_url, keys, tmp_path):
     await record(redis_url, keys, "exp", REQUESTS)

@@ -758,6 +758,10 @@ def test_dead_letters_cli_lists_and_drops(pool: Pool):
         assert text.returncode == 0 and "dead letters, newest first" in text.stdout
         assert text.stdout.count("│ wake token │") == 3 and "PROMPT-TEXT" not in text.stdout
         one, two = rows[0]["id"], rows[1]["id"]
+        typo = cli("--drop", one, "garbage-id")  # refused whole: nothing dropped
+        assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo.stderr
+        assert "'garbage-id' is not a dead letter id" in typo.stderr
+        assert client.xlen(pool.keys.dead_letters) == total
         dropped = cli("--drop", one, two)
         assert dropped.returncode == 0 and "dropped 2 dead letter(s)" in dropped.stdout
         assert client.xlen(pool.keys.dead_letters) == total - 2
