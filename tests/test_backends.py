@@ -133,6 +133,8 @@ async def test_together_worker_stores_samples_with_usage(sim, redis_url, keys, p
         assert len(five.data) == 5 and len(set(five.data)) == 5
         last = await sim_counters(sim)
         assert (last["requests"], last["samples"]) == (5, 8)  # split 2 + 2 + 1 (--max-n 2)
+        # each of the three calls paid the prompt: only the second sample of a call is not
+        assert five.duplicated == [False, True, False, True, False]
     assert_secret_nowhere(processes, redis_url, keys, secret)
 
 

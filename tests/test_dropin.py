@@ -633,6 +633,13 @@ async def test_flags_are_the_originals(sim, opts):
     assert fresh == Metadata(2, [False, False], [False, True])
     assert again == Metadata(2, [True, True], [False, False])
     assert sim.requests(model) == 1
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, max_n=2,
+                           **opts) as client:  # n=5 in calls of 2, 2 and 1
+        fresh_model = model_name()
+        _, split = await client.chat.completions.create(model=fresh_model, messages=MSGS, n=5,
+                                                        metadata=True)
+    assert split.duplicated == [False, True, False, True, False]  # each call paid its prompt
+    assert sim.requests(fresh_model) == 3
 
 
 async def test_a_worker_pool_can_call_the_provider_instead(sim, opts, processes):

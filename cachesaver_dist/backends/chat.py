@@ -127,7 +127,7 @@ class ChatBackend(SingleRequestModel, abc.ABC):
             if isinstance(result, BaseException):
                 raise result
             data += result[0]
-            meta += result[1]
+            meta += [{**m, "call_first": i == 0} for i, m in enumerate(result[1])]
         return Response(data=data, metadata=meta)
 
     async def _call(self, body: dict[str, Any]) -> tuple[list[Any], list[dict[str, Any]]]:

@@ -182,7 +182,8 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
     A model with ``request()`` gets one call per job (per index with a fixed seed),
     and failures stay separate; a batch-only model gets one ``batch_request()`` for
     all. The first sample of each call is marked ``call_first`` (its call paid the
-    prompt): the other samples of the call are ``duplicated`` for their request.
+    prompt), and so is each sample whose metadata says so (a model that split the call):
+    the other samples of the call are ``duplicated`` for their request.
     """
     calls = [(j, fields, indices) for j, job in enumerate(jobs)
              for fields, indices in _calls(job)]
@@ -222,7 +223,9 @@ def _samples(result: Any, n: int) -> list[bytes] | Exception:
                           "it must return Response(data=[...]) with exactly n items")
     meta = getattr(result, "metadata", None) or [None] * n
     try:
-        return [encode_sample(d, {**(m or {}), "call_first": i == 0})
+        # the model may say which samples opened a provider call of their own (it split
+        # the request): those paid the prompt too
+        return [encode_sample(d, {"call_first": i == 0, **(m or {})})
                 for i, (d, m) in enumerate(zip(data, meta))]
     except (TypeError, ValueError) as exc:
         return ModelError(f"model returned a sample that cannot be stored ({exc}); "

@@ -144,14 +144,15 @@ class ChatFormat:
                                  "with max_n=1")
             usage = body.pop("usage", None)
             shares = split_usage(usage, k) if isinstance(usage, dict) else [None] * k
-            for choice, share in zip(choices, shares):
+            for i, (choice, share) in enumerate(zip(choices, shares)):
                 sample = {"choice": choice, "completion": body}
                 if share is not None:
                     sample["usage"] = share
                 data.append(sample)
                 share = share or {}
-                meta.append(_meta(choice.get("finish_reason"), body,
-                                  share.get("prompt_tokens"), share.get("completion_tokens")))
+                meta.append({**_meta(choice.get("finish_reason"), body,
+                                     share.get("prompt_tokens"), share.get("completion_tokens")),
+                             "call_first": i == 0})  # each call paid its prompt
         return Response(data=data, metadata=meta)
 
     def assemble(self, samples: list[Any]) -> Any:
@@ -238,7 +239,8 @@ class MessagesFormat:
             counts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens",
                                              "cache_read_input_tokens")]
             prompt = sum(v for v in counts if isinstance(v, (int, float)))
-            meta.append(_meta(body.get("stop_reason"), body, prompt, usage.get("output_tokens")))
+            meta.append({**_meta(body.get("stop_reason"), body, prompt,
+                                 usage.get("output_tokens")), "call_first": True})  # a call each
         return Response(data=data, metadata=meta)
 
     def assemble(self, samples: list[Any]) -> Any:
