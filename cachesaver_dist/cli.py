@@ -229,7 +229,7 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
         if args.command == "drop-run":
             if not await redis.delete(keys.usage(args.run)):
                 print(f"cachesaver-dist: run {args.run!r} has no counters under prefix "
-                      f"{keys.prefix!r} (see 'cachesaver-dist stats' for the runs)",
+                      f"{keys.prefix!r} ('cachesaver-dist runs' lists them)",
                       file=sys.stderr)
                 return 1
             print(f"run {args.run!r}: counters dropped")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import sys
 import time
 import uuid
@@ -328,13 +329,17 @@ class CacheClient:
     async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
         """route (or "cache") -> what to start, for each one no live worker serves."""
         missing = {}
+        # the command as this client needs it: its prefix, unless workers default to it
+        prefix = "" if self.keys.prefix == defaults.prefix() else \
+            f" --prefix {shlex.quote(self.keys.prefix)}"
         if not self.direct and not await alive_workers(self.redis, self.keys, "cache"):
             missing["cache"] = ("no cache worker is alive: start one with "
-                                "'cachesaver-dist worker cache'")
+                                f"'cachesaver-dist worker cache{prefix}' (on this Redis)")
         for route in sorted(routes):
             if not await alive_workers(self.redis, self.keys, route):
                 missing[route] = (f"no batch worker serves model {route!r}: start one with "
-                                  f"'cachesaver-dist worker batch --model {route}'")
+                                  f"'cachesaver-dist worker batch{prefix} --model "
+                                  f"{shlex.quote(route)}' (on this Redis)")
         return missing
 
     async def _timeout_message(self, pending: list[WorkItem]) -> str:

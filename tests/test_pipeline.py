@@ -21,6 +21,7 @@ from cachesaver_dist import (
     SimModel,
     SingleRequestModel,
 )
+from cachesaver_dist.errors import NoWorkerError
 from cachesaver_dist.protocol import Keys
 
 
@@ -221,6 +222,20 @@ def test_bad_arguments_are_refused_early():
         OnlineAPI("sim:x", run="has space")
     with pytest.raises(TypeError, match="neither request"):
         OnlineAPI(object())
+
+
+async def test_no_worker_error_names_the_commands_to_run(redis_url, keys):
+    """Run as printed, the commands start workers this client sees: its prefix is in them."""
+    messages = []
+    for direct in (False, True):  # a direct client needs no cache worker: then the batch one
+        async with OnlineAPI("sim:nobody", cache=redis_url, prefix=keys.prefix, direct=direct,
+                             reply_timeout=0.5) as api:
+            with pytest.raises(NoWorkerError) as info:
+                await api.request(Request("anyone?", 1, f"q{direct}", "ns"))
+        messages.append(str(info.value))
+    assert f"'cachesaver-dist worker cache --prefix {keys.prefix}'" in messages[0], messages
+    assert f"'cachesaver-dist worker batch --prefix {keys.prefix} --model sim:nobody'" \
+        in messages[1], messages
 
 
 async def test_unreachable_redis_is_a_clear_error_fast():
