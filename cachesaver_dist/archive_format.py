@@ -67,6 +67,10 @@ class ArchiveWriter:
         self.partial.unlink(missing_ok=True)
 
 
+def _damaged(path: Any, problem: str) -> ArchiveError:
+    return ArchiveError(f"{path}: {problem}; copy the archive again, or export it anew")
+
+
 def read_records(path: str | Path, on_progress: Callable[[int], None] | None = None
                  ) -> Iterator[dict[str, Any]]:
     """Every record before the trailer, checked: then the trailer's count and hash.
@@ -91,7 +95,7 @@ def read_records(path: str | Path, on_progress: Callable[[int], None] | None = N
                     number += 1
                     end = unpacker.tell()
                     if trailer is not None:
-                        raise ArchiveError(f"{path}: data after the trailer (record {number})")
+                        raise _damaged(path, f"data after the trailer (record {number})")
                     if isinstance(obj, dict) and obj.get("t") == "trailer":
                         trailer = obj
                     else:
@@ -101,27 +105,27 @@ def read_records(path: str | Path, on_progress: Callable[[int], None] | None = N
                     offset = end
                     if trailer is None:
                         if not isinstance(obj, dict):
-                            raise ArchiveError(f"{path}: record {number} is not a map")
+                            raise _damaged(path, f"record {number} is not a map")
                         yield obj
                 if on_progress:
                     on_progress(raw.tell())
     except ArchiveError:
         raise
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise ArchiveError(f"{path}: not a readable gzip archive, or corrupt "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise _damaged(path, f"not a readable gzip archive, or corrupt "
+                             f"({type(exc).__name__}: {exc})") from None
     except (msgpack.UnpackException, ValueError) as exc:
-        raise ArchiveError(f"{path}: corrupt record after record {number} "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise _damaged(path, f"corrupt record after record {number} "
+                             f"({type(exc).__name__}: {exc})") from None
     if trailer is None or pending:
-        raise ArchiveError(f"{path}: truncated (no trailer after {count} records)")
+        raise _damaged(path, f"truncated (no trailer after {count} records)")
     if trailer.get("records") != count:
-        raise ArchiveError(f"{path}: the trailer counts {trailer.get('records')} records, "
-                           f"the file holds {count}")
+        raise _damaged(path, f"the trailer counts {trailer.get('records')} records, the "
+                             f"file holds {count}")
     if trailer.get("sha256") != digest.hexdigest():
-        raise ArchiveError(f"{path}: SHA-256 mismatch: the trailer says "
-                           f"{str(trailer.get('sha256'))[:16]}..., the records hash to "
-                           f"{digest.hexdigest()[:16]}...: the file was changed or damaged")
+        raise _damaged(path, f"SHA-256 mismatch: the trailer says "
+                             f"{str(trailer.get('sha256'))[:16]}..., the records hash to "
+                             f"{digest.hexdigest()[:16]}...: the file was changed or damaged")
 
 
 def _bad(number: int, what: str) -> ArchiveError:

@@ -21,12 +21,23 @@ SAVED_KINDS = ("cached", "deduplicated")
 def load_prices(path: str | Path | None = None) -> dict[str, tuple[float, float]]:
     """``{model: (input $/1M tokens, output $/1M tokens)}`` from a JSON file."""
     path = path or os.environ.get("CACHESAVER_PRICES") or DEFAULT_PRICES
+    form = '{"model": [input_per_1M, output_per_1M], ...}'
     try:
         raw = json.loads(Path(path).read_text())
-        return {m: (float(p[0]), float(p[1])) for m, p in raw.items() if not m.startswith("_")}
-    except (OSError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError(f"price file {path} is not readable as "
-                         f'{{"model": [input_per_1M, output_per_1M]}}: {exc}') from exc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"price file {path} is not readable as {form}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"price file {path} must hold {form}")
+    prices = {}
+    for model, pair in raw.items():
+        if model.startswith("_"):  # comments
+            continue
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+            raise ValueError(f"price file {path}: {model!r} must be [input_per_1M, "
+                             f"output_per_1M], two numbers of dollars, got {pair!r:.60}")
+        prices[model] = (float(pair[0]), float(pair[1]))
+    return prices
 
 
 def price_of(model_id: str, prices: dict[str, tuple[float, float]]) -> tuple[float, float] | None:

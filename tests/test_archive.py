@@ -252,7 +252,8 @@ async def test_a_corrupted_archive_is_refused_before_anything_is_written(
                         (truncated, "truncated")):
         done = cli(fresh_server, "victim:", "import", str(bad))
         assert done.returncode == 1, (bad, done.stdout)
-        assert reason in done.stderr, done.stderr
+        assert reason in done.stderr and "copy the archive again, or export it anew" \
+            in done.stderr, done.stderr
         assert dump(fresh_server, "victim:") == {}  # nothing written
         with pytest.raises(ArchiveError):
             list(read_records(bad))

@@ -62,6 +62,13 @@ def test_bad_price_file_is_a_clear_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=r"price file .* is not readable"):
         load_prices(bad)
+    cases = [('{"m": "cheap"}', r"'m' must be .* two numbers of dollars, got 'cheap'"),
+             ('{"m": [1, "x"]}', r"'m' must be .*got \[1, 'x'\]"),
+             ("[1, 2]", r"must hold \{.model.")]
+    for content, named in cases:
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=named):
+            load_prices(bad)
 
 
 async def test_drop_run_resets_a_runs_counters(redis_url, keys):
