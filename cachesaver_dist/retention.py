@@ -46,6 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .errors import CacheSaverError, ProtocolError
+from .prepare import check_run
 from .protocol import (
     PROMPT_KEY_CHARS,
     SPEC_FIELD,
@@ -272,6 +273,19 @@ async def _prune_namespace(redis: Redis, keys: Keys, namespace: str, runs: list[
                     await redis.hdel(name, *doomed[i:i + 1000])  # type: ignore[arg-type,misc]
 
 
+async def _check_named(redis: Redis, keys: Keys, model: str | None, run: str | None) -> None:
+    """A model or run that names nothing is a mistake (a typo would look like success)."""
+    if model is not None and not await redis.exists(keys.model_keys(model)):
+        raise CacheSaverError(f"prune: no prompt keys of model {model!r} under prefix "
+                              f"{keys.prefix!r} ('cachesaver-dist usage' lists the models)")
+    if run is not None:
+        check_run(run)
+        names = [keys.usage(run), keys.manifest(run), keys.stats(run)]
+        if not await redis.exists(*names) and await redis.zscore(keys.runs, run) is None:
+            raise CacheSaverError(f"prune: no run {run!r} under prefix {keys.prefix!r} "
+                                  "('cachesaver-dist runs' lists them)")
+
+
 async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str | None = None,
                 namespace: str | None = None, older_than_days: float | None = None,
                 dry_run: bool = False, now: float | None = None) -> PruneResult:
@@ -291,6 +305,7 @@ async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str 
         ("--older-than", older_than_days)) if v is not None), dry_run)
     cutoff = None if older_than_days is None else \
         (time.time() if now is None else now) - older_than_days * 86400
+    await _check_named(redis, keys, model, run)
     if namespace is not None:
         runs = [run] if run is not None else sorted(
             set(await scan_names(redis, keys, "u")) | set(await scan_names(redis, keys, "m")))

@@ -321,3 +321,6 @@ async def test_export_selects_by_model_namespace_and_key(redis_url, keys, tmp_pa
     assert cli(redis_url, keys.prefix, "export", str(tmp_path / "sel1.gz")).returncode == 1
     missing = cli(redis_url, keys.prefix, "export", str(tmp_path / "x.gz"), "--run", "nope")
     assert missing.returncode == 1 and "no counters" in missing.stderr
+    typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), "--model", "sim:othr")
+    assert typo.returncode == 1 and "no prompt keys of model 'sim:othr'" in typo.stderr
+    assert not (tmp_path / "y.gz").exists()

@@ -132,6 +132,12 @@ async def test_a_pruned_key_is_generated_again_and_prune_refuses_bad_selectors(r
     for bad in (("--model", "m", "--run", "r"), (), ("--older-than", "-1")):
         done = cli(redis_url, keys.prefix, "prune", *bad)
         assert done.returncode == 2 and "prune:" in done.stderr, bad
+    for typo, named in ((("--model", "sim:pz"), "no prompt keys of model 'sim:pz'"),
+                        (("--run", "r9", "--dry-run"), "no run 'r9'"),
+                        (("--run", "bad run"), "run id 'bad run' is not valid")):
+        done = cli(redis_url, keys.prefix, "prune", *typo)  # a typo is not a success
+        assert done.returncode != 0 and named in done.stderr, (typo, done.stderr)
+    assert cli(redis_url, keys.prefix, "prune", "--run", "r1", "--dry-run").returncode == 0
 
 
 async def test_usage_lists_models_and_runs(redis_url, keys):
