@@ -82,7 +82,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from .tables import Col, fit_table
 
     console = Console()
-    cols = [Col("id", "id", text=True), Col("kind", "kind", text=True),
+    cols = [Col("id", "id"), Col("kind", "kind", text=True),  # an id stays whole: --drop takes it
             Col("bytes", "bytes", drop=2), Col("source", "source", text=True, drop=1),
             Col("reason", "reason", text=True)]
     console.print(fit_table(cols, rows, console.width, title="dead letters, newest first"))

@@ -754,9 +754,10 @@ def test_dead_letters_cli_lists_and_drops(pool: Pool):
         assert "wake token" in {r["kind"] for r in rows}
         assert all(r["bytes"] > 0 and r["reason"] and r["source"] for r in rows)
         assert "PROMPT-TEXT" not in listed.stdout  # raw bytes are not printed
-        text = cli("--count", "3")  # a table of the 3 newest (ids may wrap at 80 columns)
+        text = cli("--count", "3")  # a table of the 3 newest
         assert text.returncode == 0 and "dead letters, newest first" in text.stdout
         assert text.stdout.count("│ wake token │") == 3 and "PROMPT-TEXT" not in text.stdout
+        assert all(r["id"] in text.stdout for r in rows[:3])  # whole, to copy for --drop
         one, two = rows[0]["id"], rows[1]["id"]
         typo = cli("--drop", one, "garbage-id")  # refused whole: nothing dropped
         assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo.stderr
