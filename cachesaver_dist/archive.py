@@ -50,6 +50,7 @@ from .protocol import (
     manifest_field,
     split_manifest_field,
 )
+from .retention import require_model
 from .runs import scan_names
 from .scripts import script
 
@@ -516,10 +517,8 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
     _check_writable(path)
     if _size_of(path) >= 0 and not args.force:
         raise ArchiveError(f"{path} exists: pass --force to overwrite it")
-    for model in args.model or ():  # a typo would export nothing and look like success
-        if not await redis.exists(keys.model_keys(model)):
-            raise ArchiveError(f"no prompt keys of model {model!r} under prefix "
-                               f"{keys.prefix!r} ('cachesaver-dist usage' lists the models)")
+    for model in args.model or ():
+        await require_model(redis, keys, model)
     sel = Selection(models=args.model, runs=args.run, namespaces=args.namespace, keys=args.key,
                     run_state=not args.no_run_state)
     with _progress_bar("export", in_bytes=False) as bar:

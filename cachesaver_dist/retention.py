@@ -273,11 +273,18 @@ async def _prune_namespace(redis: Redis, keys: Keys, namespace: str, runs: list[
                     await redis.hdel(name, *doomed[i:i + 1000])  # type: ignore[arg-type,misc]
 
 
+async def require_model(redis: Redis, keys: Keys, model: str) -> None:
+    """``CacheSaverError`` if ``model`` has no prompt keys: a command told to select it
+    would select nothing, and a typo would look like success."""
+    if not await redis.exists(keys.model_keys(model)):
+        raise CacheSaverError(f"no prompt keys of model {model!r} under prefix "
+                              f"{keys.prefix!r} ('cachesaver-dist usage' lists the models)")
+
+
 async def _check_named(redis: Redis, keys: Keys, model: str | None, run: str | None) -> None:
     """A model or run that names nothing is a mistake (a typo would look like success)."""
-    if model is not None and not await redis.exists(keys.model_keys(model)):
-        raise CacheSaverError(f"prune: no prompt keys of model {model!r} under prefix "
-                              f"{keys.prefix!r} ('cachesaver-dist usage' lists the models)")
+    if model is not None:
+        await require_model(redis, keys, model)
     if run is not None:
         check_run(run)
         names = [keys.usage(run), keys.manifest(run), keys.stats(run)]
