@@ -117,13 +117,7 @@ async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
 
     client = AsyncOpenAI(cachedir=spec["cache_dir"], api_key="bench",
                          base_url=spec["base_url"], max_retries=0)
-    ask = W.dropin_asker(client.chat.completions.create, spec["model"])
-    out: dict[str, Any] = {"phases": {}}
-    if spec.get("warm", True):
-        await W.warm(ask, spec["prompts"], workload=spec["workload"])
-    for ph in spec["phases"]:
-        out["phases"][ph["name"]] = await W.hit_phase(ask, ph, spec)
-    return out
+    return await W.dropin_phases(client.chat.completions.create, spec)
 
 
 def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:

@@ -188,16 +188,10 @@ async def dropin_hits(spec: dict[str, Any]) -> dict[str, Any]:
     AsyncOpenAI`` at its defaults (in-process workers; ``direct`` as the spec says)."""
     from cachesaver_dist.models.openai import AsyncOpenAI
 
-    out: dict[str, Any] = {"phases": {}}
     async with AsyncOpenAI(api_key="bench", base_url=spec["base_url"], max_retries=0,
                            cache=spec["url"], prefix=spec["prefix"],
                            direct=spec.get("direct", False)) as client:
-        ask = W.dropin_asker(client.chat.completions.create, spec["model"])
-        if spec.get("warm", True):
-            await W.warm(ask, spec["prompts"], workload=spec["workload"])
-        for ph in spec["phases"]:
-            out["phases"][ph["name"]] = await W.hit_phase(ask, ph, spec)
-    return out
+        return await W.dropin_phases(client.chat.completions.create, spec)
 
 
 def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,16 @@ def dropin_asker(create: Callable[..., Awaitable[Any]], model: str) -> Ask:
     return ask
 
 
+async def dropin_phases(create: Callable[..., Awaitable[Any]], spec: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """``bench.dropin``'s async phases through a drop-in client's ``create`` (warming the
+    cache first if the spec says so), as a driver's result."""
+    ask = dropin_asker(create, spec["model"])
+    if spec.get("warm", True):
+        await warm(ask, spec["prompts"], workload=spec["workload"])
+    return {"phases": {ph["name"]: await hit_phase(ask, ph, spec) for ph in spec["phases"]}}
+
+
 def sync_phase(create: Callable[..., Any], spec: dict[str, Any]) -> dict[str, Any]:
     """``bench.dropin``'s sync phase (``sync_sequential``, after an unmeasured warm-up of
     0.3 s), as a driver's result."""
