@@ -25,7 +25,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from . import defaults
+from . import argtypes, defaults
 from .archive_format import (
     FORMAT,
     VERSION,
@@ -435,6 +435,14 @@ def _check_writable(path: Path) -> None:
                            "archive to an existing one")
 
 
+def _check_readable(path: str) -> None:
+    """``ArchiveError`` when ``path`` is not an archive file to read."""
+    if _size_of(path) < 0:
+        raise ArchiveError(f"{path}: no such file")
+    if Path(path).is_dir():
+        raise ArchiveError(f"{path} is a directory: name the archive file to read")
+
+
 def _size_of(path: str | Path) -> int:
     """The file's size; -1 if there is none."""
     try:
@@ -495,7 +503,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
                        "idempotent)")
     common(i)
     i.add_argument("file", help="the archive to read")
-    i.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
+    i.add_argument("--run-ttl", type=argtypes.count_or_zero, default=defaults.RUN_TTL_S,
                    help="seconds the imported runs' counters and manifests are kept idle; "
                         "0 keeps them without expiry (default: 7 days)")
     i.add_argument("--verify", action="store_true", help="only check the archive")
@@ -519,8 +527,17 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
         raise ArchiveError(f"{path} exists: pass --force to overwrite it")
     for model in args.model or ():
         await require_model(redis, keys, model)
+    for key in args.key:
+        if not is_prompt_key(key):
+            raise ArchiveError(f"--key {key!r} is not a prompt key (32 hex characters, as in "
+                               f"the sample hashes {keys.samples('<key>')})")
     sel = Selection(models=args.model, runs=args.run, namespaces=args.namespace, keys=args.key,
                     run_state=not args.no_run_state)
+    if sel.namespaces and not await _run_bounds(redis, keys, sel):  # a typo: nothing to export
+        raise ArchiveError(f"no run{' of --run' if sel.runs else ''} used namespace(s) "
+                           f"{', '.join(map(repr, sel.namespaces))}"
+                           f"{' with a --key' if sel.keys else ''} under prefix "
+                           f"{keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
     with _progress_bar("export", in_bytes=False) as bar:
         result = await export(redis, keys, path, sel, (
             lambda k, s: bar("prompt keys", k, None, f"{k} keys, {s} samples")) if bar
@@ -538,8 +555,7 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
 
 
 async def _import_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
-    if _size_of(args.file) < 0:
-        raise ArchiveError(f"{args.file}: no such file")
+    _check_readable(args.file)
     with _progress_bar("import", in_bytes=True) as bar:
         result = await import_archive(redis, keys, args.file, run_ttl_s=args.run_ttl,
                                       verify_only=args.verify, progress=bar)
@@ -560,4 +576,8 @@ async def _import_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
         print(f"  disagreeing sample: key {d['key']} index {d['index']} (the stored one kept)")
     if result.disagreeing > len(result.disagreements):
         print(f"  ... and {result.disagreeing - len(result.disagreements)} more")
+    if result.disagreeing and result.runs:
+        print(f"note: a replay of run(s) {', '.join(result.runs)} here serves the samples "
+              "stored here at those indices, not the archive's; to replay the archive exactly, "
+              "import it into an empty --prefix", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import defaults, logs, metrics
+from . import argtypes, defaults, logs, metrics
 from .errors import CacheSaverError
 from .protocol import Keys
 
@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _wait_replicas(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait-replicas", type=int, default=None, metavar="N",
+    p.add_argument("--wait-replicas", type=argtypes.count_or_zero, default=None, metavar="N",
                    help="answer a reservation or store only once N replicas hold it, so a "
                         "failover loses nothing (default: $CACHESAVER_WAIT_REPLICAS; else, "
                         "with a redis+sentinel:// URL, 1 when the primary has 2+ replicas; "
@@ -53,12 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = worker.add_subparsers(dest="kind", required=True)
     cache = kinds.add_parser("cache", help="bookkeeping worker (arq, fast queue)")
     _common(cache)
-    cache.add_argument("--poll-delay", type=float, default=defaults.POLL_DELAY_S,
+    cache.add_argument("--poll-delay", type=argtypes.positive_seconds,
+                       default=defaults.POLL_DELAY_S,
                        help="seconds between arq's queue polls; jobs named on the wake-up "
                             f"list start at once (default: {defaults.POLL_DELAY_S})")
-    cache.add_argument("--max-jobs", type=int, default=defaults.MAX_JOBS,
+    cache.add_argument("--max-jobs", type=argtypes.count, default=defaults.MAX_JOBS,
                        help=f"jobs at once (default: {defaults.MAX_JOBS})")
-    cache.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
+    cache.add_argument("--run-ttl", type=argtypes.count, default=defaults.RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
     metrics.add_arguments(cache)
     _wait_replicas(cache)
@@ -68,24 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
                        help="model to serve: sim:<name>, together:<model>, openai:<model> or "
                             "package.module:factory (repeatable)")
-    batch.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE,
+    batch.add_argument("--batch-size", type=argtypes.count, default=defaults.BATCH_SIZE,
                        help=f"entries per read ({defaults.BATCH_SIZE})")
-    batch.add_argument("--batch-wait", type=float, default=defaults.BATCH_WAIT_S,
+    batch.add_argument("--batch-wait", type=argtypes.seconds, default=defaults.BATCH_WAIT_S,
                        help=f"seconds to wait for a batch to fill ({defaults.BATCH_WAIT_S})")
-    batch.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY,
+    batch.add_argument("--concurrency", type=argtypes.count, default=defaults.CONCURRENCY,
                        help=f"generation work in flight at once ({defaults.CONCURRENCY})")
-    batch.add_argument("--lease", type=float, default=defaults.LEASE_S,
+    batch.add_argument("--lease", type=argtypes.positive_seconds, default=defaults.LEASE_S,
                        help=f"seconds before a dead worker's work is taken over "
                             f"({defaults.LEASE_S:g})")
-    batch.add_argument("--sim-latency", type=float, default=0.05,
+    batch.add_argument("--sim-latency", type=argtypes.seconds, default=0.05,
                        help="seconds per call of sim: models (0.05)")
     _backend_flags(batch)
     metrics.add_arguments(batch)
 
     demo = sub.add_parser("demo", help="the main job: a reasoning workload, run three times")
     _common(demo)
-    demo.add_argument("--puzzles", type=int, default=12, help="puzzles per pass (12)")
-    demo.add_argument("--latency", type=float, default=0.05, help="model latency, s (0.05)")
+    demo.add_argument("--puzzles", type=argtypes.count, default=12, help="puzzles per pass (12)")
+    demo.add_argument("--latency", type=argtypes.seconds, default=0.05,
+                      help="model latency, s (0.05)")
     demo.add_argument("--json", action="store_true", help="print the passes' rows as JSON "
                       "(progress goes to stderr)")
 
@@ -97,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSON price file {model: [input, output] $ per 1M tokens} "
                             "(default: $CACHESAVER_PRICES, else the built-in table)")
 
-    drop = sub.add_parser("drop-run", help="forget a run's namespace counters (samples stay)")
+    drop = sub.add_parser("drop-run", help="forget a run's namespace counters, so it starts "
+                          "again from index 0 (samples, manifest and stats stay)")
     _common(drop)
     drop.add_argument("run", help="the run id")
 
     dead = sub.add_parser("dead-letters", help="list (or drop) malformed messages set aside")
     _common(dead)
-    dead.add_argument("--count", type=int, default=50, help="how many, newest first (50)")
+    dead.add_argument("--count", type=argtypes.count, default=50,
+                      help="how many, newest first (50)")
     dead.add_argument("--json", action="store_true", help="print them as JSON lines")
     dead.add_argument("--drop", nargs="*", metavar="ID",
                       help="delete these entries (all of them when no id is given)")
@@ -152,19 +156,21 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", help="provider URL (default: $TOGETHER_BASE_URL or the SDK's "
                    "for together:, $OPENAI_BASE_URL for openai:); API keys only from "
                    "$TOGETHER_API_KEY / $OPENAI_API_KEY")
-    g.add_argument("--max-n", type=int, default=16,
+    g.add_argument("--max-n", type=argtypes.count, default=16,
                    help="samples per provider call; larger requests are split (16)")
-    g.add_argument("--rpm", type=int, help="requests per --rate-window per model, shared by "
+    g.add_argument("--rpm", type=argtypes.count,
+                   help="requests per --rate-window per model, shared by "
                    "all batch workers (default: unlimited)")
-    g.add_argument("--tpm", type=int, help="estimated tokens (prompt chars/4 + max_tokens x n) "
+    g.add_argument("--tpm", type=argtypes.count,
+                   help="estimated tokens (prompt chars/4 + max_tokens x n) "
                    "per --rate-window per model, cluster-wide (default: unlimited)")
-    g.add_argument("--max-concurrent", type=int,
+    g.add_argument("--max-concurrent", type=argtypes.count,
                    help="calls in flight per model, cluster-wide (default: unlimited)")
-    g.add_argument("--rate-window", type=float, default=60.0,
+    g.add_argument("--rate-window", type=argtypes.positive_seconds, default=60.0,
                    help="window of --rpm and --tpm, whole seconds (60)")
-    g.add_argument("--retry-budget", type=int, default=6,
+    g.add_argument("--retry-budget", type=argtypes.count, default=6,
                    help="attempts per call on 429/5xx/timeouts, with backoff (6)")
-    g.add_argument("--request-timeout", type=float, default=120.0,
+    g.add_argument("--request-timeout", type=argtypes.positive_seconds, default=120.0,
                    help="seconds per provider call (120)")
 
 
@@ -227,6 +233,13 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
     redis = connect(url)
     try:
         if args.command == "drop-run":
+            from .prepare import check_run
+
+            try:
+                check_run(args.run)
+            except CacheSaverError as exc:
+                print(f"cachesaver-dist: {exc}", file=sys.stderr)
+                return 1
             if not await redis.delete(keys.usage(args.run)):
                 print(f"cachesaver-dist: run {args.run!r} has no counters under prefix "
                       f"{keys.prefix!r} ('cachesaver-dist runs' lists them)",

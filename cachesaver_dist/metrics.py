@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import defaults
+from . import argtypes, defaults
 from .cluster import CACHE_ROUTE, read_state
 from .protocol import Keys
 
@@ -254,7 +254,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-host", default=defaults.METRICS_HOST,
                    help=f"interface of the metrics endpoint ({defaults.METRICS_HOST}; "
                         "0.0.0.0 in a container)")
-    g.add_argument("--metrics-refresh", type=float, default=defaults.METRICS_REFRESH_S,
+    g.add_argument("--metrics-refresh", type=argtypes.positive_seconds,
+                   default=defaults.METRICS_REFRESH_S,
                    help="seconds between reads of the gauges (queue depth, stream lag, dead "
                         f"letters, live workers) from Redis ({defaults.METRICS_REFRESH_S:g})")
 

@@ -148,8 +148,8 @@ def fields_of_line(obj: Any, form: str | None = None) -> tuple[dict[str, Any], d
     params = {k: v for k, v in obj.items() if k not in ROUTING_FIELDS}
     if form == "args":
         if "prompt" in params:
-            raise ValueError("a request in the args/kwargs form has no 'prompt' field "
-                             "(use --form prompt)")
+            raise ValueError("this request has a 'prompt' field, which the args/kwargs form "
+                             "does not take: import it with --form prompt")
         params = {"args": [], "kwargs": {}, **params}
         return {"prompt": ARGS_FORM_PROMPT, **params}, params
     if form != "prompt":

@@ -191,8 +191,9 @@ class OnlineAPI:
             defaults.wait_replicas(None)
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._flushes: set[asyncio.Task] = set()
+        self._flushes: set[asyncio.Task] = set()  # batches sent: close() waits for them
         self._batches_in_flight = 0
+        self._starting = 0  # calls waiting for start-up: close() lets them in first
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -266,8 +267,11 @@ class OnlineAPI:
             return
         with contextlib.suppress(Exception):
             await self._started
+        # Calls that waited for start-up are runnable now (it is done): a turn or two.
+        while self._starting:  # noqa: ASYNC110
+            await asyncio.sleep(0)
         self._flush()
-        if self._flushes:
+        while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         if self._local is not None:
             await self._local.stop()
@@ -292,7 +296,7 @@ class OnlineAPI:
         item = self._prepare(request)
         if item.n == 0:
             return _empty()
-        await self.start()
+        await self._start_for_call()
         if self._folder is not None:
             self._originals[item.uuid] = request
         future = asyncio.get_running_loop().create_future()
@@ -316,14 +320,12 @@ class OnlineAPI:
         wanted = [it for it in items if it.n > 0]
         replies: dict[str, Any] = {}
         if wanted:
-            await self.start()
-            assert self._client is not None and self._redis is not None
-            if self._folder is not None:
-                from . import migrate
-
-                await migrate.import_for(self._redis, self.keys, self._folder, [
-                    (it, r) for it, r in zip(items, batch.requests) if it.n > 0], self._hash)
-            replies = dict(zip((it.uuid for it in wanted), await self._client.submit(wanted)))
+            await self._start_for_call()
+            originals = [(it, r) for it, r in zip(items, batch.requests) if it.n > 0]
+            sent = asyncio.ensure_future(self._submit(originals))
+            self._flushes.add(sent)
+            sent.add_done_callback(self._flushes.discard)
+            replies = dict(zip((it.uuid for it in wanted), await sent))
         out = []
         for it in items:
             reply = replies.get(it.uuid)
@@ -334,6 +336,24 @@ class OnlineAPI:
             else:
                 out.append(_response(reply))
         return out
+
+    async def _start_for_call(self) -> None:
+        """``start()`` for a request: a ``close()`` meanwhile waits until it is sent."""
+        self._starting += 1
+        try:
+            await self.start()
+        finally:
+            self._starting -= 1
+
+    async def _submit(self, originals: list[tuple[WorkItem, Request]]) -> list[Any]:
+        """``batch_request``'s batch, sent whole (a task: ``close()`` waits for it)."""
+        assert self._client is not None and self._redis is not None
+        if self._folder is not None:
+            from . import migrate
+
+            await migrate.import_for(self._redis, self.keys, self._folder, originals,
+                                     self._hash)
+        return list(await self._client.submit([it for it, _ in originals]))
 
     def _flush(self) -> None:
         if self._flush_timer is not None:

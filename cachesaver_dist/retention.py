@@ -317,6 +317,10 @@ async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str 
         runs = [run] if run is not None else sorted(
             set(await scan_names(redis, keys, "u")) | set(await scan_names(redis, keys, "m")))
         await _prune_namespace(redis, keys, namespace, runs, result)
+        if not result.fields:  # a typo would look like success
+            used = f"run {run!r} did not use" if run is not None else "no run used"
+            raise CacheSaverError(f"prune: {used} namespace {namespace!r} under prefix "
+                                  f"{keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
     elif run is not None:
         await _prune_run(redis, keys, run, result)
     elif model is not None:

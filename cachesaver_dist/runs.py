@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from . import defaults
+from . import argtypes, defaults
 from .client import describe
 from .errors import CacheSaverError, ProtocolError, ReplayError
 from .prepare import check_run
@@ -229,11 +229,15 @@ async def print_runs(redis: Redis, keys: Keys, as_json: bool) -> int:
 
 async def fork(redis: Redis, keys: Keys, run: str, new: str,
                run_ttl_s: int = defaults.RUN_TTL_S) -> int:
-    """Copy ``run``'s counters to ``new``; the number of counters copied.
+    """Copy ``run``'s counters to ``new``, kept ``run_ttl_s`` idle (0: without expiry);
+    the number of counters copied.
 
     Raises ``CacheSaverError`` when ``run`` has no counters or ``new`` exists already."""
     check_run(run)
     check_run(new)
+    if not isinstance(run_ttl_s, int) or isinstance(run_ttl_s, bool) or run_ttl_s < 0:
+        raise CacheSaverError(f"fork: run_ttl_s must be an int >= 0 (0: no expiry), got "
+                              f"{run_ttl_s!r}")
     if run == new:
         raise CacheSaverError("fork: the new run must have another name")
     copied = int(await script(redis, "fork")(
@@ -260,8 +264,9 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     common(fork_)
     fork_.add_argument("run", help="the run to copy")
     fork_.add_argument("new", help="the new run (refused if it exists)")
-    fork_.add_argument("--run-ttl", type=int, default=defaults.RUN_TTL_S,
-                       help="seconds the new run's counters are kept idle (default: 7 days)")
+    fork_.add_argument("--run-ttl", type=argtypes.count_or_zero, default=defaults.RUN_TTL_S,
+                       help="seconds the new run's counters are kept idle; 0 keeps them "
+                            "without expiry (default: 7 days)")
 
 
 async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:

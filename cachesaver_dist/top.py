@@ -23,7 +23,7 @@ from redis.exceptions import NoPermissionError, RedisError
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from . import defaults
+from . import argtypes, defaults
 from .cluster import CACHE_ROUTE, discover_routes, read_state, routes_in_stats
 from .connection import connect, safe_url
 from .protocol import Keys
@@ -35,7 +35,7 @@ REDISCOVER_S = 30.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=float, default=defaults.TOP_INTERVAL_S,
+    p.add_argument("--interval", type=argtypes.positive_seconds, default=defaults.TOP_INTERVAL_S,
                    help=f"seconds between frames ({defaults.TOP_INTERVAL_S:g})")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")

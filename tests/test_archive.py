@@ -190,7 +190,11 @@ async def test_reimport_is_idempotent_and_a_disagreeing_sample_is_reported(
     assert "1 disagreeing" in done.stdout
     assert f"disagreeing sample: key {key} index 0" in done.stdout
     assert client.hget(f"{target}s:{key}", "0") == b"a different sample"  # never overwritten
+    assert "a replay of run(s) exp here serves the samples stored here" in done.stderr
     client.close()
+    folder = cli(fresh_server, target, "import", str(tmp_path))
+    assert folder.returncode == 1 and "is a directory: name the archive file to read" \
+        in folder.stderr, folder.stderr
 
 
 async def test_import_merges_append_only_and_raises_the_mark(redis_url, keys, tmp_path,
@@ -323,4 +327,8 @@ async def test_export_selects_by_model_namespace_and_key(redis_url, keys, tmp_pa
     assert missing.returncode == 1 and "no counters" in missing.stderr
     typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), "--model", "sim:othr")
     assert typo.returncode == 1 and "no prompt keys of model 'sim:othr'" in typo.stderr
+    for selector, named in ((("--namespace", "ns9"), "no run used namespace(s) 'ns9'"),
+                            (("--key", "deadbeef"), "--key 'deadbeef' is not a prompt key")):
+        typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), *selector)
+        assert typo.returncode == 1 and named in typo.stderr, typo.stderr
     assert not (tmp_path / "y.gz").exists()

@@ -425,3 +425,41 @@ async def test_odd_prefixes_are_served_without_dead_letters(redis_url, keys, red
     assert all(len(r.data) == 1 for r in responses)
     letters = await redis.xrange(prefixed.dead_letters)
     assert letters == [], [(f[b"kind"], f[b"reason"]) for _, f in letters]
+
+
+# --- the CLI's numbers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["worker", "cache", "--run-ttl", "0"], "--run-ttl: must be >= 1, got 0"),
+    (["worker", "cache", "--max-jobs", "0"], "--max-jobs: must be >= 1, got 0"),
+    (["worker", "cache", "--poll-delay", "-1"], "--poll-delay: must be a number of seconds > 0"),
+    (["worker", "cache", "--wait-replicas", "-1"], "--wait-replicas: must be >= 0, got -1"),
+    (["worker", "batch", "--model", "sim:x", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["worker", "batch", "--model", "sim:x", "--concurrency", "0"], "--concurrency: must be >= 1"),
+    (["worker", "batch", "--model", "sim:x", "--lease", "-1"], "--lease: must be a number"),
+    (["worker", "batch", "--model", "sim:x", "--batch-wait", "nan"], "--batch-wait: must be"),
+    (["worker", "batch", "--model", "sim:x", "--max-n", "x"], "--max-n: expected a whole number"),
+    (["fork", "a", "b", "--run-ttl", "-1"], "--run-ttl: must be >= 0, got -1"),
+    (["import", "f.gz", "--run-ttl", "-1"], "--run-ttl: must be >= 0, got -1"),
+    (["dead-letters", "--count", "0"], "--count: must be >= 1, got 0"),
+    (["top", "--interval", "0"], "--interval: must be a number of seconds > 0"),
+])
+def test_cli_numbers_out_of_range_are_refused_by_name(argv, named, capsys):
+    """A worker given ``--run-ttl 0`` would drop run counters at once (and hand the same
+    samples out again); ``--max-jobs 0`` would never run a job: refused before start."""
+    from cachesaver_dist.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_cli_numbers_in_range_are_taken():
+    from cachesaver_dist.cli import build_parser
+
+    args = build_parser().parse_args(["worker", "batch", "--model", "sim:x", "--batch-wait",
+                                      "0", "--lease", "2.5", "--concurrency", "3"])
+    assert (args.batch_wait, args.lease, args.concurrency) == (0.0, 2.5, 3)
+    assert build_parser().parse_args(["fork", "a", "b", "--run-ttl", "0"]).run_ttl == 0

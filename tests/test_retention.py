@@ -134,7 +134,10 @@ async def test_a_pruned_key_is_generated_again_and_prune_refuses_bad_selectors(r
         assert done.returncode == 2 and "prune:" in done.stderr, bad
     for typo, named in ((("--model", "sim:pz"), "no prompt keys of model 'sim:pz'"),
                         (("--run", "r9", "--dry-run"), "no run 'r9'"),
-                        (("--run", "bad run"), "run id 'bad run' is not valid")):
+                        (("--run", "bad run"), "run id 'bad run' is not valid"),
+                        (("--namespace", "nsX"), "no run used namespace 'nsX'"),
+                        (("--run", "r1", "--namespace", "nsX"),
+                         "run 'r1' did not use namespace 'nsX'")):
         done = cli(redis_url, keys.prefix, "prune", *typo)  # a typo is not a success
         assert done.returncode != 0 and named in done.stderr, (typo, done.stderr)
     assert cli(redis_url, keys.prefix, "prune", "--run", "r1", "--dry-run").returncode == 0

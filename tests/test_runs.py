@@ -106,6 +106,20 @@ async def test_replay_refuses_missing_samples_an_unknown_run_and_ambiguous_ids(r
         replay(redis_url, keys, "rec", manifest=True)
 
 
+async def test_recording_the_same_ranges_again_keeps_the_manifest_replayable(redis_url, keys):
+    """A run reset with ``drop-run`` and recorded anew gets the same ranges: the manifest
+    entries stay as they were (only a different range marks an id ambiguous)."""
+    requests = [Request("again", 2, "a", "ns"), Request("again", 1, "b", "ns")]
+    first = await record(redis_url, keys, "redo", requests)
+    assert cli(redis_url, keys.prefix, "drop-run", "redo").returncode == 0
+    assert await record(redis_url, keys, "redo", requests) == first
+    async with replay(redis_url, keys, "redo") as api:
+        got = await api.batch_request(Batch(requests))
+    assert {f"ns/{r.request_id}": g.data for r, g in zip(requests, got)} == first
+    bad = cli(redis_url, keys.prefix, "drop-run", "a run")
+    assert bad.returncode == 1 and "run id 'a run' is not valid" in bad.stderr
+
+
 async def test_fork_continues_from_the_copied_counters(redis_url, keys):
     model = SimModel("archive")
     async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, run="base") as api:
@@ -129,6 +143,16 @@ async def test_fork_continues_from_the_copied_counters(redis_url, keys):
     assert exists.returncode == 1 and "exists already" in exists.stderr
     unknown = cli(redis_url, keys.prefix, "fork", "no-such-run", "other")
     assert unknown.returncode == 1 and "has no counters" in unknown.stderr
+    # --run-ttl 0 keeps the new run without expiry; a negative one is refused, not applied
+    assert cli(redis_url, keys.prefix, "fork", "base", "kept", "--run-ttl", "0").returncode == 0
+    negative = cli(redis_url, keys.prefix, "fork", "base", "lost", "--run-ttl", "-5")
+    assert negative.returncode == 2 and "--run-ttl: must be >= 0" in negative.stderr
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        assert client.ttl(keys.usage("kept")) == -1 and client.hlen(keys.usage("kept")) == 1
+        assert not client.exists(keys.usage("lost"))
+    finally:
+        client.close()
 
 
 async def test_runs_lists_namespaces_requests_samples_and_age(redis_url, keys):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from cachesaver_dist import OnlineAPI, Request, SimModel
+from cachesaver_dist import Batch, OnlineAPI, Request, SimModel
 from cachesaver_dist.prepare import prepare
 from cachesaver_dist.protocol import CONSUMER_GROUP
 from cachesaver_dist.scripts import reserve
@@ -104,6 +104,24 @@ async def test_close_lets_pending_requests_finish(redis_url, keys):
     done = await asyncio.gather(*asked)
     assert [(len(r.data), r.cached) for r in done] == [(1, [False])] * 3
     assert sorted(model.calls) == [("p0", 1), ("p1", 1), ("p2", 1)]
+
+
+async def test_close_during_start_up_lets_waiting_requests_finish(redis_url, redis, keys):
+    """Requests made before the first connection is up wait for it; a ``close()`` that
+    comes meanwhile sends them and waits for their answers instead of cancelling them
+    (they would leave their jobs queued, to be generated for nobody)."""
+    model = SimModel("starting")
+    pipe = OnlineAPI(model, cache=redis_url, prefix=keys.prefix)
+    asked = [asyncio.create_task(pipe.request(Request(f"p{i}", 1, str(i), "ns")))
+             for i in range(3)]
+    batch = asyncio.create_task(pipe.batch_request(Batch([Request("b", 2, "b", "ns")])))
+    await asyncio.sleep(0)  # every call now waits for start-up
+    assert pipe._started is not None and not pipe._started.done()
+    await pipe.close()
+    done = await asyncio.gather(*asked, batch, return_exceptions=True)
+    assert [type(r).__name__ for r in done] == ["Response"] * 3 + ["list"]
+    assert sorted(model.calls) == [("b", 2), ("p0", 1), ("p1", 1), ("p2", 1)]
+    assert await redis.zcard(keys.cache_queue) == 0  # every job was served
 
 
 async def test_entries_handed_to_a_read_cut_short_by_stop_are_generated(redis, keys):

@@ -39,7 +39,8 @@
 -- absent) and, when it is new there, adds the prompt key to the model's index: both only
 -- on a claim, never on a hit. A new reservation of a request with a manifest field
 -- records '<key>|<start>|<n>' under it (the first reservation wins; a later different one
--- marks the entry ambiguous with '|*'), in the same atomic step.
+-- marks the entry ambiguous with '|*', the same one again changes nothing), in the same
+-- atomic step.
 --
 -- A spec only matters to a claim, so callers send empty specs first (hits then carry
 -- no prompt): the first request that would claim without a spec is left untouched,
@@ -224,10 +225,12 @@ local function reserve_requests()
       end
       touched[KEYS[group]] = true
       if new == 1 and mfield ~= '' then
-        local mkey = KEYS[group + 3]
-        if redis.call('HSETNX', mkey, mfield, pkey .. '|' .. int_text[start] .. '|' .. int_text[n]) == 0 then
+        local mkey, entry = KEYS[group + 3], pkey .. '|' .. int_text[start] .. '|' .. int_text[n]
+        if redis.call('HSETNX', mkey, mfield, entry) == 0 then
           local first = redis.call('HGET', mkey, mfield)
-          if string.sub(first, -2) ~= '|*' then redis.call('HSET', mkey, mfield, first .. '|*') end
+          if first ~= entry and string.sub(first, -2) ~= '|*' then
+            redis.call('HSET', mkey, mfield, first .. '|*')
+          end
         end
         redis.call('PEXPIRE', mkey, usage_ttl)
       end
