@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import argtypes, defaults, logs, metrics
-from .errors import CacheSaverError
+from .errors import CacheSaverError, refused
 from .protocol import Keys
 
 log = logging.getLogger("cachesaver_dist")
@@ -194,15 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-cachesaver" and args.data_dir is None:
         args.data_dir = str(Path(args.folder) / "cachesaver-redis")
     server = None
+    from redis.exceptions import RedisError, ResponseError
+
     try:
         url, server = _redis_url(args)
         if args.command == "worker":
+            if server is not None:
+                log.warning("no --redis-url or REDIS_URL: this worker serves the embedded server "
+                            "of %s, which only processes of this machine with the same data "
+                            "folder use; set REDIS_URL to serve a cluster", args.data_dir)
             return _run_worker(url, keys, args)
         return asyncio.run(_run_command(url, keys, args))
     except KeyboardInterrupt:
         return 130
     except (CacheSaverError, ConnectionError, RuntimeError, ValueError) as exc:
         logs.fail(f"cachesaver-dist: {exc}")
+        return 1
+    except ResponseError as exc:  # an ACL refusal, a read-only replica, ...
+        logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command')}")
+        return 1
+    except RedisError as exc:  # the connection was lost mid-command
+        logs.fail(f"cachesaver-dist: Redis stopped answering during the {args.command} "
+                  f"command ({type(exc).__name__}: {exc}); run it again once Redis is back")
         return 1
     finally:
         if server is not None:

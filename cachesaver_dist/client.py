@@ -347,7 +347,9 @@ class CacheClient:
         with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
             hints = list((await _within(self._missing_workers({it.route for it in pending}),
                                         CHECK_WAIT_S)).values())
-        hint = "; ".join(hints) or "workers are alive but slow: raise request_timeout"
+        hint = "; ".join(hints) or (
+            "workers are alive but did not answer: their logs say why (slow model calls: "
+            "raise request_timeout; too few replicas for --wait-replicas; Redis refusing them)")
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
                 f"({hint}); samples generated meanwhile stay cached")
 

@@ -54,11 +54,15 @@ WAIT_REPLICAS_TIMEOUT_MS = 1000
 
 
 def wait_replicas(url: str | None) -> int | None:
-    """Replicas a worker's atomic steps wait for: ``CACHESAVER_WAIT_REPLICAS``; else, behind
+    """Replicas a worker's atomic steps wait for: ``CACHESAVER_WAIT_REPLICAS`` (anything but
+    a whole number raises ``ValueError`` naming it); else, behind
     Sentinel (``redis+sentinel://``), None: decided at start from the primary's replicas
     (``replication.replicas_to_wait``); else 0."""
-    value = os.environ.get("CACHESAVER_WAIT_REPLICAS")
+    value = os.environ.get("CACHESAVER_WAIT_REPLICAS", "").strip()
     if value:
+        if not value.isdigit():
+            raise ValueError(f"CACHESAVER_WAIT_REPLICAS={value!r}: use a whole number >= 0 "
+                             "(replicas each write waits for), or unset it")
         return int(value)
     return None if url and url.split("://", 1)[0].endswith("+sentinel") else 0
 

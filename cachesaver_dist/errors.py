@@ -104,8 +104,9 @@ _HINTS = {
     "NOAUTH": "the server needs a password: put it in the Redis URL (redis://:PASSWORD@host)",
     "WRONGTYPE": "a key under this prefix holds another type: another program writes there; "
                  "use another --prefix or delete that key",
-    "OOM": "Redis is out of memory (maxmemory with noeviction): raise maxmemory or delete "
-           "old runs and samples",
+    "OOM": "Redis is out of memory (maxmemory with noeviction): raise maxmemory, or delete "
+           "old samples and runs with 'cachesaver-dist prune' ('cachesaver-dist usage' shows "
+           "what takes the memory)",
     "READONLY": "this server is a read-only replica: point the URL at the primary, or use a "
                 "redis+sentinel:// URL",
     "MISCONF": "Redis cannot write its persistence files: see the server's log (disk full?)",

@@ -50,8 +50,12 @@ def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
     async def loop() -> None:
         while True:
             pause = defaults.HEARTBEAT_S
-            try:  # bounded: a primary that froze must not hold the beats past their TTL
-                await asyncio.wait_for(beat(redis, keys, routes, name), defaults.HEARTBEAT_S)
+            # bounded: a primary that froze must not hold the beats past their TTL; its
+            # error is read even when this loop is cancelled as it ends
+            beating = asyncio.ensure_future(beat(redis, keys, routes, name))
+            beating.add_done_callback(lambda t: t.cancelled() or t.exception())
+            try:
+                await asyncio.wait_for(beating, defaults.HEARTBEAT_S)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:  # on a new connection
                 log.warning("heartbeat not written: %s",
                             str(exc) or f"Redis did not answer in {defaults.HEARTBEAT_S:g} s")

@@ -187,8 +187,11 @@ class OnlineAPI:
         self._client: CacheClient | Any = None  # Any: a runs.Replayer
         self._local: Any = None  # workers.run.LocalWorkers
         self._url: str | None = None  # set when this object opened the connection
-        self._replicas = wait_replicas if wait_replicas is not None else \
-            defaults.wait_replicas(None)
+        try:
+            self._replicas = wait_replicas if wait_replicas is not None else \
+                defaults.wait_replicas(None)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()  # batches sent: close() waits for them

@@ -108,7 +108,8 @@ async def print_stats(url: str, keys: Keys, run: str | None = None, *, as_json: 
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no statistics yet" + (f" for run {run!r}" if run else ""))
+        print("no statistics yet" + (f" for run {run!r}" if run else "")
+              + f" under prefix {keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
         return 1 if run else 0
     console = Console()
     styled = [{**row, "_style": None if row["run"] else "bold"} for row in rows]

@@ -405,7 +405,8 @@ async def print_usage(redis: Redis, keys: Keys, as_json: bool) -> int:
         print(json.dumps(report, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
+
+    from .tables import Col, fit_table
 
     console = Console()
     s = report["server"]
@@ -416,20 +417,16 @@ async def print_usage(redis: Redis, keys: Keys, as_json: bool) -> int:
     t = report["samples"]
     console.print(f"samples: {t['samples']} in {t['prompt_keys']} prompt keys, "
                   f"{_size(t['bytes'])}")
-    models = Table(title="memory by model")
-    for title in ("model", "prompt keys", "samples", "memory"):
-        models.add_column(title, justify="left" if title == "model" else "right",
-                          overflow="fold")
-    for m in report["models"]:
-        models.add_row(m["model"] or "(no spec recorded)", str(m["prompt_keys"]),
-                       str(m["samples"]), _size(m["bytes"] + m["index_bytes"]))
-    console.print(models)
-    runs = Table(title="memory by run: counters, manifest, stats")
-    for title in ("run", "counters", "manifest", "memory"):
-        runs.add_column(title, justify="left" if title == "run" else "right", overflow="fold")
-    for r in report["runs"]:
-        runs.add_row(r["run"], str(r["counters"]), str(r["manifest"]), _size(r["bytes"]))
-    console.print(runs)
+    models = [{**m, "model": m["model"] or "(no spec recorded)",
+               "memory": m["bytes"] + m["index_bytes"]} for m in report["models"]]
+    console.print(fit_table(
+        [Col("model", "model", text=True), Col("prompt keys", "prompt_keys"),
+         Col("samples", "samples"), Col("memory", "memory", fmt=_size)],
+        models, console.width, title="memory by model"))
+    console.print(fit_table(
+        [Col("run", "run", text=True), Col("counters", "counters"),
+         Col("manifest", "manifest"), Col("memory", "bytes", fmt=_size)],
+        report["runs"], console.width, title="memory by run: counters, manifest, stats"))
     return 0
 
 

@@ -206,21 +206,22 @@ async def print_runs(redis: Redis, keys: Keys, as_json: bool) -> int:
         print(f"no runs under prefix {keys.prefix!r}")
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="cachesaver-dist runs")
-    for title, justify in (("run", "left"), ("namespaces", "left"), ("requests", "right"),
-                           ("samples used", "right"), ("manifest", "right"),
-                           ("last used", "right"), ("expires", "right")):
-        table.add_column(title, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in runs:
+    from .tables import Col, fit_table
+
+    def namespaces(r: dict[str, Any]) -> str:
         names = list(r["namespaces"])
-        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        table.add_row(r["run"], shown or "-", str(r["requests"]), str(r["samples_used"]),
-                      str(r["manifest"]) if r["manifest"] else "-",
-                      _age(r["age_s"]) + (" ago" if r["age_s"] is not None else ""),
-                      _age(r["expires_in_s"]))
-    Console().print(table)
+        return (", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+                or "-")
+
+    cols = [Col("run", "run", text=True), Col("namespaces", get=namespaces, text=True, drop=1),
+            Col("requests", "requests"), Col("samples used", "samples_used"),
+            Col("manifest", "manifest", fmt=lambda m: str(m) if m else "-", drop=2),
+            Col("last used", "age_s",
+                fmt=lambda s: _age(s) + (" ago" if s is not None else ""), drop=3),
+            Col("expires", "expires_in_s", fmt=_age, drop=4)]
+    console = Console()
+    console.print(fit_table(cols, runs, console.width, title="cachesaver-dist runs"))
     return 0
 
 

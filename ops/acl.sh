@@ -3,7 +3,7 @@
 #
 #   sh ops/acl.sh                   the server-wide users (default off, admin) and the users
 #                                   of the default prefix cachesaver: (cachesaver-client, ...)
-#   sh ops/acl.sh PREFIX [NAME]     only the users of another tenant: keys and channels
+#   sh ops/acl.sh PREFIX [NAME]     only the users of another tenant (PREFIX ends with :): keys and channels
 #                                   under PREFIX, users NAME-client, NAME-cache-worker, ...
 #                                   (NAME defaults to PREFIX without its trailing colon)
 #
@@ -23,6 +23,11 @@ if [ $# -gt 2 ] || [ "$prefix" = "${prefix#[A-Za-z0-9]}" ] ||
         [ -z "$name" ] || printf '%s' "$name" | grep -q '[^A-Za-z0-9_.-]'; then
     echo "usage: sh ops/acl.sh [PREFIX [NAME]]: PREFIX of letters, digits, _ . - : (starting" \
          "with a letter or digit), NAME of letters, digits, _ . -" >&2
+    exit 2
+fi
+if [ "$prefix" = "${prefix%:}" ]; then
+    echo "ops/acl.sh: PREFIX $prefix must end with ':' (else its rules, ~${prefix}s:* ..., also" \
+         "match the keys of a tenant whose prefix starts with $prefix): use $prefix:" >&2
     exit 2
 fi
 

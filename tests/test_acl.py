@@ -539,3 +539,29 @@ def test_tenant_users_reach_only_their_prefix():
         assert channels == ([] if name.endswith("-operator") else ["cachesaver:reply:*"]), line
         assert "+@" not in line and "allkeys" not in line and "allcommands" not in line
     assert "user default reset off" in with_server.splitlines()
+    # a tenant prefix without its colon would reach other tenants' keys (~team-as:* ...)
+    env = {**os.environ, **{f"CACHESAVER_ACL_{var}_PASSWORD": "pw" for var in ROLES.values()}}
+    done = subprocess.run(["sh", str(ROOT / "ops" / "acl.sh"), "team-a"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "" and "use team-a:" in done.stderr
+
+
+def test_refused_commands_and_workers_end_with_one_line_naming_the_fix(acl_server):
+    """A CLI command the user may not run, and a worker whose user's rules do not cover
+    its prefix, end with one line saying what to grant (no traceback, no retry loop)."""
+    for tenant, role, command, prefix in (
+            ("cachesaver", "client", ("runs",), "cachesaver:"),
+            ("cachesaver", "client", ("dead-letters",), "cachesaver:"),
+            ("other", "batch-worker", ("worker", "batch", "--model", "sim:x"), "cachesaver:"),
+            ("other", "cache-worker", ("worker", "cache"), "cachesaver:")):
+        url = acl_server.url(tenant, role)
+        done = subprocess.run(
+            [sys.executable, "-m", "cachesaver_dist.cli", *command, "--redis-url", url,
+             "--prefix", prefix], env=subprocess_env(url), cwd=ROOT, capture_output=True,
+            text=True, timeout=60)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1, (command, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (command, done.stderr[-2000:])
+        assert "the Redis user lacks a permission" in last, (command, last)
+        if command[0] == "worker":  # the prefix the user's rules do not cover
+            assert "prefix 'cachesaver:'" in last, last

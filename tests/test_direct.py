@@ -8,6 +8,7 @@ real client and worker processes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 
@@ -233,10 +234,25 @@ def test_direct_and_worker_clients_share_a_namespace(redis_url, keys, processes)
     check_invariants([("shared", r) for r in results], redis_url, keys, counter)
 
 
-def test_wait_replicas_is_checked(redis_url, keys):
+def test_wait_replicas_is_checked(redis_url, keys, monkeypatch):
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(InvalidRequestError, match="wait_replicas must be an int >= 0"):
             api("sim:x", redis_url, keys, direct=True, wait_replicas=bad)
+    monkeypatch.setenv("CACHESAVER_WAIT_REPLICAS", "abc")
+    with pytest.raises(InvalidRequestError, match=r"CACHESAVER_WAIT_REPLICAS='abc': use a "):
+        api("sim:x", redis_url, keys, direct=True)
+
+
+async def test_waiting_for_more_replicas_than_the_primary_has_is_warned_at_start(redis,
+                                                                                 caplog):
+    from cachesaver_dist.replication import replicas_to_wait
+
+    with caplog.at_level(logging.WARNING, logger="cachesaver_dist"):
+        assert await replicas_to_wait(redis, 2) == 2  # the setting stands: the operator's
+        assert await replicas_to_wait(redis, 0) == 0
+        assert await replicas_to_wait(redis, None) == 0  # a server with no replica
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "waiting for 2 replica(s) per write" in warning and "has 0 connected" in warning
 
 
 def test_direct_from_the_environment(redis_url, keys, monkeypatch):

@@ -154,11 +154,11 @@ def test_idle(server, tmp_path, kind, sig):
         time.sleep(0.5)  # settled: blocked on its queue / stream
         assert_stopped(proc, sig)
         client = sync_redis.Redis.from_url(server.url())
-        try:  # a batch worker leaves the registry as it stops, after a restart's grace
-            if kind == "batch":
-                beyond_ms = int((time.time() + RESTART_GRACE_S + 1) * 1000)
-                assert client.zcount(procs.keys.workers(SLOW_MODEL), beyond_ms, "+inf") == 0
-                assert client.zcard(procs.keys.workers(SLOW_MODEL)) == 1
+        try:  # a worker leaves the registry as it stops, after a restart's grace
+            registry = procs.keys.workers(route(kind))
+            beyond_ms = int((time.time() + RESTART_GRACE_S + 1) * 1000)
+            assert client.zcount(registry, beyond_ms, "+inf") == 0
+            assert client.zcard(registry) == 1
         finally:
             client.close()
     finally:

@@ -83,3 +83,11 @@ async def test_drop_run_resets_a_runs_counters(redis_url, keys):
         assert done.returncode == 0 and b"counters dropped" in done.stdout, done.stderr
         again = await api.request(Request("d", 2, "b", "ns"))
     assert again.data == first.data and again.cached == [True, True]
+
+
+def test_stats_of_an_unused_prefix_names_it(redis_url, keys):
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "stats", "--prefix", keys.prefix],
+        env=subprocess_env(redis_url), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"no statistics yet under prefix {keys.prefix!r}" in done.stdout

@@ -120,3 +120,20 @@ def test_fit_table_keeps_headers_whole(width):
     console = Console(width=width, file=StringIO())
     console.print(fit_table(DEMO_COLUMNS, [row, row], width, title="demo"))
     assert_fits(console.file.getvalue(), DEMO_COLUMNS, width)  # type: ignore[attr-defined]
+
+
+async def test_runs_and_usage_fit_a_narrow_terminal(redis_url, keys):
+    from cachesaver_dist import OnlineAPI, Request, SimModel
+
+    async with OnlineAPI(SimModel(LONG_MODEL), cache=redis_url, prefix=keys.prefix,
+                         run="experiment-2024-11-03-ablation-b", manifest=True) as api:
+        await api.batch_request([Request("p", 2, f"id{i}", f"namespace-{i}") for i in range(5)])
+    runs = run(redis_url, keys.prefix, "runs", columns=60).stdout
+    assert_fits(runs, [Col(h) for h in ("run", "namespaces", "requests", "samples used",
+                                         "manifest", "last used", "expires")], 60)
+    first = "".join(line.split("│")[1].strip() for line in runs.splitlines()
+                    if line.startswith("│"))
+    assert first == "experiment-2024-11-03-ablation-b"  # folded, not cut
+    usage = run(redis_url, keys.prefix, "usage", columns=60).stdout
+    assert_fits(usage, [Col(h) for h in ("model", "prompt keys", "samples", "memory")], 60)
+    assert_fits(usage, [Col(h) for h in ("run", "counters", "manifest", "memory")], 60)

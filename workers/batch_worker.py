@@ -161,12 +161,19 @@ class BatchWorker:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def _ensure_groups(self) -> None:
+        """Create the work streams' consumer groups where missing. A refusal (ACL rules
+        that do not cover this prefix, a read-only replica) is raised: asking again would
+        not help."""
         while True:
             try:
                 for stream in self.streams:
-                    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                    try:
                         await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0",
                                                        mkstream=True)
+                    except ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):  # BUSYGROUP: it exists already
+                            raise refused(exc, f"the batch worker (prefix {self.keys.prefix!r}, "
+                                               f"stream {stream})") from None
                 return
             except (RedisError, OSError) as exc:
                 log.warning("Redis unavailable (%s); trying again in 1 s", exc)
@@ -221,7 +228,7 @@ class BatchWorker:
                 CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, "0")), 1.0)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("pending entries not read back on stop (%s): they stay leased and "
-                        "are taken over", exc)
+                        "are taken over", str(exc) or type(exc).__name__)
             return None
         return [(stream, [(eid, data) for eid, data in entries
                           if eid.decode() not in self._inflight[stream.decode()]])

@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cachesaver_dist import defaults, metrics
 from cachesaver_dist.deadletters import set_aside, set_aside_key
 from cachesaver_dist.errors import NotReplicatedError, ProtocolError, redis_message, refused
-from cachesaver_dist.heartbeat import heartbeat_loop
+from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.outbox import Outbox
 from cachesaver_dist.protocol import (
     CACHE_JOB,
@@ -154,12 +154,15 @@ async def process_batch(ctx: dict[str, Any], payload: bytes | MalformedJob) -> i
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
-    ctx["heartbeat"] = heartbeat_loop(ctx["redis"], ctx["keys"], "cache")
+    ctx["name"] = worker_name()
+    ctx["heartbeat"] = heartbeat_loop(ctx["redis"], ctx["keys"], "cache", name=ctx["name"])
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    """Stop beating; the worker then counts ``RESTART_GRACE_S`` more, as a batch worker."""
     if "heartbeat" in ctx:
         ctx["heartbeat"].cancel()
+        await retire(ctx["redis"], ctx["keys"], ("cache",), ctx["name"])
 
 
 class CacheWorker(Worker):

@@ -86,7 +86,8 @@ async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults
     """Wait up to ``wait_s`` for Redis at ``url`` to answer (a compose stack starts
     workers and Redis together); a refused login fails at once. Returns early, without
     error, when ``stop`` is set meanwhile."""
-    deadline = asyncio.get_running_loop().time() + wait_s
+    loop = asyncio.get_running_loop()
+    deadline, said = loop.time() + wait_s, ("", 0.0)
     while True:
         try:
             await check_reachable(url)
@@ -94,10 +95,13 @@ async def wait_reachable(url: str, stop: asyncio.Event, wait_s: float = defaults
         except ConnectionError as exc:  # what check_reachable raises
             if stop.is_set():
                 return
-            if isinstance(exc.__cause__, AuthenticationError) or \
-                    asyncio.get_running_loop().time() >= deadline:
+            # a refused login or command (a database that does not exist) stays refused
+            if isinstance(exc.__cause__, (AuthenticationError, ResponseError)) or \
+                    loop.time() >= deadline:
                 raise
-            log.info("waiting for Redis at %s (%s)", safe_url(url), exc)
+            if str(exc) != said[0] or loop.time() - said[1] >= 5.0:  # not every 0.5 s
+                log.info("waiting for Redis at %s (%s)", safe_url(url), exc)
+                said = (str(exc), loop.time())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -161,7 +165,7 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
         if exporter is not None:
             await exporter.stop()
         if isinstance(failed, ResponseError):
-            raise refused(failed, "the cache worker")
+            raise refused(failed, f"the cache worker (prefix {keys.prefix!r})")
         if failed:
             raise failed
         return EXIT_OK
@@ -193,6 +197,9 @@ def serve_batch(url: str, keys: Keys, models: Callable[[Redis], dict[str, Any]],
             worker.stop()
             await asyncio.wait_for(asyncio.gather(task, return_exceptions=True),
                                    config.stop_grace + 1.5)
+            failed = None if task.cancelled() else task.exception()
+            if isinstance(failed, CacheSaverError):  # a refusal at start, say
+                raise failed
             for model in served.values():
                 if callable(getattr(model, "aclose", None)):
                     await asyncio.wait_for(model.aclose(), 1.0)
