@@ -194,30 +194,49 @@ async def test_a_fixed_seed_gives_each_index_its_own_derived_seed(redis_url, key
 # --- the original's other entry points ------------------------------------------------------
 
 
-class CountingBatchModel:
-    model = "batch-only"
+class OneSampleModel:
+    """A local model written for the original's ``LocalAPI``: one sample per request
+    (``n`` is not read), and a ``request()`` the local pipelines must not use."""
+
+    model = "local-one"
 
     def __init__(self) -> None:
-        self.batch_sizes: list[int] = []
+        self.calls: list[list[tuple[str, int]]] = []
+        self.count = 0
+
+    async def request(self, request: Request) -> Response:
+        raise AssertionError("the local pipelines call batch_request()")
 
     async def batch_request(self, batch: Batch) -> list[Response]:
-        self.batch_sizes.append(len(batch.requests))
-        return [Response(data=[f"{r.prompt}/{i}" for i in range(r.n)]) for r in batch.requests]
+        self.calls.append([(r.prompt, r.n) for r in batch.requests])
+        out = []
+        for r in batch.requests:
+            out.append(Response(data=[f"{r.prompt}#{self.count}"]))
+            self.count += 1
+        return out
 
 
-async def test_local_apis_with_the_originals_signatures(redis_url, keys):
-    model = CountingBatchModel()
+async def test_local_apis_call_the_model_as_the_original_does(redis_url, keys):
+    """One sample per request in ``batch_request()`` calls of at most ``batch_size`` /
+    ``hardware_batch_size`` requests; each sample paid its own prompt."""
+    model = OneSampleModel()
     async with api(model, redis_url, keys, LocalAPI, batch_size=4) as local:
-        r = await local.request(Request("p", 2, "a", "ns"))
-    assert r.data == ["p/0", "p/1"] and r.cached == [False, False]
+        r = await local.request(Request("p", 3, "a", "ns"))
+    assert r.data == ["p#0", "p#1", "p#2"] and r.cached == [False] * 3
+    assert r.duplicated == [False] * 3
+    assert model.calls == [[("p", 1)] * 3]
 
+    model = OneSampleModel()
     ordered = OrderedLocalAPI(model, redis_url, collection_batch_size=8, hardware_batch_size=2,
                               prefix=keys.prefix)
-    rs = await ordered.batch_request(Batch([Request(f"q{i}", 1, str(i), "ns")
+    rs = await ordered.batch_request(Batch([Request(f"q{i}", 1 + i % 2, str(i), "ns")
                                             for i in range(6)]))
     await ordered.cleanup()
-    assert [x.data for x in rs] == [[f"q{i}/0"] for i in range(6)]
-    assert max(model.batch_sizes[1:]) <= 2  # the hardware batch size bounds a model call
+    assert [len(x.data) for x in rs] == [1, 2, 1, 2, 1, 2]
+    assert len({d for x in rs for d in x.data}) == 9  # nine samples, each its own call
+    assert max(len(c) for c in model.calls) <= 2  # the hardware batch size bounds a call
+    assert all(n == 1 for c in model.calls for _, n in c)
+    assert ordered.model_id == "local-one"  # the model's own identity, not the wrapper's
 
 
 async def test_a_hash_callable_replaces_the_prompt_key(redis_url, keys):

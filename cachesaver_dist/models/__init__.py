@@ -211,6 +211,43 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
     return out
 
 
+class LocalCalls(BatchRequestModel):
+    """A local model called as the original's ``LocalAPI`` calls it: ``batch_request()``
+    (else ``request()``) with one sample per request, at most ``per_call`` requests per
+    call; every sample is then the first of its call (never ``duplicated``)."""
+
+    def __init__(self, model: Any, per_call: int) -> None:
+        self.model, self.per_call = model, per_call
+
+    async def batch_request(self, batch: Batch) -> list[Response]:
+        singles = [dataclasses.replace(r, n=1) for r in batch.requests for _ in range(r.n)]
+        if callable(getattr(self.model, "batch_request", None)):
+            got: list[Any] = []
+            for i in range(0, len(singles), self.per_call):
+                chunk = singles[i:i + self.per_call]
+                answers = list(await self.model.batch_request(Batch(chunk)))
+                if len(answers) != len(chunk):
+                    raise ModelError(f"batch_request returned {len(answers)} responses for "
+                                     f"{len(chunk)} requests")
+                got += answers
+        else:
+            got = list(await asyncio.gather(*(self.model.request(r) for r in singles)))
+        out, at = [], 0
+        for r in batch.requests:
+            data, meta = [], []
+            for answer in got[at:at + r.n]:
+                one = getattr(answer, "data", None)
+                if not isinstance(one, list) or len(one) != 1:
+                    raise ModelError(f"model returned {one!r:.80} for a request of n=1; it "
+                                     "must return Response(data=[sample])")
+                data.append(one[0])
+                meta.append({**((getattr(answer, "metadata", None) or [None])[0] or {}),
+                             "call_first": True})
+            out.append(Response(data, [False] * r.n, [False] * r.n, meta))
+            at += r.n
+        return out
+
+
 def _samples(result: Any, n: int) -> list[bytes] | Exception:
     if isinstance(result, BaseException):
         if not isinstance(result, Exception):
