@@ -350,7 +350,7 @@ class CacheClient:
         hint = "; ".join(hints) or (
             "workers are alive but did not answer: their logs say why (slow model calls: "
             "raise request_timeout; too few replicas for --wait-replicas; Redis refusing them)")
-        return (f"{len(pending)} request(s) got no reply within {self.request_timeout:.0f} s "
+        return (f"{len(pending)} request(s) got no reply within {self.request_timeout:g} s "
                 f"({hint}); samples generated meanwhile stay cached")
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,8 +129,16 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+_USERS: dict[Path, list[EmbeddedServer]] = {}  # data dir -> this process's users of its server
+_USERS_LOCK = threading.Lock()
+
+
 class EmbeddedServer:
-    """A redis/valkey server owned by this process, storing data in ``data_dir``."""
+    """A redis/valkey server owned by this process, storing data in ``data_dir``.
+
+    Several users in one process (two clients without a URL) share one server: it stops
+    when the last of them stops. A server another process started is reused while that
+    process lives (it goes with it)."""
 
     def __init__(self, data_dir: str | Path = ".cachesaver", *, persist: bool = True,
                  binary: str | None = None) -> None:
@@ -159,20 +168,33 @@ class EmbeddedServer:
                     self.port = state["port"]
                     log.info("reusing server pid %s on port %s (owner pid %s alive)",
                              state["pid"], self.port, state["owner_pid"])
+                    self._in_use()
                     return self.url
                 self._stop_stale(state)
             self.state_path.unlink(missing_ok=True)
             self._launch()
             self.owner = True
             self._write_state()
-        atexit.register(self.stop)
+        self._in_use()
         return self.url
+
+    def _in_use(self) -> None:
+        with _USERS_LOCK:
+            _USERS.setdefault(self.data_dir, []).append(self)
+        atexit.register(self.stop)
 
     def stop(self) -> None:
         """Shut the server down if we own it (idempotent); otherwise just detach."""
         atexit.unregister(self.stop)
         proc, owner, port = self._proc, self.owner, self.port
         self._proc, self.owner, self.port = None, False, None
+        with _USERS_LOCK:
+            users = _USERS.get(self.data_dir, [])
+            if self in users:
+                users.remove(self)
+            if users and owner:  # others here still use it: the last one stops it
+                users[0]._proc, users[0].owner = proc, True
+                return
         if not owner or proc is None or port is None:
             return
         with open(self.data_dir / LOCK_FILE, "a+") as lock:

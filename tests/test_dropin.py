@@ -22,6 +22,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 import together
 from anthropic.types import Message, RawContentBlockDeltaEvent, RawMessageStartEvent
@@ -395,6 +396,34 @@ async def test_non_generation_arguments_are_not_in_the_key(sim, opts):
                                                  timeout=1e-6)
         with pytest.raises(TypeError, match="frobnicate"):
             await client.chat.completions.create(model=model, messages=MSGS, frobnicate=1)
+
+
+async def test_each_call_of_a_seeded_request_gets_the_callers_arguments(sim, opts):
+    """A seed with n=3 is three provider calls (derived seeds): each carries the caller's
+    headers and user; a pydantic class as response_format is the SDK's business."""
+    seen: list[tuple] = []
+
+    async def hook(request: httpx.Request) -> None:
+        body = json.loads(request.content or b"{}")
+        seen.append((request.headers.get("x-test"), body.get("seed"), body.get("user")))
+
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0,
+                           http_client=httpx.AsyncClient(event_hooks={"request": [hook]}),
+                           **opts) as client:
+        got = await client.chat.completions.create(
+            model=model_name(), messages=MSGS, seed=3, n=3, extra_headers={"X-Test": "yes"},
+            user="u1")
+        assert len(got.choices) == 3 and len(seen) == 3
+        assert [(h, u) for h, _, u in seen] == [("yes", "u1")] * 3
+        seeds = {s for _, s, _ in seen}
+        assert 3 in seeds and len(seeds) == 3  # the caller's, then derived ones
+
+        class Answer(pydantic.BaseModel):
+            text: str
+
+        with pytest.raises((TypeError, InvalidRequestError), match="response_format"):
+            await client.chat.completions.create(model=model_name(), messages=MSGS,
+                                                 response_format=Answer)
 
 
 async def test_concurrent_identical_calls_share_one_provider_call(sim, opts):

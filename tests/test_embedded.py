@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -94,3 +95,24 @@ def test_demo_command_runs_on_the_embedded_default(tmp_path):
     assert first_run[2][3] == first_run[1][3]  # the same samples served from cache
     assert all(int(r[2]) == 0 for r in second_run), outputs[1]  # data kept across runs
     assert (tmp_path / ".cachesaver" / "appendonlydir").is_dir()  # persisted where it ran
+
+
+@pytest.mark.parametrize("first_to_stop", ["owner", "other"])
+async def test_two_clients_of_one_process_share_the_server_until_the_last_stops(
+        no_redis_env, tmp_path, first_to_stop):
+    """Two pipelines without a URL in one process use one server; closing either leaves
+    it serving the other, and it stops with the last."""
+    home = tmp_path / "home"
+    a = OnlineAPI(SimModel("share-a"), data_dir=home)
+    b = OnlineAPI(SimModel("share-b"), data_dir=home)
+    await a.request(Request("p", 1, "a", "ns"))
+    await b.request(Request("p", 1, "b", "ns"))
+    assert a._server.owner and not b._server.owner and a._url == b._url
+    pid = json.loads((home / "server.json").read_text())["pid"]
+    first, last = (a, b) if first_to_stop == "owner" else (b, a)
+    await first.close()
+    assert _alive(pid)
+    got = await asyncio.wait_for(last.request(Request("q", 1, "c", "ns")), 10)
+    assert got.cached == [False]
+    await last.close()
+    assert not _alive(pid) and not (home / "server.json").exists()

@@ -105,6 +105,10 @@ def plain(value: Any) -> Any:
         return value
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, type):
+        raise TypeError(f"a class ({value.__name__}) cannot be sent: for response_format=<a "
+                        "pydantic model>, call chat.completions.parse() (the SDK's own, not "
+                        "cached), or pass the JSON schema as a dict")
     if hasattr(value, "model_dump"):
         return plain(value.model_dump(mode="json", exclude_unset=True, by_alias=True,
                                       warnings=False))
@@ -139,6 +143,13 @@ def _provider_error(provider: str, exc: Exception) -> Exception:
     return exc
 
 
+def _lent_key(model_id: str, fields: dict[str, Any]) -> str:
+    """Where a caller's arguments outside the prompt key wait for the model call: its
+    key without ``seed`` (sample ``i > 0`` of a seeded request is called with a seed
+    derived from it, ``models.derive_seed``)."""
+    return prompt_key(model_id, {k: v for k, v in fields.items() if k != "seed"})
+
+
 class DropinModel(SingleRequestModel):
     """The in-process model of one pipeline: the request's fields are the SDK call."""
 
@@ -150,7 +161,7 @@ class DropinModel(SingleRequestModel):
         fields = request.model_fields()
         extras: dict[str, Any] = {}
         if core.lent:  # arguments outside the key of a caller in this process
-            waiting = core.lent.get(prompt_key(self.model, fields))
+            waiting = core.lent.get(_lent_key(self.model, fields))
             extras = waiting[0] if waiting else {}
         kwargs = {k: v for k, v in fields.items() if k != "prompt" and v is not None}
         create = _walk(core.sdk, core.format.path).create
@@ -293,7 +304,7 @@ class _Core:
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
         if extras:
-            key = prompt_key(api.model_id, request.model_fields())
+            key = _lent_key(api.model_id, request.model_fields())
             self.lent.setdefault(key, []).append(extras)
         try:
             response = await api.request(request)
