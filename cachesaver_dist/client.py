@@ -86,6 +86,7 @@ class CacheClient:
         self.direct, self.run_ttl_s, self.replicas = direct, run_ttl_s, replicas
         self.client_id = uuid.uuid4().hex
         self._waiting: dict[str, _Replies] = {}  # request id -> its batch's replies
+        self._queued: dict[str, list[str]] = {}  # batch -> the arq jobs it enqueued
         # Reservation records of batches answered at their first ask: deleted with the
         # next enqueue (or at close), so a hit leaves nothing behind in Redis.
         self._answered: list[str] = []
@@ -153,13 +154,14 @@ class CacheClient:
                 if pending and time.monotonic() >= deadline:
                     raise ReplyTimeoutError(await self._timeout_message(pending))
                 if pending:
-                    await self._fail_unserved(pending, replies)
+                    await self._fail_unserved(pending, replies, batch)
                     pending = [it for it in pending if it.uuid not in replies.got]
                 if pending:
                     log.debug("%d requests without reply after %.1f s; asking again",
                               len(pending), wait)
                 wait = min(wait * 2, MAX_REASK_WAIT_S)
         finally:
+            self._queued.pop(batch, None)
             for it in items:
                 self._waiting.pop(it.uuid, None)
         if asks == 1:  # asked again: a late job may still read the records; they expire
@@ -185,6 +187,7 @@ class CacheClient:
 
         async def send() -> None:
             job_id = self.keys.new_job_id()
+            self._queued.setdefault(batch, []).append(job_id)
             now_ms = int(time.time() * 1000)
             pipe = self.redis.pipeline(transaction=False)
             pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
@@ -314,11 +317,17 @@ class CacheClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _fail_unserved(self, pending: list[WorkItem], replies: _Replies) -> None:
-        """Fail at once the requests that no live worker can serve."""
+    async def _fail_unserved(self, pending: list[WorkItem], replies: _Replies,
+                             batch: str) -> None:
+        """Fail at once the requests that no live worker can serve. Without a cache
+        worker, the batch's jobs are taken off the queue first: one that starts later
+        would reserve (and claim) samples for requests that gave up."""
         try:
             missing = await _within(self._missing_workers({it.route for it in pending}),
                                     CHECK_WAIT_S)
+            if "cache" in missing and self._queued.get(batch):
+                await _within(self.redis.zrem(self.keys.cache_queue, *self._queued[batch]),
+                              CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
         for it in pending:

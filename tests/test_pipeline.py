@@ -224,8 +224,10 @@ def test_bad_arguments_are_refused_early():
         OnlineAPI(object())
 
 
-async def test_no_worker_error_names_the_commands_to_run(redis_url, keys):
-    """Run as printed, the commands start workers this client sees: its prefix is in them."""
+async def test_no_worker_error_names_the_commands_to_run(redis_url, keys, redis):
+    """Run as printed, the commands start workers this client sees: its prefix is in them.
+    Without a cache worker, the request's jobs leave the queue as it fails: a cache worker
+    started later would claim samples for it, for nobody."""
     messages = []
     for direct in (False, True):  # a direct client needs no cache worker: then the batch one
         async with OnlineAPI("sim:nobody", cache=redis_url, prefix=keys.prefix, direct=direct,
@@ -233,6 +235,8 @@ async def test_no_worker_error_names_the_commands_to_run(redis_url, keys):
             with pytest.raises(NoWorkerError) as info:
                 await api.request(Request("anyone?", 1, f"q{direct}", "ns"))
         messages.append(str(info.value))
+        if not direct:
+            assert await redis.zcard(keys.cache_queue) == 0
     assert f"'cachesaver-dist worker cache --prefix {keys.prefix}'" in messages[0], messages
     assert f"'cachesaver-dist worker batch --prefix {keys.prefix} --model sim:nobody'" \
         in messages[1], messages
