@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from together.types.chat import ChatCompletion as TogetherCompletion
 from together.types.chat import ChatCompletionChunk as TogetherChunk
 
-from cachesaver_dist.errors import GenerationError, InvalidRequestError
+from cachesaver_dist.errors import InvalidRequestError
 from cachesaver_dist.models import derive_seed
 from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
 from cachesaver_dist.models.dropin import Metadata
@@ -391,7 +391,7 @@ async def test_non_generation_arguments_are_not_in_the_key(sim, opts):
         assert not set(texts(other)) & set(texts(first))  # temperature is in the key
         assert sim.requests(model) == 2
         # and arguments outside the key still reach the SDK call that generates
-        with pytest.raises(GenerationError, match=r"(?i)timed out"):
+        with pytest.raises(openai.APITimeoutError, match=r"(?i)timed out"):
             await client.chat.completions.create(model=model, messages=MSGS, temperature=0.9,
                                                  timeout=1e-6)
         with pytest.raises(TypeError, match="frobnicate"):
@@ -620,17 +620,23 @@ async def test_call_mistakes_are_refused_at_once_and_named(sim, opts):
 
 
 async def test_provider_errors_surface(sim, opts, caplog):
+    """A provider's error reaches the caller as the SDK raises it without the cache (code
+    that catches ``openai.BadRequestError`` keeps working), every waiting caller's."""
     caplog.set_level(logging.INFO, logger="cachesaver_dist")
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
-        with pytest.raises(GenerationError, match=r"returned 400.*between 1 and 128"):
-            await client.chat.completions.create(model=model, messages=MSGS, n=200)
+        both = await asyncio.gather(*(
+            client.chat.completions.create(model=model, messages=MSGS, n=200, namespace=ns)
+            for ns in ("a", "b")), return_exceptions=True)
+        assert [type(e) for e in both] == [openai.BadRequestError] * 2, both
+        assert both[0].status_code == 400 and "between 1 and 128" in str(both[0])
+        assert client._core.failed == {} and client._core.in_flight == {}
         for n, refused in ((0, r"n=0 asks for no choices.*pass n >= 1"),
                            (-1, r"n must be an int from 0"), ("2", r"n must be an int")):
             with pytest.raises(InvalidRequestError, match=refused):  # refused at once
                 await client.chat.completions.create(model=model, messages=MSGS, n=n)
     with Anthropic(api_key="test", base_url=sim.anthropic, max_retries=0, **opts) as client:
-        with pytest.raises(GenerationError, match=r"anthropic returned 400.*temperature"):
+        with pytest.raises(anthropic.BadRequestError, match=r"temperature"):
             client.messages.create(model=model, max_tokens=10, messages=MSGS,
                                    extra_body={"temperature": 3})
         with pytest.raises(TypeError, match="max_tokens"):  # missing: refused at once

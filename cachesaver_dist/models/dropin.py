@@ -31,7 +31,13 @@ from redis.asyncio import Redis
 
 from .. import defaults
 from ..connection import check_reachable, connect
-from ..errors import CacheSaverError, InvalidRequestError, ProviderError
+from ..errors import (
+    CacheSaverError,
+    GenerationError,
+    InvalidRequestError,
+    NoWorkerError,
+    ProviderError,
+)
 from ..pipelines import OnlineAPI, check_counts, check_seconds
 from ..prepare import check_run, check_text
 from ..protocol import prompt_key
@@ -159,9 +165,10 @@ class DropinModel(SingleRequestModel):
     async def request(self, request: Request) -> Response:
         core = self.core
         fields = request.model_fields()
+        key = _lent_key(self.model, fields)
         extras: dict[str, Any] = {}
         if core.lent:  # arguments outside the key of a caller in this process
-            waiting = core.lent.get(_lent_key(self.model, fields))
+            waiting = core.lent.get(key)
             extras = waiting[0] if waiting else {}
         kwargs = {k: v for k, v in fields.items() if k != "prompt" and v is not None}
         create = _walk(core.sdk, core.format.path).create
@@ -170,6 +177,8 @@ class DropinModel(SingleRequestModel):
             try:
                 return await create(**kw)
             except Exception as exc:
+                if key in core.in_flight:  # its callers raise the SDK's own error
+                    core.failed[key] = exc
                 raise _provider_error(core.provider.name, exc) from exc
 
         return await core.format.generate(call, {**kwargs, **extras}, request.n, core.max_n)
@@ -248,6 +257,9 @@ class _Core:
         self._cache, self._data_dir = cache, data_dir or defaults.data_dir()
         self._ids = itertools.count()
         self.lent: dict[str, list[dict[str, Any]]] = {}
+        # callers in flight per key, and the SDK's error of a failed call for them
+        self.in_flight: dict[str, int] = {}
+        self.failed: dict[str, Exception] = {}
         self.exit_hook: Callable[[], Any] | None = None  # run at exit before the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
@@ -303,17 +315,28 @@ class _Core:
             request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
+        key = _lent_key(api.model_id, request.model_fields())
         if extras:
-            key = _lent_key(api.model_id, request.model_fields())
             self.lent.setdefault(key, []).append(extras)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
         try:
             response = await api.request(request)
+        except GenerationError as exc:
+            original = self.failed.get(key)
+            if original is not None and not isinstance(exc, NoWorkerError):
+                raise original from None  # what the SDK raises without the cache
+            raise
         finally:
             if extras:
                 waiting = self.lent[key]
                 waiting.remove(extras)
                 if not waiting:
                     del self.lent[key]
+            if self.in_flight[key] > 1:
+                self.in_flight[key] -= 1
+            else:
+                del self.in_flight[key]
+                self.failed.pop(key, None)
         result = self.format.assemble(response.data)
         if stream:
             result = self.format.stream(result, options)
