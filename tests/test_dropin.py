@@ -519,6 +519,25 @@ async def test_sync_client_inside_a_running_event_loop(sim, opts):
 
 
 @pytest.mark.timeout(60)
+def test_an_async_client_reused_on_a_second_event_loop_says_nothing(sim, opts, caplog):
+    """The SDK client of a closed loop is left behind without a close scheduled on the
+    next loop (it would fail there with a traceback)."""
+    client = AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+
+    async def one(i: int) -> str:
+        got = await client.chat.completions.create(model=model_name(), messages=[
+            {"role": "user", "content": f"loop {i}"}])
+        gc.collect()
+        return got.choices[0].message.content
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert asyncio.run(one(1)) and asyncio.run(one(2))
+        gc.collect()
+        asyncio.run(client.close())
+        gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 def test_a_sync_client_used_without_a_name(sim, opts):
     """``OpenAI(...).chat.completions.create(...)``: nothing names the client, and the
     garbage collector may finalize it in any thread while the call runs, or later in

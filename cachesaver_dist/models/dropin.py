@@ -156,6 +156,10 @@ def _lent_key(model_id: str, fields: dict[str, Any]) -> str:
     return prompt_key(model_id, {k: v for k, v in fields.items() if k != "seed"})
 
 
+async def _nothing_to_close() -> None:
+    """``aclose`` of an SDK client whose event loop is gone."""
+
+
 class DropinModel(SingleRequestModel):
     """The in-process model of one pipeline: the request's fields are the SDK call."""
 
@@ -403,8 +407,13 @@ class _Core:
         """Forget what was started on an event loop that is now closed."""
         if self._server is not None:
             self._server.stop()
-        if self._loop is not None:
-            self._sdk = None  # its connections belong to the closed loop
+        if self._loop is not None and self._sdk is not None:
+            # its connections belong to the closed loop: collected, the SDK would schedule
+            # their close on the next loop, where it fails with a traceback
+            http = getattr(self._sdk, "_client", None)
+            with contextlib.suppress(AttributeError, TypeError):
+                http.aclose = _nothing_to_close  # type: ignore[union-attr]
+            self._sdk = None
         self._reset()
 
     def close_soon(self) -> None:
