@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from datetime import datetime
@@ -32,6 +33,7 @@ from .stats import read_stats
 from .tables import Col, fit_table
 
 REDISCOVER_S = 30.0
+SNAPSHOT_WAIT_S = 5.0  # a live view's read of Redis waits at most this long
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,19 +155,34 @@ async def run_top(url: str, keys: Keys, args: argparse.Namespace) -> int:
 async def _live(redis: Any, keys: Keys, routes: list[str], found_at: float,
                 snap: dict[str, Any], prices: dict[str, tuple[float, float]],
                 args: argparse.Namespace, console: Console, url: str) -> int:
+    """Redraw every ``--interval`` on a terminal; elsewhere (a file, a pipe) print one
+    frame after another, so the output is there as it comes."""
     from rich.live import Live
 
     before: dict[str, Any] | None = None
-    note = ""
-    with Live(render(snap, console.width, {}), console=console, auto_refresh=False,
-              screen=False, transient=False) as live:
+    note, read_at = "", time.strftime("%H:%M:%S")
+    first = render(snap, console.width, {})
+    live = Live(first, console=console, auto_refresh=False, screen=False, transient=False) \
+        if console.is_terminal else None
+    if live is None:
+        console.print(first)
+        console.file.flush()
+    with live or contextlib.nullcontext():
         while True:
             await asyncio.sleep(args.interval)
-            try:
+            try:  # bounded: a Redis that stopped answering must not freeze the view
                 if not args.model and time.monotonic() - found_at > REDISCOVER_S:
-                    routes, found_at = await find_routes(redis, keys), time.monotonic()
-                snap, before = await snapshot(redis, keys, routes, prices), snap
-                note = ""
-            except (RedisError, OSError) as exc:
-                note = f"Redis at {safe_url(url)} unavailable ({exc}); showing the last frame"
-            live.update(render(snap, console.width, _rates(snap, before), note), refresh=True)
+                    routes, found_at = await asyncio.wait_for(
+                        find_routes(redis, keys), SNAPSHOT_WAIT_S), time.monotonic()
+                snap, before = await asyncio.wait_for(
+                    snapshot(redis, keys, routes, prices), SNAPSHOT_WAIT_S), snap
+                note, read_at = "", time.strftime("%H:%M:%S")
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                note = (f"Redis at {safe_url(url)} unavailable ({exc or 'no answer'}); "
+                        f"showing what it said at {read_at}")
+            frame = render(snap, console.width, _rates(snap, before), note)
+            if live is not None:
+                live.update(frame, refresh=True)
+            else:
+                console.print(frame)
+                console.file.flush()

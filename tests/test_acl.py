@@ -565,3 +565,31 @@ def test_refused_commands_and_workers_end_with_one_line_naming_the_fix(acl_serve
         assert "the Redis user lacks a permission" in last, (command, last)
         if command[0] == "worker":  # the prefix the user's rules do not cover
             assert "prefix 'cachesaver:'" in last, last
+
+
+def test_workers_whose_password_changed_say_to_fix_the_url(acl_server, tmp_path):
+    """The password changes under running workers: they keep trying (it may be changed
+    back), and say, as an error, which setting is wrong."""
+    user, prefix = f"rotate-{uuid.uuid4().hex[:6]}", "rotate:"
+    with contextlib.closing(acl_server.admin()) as admin:
+        admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">before", "~*", "&*",
+                              "+@all")
+    url = f"redis://{user}:before@127.0.0.1:{acl_server.port}/0"
+    procs = Processes(url, Keys(prefix), tmp_path)
+    try:
+        workers = [procs.cli("worker", "cache", name="cache"),
+                   procs.cli("worker", "batch", "--model", "sim:x", name="batch")]
+        procs.wait_alive("cache")
+        procs.wait_alive("sim:x")
+        with contextlib.closing(acl_server.admin()) as admin:
+            admin.execute_command("ACL", "SETUSER", user, "resetpass", ">after")
+            admin.execute_command("CLIENT", "KILL", "USER", user)
+        deadline = time.monotonic() + 20
+        while not all("fix REDIS_URL" in Processes.logs(w) for w in workers):
+            assert time.monotonic() < deadline, [Processes.logs(w)[-1500:] for w in workers]
+            assert all(w.poll() is None for w in workers)
+            time.sleep(0.2)
+    finally:
+        procs.stop_all()
+        with contextlib.closing(acl_server.admin()) as admin:
+            admin.execute_command("ACL", "DELUSER", user)

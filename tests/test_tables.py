@@ -137,3 +137,25 @@ async def test_runs_and_usage_fit_a_narrow_terminal(redis_url, keys):
     usage = run(redis_url, keys.prefix, "usage", columns=60).stdout
     assert_fits(usage, [Col(h) for h in ("model", "prompt keys", "samples", "memory")], 60)
     assert_fits(usage, [Col(h) for h in ("run", "counters", "manifest", "memory")], 60)
+
+
+def test_top_into_a_file_writes_each_frame_as_it_comes(redis_url, keys, tmp_path):
+    """Not a terminal: frames are printed one after another (and flushed), not held back
+    until the end, so ``top > file`` (stopped with SIGTERM) has them."""
+    import signal
+    import time
+
+    out = tmp_path / "top.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cachesaver_dist.cli", "top", "--interval", "0.2",
+             "--prefix", keys.prefix], env=subprocess_env(redis_url, COLUMNS="100"),
+            stdout=sink, stderr=subprocess.PIPE, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 20
+            while out.read_text().count("workers and backlog") < 3:
+                assert time.monotonic() < deadline and proc.poll() is None, out.read_text()
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)

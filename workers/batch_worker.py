@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cachesaver_dist import defaults, metrics
 from cachesaver_dist.errors import NotReplicatedError, ProtocolError, refused
@@ -142,6 +142,9 @@ class BatchWorker:
                 await self._ensure_groups()
                 return
             log.error("%s; trying again in 1 s", refused(exc, "reading work"))
+            await asyncio.sleep(1.0)
+        except AuthenticationError as exc:  # the password changed under a running worker
+            log.error("%s; trying again in 1 s", refused(exc, "the batch worker's login"))
             await asyncio.sleep(1.0)
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); trying again in 1 s", exc)

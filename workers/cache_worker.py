@@ -29,8 +29,8 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.constants import retry_key_prefix as arq_retry_prefix
 from arq.worker import Worker, func
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachesaver_dist import defaults, metrics
@@ -235,7 +235,10 @@ class CacheWorker(Worker):
                 if tokens:
                     replies = await self._serve_now(tokens)
             except CONNECTION_ERRORS as exc:
-                log.warning("Redis unavailable (%s); trying again in 1 s", exc)
+                if isinstance(exc, AuthenticationError):  # the password changed meanwhile
+                    log.error("%s; trying again in 1 s", refused(exc, "the cache worker's login"))
+                else:
+                    log.warning("Redis unavailable (%s); trying again in 1 s", exc)
                 replies = None  # the clients ask again
                 await asyncio.sleep(1.0)
             except ResponseError as exc:
