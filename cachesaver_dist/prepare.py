@@ -85,7 +85,8 @@ def _check_request_id(request_id: Any) -> str:
     if not isinstance(request_id, str):
         raise InvalidRequestError(
             f"request_id must be a str (batches are ordered by plain string order), got "
-            f"{type(request_id).__name__} {request_id!r:.80}"
+            f"{type(request_id).__name__} {request_id!r:.80}: pass a str, zero-padded for "
+            "numbers (f'{i:06d}') so that they sort in numeric order"
         )
     if len(request_id) > 1024:
         raise InvalidRequestError(f"request_id has {len(request_id)} characters; use at "
