@@ -54,6 +54,7 @@ NOT_IN_KEY = frozenset({"stream", "stream_options", "timeout", "extra_headers", 
 DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # a reply may wait for the SDK's own timeouts and retries
 CLOSE_WAIT_S = 10.0
 ACCEPTED_KEPT = 1024  # sets of argument names remembered as accepted by the SDK's create
+FAILURES_KEPT = 256  # the latest failed calls' SDK errors kept for their callers
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,9 @@ class DropinModel(SingleRequestModel):
             try:
                 return await create(**kw)
             except Exception as exc:
-                if key in core.in_flight:  # its callers raise the SDK's own error
-                    core.failed[key] = exc
-                raise _provider_error(core.provider.name, exc) from exc
+                failure = _provider_error(core.provider.name, exc)
+                core.remember_failure(key, exc, failure)
+                raise failure from exc
 
         return await core.format.generate(call, {**kwargs, **extras}, request.n, core.max_n)
 
@@ -261,9 +262,8 @@ class _Core:
         self._cache, self._data_dir = cache, data_dir or defaults.data_dir()
         self._ids = itertools.count()
         self.lent: dict[str, list[dict[str, Any]]] = {}
-        # callers in flight per key, and the SDK's error of a failed call for them
-        self.in_flight: dict[str, int] = {}
-        self.failed: dict[str, Exception] = {}
+        # the SDK's errors of the latest failed calls, per key, for their callers
+        self.failed: dict[str, tuple[Exception, str]] = {}
         self.exit_hook: Callable[[], Any] | None = None  # run at exit before the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
@@ -273,6 +273,14 @@ class _Core:
         self._connecting: asyncio.Task[Redis] | None = None
         self._redis: Redis | None = None
         self._server: EmbeddedServer | None = None
+
+    def remember_failure(self, key: str, sdk_error: Exception, failure: Exception) -> None:
+        """Keep an in-process model call's SDK error for the callers of ``key``, who get
+        ``failure`` (its text) in a ``GenerationError`` and raise the SDK's own instead."""
+        self.failed.pop(key, None)
+        self.failed[key] = (sdk_error, str(failure))
+        while len(self.failed) > FAILURES_KEPT:
+            del self.failed[next(iter(self.failed))]
 
     @property
     def sdk(self) -> Any:
@@ -319,16 +327,16 @@ class _Core:
             request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
-        key = _lent_key(api.model_id, request.model_fields())
         if extras:
+            key = _lent_key(api.model_id, request.model_fields())
             self.lent.setdefault(key, []).append(extras)
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
         try:
             response = await api.request(request)
         except GenerationError as exc:
-            original = self.failed.get(key)
-            if original is not None and not isinstance(exc, NoWorkerError):
-                raise original from None  # what the SDK raises without the cache
+            sdk_error = self.failed.get(_lent_key(api.model_id, request.model_fields())) \
+                if self.failed and not isinstance(exc, NoWorkerError) else None
+            if sdk_error is not None and sdk_error[1] in str(exc):  # that failure's
+                raise sdk_error[0] from None  # what the SDK raises without the cache
             raise
         finally:
             if extras:
@@ -336,11 +344,6 @@ class _Core:
                 waiting.remove(extras)
                 if not waiting:
                     del self.lent[key]
-            if self.in_flight[key] > 1:
-                self.in_flight[key] -= 1
-            else:
-                del self.in_flight[key]
-                self.failed.pop(key, None)
         result = self.format.assemble(response.data)
         if stream:
             result = self.format.stream(result, options)
