@@ -335,8 +335,8 @@ class _Core:
         except GenerationError as exc:
             sdk_error = self.failed.get(_lent_key(api.model_id, request.model_fields())) \
                 if self.failed and not isinstance(exc, NoWorkerError) else None
-            if sdk_error is not None and sdk_error[1] in str(exc):  # that failure's
-                raise sdk_error[0] from None  # what the SDK raises without the cache
+            if sdk_error is not None and sdk_error[1] and sdk_error[1] in str(exc):
+                raise sdk_error[0] from None  # that failure: as the SDK raises it
             raise
         finally:
             if extras:
