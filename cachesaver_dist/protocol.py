@@ -575,6 +575,20 @@ def decode_waiter_record(data: bytes | str) -> WaiterRecord:
     return record
 
 
+def claimed_indices(record: bytes | str) -> list[int]:
+    """The indices a request claimed (flag ``g``), from its reservation record
+    ``start|flags`` (``Keys.reservations``, set by reserve.lua)."""
+    try:
+        text = record.decode() if isinstance(record, bytes) else record
+        start, flags = text.split("|")
+        first = int(start)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("reservation record is not 'start|flags'", "reservation") from None
+    if first < 0 or not flags.isalpha():
+        raise ProtocolError("reservation record has a bad start or flags", "reservation")
+    return [first + i for i, flag in enumerate(flags) if flag == GENERATED]
+
+
 # --- samples -----------------------------------------------------------------------------
 
 

@@ -247,6 +247,17 @@ async def release(
     return _waiters([[w, rec] for w, rec in raw], bad, keys), bad
 
 
+async def withdraw(redis: Redis, keys: Keys, route: str, key: str, waiter_ids: list[str],
+                   indices: list[int], scan: int = 1000) -> tuple[int, int]:
+    """Withdraw the claims of requests that gave up for want of a batch worker (see
+    withdraw.lua, which looks at the newest ``scan`` entries of the model's stream);
+    ``(stream entries deleted, indices released)``."""
+    deleted, released = await script(redis, "withdraw")(
+        keys=[keys.work_stream(route), *_key_triple(keys, key)],
+        args=[key, scan, len(waiter_ids), *waiter_ids, *indices])
+    return int(deleted), int(released)
+
+
 async def discard(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> int:
     """Remove unreadable samples (if unchanged) so they are generated again."""
     argv: list[Any] = []

@@ -22,7 +22,8 @@ from cachesaver_dist import (
     SingleRequestModel,
 )
 from cachesaver_dist.errors import NoWorkerError
-from cachesaver_dist.protocol import Keys
+from cachesaver_dist.protocol import Keys, prompt_key
+from workers.batch_worker import BatchWorker
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,20 @@ async def test_no_worker_error_names_the_commands_to_run(redis_url, keys, redis)
             with pytest.raises(NoWorkerError) as info:
                 await api.request(Request("anyone?", 1, f"q{direct}", "ns"))
         messages.append(str(info.value))
-        if not direct:
+        if not direct:  # its jobs left the queue
             assert await redis.zcard(keys.cache_queue) == 0
+        else:  # its claim was withdrawn: a batch worker started later generates nothing
+            key = prompt_key("sim:nobody", {"prompt": "anyone?"})
+            assert await redis.xlen(keys.work_stream("sim:nobody")) == 0
+            assert await redis.hget(keys.generation(key), "x0") == b"1"
+            assert not await redis.exists(keys.waiters(key))
+            model = SimModel("nobody")
+            late = BatchWorker(redis, keys, {"sim:nobody": model})
+            running = asyncio.create_task(late.run())
+            await asyncio.sleep(1.0)
+            late.stop()
+            await asyncio.wait_for(running, 10)
+            assert model.calls == []
     assert f"'cachesaver-dist worker cache --prefix {keys.prefix}'" in messages[0], messages
     assert f"'cachesaver-dist worker batch --prefix {keys.prefix} --model sim:nobody'" \
         in messages[1], messages

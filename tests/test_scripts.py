@@ -465,3 +465,25 @@ async def test_batches_of_one_run_in_one_call_share_its_counters(r):
     await r.hset(KEYS.usage("run"), "k1ns", "three")
     with pytest.raises(Exception, match="CORRUPT usage counter k1ns"):
         await reserve(r, KEYS, "c3", [item("d")], batch="b4")
+
+
+async def test_withdraw_deletes_only_the_claims_of_requests_that_gave_up(r):
+    """withdraw.lua: entries holding only withdrawn indices go; their indices without a
+    sample are released; the requests' waiter records go; everything else stays."""
+    from cachesaver_dist.protocol import claimed_indices
+    from cachesaver_dist.scripts import withdraw
+
+    [gave_up] = await reserve(r, KEYS, "c", [item("u1", n=2)], batch="b1")
+    [other] = await reserve(r, KEYS, "d", [item("u2", ns="other", n=3)], batch="b2")
+    await r.xadd(KEYS.work_stream("sim:x"), {"key": "k1", "idx": "0,5"})  # mixed: kept
+    assert (gave_up.flags, other.flags) == ("gg", "ddg")
+    record = await r.hget(KEYS.reservations("c", "b1"), "c:u1")
+    assert claimed_indices(record) == [0, 1]
+    assert await withdraw(r, KEYS, "sim:x", "k1", ["c:u1"], [0, 1]) == (1, 2)
+    assert await stream_entries(r) == [("k1", "2"), ("k1", "0,5")]
+    assert await r.hmget(KEYS.generation("k1"), "x0", "x1") == [b"1", b"1"]
+    assert await r.hkeys(KEYS.waiters("k1")) == [b"d:u2"]
+    [again] = await reserve(r, KEYS, "e", [item("u3", ns="third", n=1)])
+    assert again.flags == "g"  # a released index is claimed by the next request that needs it
+    with pytest.raises(ProtocolError):
+        claimed_indices(b"zero|gg")
