@@ -22,8 +22,9 @@ if TYPE_CHECKING:
         ReplayError,
         ReplyTimeoutError,
     )
+    from .local import LocalAPI, OrderedLocalAPI
     from .models import SimModel
-    from .pipelines import LocalAPI, OnlineAPI, OrderedLocalAPI
+    from .pipelines import OnlineAPI
     from .protocol import Keys, prompt_key
     from .typedefs import (
         Batch,
@@ -67,7 +68,8 @@ _SOURCES = {
                      "NoWorkerError", "ProtocolError", "RedisRefusedError",
                      "RedisUnavailableError", "ReplayError", "ReplyTimeoutError"), "errors"),
     "SimModel": "models",
-    **dict.fromkeys(("LocalAPI", "OnlineAPI", "OrderedLocalAPI"), "pipelines"),
+    **dict.fromkeys(("LocalAPI", "OrderedLocalAPI"), "local"),
+    "OnlineAPI": "pipelines",
     **dict.fromkeys(("Keys", "prompt_key"), "protocol"),
     **dict.fromkeys(("Batch", "BatchRequestModel", "Metadata", "Request", "Response",
                      "SingleRequestModel"), "typedefs"),

@@ -34,7 +34,6 @@ from . import defaults
 from .errors import (
     GenerationError,
     NoWorkerError,
-    ProtocolError,
     RedisUnavailableError,
     ReplyTimeoutError,
     redis_message,
@@ -46,14 +45,13 @@ from .protocol import (
     CacheJob,
     Keys,
     WorkItem,
-    claimed_indices,
     encode_arq_job,
     encode_job,
     encode_wake_token,
     unique_id,
-    waiter_id,
 )
 from .subscription import ReplySubscription
+from .takeback import take_back
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -332,56 +330,14 @@ class CacheClient:
                                     CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
-        if not self._acl_user:  # an ACL user's rules (a role's) do not allow it
-            await self._take_back(missing, pending, batch)
+        if missing:  # what they asked for is taken back
+            jobs = self._queued.get(batch) if "cache" in missing else None
+            await take_back(self.redis, self.keys, self.client_id, batch, jobs,
+                            [it for it in pending if it.route in missing])
         for it in pending:
             hint = missing.get("cache") or missing.get(it.route)
             if hint:
                 replies.put(it.uuid, NoWorkerError(f"{hint} ({describe(it)})"))
-
-    async def _take_back(self, missing: dict[str, str], pending: list[WorkItem],
-                         batch: str) -> None:
-        """Best effort: the queued jobs of a batch that no cache worker will serve, or
-        the claims of requests that no batch worker will serve."""
-        try:
-            if "cache" in missing and self._queued.get(batch):
-                await _within(self.redis.zrem(self.keys.cache_queue, *self._queued[batch]),
-                              CHECK_WAIT_S)
-            elif missing:
-                await _within(self._withdraw([it for it in pending if it.route in missing],
-                                             batch), CHECK_WAIT_S)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            log.info("what the requests without a worker asked for was not taken back: %s",
-                     redis_message(exc))
-
-    @property
-    def _acl_user(self) -> bool:
-        """Logged in as a named ACL user (not ``default``): its rules are a role's."""
-        kwargs = getattr(self.redis.connection_pool, "connection_kwargs", {})
-        return kwargs.get("username") not in (None, "", "default")
-
-    async def _withdraw(self, items: list[WorkItem], batch: str) -> None:
-        """Withdraw the claims ``items`` made (their reservation records say which)."""
-        from .scripts import withdraw
-
-        wids = [waiter_id(self.client_id, it.uuid) for it in items]
-        records = await self.redis.hmget(  # type: ignore[misc]
-            self.keys.reservations(self.client_id, batch), wids)
-        claims: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
-        for it, wid, record in zip(items, wids, records):
-            try:
-                indices = claimed_indices(record) if record is not None else []
-            except ProtocolError:  # not this client's to judge: reserve.lua replaces it
-                continue
-            if indices:
-                wanted, claimed = claims.setdefault((it.route, it.key), ([], []))
-                wanted.append(wid)
-                claimed += indices
-        for (route, key), (wanted, claimed) in claims.items():
-            deleted, released = await withdraw(self.redis, self.keys, route, key, wanted,
-                                               claimed)
-            log.info("no batch worker for %s: %d claim(s) withdrawn, %d index(es) released",
-                     route, deleted, released)
 
     async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
         """route (or "cache") -> what to start, for each one no live worker serves."""
