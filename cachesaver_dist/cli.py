@@ -166,7 +166,7 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
                    "per --rate-window per model, cluster-wide (default: unlimited)")
     g.add_argument("--max-concurrent", type=argtypes.count,
                    help="calls in flight per model, cluster-wide (default: unlimited)")
-    g.add_argument("--rate-window", type=argtypes.positive_seconds, default=60.0,
+    g.add_argument("--rate-window", type=argtypes.count, default=60,
                    help="window of --rpm and --tpm, whole seconds (60)")
     g.add_argument("--retry-budget", type=argtypes.count, default=6,
                    help="attempts per call on 429/5xx/timeouts, with backoff (6)")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-cachesaver" and args.data_dir is None:
         args.data_dir = str(Path(args.folder) / "cachesaver-redis")
     server = None
-    from redis.exceptions import RedisError, ResponseError
+    from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
     try:
         url, server = _redis_url(args)
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.fail(f"cachesaver-dist: {exc}")
         return 1
     except ResponseError as exc:  # an ACL refusal, a read-only replica, ...
+        logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command')}")
+        return 1
+    except AuthenticationError as exc:  # the password changed mid-command
         logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command')}")
         return 1
     except RedisError as exc:  # the connection was lost mid-command

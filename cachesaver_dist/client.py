@@ -331,8 +331,8 @@ class CacheClient:
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
         if missing:  # what they asked for is taken back
-            jobs = self._queued.get(batch) if "cache" in missing else None
-            await take_back(self.redis, self.keys, self.client_id, batch, jobs,
+            await take_back(self.redis, self.keys, self.client_id, batch,
+                            self._queued.get(batch, []),
                             [it for it in pending if it.route in missing])
         for it in pending:
             hint = missing.get("cache") or missing.get(it.route)

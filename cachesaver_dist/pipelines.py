@@ -274,8 +274,8 @@ class OnlineAPI:
         while self._starting:  # noqa: ASYNC110
             await asyncio.sleep(0)
         self._flush()
-        while self._flushes:
-            await asyncio.gather(*self._flushes, return_exceptions=True)
+        while self._flushes:  # (wait: a close() cancelled does not cancel other callers')
+            await asyncio.wait(list(self._flushes))
         if self._local is not None:
             await self._local.stop()
             self._local = None

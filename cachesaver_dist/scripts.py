@@ -20,6 +20,7 @@ from . import defaults
 from .deadletters import set_aside_key
 from .errors import NotReplicatedError, ProtocolError
 from .protocol import (
+    CONSUMER_GROUP,
     CacheJob,
     Keys,
     WorkItem,
@@ -250,11 +251,11 @@ async def release(
 async def withdraw(redis: Redis, keys: Keys, route: str, key: str, waiter_ids: list[str],
                    indices: list[int], scan: int = 1000) -> tuple[int, int]:
     """Withdraw the claims of requests that gave up for want of a batch worker (see
-    withdraw.lua, which looks at the newest ``scan`` entries of the model's stream);
-    ``(stream entries deleted, indices released)``."""
+    withdraw.lua: entries no batch worker was handed, among the newest ``scan`` of the
+    model's stream); ``(stream entries deleted, indices released)``."""
     deleted, released = await script(redis, "withdraw")(
         keys=[keys.work_stream(route), *_key_triple(keys, key)],
-        args=[key, scan, len(waiter_ids), *waiter_ids, *indices])
+        args=[key, scan, CONSUMER_GROUP, len(waiter_ids), *waiter_ids, *indices])
     return int(deleted), int(released)
 
 

@@ -130,7 +130,7 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 
 
 _USERS: dict[Path, list[EmbeddedServer]] = {}  # data dir -> this process's users of its server
-_USERS_LOCK = threading.Lock()
+_USERS_LOCK = threading.RLock()  # start() and stop() of this process, one at a time
 
 
 class EmbeddedServer:
@@ -157,46 +157,51 @@ class EmbeddedServer:
 
     def start(self) -> str:
         """Start (or reuse) the server for data_dir and return its URL."""
-        if self.port is not None:
+        with _USERS_LOCK:  # not while a user of this process decides to stop it
+            if self.port is not None:
+                return self.url
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.data_dir / LOCK_FILE, "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                state = self._read_state()
+                if state and _pid_alive(state["pid"]) and \
+                        _is_our_server(state["pid"], state["port"]):
+                    if _pid_alive(state["owner_pid"]):
+                        self.port = state["port"]
+                        log.info("reusing server pid %s on port %s (owner pid %s alive)",
+                                 state["pid"], self.port, state["owner_pid"])
+                        self._in_use()
+                        return self.url
+                    self._stop_stale(state)
+                self.state_path.unlink(missing_ok=True)
+                self._launch()
+                self.owner = True
+                self._write_state()
+            self._in_use()
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / LOCK_FILE, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self._read_state()
-            if state and _pid_alive(state["pid"]) and _is_our_server(state["pid"], state["port"]):
-                if _pid_alive(state["owner_pid"]):
-                    self.port = state["port"]
-                    log.info("reusing server pid %s on port %s (owner pid %s alive)",
-                             state["pid"], self.port, state["owner_pid"])
-                    self._in_use()
-                    return self.url
-                self._stop_stale(state)
-            self.state_path.unlink(missing_ok=True)
-            self._launch()
-            self.owner = True
-            self._write_state()
-        self._in_use()
-        return self.url
 
     def _in_use(self) -> None:
-        with _USERS_LOCK:
-            _USERS.setdefault(self.data_dir, []).append(self)
+        _USERS.setdefault(self.data_dir, []).append(self)
         atexit.register(self.stop)
 
     def stop(self) -> None:
-        """Shut the server down if we own it (idempotent); otherwise just detach."""
+        """Shut the server down if we own it and no other user of this process needs it
+        (it then passes to one of them); otherwise just detach. Idempotent."""
         atexit.unregister(self.stop)
-        proc, owner, port = self._proc, self.owner, self.port
-        self._proc, self.owner, self.port = None, False, None
-        with _USERS_LOCK:
+        with _USERS_LOCK:  # one decision at a time, and no start() meanwhile
+            proc, owner, port = self._proc, self.owner, self.port
+            self._proc, self.owner, self.port = None, False, None
             users = _USERS.get(self.data_dir, [])
             if self in users:
                 users.remove(self)
             if users and owner:  # others here still use it: the last one stops it
                 users[0]._proc, users[0].owner = proc, True
                 return
-        if not owner or proc is None or port is None:
-            return
+            if not owner or proc is None or port is None:
+                return
+            self._shut_down(proc, port)
+
+    def _shut_down(self, proc: subprocess.Popen[bytes], port: int) -> None:
         with open(self.data_dir / LOCK_FILE, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # keep starters from reusing a dying server
             try:

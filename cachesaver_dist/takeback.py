@@ -18,18 +18,19 @@ log = logging.getLogger("cachesaver_dist")
 TAKE_BACK_WAIT_S = 2.0
 
 
-async def take_back(redis: Any, keys: Keys, client: str, batch: str, jobs: list[str] | None,
+async def take_back(redis: Any, keys: Keys, client: str, batch: str, jobs: list[str],
                     items: list[WorkItem]) -> None:
-    """Best effort, for a batch of ``client`` that failed for want of a worker: without
-    a cache worker its queued ``jobs`` leave the queue; else the claims of ``items``
-    (those whose model no batch worker serves) are withdrawn. Not for a named ACL user:
-    its role's rules do not allow it."""
+    """Best effort, for a batch of ``client`` that failed for want of a worker: its
+    queued ``jobs`` leave the queue (a cache worker that takes one later would reserve,
+    and claim, for requests that gave up), then the claims of ``items`` (those whose
+    model no batch worker serves) are withdrawn. Not for a named ACL user: its role's
+    rules do not allow it."""
     if _acl_user(redis):
         return
     try:
         if jobs:
             await asyncio.wait_for(redis.zrem(keys.cache_queue, *jobs), TAKE_BACK_WAIT_S)
-        elif items:
+        if items:
             await asyncio.wait_for(_withdraw(redis, keys, client, batch, items),
                                    TAKE_BACK_WAIT_S)
     except (RedisError, OSError, asyncio.TimeoutError) as exc:

@@ -178,7 +178,8 @@ async def _live(redis: Any, keys: Keys, routes: list[str], found_at: float,
                     snapshot(redis, keys, routes, prices), SNAPSHOT_WAIT_S), snap
                 note, read_at = "", time.strftime("%H:%M:%S")
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                note = (f"Redis at {safe_url(url)} unavailable ({exc or 'no answer'}); "
+                note = (f"Redis at {safe_url(url)} unavailable "
+                        f"({str(exc) or type(exc).__name__}); "
                         f"showing what it said at {read_at}")
             frame = render(snap, console.width, _rates(snap, before), note)
             if live is not None:

@@ -239,6 +239,41 @@ async def test_local_apis_call_the_model_as_the_original_does(redis_url, keys):
     assert ordered.model_id == "local-one"  # the model's own identity, not the wrapper's
 
 
+async def test_a_local_models_failing_call_fails_only_its_requests():
+    """As ``generate`` keeps failures apart: one bad request (or one bad chunk of
+    ``batch_request``) fails alone; ``request()`` calls run ``per_call`` at a time."""
+    from cachesaver_dist.models import LocalCalls
+
+    class Picky:
+        running = peak = 0
+
+        async def request(self, request: Request) -> Response:
+            Picky.running += 1
+            Picky.peak = max(Picky.peak, Picky.running)
+            await asyncio.sleep(0.01)
+            Picky.running -= 1
+            if request.prompt == "bad":
+                raise ValueError("bad prompt")
+            return Response(data=[request.prompt + "!"])
+
+    class PickyBatch:
+        async def batch_request(self, batch: Batch) -> list[Response]:
+            if any(r.prompt == "bad" for r in batch.requests):
+                raise ValueError("bad chunk")
+            return [Response(data=[r.prompt + "!"]) for r in batch.requests]
+
+    batch = Batch([Request("good", 2, "a", "ns"), Request("bad", 1, "b", "ns"),
+                   Request("fine", 1, "c", "ns")])
+    got = await LocalCalls(Picky(), per_call=2).batch_request(batch)
+    assert got[0].data == ["good!", "good!"] and got[0].duplicated == [False, False]
+    assert isinstance(got[1], ValueError) and got[2].data == ["fine!"], got
+    assert Picky.peak == 2
+    # in calls of 2 samples: [good, good] is kept, [bad, fine] fails as one call
+    got = await LocalCalls(PickyBatch(), per_call=2).batch_request(batch)
+    assert got[0].data == ["good!", "good!"]
+    assert [str(g) for g in got[1:]] == ["bad chunk", "bad chunk"]
+
+
 async def test_a_hash_callable_replaces_the_prompt_key(redis_url, keys):
     model = Recorder()
 

@@ -16,6 +16,7 @@ import pytest
 from cachesaver_dist import protocol
 from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
+    CONSUMER_GROUP,
     Keys,
     WorkItem,
     arq_deserialize,
@@ -485,5 +486,11 @@ async def test_withdraw_deletes_only_the_claims_of_requests_that_gave_up(r):
     assert await r.hkeys(KEYS.waiters("k1")) == [b"d:u2"]
     [again] = await reserve(r, KEYS, "e", [item("u3", ns="third", n=1)])
     assert again.flags == "g"  # a released index is claimed by the next request that needs it
+    # an entry a batch worker was handed (alive or not) is its to finish: left alone
+    stream = KEYS.work_stream("sim:x")
+    await r.xgroup_create(stream, CONSUMER_GROUP, id="0")
+    await r.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"}, count=10)
+    assert await withdraw(r, KEYS, "sim:x", "k1", ["e:u3"], [0]) == (0, 0)
+    assert ("k1", "0") in await stream_entries(r)
     with pytest.raises(ProtocolError):
         claimed_indices(b"zero|gg")

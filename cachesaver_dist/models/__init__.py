@@ -219,33 +219,55 @@ class LocalCalls(BatchRequestModel):
     def __init__(self, model: Any, per_call: int) -> None:
         self.model, self.per_call = model, per_call
 
-    async def batch_request(self, batch: Batch) -> list[Response]:
+    async def batch_request(self, batch: Batch) -> list[Any]:
+        """A ``Response`` per request, or the exception of its failed call (each request
+        fails alone, as ``generate`` expects)."""
         singles = [dataclasses.replace(r, n=1) for r in batch.requests for _ in range(r.n)]
+        got: list[Any] = []
         if callable(getattr(self.model, "batch_request", None)):
-            got: list[Any] = []
             for i in range(0, len(singles), self.per_call):
                 chunk = singles[i:i + self.per_call]
-                answers = list(await self.model.batch_request(Batch(chunk)))
-                if len(answers) != len(chunk):
-                    raise ModelError(f"batch_request returned {len(answers)} responses for "
-                                     f"{len(chunk)} requests")
+                try:
+                    answers = list(await self.model.batch_request(Batch(chunk)))
+                    if len(answers) != len(chunk):
+                        raise ModelError(f"batch_request returned {len(answers)} responses "
+                                         f"for {len(chunk)} requests")
+                except Exception as exc:
+                    answers = [exc] * len(chunk)
                 got += answers
         else:
-            got = list(await asyncio.gather(*(self.model.request(r) for r in singles)))
-        out, at = [], 0
+            slots = asyncio.Semaphore(self.per_call)
+
+            async def one(request: Request) -> Any:
+                async with slots:
+                    return await self.model.request(request)
+
+            got = list(await asyncio.gather(*(one(r) for r in singles), return_exceptions=True))
+        out: list[Any] = []
+        at = 0
         for r in batch.requests:
-            data, meta = [], []
-            for answer in got[at:at + r.n]:
-                one = getattr(answer, "data", None)
-                if not isinstance(one, list) or len(one) != 1:
-                    raise ModelError(f"model returned {one!r:.80} for a request of n=1; it "
-                                     "must return Response(data=[sample])")
-                data.append(one[0])
-                meta.append({**((getattr(answer, "metadata", None) or [None])[0] or {}),
-                             "call_first": True})
-            out.append(Response(data, [False] * r.n, [False] * r.n, meta))
+            out.append(_one_sample_each(got[at:at + r.n], r.n))
             at += r.n
         return out
+
+
+def _one_sample_each(answers: list[Any], n: int) -> Any:
+    """The ``n`` one-sample answers of a request as one ``Response``, or the first
+    failure among them."""
+    data, meta = [], []
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, Exception):
+                raise answer
+            return answer
+        one = getattr(answer, "data", None)
+        if not isinstance(one, list) or len(one) != 1:
+            return ModelError(f"model returned {one!r:.80} for a request of n=1; it must "
+                              "return Response(data=[sample])")
+        data.append(one[0])
+        meta.append({**((getattr(answer, "metadata", None) or [None])[0] or {}),
+                     "call_first": True})
+    return Response(data, [False] * n, [False] * n, meta)
 
 
 def _samples(result: Any, n: int) -> list[bytes] | Exception:

@@ -172,8 +172,9 @@ class DropinModel(SingleRequestModel):
         fields = request.model_fields()
         key = _lent_key(self.model, fields)
         extras: dict[str, Any] = {}
-        if core.lent:  # arguments outside the key of a caller in this process
-            waiting = core.lent.get(key)
+        if core.lent:  # arguments outside the key of a caller in this process: its own
+            # call, else (sample i > 0 of a seeded request) one of the same prompt
+            waiting = core.lent.get(prompt_key(self.model, fields)) or core.lent.get(key)
             extras = waiting[0] if waiting else {}
         kwargs = {k: v for k, v in fields.items() if k != "prompt" and v is not None}
         create = _walk(core.sdk, core.format.path).create
@@ -327,9 +328,11 @@ class _Core:
             request_id=request_id if request_id is not None else f"{next(self._ids):012d}",
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
-        if extras:
-            key = _lent_key(api.model_id, request.model_fields())
-            self.lent.setdefault(key, []).append(extras)
+        if extras:  # under its key, and its key without the seed (_lent_key)
+            lent_keys = {prompt_key(api.model_id, request.model_fields()),
+                         _lent_key(api.model_id, request.model_fields())}
+            for key in lent_keys:
+                self.lent.setdefault(key, []).append(extras)
         try:
             response = await api.request(request)
         except GenerationError as exc:
@@ -339,7 +342,7 @@ class _Core:
                 raise sdk_error[0] from None  # that failure: as the SDK raises it
             raise
         finally:
-            if extras:
+            for key in lent_keys if extras else ():
                 waiting = self.lent[key]
                 waiting.remove(extras)
                 if not waiting:
