@@ -330,10 +330,11 @@ class CacheClient:
                                     CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
-        if missing:  # what they asked for is taken back
-            await take_back(self.redis, self.keys, self.client_id, batch,
-                            self._queued.get(batch, []),
-                            [it for it in pending if it.route in missing])
+        if missing:  # what they asked for is taken back (the jobs: if all of it fails)
+            failing = [it for it in pending if it.route in missing]
+            jobs = self._queued.get(batch, []) if "cache" in missing or \
+                len(failing) == len(pending) else []
+            await take_back(self.redis, self.keys, self.client_id, batch, jobs, failing)
         for it in pending:
             hint = missing.get("cache") or missing.get(it.route)
             if hint:

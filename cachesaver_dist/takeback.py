@@ -21,9 +21,10 @@ TAKE_BACK_WAIT_S = 2.0
 async def take_back(redis: Any, keys: Keys, client: str, batch: str, jobs: list[str],
                     items: list[WorkItem]) -> None:
     """Best effort, for a batch of ``client`` that failed for want of a worker: its
-    queued ``jobs`` leave the queue (a cache worker that takes one later would reserve,
-    and claim, for requests that gave up), then the claims of ``items`` (those whose
-    model no batch worker serves) are withdrawn. Not for a named ACL user: its role's
+    queued ``jobs`` (given when none of the batch is still wanted) leave the queue (a
+    cache worker that takes one later would reserve, and claim, for requests that gave
+    up), then the claims of ``items`` (those whose model no batch worker serves) are
+    withdrawn. Not for a named ACL user: its role's
     rules do not allow it."""
     if _acl_user(redis):
         return
