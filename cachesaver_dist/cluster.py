@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import socket
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.exceptions import ResponseError
 
+from .heartbeat import server_ms
 from .protocol import CONSUMER_GROUP, Keys
 
 CACHE_ROUTE = "cache"
@@ -79,7 +79,7 @@ def _routes(found: set[str]) -> list[str]:
 async def read_state(redis: Any, keys: Keys, routes: list[str] | tuple[str, ...]
                      ) -> ClusterState:
     """Queue depth, dead letters, and each route's live workers (and stream lag)."""
-    now_ms = int(time.time() * 1000)
+    now_ms = await server_ms(redis)
     pipe = redis.pipeline(transaction=False)
     pipe.zcard(keys.cache_queue)
     pipe.xlen(keys.dead_letters)
@@ -135,7 +135,7 @@ def _parse_name(name: str) -> str:
 
 async def live_worker_names(redis: Any, keys: Keys, route: str) -> list[str]:
     """Names of the workers of ``route`` whose heartbeat has not run out."""
-    raw = await redis.zrangebyscore(keys.workers(route), int(time.time() * 1000), "+inf")
+    raw = await redis.zrangebyscore(keys.workers(route), await server_ms(redis), "+inf")
     return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in raw]
 
 

@@ -3,6 +3,9 @@
 Each worker keeps its name in a sorted set per route, scored with the time (ms) until
 which it promises to be alive; a client asks ``alive_workers`` when a request waits
 too long, and fails fast, naming the missing worker, when there is none.
+
+Every time here is the Redis server's (``server_ms``): hosts whose clocks disagree
+still agree on which workers are alive.
 """
 
 from __future__ import annotations
@@ -16,12 +19,30 @@ import time
 import uuid
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from . import defaults
 from .protocol import Keys
 
 log = logging.getLogger("cachesaver_dist.workers")
+
+
+_LOCAL_CLOCK = {"warned": False}
+
+
+async def server_ms(redis: Any) -> int:
+    """The Redis server's clock, in ms (``TIME``). A user refused TIME (an ACL file from
+    before it was granted) gets this host's clock, with one warning naming the fix."""
+    try:
+        seconds, micros = await redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+    except NoPermissionError:
+        if not _LOCAL_CLOCK["warned"]:
+            _LOCAL_CLOCK["warned"] = True
+            log.warning("this Redis user may not run TIME: worker heartbeats are judged by "
+                        "this host's clock, which other hosts' clocks may not match; grant "
+                        "the user +time (see ops/acl.conf)")
+        return int(time.time() * 1000)
 
 
 def worker_name() -> str:
@@ -31,7 +52,7 @@ def worker_name() -> str:
 
 async def beat(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> None:
     """Say once that ``name`` serves ``routes`` for three heartbeat periods."""
-    now_ms = int(time.time() * 1000)
+    now_ms = await server_ms(redis)
     ttl_ms = int(defaults.HEARTBEAT_S * 3000)
     pipe = redis.pipeline(transaction=False)
     for route in routes:
@@ -72,14 +93,17 @@ async def retire(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> 
     """Shorten ``name``'s promise to ``RESTART_GRACE_S`` from now (best effort, bounded):
     a request waiting through a restart (stop, then start) waits for the replacement
     instead of failing; with no replacement, it fails at its first re-ask after that."""
-    deadline_ms = int((time.time() + RESTART_GRACE_S) * 1000)
-    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+    async def shorten() -> None:
+        deadline_ms = await server_ms(redis) + int(RESTART_GRACE_S * 1000)
         pipe = redis.pipeline(transaction=False)
         for route in routes:
             pipe.zadd(keys.workers(route), {name: deadline_ms}, xx=True)
-        await asyncio.wait_for(pipe.execute(), 1.0)
+        await pipe.execute()
+
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(shorten(), 1.0)
 
 
 async def alive_workers(redis: Any, keys: Keys, route: str) -> int:
     """How many workers serving ``route`` beat recently."""
-    return int(await redis.zcount(keys.workers(route), int(time.time() * 1000), "+inf"))
+    return int(await redis.zcount(keys.workers(route), await server_ms(redis), "+inf"))

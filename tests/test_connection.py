@@ -175,3 +175,23 @@ async def test_a_redis_that_stops_answering_fails_requests_at_request_timeout(tm
                 await api.request(Request("anyone?", 1, "q1", "ns"))
     finally:
         server.stop()
+
+
+async def test_a_user_refused_time_judges_heartbeats_by_its_own_clock(caplog):
+    """An ACL file from before TIME was granted: this host's clock, one warning naming
+    the fix, not a failure."""
+    from redis.exceptions import NoPermissionError
+
+    from cachesaver_dist import heartbeat
+
+    class Refused:
+        async def time(self) -> None:
+            raise NoPermissionError("this user has no permissions to run the 'time' command")
+
+    heartbeat._LOCAL_CLOCK["warned"] = False
+    with caplog.at_level("WARNING", logger="cachesaver_dist.workers"):
+        first = await heartbeat.server_ms(Refused())
+        await heartbeat.server_ms(Refused())
+    assert abs(first - time.time() * 1000) < 5_000
+    warnings = [r.getMessage() for r in caplog.records if "TIME" in r.getMessage()]
+    assert len(warnings) == 1 and "+time" in warnings[0], warnings

@@ -153,3 +153,31 @@ def test_killed_cache_worker_requests_still_complete(redis_url, keys, processes)
     results = collect(clients, timeout=90)
     assert [len(r) for r in results] == [80, 80]
     check_invariants(list(zip(["a", "b"], results)), redis_url, keys, counter)
+
+
+async def test_hosts_whose_clocks_disagree_agree_on_live_workers(redis_url, keys, processes,
+                                                                 monkeypatch):
+    """Heartbeats are written and judged by the server's clock: a client host a minute
+    ahead still sees a live cache worker process (it would fail every request fast), and a
+    worker host a minute behind is still seen alive (its promise would have run out)."""
+    from redis.asyncio import Redis
+
+    from cachesaver_dist import cluster, heartbeat
+
+    processes.cli("worker", "cache", name="cache")
+    processes.wait_alive("cache")
+    real = time.time
+    client = Redis.from_url(redis_url)
+    try:
+        monkeypatch.setattr(heartbeat.time, "time", lambda: real() + 60)
+        assert await heartbeat.alive_workers(client, keys, "cache") == 1
+        state = await cluster.read_state(client, keys, ["cache"])
+        assert state.routes[0].workers == 1
+        assert len(await cluster.live_worker_names(client, keys, "cache")) == 1
+
+        monkeypatch.setattr(heartbeat.time, "time", lambda: real() - 60)
+        await heartbeat.beat(client, keys, ("sim:late",), "late-host-1-abc")
+        monkeypatch.setattr(heartbeat.time, "time", real)
+        assert await heartbeat.alive_workers(client, keys, "sim:late") == 1
+    finally:
+        await client.aclose()
