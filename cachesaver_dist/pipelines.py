@@ -51,9 +51,13 @@ class OnlineAPI:
     serves. ``cache`` is a Redis URL, a ``redis.asyncio.Redis``, or ``None``
     (``REDIS_URL``, else a private server persisting to ``data_dir``). ``prefix`` and
     ``data_dir`` default to ``CACHESAVER_PREFIX`` and ``CACHESAVER_DATA_DIR``, as in
-    the CLI. Concurrent ``request()`` calls are sent together: at once when no batch
-    is in flight, else after up to ``timeout`` seconds or when ``batch_size`` requests
-    are waiting. ``run`` scopes the namespace counters (``None``: a fresh run, so
+    the CLI. Concurrent ``request()`` calls are sent together, as in the original: a
+    batch goes when ``batch_size`` requests wait or ``timeout`` seconds after its first
+    one, so requests that arrive within that window are ordered by ``request_id``
+    whatever their arrival order. ``eager=True``: a request made while no batch is in
+    flight goes at the next loop turn instead (lower latency for lone requests; requests
+    a few ms apart may then fall into different batches, ordered by arrival; the drop-in
+    clients work so). ``run`` scopes the namespace counters (``None``: a fresh run, so
     samples are re-read from index 0).
 
     As in the original CacheSaver: ``hash`` (a callable ``Request -> str``) replaces the
@@ -106,6 +110,7 @@ class OnlineAPI:
         replay: str | None = None,
         direct: bool | None = None,
         wait_replicas: int | None = None,
+        eager: bool = False,
     ) -> None:
         if correctness:
             raise InvalidRequestError(
@@ -165,7 +170,7 @@ class OnlineAPI:
             run = replay
         self.replay, self.manifest, self.direct = replay, bool(manifest), bool(direct)
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
-        self.batch_size, self.timeout = batch_size, timeout
+        self.batch_size, self.timeout, self.eager = batch_size, timeout, bool(eager)
         self.allow_batch_overflow = allow_batch_overflow  # no effect: see the class docstring
         self._hash, self._model_batch_size = hash, model_batch_size
         self.keys = Keys(check_text(prefix if prefix is not None else defaults.prefix(),
@@ -307,9 +312,9 @@ class OnlineAPI:
         if len(self._pending) >= self.batch_size:
             self._flush()
         elif self._flush_timer is None:
-            # Idle: send at the next loop turn (requests made together still share a
-            # batch). Busy: wait up to ``timeout`` for the batch to fill.
-            delay = self.timeout if self._batches_in_flight else 0
+            # Wait up to ``timeout`` for the batch to fill; eager and idle: send at the
+            # next loop turn (requests made together still share a batch).
+            delay = 0 if self.eager and not self._batches_in_flight else self.timeout
             self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
         return await future
 

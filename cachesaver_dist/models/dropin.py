@@ -392,7 +392,7 @@ class _Core:
                         timeout=self._batch_timeout, prefix=self._prefix,
                         request_timeout=self._request_timeout,
                         max_prompt_bytes=self._max_prompt_bytes, direct=self.direct,
-                        wait_replicas=self.wait_replicas)
+                        wait_replicas=self.wait_replicas, eager=True)
         await api.start()
         return api
 
