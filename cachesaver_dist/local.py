@@ -12,7 +12,8 @@ from .pipelines import OnlineAPI, check_counts
 from .typedefs import Request
 
 
-def _local_model(model: Any, per_call: int, options: dict[str, Any]) -> Any:
+def _local_model(model: Any, per_call: int, options: dict[str, Any], *,
+                 deduplicated: bool = False) -> Any:
     """A model object called as the original's local pipelines call it (``LocalCalls``),
     keeping its own identity; a model name is left as it is."""
     if isinstance(model, str):
@@ -20,7 +21,7 @@ def _local_model(model: Any, per_call: int, options: dict[str, Any]) -> Any:
     check_model(model, type(model).__name__)
     check_counts(requests_per_model_call=per_call)
     options["model_id"] = options.get("model_id") or model_identity(model)
-    return LocalCalls(model, per_call)
+    return LocalCalls(model, per_call, deduplicated=deduplicated)
 
 
 class LocalAPI(OnlineAPI):
@@ -42,13 +43,14 @@ class OrderedLocalAPI(OnlineAPI):
     """The original's ordered pipeline for local models, with its signature: requests are
     collected in batches of ``collection_batch_size`` and ordered by ``request_id``; the
     model gets ``batch_request()`` calls of at most ``hardware_batch_size`` requests of
-    one sample each, as in the original."""
+    one sample each, as in the original. Its flags are the original's too: a prompt's
+    requests in flight are merged, so its samples after the first are ``duplicated``."""
 
     def __init__(self, model: Any, cache: Any = None,
                  collection_batch_size: int = defaults.BATCH_SIZE,
                  hardware_batch_size: int = defaults.BATCH_SIZE,
                  timeout: float | None = defaults.BATCH_TIMEOUT_S,
                  allow_batch_overflow: bool = False, **options: Any) -> None:
-        super().__init__(_local_model(model, hardware_batch_size, options), cache,
-                         collection_batch_size, None, timeout, allow_batch_overflow,
+        super().__init__(_local_model(model, hardware_batch_size, options, deduplicated=True),
+                         cache, collection_batch_size, None, timeout, allow_batch_overflow,
                          model_batch_size=hardware_batch_size, **options)

@@ -194,6 +194,24 @@ async def test_a_fixed_seed_gives_each_index_its_own_derived_seed(redis_url, key
 # --- the original's other entry points ------------------------------------------------------
 
 
+async def test_requests_within_the_window_are_ordered_by_request_id(redis_url, keys):
+    """As in the original, a batch goes ``timeout`` seconds after its first request:
+    requests a few ms apart get their samples in ``request_id`` order whatever order they
+    arrive in. ``eager=True`` sends a request made while none is in flight at once."""
+    delays = {"a": 0.002, "b": 0.0, "c": 0.001}
+
+    async def ask(pipe, rid, ns):
+        await asyncio.sleep(delays[rid])
+        r = await pipe.request(Request("p", 1, rid, ns))
+        return rid, r.metadata[0]["index"]
+
+    for eager, order in ((False, "abc"), (True, "bac")):
+        async with api(Recorder(), redis_url, keys, batch_size=8, timeout=0.5,
+                       eager=eager) as pipe:
+            got = dict(await asyncio.gather(*(ask(pipe, rid, f"ns{eager}") for rid in delays)))
+        assert got == {rid: i for i, rid in enumerate(order)}, (eager, got)
+
+
 class OneSampleModel:
     """A local model written for the original's ``LocalAPI``: one sample per request
     (``n`` is not read), and a ``request()`` the local pipelines must not use."""
@@ -237,6 +255,27 @@ async def test_local_apis_call_the_model_as_the_original_does(redis_url, keys):
     assert max(len(c) for c in model.calls) <= 2  # the hardware batch size bounds a call
     assert all(n == 1 for c in model.calls for _, n in c)
     assert ordered.model_id == "local-one"  # the model's own identity, not the wrapper's
+
+
+async def test_ordered_local_api_flags_a_prompts_later_samples_as_the_original(redis_url,
+                                                                             keys):
+    """The original's OrderedLocalAPI deduplicates: a request's second sample, and the
+    samples of identical requests in flight after the first, are ``duplicated``;
+    LocalAPI (no deduplicator) flags none."""
+    ordered = OrderedLocalAPI(OneSampleModel(), redis_url, collection_batch_size=8,
+                              hardware_batch_size=3, timeout=0.05, prefix=keys.prefix)
+    async with ordered:
+        r = await ordered.request(Request("p", 2, "a", "ns"))
+        rs = await asyncio.gather(*(ordered.request(Request("q", 1, str(i), "ns"))
+                                    for i in range(5)))
+    assert (r.cached, r.duplicated) == ([False, False], [False, True])
+    assert [x.duplicated[0] for x in rs] == [False, True, True, True, True]
+    assert [x.cached[0] for x in rs] == [False] * 5 and len({x.data[0] for x in rs}) == 5
+    async with api(OneSampleModel(), redis_url, keys, LocalAPI, batch_size=8,
+                   timeout=0.05) as local:
+        rs = await asyncio.gather(*(local.request(Request("q2", 1, str(i), "ns"))
+                                    for i in range(5)))
+    assert [x.duplicated[0] for x in rs] == [False] * 5
 
 
 async def test_a_local_models_failing_call_fails_only_its_requests():

@@ -212,12 +212,14 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
 
 
 class LocalCalls(BatchRequestModel):
-    """A local model called as the original's ``LocalAPI`` calls it: ``batch_request()``
+    """A local model called as the original's local pipelines call it: ``batch_request()``
     (else ``request()``) with one sample per request, at most ``per_call`` requests per
-    call; every sample is then the first of its call (never ``duplicated``)."""
+    call. Every sample is then the first of its call (never ``duplicated``), as in
+    ``LocalAPI``; ``deduplicated``: as in ``OrderedLocalAPI``, whose deduplicator merges a
+    prompt's requests, the samples of one prompt after its first are ``duplicated``."""
 
-    def __init__(self, model: Any, per_call: int) -> None:
-        self.model, self.per_call = model, per_call
+    def __init__(self, model: Any, per_call: int, *, deduplicated: bool = False) -> None:
+        self.model, self.per_call, self.deduplicated = model, per_call, deduplicated
 
     async def batch_request(self, batch: Batch) -> list[Any]:
         """A ``Response`` per request, or the exception of its failed call (each request
@@ -246,16 +248,16 @@ class LocalCalls(BatchRequestModel):
         out: list[Any] = []
         at = 0
         for r in batch.requests:
-            out.append(_one_sample_each(got[at:at + r.n], r.n))
+            out.append(_one_sample_each(got[at:at + r.n], r.n, self.deduplicated))
             at += r.n
         return out
 
 
-def _one_sample_each(answers: list[Any], n: int) -> Any:
+def _one_sample_each(answers: list[Any], n: int, deduplicated: bool) -> Any:
     """The ``n`` one-sample answers of a request as one ``Response``, or the first
-    failure among them."""
+    failure among them; with ``deduplicated``, only the first opened a call."""
     data, meta = [], []
-    for answer in answers:
+    for i, answer in enumerate(answers):
         if isinstance(answer, BaseException):
             if not isinstance(answer, Exception):
                 raise answer
@@ -266,7 +268,7 @@ def _one_sample_each(answers: list[Any], n: int) -> Any:
                               "return Response(data=[sample])")
         data.append(one[0])
         meta.append({**((getattr(answer, "metadata", None) or [None])[0] or {}),
-                     "call_first": True})
+                     "call_first": i == 0 or not deduplicated})
     return Response(data, [False] * n, [False] * n, meta)
 
 
