@@ -494,3 +494,20 @@ async def test_withdraw_deletes_only_the_claims_of_requests_that_gave_up(r):
     assert ("k1", "0") in await stream_entries(r)
     with pytest.raises(ProtocolError):
         claimed_indices(b"zero|gg")
+
+
+async def test_a_time_to_live_redis_cannot_keep_is_refused_before_anything_is_written(
+        redis, keys):
+    """A PEXPIRE refused after a script's writes would leave them without expiry (a claim
+    with no work queued: its prompt would wait for ever): the scripts check first."""
+    from cachesaver_dist import runs
+
+    with pytest.raises(Exception, match="run's time to live") as info:
+        await reserve(redis, keys, "c", [item("u1")], run_ttl_s=10**20)
+    assert "nothing was written" in str(info.value)
+    assert await redis.keys(f"{keys.prefix}*") == []
+    await reserve(redis, keys, "c", [item("u1")])  # run "run" now has counters
+    with pytest.raises(Exception, match="time to live"):
+        await runs.fork(redis, keys, "run", "new", run_ttl_s=10**20)
+    assert not await redis.exists(keys.usage("new"))
+    assert await redis.zscore(keys.runs, "new") is None

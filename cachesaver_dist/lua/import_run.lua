@@ -9,7 +9,9 @@
 -- is added to the run index.
 -- Returns {written, present, {field...} of the disagreeing manifest entries}.
 local key, runs = KEYS[1], KEYS[2]
-local kind, run, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- #include ttl
+local kind, run, now = ARGV[1], ARGV[2], ARGV[3]
+local ttl = ttl_ms(ARGV[4], 'the run\'s time to live (--run-ttl)', 0)
 local written, present, differ = 0, 0, {}
 for i = 5, #ARGV, 2 do
   local field, value = ARGV[i], ARGV[i + 1]

@@ -46,9 +46,11 @@
 -- no prompt): the first request that would claim without a spec is left untouched,
 -- and stopped_at is its 0-based position (-1 when all were reserved); the caller sends
 -- that request and those after it again, with their specs.
-local reservation_ttl = tonumber(ARGV[1])
-local usage_ttl = tonumber(ARGV[2])
-local in_progress_ms, njobs = ARGV[3], tonumber(ARGV[5])
+-- #include ttl
+local reservation_ttl = ttl_ms(ARGV[1], 'the reservation records\' time to live', 1)
+local usage_ttl = ttl_ms(ARGV[2], 'the run\'s time to live (--run-ttl, run_ttl_s)', 1)
+local in_progress_ms = ttl_ms(ARGV[3], 'the in-progress timeout', 1)
+local njobs = tonumber(ARGV[5])
 local held = {}
 for j = 1, njobs do
   local in_progress, tries = KEYS[j * 3 - 1], KEYS[j * 3 + 1]
