@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import shlex
 import sys
 import time
@@ -39,7 +40,7 @@ from .errors import (
     redis_message,
     refused,
 )
-from .heartbeat import alive_workers
+from .heartbeat import REGISTRY_KEPT_S, alive_workers
 from .protocol import (
     ARQ_JOB,
     CacheJob,
@@ -66,6 +67,9 @@ MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue a
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
+# Workers register again within one heartbeat: an empty registry, when workers answered
+# this client lately, is waited out this long (Redis restarted without its data).
+REGISTRY_LOST_GRACE_S = 3 * defaults.HEARTBEAT_S
 
 
 class CacheClient:
@@ -96,6 +100,8 @@ class CacheClient:
         self._tally: Tally = {}
         self._accounting: asyncio.Task | None = None
         self._closing = asyncio.Event()
+        self._replied_at = -math.inf  # when a reply last came (monotonic)
+        self._lost_since: dict[str, float] = {}  # route -> its registry found gone
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
@@ -125,6 +131,7 @@ class CacheClient:
             replies.complete.cancel()
 
     def _deliver(self, replies: list[dict[str, Any]]) -> None:
+        self._replied_at = time.monotonic()
         for reply in replies:
             batch = self._waiting.get(reply["id"])
             if batch is not None:
@@ -330,6 +337,8 @@ class CacheClient:
                                     CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
+        if missing:
+            missing = await self._unless_registry_lost(missing)
         if missing:  # what they asked for is taken back (the jobs: if all of it fails)
             failing = [it for it in pending if it.route in missing]
             jobs = self._queued.get(batch, []) if "cache" in missing or \
@@ -339,6 +348,32 @@ class CacheClient:
             hint = missing.get("cache") or missing.get(it.route)
             if hint:
                 replies.put(it.uuid, NoWorkerError(f"{hint} ({describe(it)})"))
+
+    async def _unless_registry_lost(self, missing: dict[str, str]) -> dict[str, str]:
+        """``missing`` without the routes whose registry is gone altogether although
+        workers answered this client lately: Redis restarted without its data, and its
+        workers register again at their next heartbeat. They are waited for up to
+        ``REGISTRY_LOST_GRACE_S``; a registry that holds only stale workers is not."""
+        now = time.monotonic()
+        for route in list(self._lost_since):
+            if route not in missing:
+                del self._lost_since[route]
+        if now - self._replied_at > REGISTRY_KEPT_S:  # it may have expired meanwhile
+            return missing
+        out = {}
+        for route, hint in missing.items():
+            if await self.redis.zcount(self.keys.workers(route), "-inf", "+inf"):
+                out[route] = hint  # its workers stopped beating: they are gone
+                continue
+            since = self._lost_since.setdefault(route, now)
+            if since == now:
+                log.warning("no worker is registered for %s although workers answered "
+                            "lately: Redis may have restarted without its data; waiting up "
+                            "to %g s for its workers to register again", route,
+                            REGISTRY_LOST_GRACE_S)
+            if now - since >= REGISTRY_LOST_GRACE_S:
+                out[route] = hint
+        return out
 
     async def _missing_workers(self, routes: set[str]) -> dict[str, str]:
         """route (or "cache") -> what to start, for each one no live worker serves."""

@@ -27,6 +27,7 @@ from .protocol import Keys
 log = logging.getLogger("cachesaver_dist.workers")
 
 
+REGISTRY_KEPT_S = 12 * defaults.HEARTBEAT_S  # a route's registry outlives its last beat
 _LOCAL_CLOCK = {"warned": False}
 
 
@@ -54,12 +55,13 @@ async def beat(redis: Any, keys: Keys, routes: tuple[str, ...], name: str) -> No
     """Say once that ``name`` serves ``routes`` for three heartbeat periods."""
     now_ms = await server_ms(redis)
     ttl_ms = int(defaults.HEARTBEAT_S * 3000)
+    kept_ms = int(REGISTRY_KEPT_S * 1000)
     pipe = redis.pipeline(transaction=False)
     for route in routes:
         key = keys.workers(route)
         pipe.zadd(key, {name: now_ms + ttl_ms})
         pipe.zremrangebyscore(key, "-inf", now_ms)
-        pipe.pexpire(key, ttl_ms * 4)
+        pipe.pexpire(key, kept_ms)
     await pipe.execute()
 
 

@@ -6,6 +6,7 @@ Real Redis, real OS processes. Every process is bounded in time and stopped by t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -181,3 +182,29 @@ async def test_hosts_whose_clocks_disagree_agree_on_live_workers(redis_url, keys
         assert await heartbeat.alive_workers(client, keys, "sim:late") == 1
     finally:
         await client.aclose()
+
+
+async def test_a_registry_lost_with_redis_data_is_waited_for_not_reported(redis_url, keys,
+                                                                          processes):
+    """Redis restarted without its data loses the workers' registry too; they register
+    again at their next heartbeat. A client they answered lately waits for that instead
+    of telling the operator to start workers that are running."""
+    from cachesaver_dist import OnlineAPI, Request
+
+    start_pool(processes, cache_workers=1)
+    cache_worker = next(p for p in processes.procs if "cache" in p.log_path)
+    async with OnlineAPI(MODEL, cache=redis_url, prefix=keys.prefix, reply_timeout=0.3,
+                         request_timeout=60) as api:
+        first = await api.request(Request("lost registry", 1, "r1", "a"))
+        cache_worker.send_signal(signal.SIGSTOP)  # no reply, no heartbeat until resumed
+        try:
+            client = sync_redis.Redis.from_url(redis_url)
+            client.delete(keys.workers("cache"), keys.workers(MODEL))  # as a restart would
+            client.close()
+            asking = asyncio.ensure_future(api.request(Request("lost registry", 1, "r2", "b")))
+            await asyncio.sleep(2.0)  # several re-asks with an empty registry
+            assert not asking.done(), asking.exception()
+        finally:
+            cache_worker.send_signal(signal.SIGCONT)
+        again = await asyncio.wait_for(asking, 30)
+    assert again.data == first.data and again.cached == [True]
