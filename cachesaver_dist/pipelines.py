@@ -408,6 +408,16 @@ class OnlineAPI:
                     fut.set_exception(exc)
 
 
+def __getattr__(name: str) -> Any:
+    """``LocalAPI`` and ``OrderedLocalAPI``, importable from here as from the original's
+    ``cachesaver.pipelines`` (they live in ``local``, which builds on this module)."""
+    if name in ("LocalAPI", "OrderedLocalAPI"):
+        from . import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _empty() -> Response:
     """What ``n=0`` gets: nothing, and nothing is sent."""
     return Response(data=[], cached=[], duplicated=[], metadata=[])

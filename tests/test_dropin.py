@@ -30,6 +30,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from together.types.chat import ChatCompletion as TogetherCompletion
 from together.types.chat import ChatCompletionChunk as TogetherChunk
 
+from cachesaver_dist import defaults
 from cachesaver_dist.errors import InvalidRequestError
 from cachesaver_dist.models import derive_seed
 from cachesaver_dist.models.anthropic import Anthropic, AsyncAnthropic
@@ -147,6 +148,27 @@ def test_sync_openai_cache_across_namespaces(sim, opts, direct):
     assert not set(texts(later)) & (set(texts(first)) | set(texts(again)))
     client.close()
     assert sim.requests(model) == 3
+
+
+def test_the_original_clients_arguments_and_attributes(tmp_path):
+    """``cachedir=`` (the original's name for ``data_dir``) is taken, and ``namespace``,
+    ``batch_size`` and ``cachedir`` read back, on async and sync clients alike; our
+    arguments stay keywords (a positional one is the SDK's TypeError)."""
+    for cls in (AsyncOpenAI, OpenAI):
+        client = cls(namespace="n1", cachedir=str(tmp_path), batch_size=4, api_key="test")
+        assert (client.namespace, client.batch_size, client.cachedir) == (
+            "n1", 4, str(tmp_path))
+        assert cls(api_key="test").cachedir == str(defaults.data_dir())
+        if cls is OpenAI:
+            client.close()
+    with pytest.raises(TypeError):
+        AsyncOpenAI("n1", api_key="test")  # type: ignore[misc]
+    from cachesaver_dist import pipelines
+    from cachesaver_dist.local import LocalAPI, OrderedLocalAPI
+
+    assert (pipelines.LocalAPI, pipelines.OrderedLocalAPI) == (LocalAPI, OrderedLocalAPI)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pipelines.Nope  # noqa: B018
 
 
 async def test_together_clients(sim, opts):

@@ -257,10 +257,10 @@ class _Core:
         # One run for the client's life (all its models, and after close() too).
         self.run = check_run(run) if run is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.max_n = max_n or provider.max_n
-        self._batch_size, self._batch_timeout = batch_size, batch_timeout
+        self.batch_size, self._batch_timeout = batch_size, batch_timeout
         self._prefix, self._request_timeout = prefix, request_timeout
         self._max_prompt_bytes = max_prompt_bytes
-        self._cache, self._data_dir = cache, data_dir or defaults.data_dir()
+        self._cache, self.data_dir = cache, data_dir or defaults.data_dir()
         self._ids = itertools.count()
         self.lent: dict[str, list[dict[str, Any]]] = {}
         # the SDK's errors of the latest failed calls, per key, for their callers
@@ -388,7 +388,7 @@ class _Core:
         served = (pool_route(self.provider.name, model) if self.workers == "pool"
                   else DropinModel(self, model_id))
         api = OnlineAPI(served, cache=redis, run=self.run,
-                        model_id=model_id, batch_size=self._batch_size,
+                        model_id=model_id, batch_size=self.batch_size,
                         timeout=self._batch_timeout, prefix=self._prefix,
                         request_timeout=self._request_timeout,
                         max_prompt_bytes=self._max_prompt_bytes, direct=self.direct,
@@ -400,7 +400,7 @@ class _Core:
         if isinstance(self._cache, Redis):
             return self._cache
         url, self._server = await asyncio.to_thread(resolve_redis_url, self._cache,
-                                                    self._data_dir)
+                                                    self.data_dir)
         if self._server is not None and self.exit_hook is not None:
             atexit.register(self.exit_hook)  # atexit is last in, first out
         await check_reachable(url)
@@ -494,7 +494,26 @@ def _wrap(result: tuple[Any, Metadata | None, bool], stream_type: type) -> Any:
     return out if meta is None else (out, meta)
 
 
-class AsyncClient:
+class ClientSettings:
+    """The original clients' attributes: ``namespace``, ``batch_size``, ``cachedir``."""
+
+    _core: _Core
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    @property
+    def batch_size(self) -> int:
+        return self._core.batch_size
+
+    @property
+    def cachedir(self) -> str:
+        """Where the embedded server keeps its data (unused with a Redis URL)."""
+        return str(self._core.data_dir)
+
+
+class AsyncClient(ClientSettings):
     """Base of the async drop-in clients (``AsyncOpenAI``, ``AsyncAnthropic``, ...).
 
     Arguments: the SDK client's own (``api_key``, ``base_url``, ``timeout``,
@@ -506,7 +525,8 @@ class AsyncClient:
     ``max_prompt_bytes``, ``workers``: ``"local"`` (the provider is called from this
     process) or ``"pool"`` (batch workers started with ``--model dropin:<provider>:<model>``
     call it), ``direct`` (``OnlineAPI(direct=True)``: hits answered without the cache
-    worker hop) and ``wait_replicas`` (as ``OnlineAPI``'s). See ``docs/dropin.md``.
+    worker hop), ``wait_replicas`` (as ``OnlineAPI``'s) and ``cachedir`` (the original's
+    name for ``data_dir``). See ``docs/dropin.md``.
     """
 
     provider: ClassVar[Provider]
@@ -518,12 +538,12 @@ class AsyncClient:
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
                  direct: bool | None = None, wait_replicas: int | None = None,
-                 **sdk_options: Any) -> None:
+                 cachedir: str | None = None, **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
             cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
-            prefix=prefix, data_dir=data_dir, provider_id=provider_id, max_n=max_n,
-            request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
+            prefix=prefix, data_dir=data_dir or cachedir, provider_id=provider_id,
+            max_n=max_n, request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
             workers=workers, direct=direct, wait_replicas=wait_replicas)
 
         async def create(*, namespace: str | None = None, request_id: str | None = None,

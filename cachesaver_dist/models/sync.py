@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 
 from .. import defaults
 from ..errors import CacheSaverError
-from .dropin import CLOSE_WAIT_S, DEFAULT_REQUEST_TIMEOUT_S, Provider, _Core, _mount, _wrap
+from .dropin import (
+    CLOSE_WAIT_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    ClientSettings,
+    Provider,
+    _Core,
+    _mount,
+    _wrap,
+)
 
 __all__ = ["ChunkStream", "Client"]
 
@@ -83,7 +91,7 @@ def _shutdown(runner: _LoopThread, core: _Core) -> None:
         runner.stop()
 
 
-class Client:
+class Client(ClientSettings):
     """Base of the sync drop-in clients (``OpenAI``, ``Anthropic``, ...): the arguments of
     ``AsyncClient``. Calls run on the client's own event loop thread; an ``http_client``
     given goes only to the SDK client serving the attributes we do not wrap."""
@@ -97,12 +105,12 @@ class Client:
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
                  direct: bool | None = None, wait_replicas: int | None = None,
-                 **sdk_options: Any) -> None:
+                 cachedir: str | None = None, **sdk_options: Any) -> None:
         self._sdk_options = self.provider.sdk_kwargs(sdk_options)
         self._core = core = _Core(
             self.provider, {k: v for k, v in self._sdk_options.items() if k != "http_client"},
             namespace=namespace, cache=cache, run=run, batch_size=batch_size,
-            batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir,
+            batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir or cachedir,
             provider_id=provider_id, max_n=max_n, request_timeout=request_timeout,
             max_prompt_bytes=max_prompt_bytes, workers=workers, direct=direct,
             wait_replicas=wait_replicas)
