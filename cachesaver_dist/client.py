@@ -100,13 +100,13 @@ class CacheClient:
         self._tally: Tally = {}
         self._accounting: asyncio.Task | None = None
         self._closing = asyncio.Event()
-        self._replied_at = -math.inf  # when a reply last came (monotonic)
+        self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
         self._subscription = ReplySubscription(
-            self.redis, self.keys.reply_channel(self.client_id), self._deliver)
+            self.redis, self.keys.reply_channel(self.client_id), self._received)
         await self._subscription.start()
 
     async def close(self) -> None:
@@ -130,8 +130,12 @@ class CacheClient:
         for replies in self._waiting.values():
             replies.complete.cancel()
 
-    def _deliver(self, replies: list[dict[str, Any]]) -> None:
+    def _received(self, replies: list[dict[str, Any]]) -> None:
+        """Replies a worker sent."""
         self._replied_at = time.monotonic()
+        self._deliver(replies)
+
+    def _deliver(self, replies: list[dict[str, Any]]) -> None:
         for reply in replies:
             batch = self._waiting.get(reply["id"])
             if batch is not None:

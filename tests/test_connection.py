@@ -84,6 +84,9 @@ async def test_a_heartbeat_redis_does_not_answer_is_cut_off_and_sent_again(monke
         def pipeline(self, transaction: bool = False) -> Pipeline:
             return Pipeline()
 
+        async def time(self) -> tuple[int, int]:
+            return int(time.time()), 0
+
     task = heartbeat_loop(FrozenOnce(), Keys("hb:"), "cache", name="w")
     await asyncio.sleep(0.7)
     task.cancel()
