@@ -410,6 +410,53 @@ async def test_a_failing_request_fails_alone_and_names_itself(redis_url, keys):
     assert "request_id 'named'" in str(results[3])
 
 
+async def test_a_model_whose_methods_are_not_async_fails_its_requests_at_once(
+        redis_url, keys, monkeypatch):
+    """A ``def request`` (not ``async def``), one that raises before it could be awaited,
+    or a plain ``def batch_request``: the requests fail at once with a GenerationError
+    saying what to change, instead of waiting for ``request_timeout``; a model class
+    passed for a model object is refused when the pipeline is made."""
+    from workers import batch_worker
+
+    class Plain:
+        model = "plain"
+
+        def request(self, request):
+            return Response(data=["x"] * request.n)
+
+    class RaisesAtOnce:
+        model = "raises-at-once"
+
+        def request(self, request):
+            raise ValueError("boom")
+
+    class PlainBatch:
+        model = "plain-batch"
+
+        def batch_request(self, batch):
+            return [Response(data=["x"] * r.n) for r in batch.requests]
+
+    for model, says in ((Plain(), "Plain.request() returned Response, not an awaitable"),
+                        (RaisesAtOnce(), "boom"),
+                        (PlainBatch(), "PlainBatch.batch_request() returned list")):
+        async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, request_timeout=60,
+                             reply_timeout=1.0) as pipe:
+            with pytest.raises(GenerationError, match=re.escape(says)):
+                await asyncio.wait_for(pipe.request(Request("p", 2, "a", "ns")), 10)
+    async def broken(model, jobs):  # a failure of the call machinery itself
+        raise RuntimeError("the call broke")
+
+    monkeypatch.setattr(batch_worker, "generate", broken)
+    async with OnlineAPI(Plain(), cache=redis_url, prefix=keys.prefix, request_timeout=60,
+                         reply_timeout=1.0) as pipe:
+        with pytest.raises(GenerationError, match="the model call failed: RuntimeError: the "
+                                                  "call broke"):
+            await asyncio.wait_for(pipe.request(Request("q", 1, "a", "ns")), 10)
+    with pytest.raises(TypeError, match=r"is the class Plain, not a model object: pass an "
+                                        r"instance, Plain\(\.\.\.\)"):
+        OnlineAPI(Plain, cache=redis_url, prefix=keys.prefix)
+
+
 
 @pytest.mark.parametrize("extra", ["L" * 190 + ":", "пространство 🚀:", "with space:"])
 async def test_odd_prefixes_are_served_without_dead_letters(redis_url, keys, redis, extra):

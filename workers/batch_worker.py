@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cachesaver_dist import defaults, metrics
-from cachesaver_dist.errors import NotReplicatedError, ProtocolError, refused
+from cachesaver_dist.errors import ModelError, NotReplicatedError, ProtocolError, refused
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.models import Job, generate
 from cachesaver_dist.outbox import Outbox
@@ -330,6 +330,10 @@ class BatchWorker:
                 results = await generate(self.models[route], [
                     Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id)
                     for w in works])
+            except Exception as exc:  # a failure of the call itself: its requests fail
+                log.exception("%s: the model call failed", route)  # (their claims released)
+                results = [ModelError(f"the model call failed: {type(exc).__name__}: {exc}")
+                           ] * len(works)
             finally:  # the call slot is free; the entries stay leased until acknowledged
                 self._calling -= entries
                 self._slot_freed.set()

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import itertools
 import logging
 import uuid
@@ -112,6 +113,9 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
 
 
 def check_model(model: Any, name: str) -> None:
+    if isinstance(model, type):
+        raise TypeError(f"model {name!r} is the class {model.__name__}, not a model object: "
+                        f"pass an instance, {model.__name__}(...)")
     if not callable(getattr(model, "request", None)) and \
             not callable(getattr(model, "batch_request", None)):
         raise TypeError(
@@ -190,11 +194,11 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
     requests = [make_request(fields, len(indices), jobs[j].request_id, jobs[j].namespace)
                 for j, fields, indices in calls]
     if callable(getattr(model, "request", None)):
-        results = await asyncio.gather(*(model.request(r) for r in requests),
+        results = await asyncio.gather(*(awaited(model, "request", r) for r in requests),
                                        return_exceptions=True)
     else:
         try:
-            results = list(await model.batch_request(Batch(requests)))
+            results = list(await awaited(model, "batch_request", Batch(requests)))
         except Exception as exc:
             results = [exc] * len(requests)
         if len(results) != len(requests):
@@ -209,6 +213,17 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
             continue
         out[j] = samples if isinstance(samples, Exception) else prev + samples
     return out
+
+
+async def awaited(model: Any, method: str, argument: Any) -> Any:
+    """``await model.<method>(argument)``; a method that is not ``async def`` (it returned
+    something that cannot be awaited) is a ``ModelError`` saying so."""
+    result = getattr(model, method)(argument)
+    if not inspect.isawaitable(result):
+        raise ModelError(f"{type(model).__name__}.{method}() returned "
+                         f"{type(result).__name__}, not an awaitable: define it with "
+                         f"'async def'")
+    return await result
 
 
 class LocalCalls(BatchRequestModel):
@@ -230,7 +245,7 @@ class LocalCalls(BatchRequestModel):
             for i in range(0, len(singles), self.per_call):
                 chunk = singles[i:i + self.per_call]
                 try:
-                    answers = list(await self.model.batch_request(Batch(chunk)))
+                    answers = list(await awaited(self.model, "batch_request", Batch(chunk)))
                     if len(answers) != len(chunk):
                         raise ModelError(f"batch_request returned {len(answers)} responses "
                                          f"for {len(chunk)} requests")
@@ -242,7 +257,7 @@ class LocalCalls(BatchRequestModel):
 
             async def one(request: Request) -> Any:
                 async with slots:
-                    return await self.model.request(request)
+                    return await awaited(self.model, "request", request)
 
             got = list(await asyncio.gather(*(one(r) for r in singles), return_exceptions=True))
         out: list[Any] = []
