@@ -29,8 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
-from .errors import RedisUnavailableError
-from .urls import RedisURL, explain_failure, parse_url, safe_url
+from .errors import RedisRefusedError, RedisUnavailableError
+from .urls import RedisURL, explain_failure, parse_url, refused_login, safe_url
 
 __all__ = ["check_reachable", "connect", "connection_options", "connection_pool", "safe_url"]
 
@@ -240,7 +240,9 @@ async def check_reachable(url: str) -> None:
     """Fail fast, with a clear message, when nothing answers at ``url``: one attempt,
     bounded by the connect timeout (Sentinel: ask the sentinels, then ping the primary).
 
-    Raises ``RedisUnavailableError`` naming the URL (no password), the cause and a fix.
+    Raises ``RedisUnavailableError`` naming the URL (no password), the cause and a fix;
+    ``RedisRefusedError`` when the server answered and refused the login (a wrong
+    password or user, a user refused PING): asking again cannot help.
     """
     u = parse_url(url)
     timeout = u.options.get("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
@@ -258,7 +260,8 @@ async def check_reachable(url: str) -> None:
         if isinstance(pool, SentinelPool) and pool.master_address:
             where = "the primary {}:{} named by the sentinels".format(*pool.master_address)
         cause, fix = explain_failure(exc, u, where, timeout)
-        raise RedisUnavailableError(f"cannot reach Redis at {u.safe}: {cause}; {fix}") from exc
+        error = RedisRefusedError if refused_login(exc) else RedisUnavailableError
+        raise error(f"cannot reach Redis at {u.safe}: {cause}; {fix}") from exc
     finally:
         await probe.aclose()
 

@@ -20,7 +20,8 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import AuthenticationError, InvalidResponse, NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["ACCEPTED_FORMS", "RedisURL", "explain_failure", "parse_url", "safe_url"]
+__all__ = ["ACCEPTED_FORMS", "RedisURL", "explain_failure", "parse_url", "refused_login",
+           "safe_url"]
 
 ACCEPTED_FORMS = (
     "redis://[[user]:password@]host[:port][/db], "
@@ -231,14 +232,27 @@ def _set_db(url: str, options: dict[str, Any], db: str | None) -> None:
         options["db"] = int(db)
 
 
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """The exception and its causes."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def refused_login(exc: BaseException) -> bool:
+    """The server answered, and refused the URL's credentials or user (not worth retrying)."""
+    chain = _causes(exc)
+    return any(isinstance(e, (AuthenticationError, NoPermissionError)) for e in chain) or \
+        any(w in str(e) for e in chain for w in ("WRONGPASS", "NOAUTH", "NOPERM"))
+
+
 def explain_failure(exc: BaseException, u: RedisURL, where: str,
                     timeout: float) -> tuple[str, str]:
     """What a failed connection attempt to ``where`` (part of ``u``) means, and what to
     change: ``(cause, fix)``, in words."""
-    chain: list[BaseException] = []
-    while exc is not None and exc not in chain:  # the exception and its causes
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    chain = _causes(exc)
     text = " | ".join(str(e) for e in chain)
     low = text.lower()
 

@@ -39,7 +39,7 @@ from cachesaver_dist.connection import (
     connect,
     connection_pool,
 )
-from cachesaver_dist.errors import RedisUnavailableError
+from cachesaver_dist.errors import RedisRefusedError, RedisUnavailableError
 from cachesaver_dist.protocol import Keys
 from cachesaver_dist.server import find_server_binary
 from cachesaver_dist.urls import parse_url, safe_url
@@ -371,6 +371,19 @@ async def test_tls_against_a_plain_server_fails_within_the_connect_timeout(serve
 # --- unix socket -------------------------------------------------------------------------
 
 @processes
+async def test_a_refused_login_is_a_redis_refused_error(servers):
+    """As the README says: a wrong password or user is refused at once with
+    ``RedisRefusedError`` (asking again cannot help), from OnlineAPI as from the check."""
+    port = servers.redis("--requirepass", PASSWORD, name="password")
+    for url in (f"redis://:wrong@127.0.0.1:{port}/0", f"redis://nobody:x@127.0.0.1:{port}/0",
+                f"redis://127.0.0.1:{port}/0"):
+        with pytest.raises(RedisRefusedError, match="authentication failed") as err:
+            async with OnlineAPI(SimModel(), cache=url, prefix="refused:") as api:
+                await api.request(Request("p", 1, "a", "ns"))
+        assert "wrong" not in str(err.value), err.value  # no password in the message
+    await check_reachable(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+
+
 async def test_unix_socket_round_trip_and_cli_stats(servers, tmp_path):
     sock = str(tmp_path / "redis.sock")
     servers.redis("--unixsocket", sock, "--unixsocketperm", "700", name="unix", port=0,
@@ -649,7 +662,8 @@ async def test_sentinel_in_process_pubsub_arq_and_clear_errors(servers, tmp_path
          lambda m: f"authentication failed at the primary 127.0.0.1:{group.primary}" in m),
     ]
     for url, expected in cases:
-        with pytest.raises(RedisUnavailableError) as err:
+        refused = url.startswith("redis+sentinel://:wrong@")  # the primary refused the login
+        with pytest.raises(RedisRefusedError if refused else RedisUnavailableError) as err:
             await check_reachable(url)
         message = str(err.value)
         assert expected(message), message
