@@ -81,7 +81,8 @@ def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
                 await asyncio.wait_for(beating, defaults.HEARTBEAT_S)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:  # on a new connection
                 log.warning("heartbeat not written: %s",
-                            str(exc) or f"Redis did not answer in {defaults.HEARTBEAT_S:g} s")
+                            str(exc) or f"no answer from Redis within {defaults.HEARTBEAT_S:g} s "
+                            "(down, unreachable or overloaded?)")
                 pause = min(1.0, defaults.HEARTBEAT_S)
             await asyncio.sleep(pause)
 
