@@ -503,7 +503,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
                        "idempotent)")
     common(i)
     i.add_argument("file", help="the archive to read")
-    i.add_argument("--run-ttl", type=argtypes.count_or_zero, default=defaults.RUN_TTL_S,
+    i.add_argument("--run-ttl", type=argtypes.whole_seconds_or_zero, default=defaults.RUN_TTL_S,
                    help="seconds the imported runs' counters and manifests are kept idle; "
                         "0 keeps them without expiry (default: 7 days)")
     i.add_argument("--verify", action="store_true", help="only check the archive")

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"list start at once (default: {defaults.POLL_DELAY_S})")
     cache.add_argument("--max-jobs", type=argtypes.count, default=defaults.MAX_JOBS,
                        help=f"jobs at once (default: {defaults.MAX_JOBS})")
-    cache.add_argument("--run-ttl", type=argtypes.count, default=defaults.RUN_TTL_S,
+    cache.add_argument("--run-ttl", type=argtypes.whole_seconds, default=defaults.RUN_TTL_S,
                        help="seconds an idle run's counters are kept (default: 7 days)")
     metrics.add_arguments(cache)
     _wait_replicas(cache)
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"entries per read ({defaults.BATCH_SIZE})")
     batch.add_argument("--batch-wait", type=argtypes.seconds, default=defaults.BATCH_WAIT_S,
                        help=f"seconds to wait for a batch to fill ({defaults.BATCH_WAIT_S})")
-    batch.add_argument("--concurrency", type=argtypes.count, default=defaults.CONCURRENCY,
+    batch.add_argument("--concurrency", type=argtypes.count_up_to(argtypes.MAX_CONCURRENCY),
+                       default=defaults.CONCURRENCY,
                        help=f"generation work in flight at once ({defaults.CONCURRENCY})")
     batch.add_argument("--lease", type=argtypes.positive_seconds, default=defaults.LEASE_S,
                        help=f"seconds before a dead worker's work is taken over "
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: a reasoning workload, run three times")
     _common(demo)
-    demo.add_argument("--puzzles", type=argtypes.count, default=12, help="puzzles per pass (12)")
+    demo.add_argument("--puzzles", type=argtypes.count_up_to(10_000), default=12,
+                      help="puzzles per pass (12)")
     demo.add_argument("--latency", type=argtypes.seconds, default=0.05,
                       help="model latency, s (0.05)")
     demo.add_argument("--json", action="store_true", help="print the passes' rows as JSON "
@@ -166,9 +168,10 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
                    "per --rate-window per model, cluster-wide (default: unlimited)")
     g.add_argument("--max-concurrent", type=argtypes.count,
                    help="calls in flight per model, cluster-wide (default: unlimited)")
-    g.add_argument("--rate-window", type=argtypes.count, default=60,
+    g.add_argument("--rate-window", type=argtypes.whole_seconds, default=60,
                    help="window of --rpm and --tpm, whole seconds (60)")
-    g.add_argument("--retry-budget", type=argtypes.count, default=6,
+    g.add_argument("--retry-budget", type=argtypes.count_up_to(argtypes.MAX_RETRY_BUDGET),
+                   default=6,
                    help="attempts per call on 429/5xx/timeouts, with backoff (6)")
     g.add_argument("--request-timeout", type=argtypes.positive_seconds, default=120.0,
                    help="seconds per provider call (120)")

@@ -45,6 +45,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import argtypes
 from .errors import CacheSaverError, ProtocolError
 from .prepare import check_run
 from .protocol import (
@@ -305,8 +306,9 @@ async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str 
                                                            {"--model", "--older-than"})):
         raise CacheSaverError("prune: give one of --model, --run, --namespace, --older-than "
                               "(or --run with --namespace, or --model with --older-than)")
-    if older_than_days is not None and older_than_days < 0:
-        raise CacheSaverError("prune: --older-than takes a number of days >= 0")
+    if older_than_days is not None and not 0 <= older_than_days <= argtypes.MAX_DAYS:
+        raise CacheSaverError(f"prune: --older-than takes a number of days from 0 to "
+                              f"{argtypes.MAX_DAYS}, got {older_than_days!r}")
     result = PruneResult(" ".join(f"{s} {v}" for s, v in (
         ("--model", model), ("--run", run), ("--namespace", namespace),
         ("--older-than", older_than_days)) if v is not None), dry_run)
@@ -441,7 +443,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     p.add_argument("--run", help="this run's counters, manifest and stats (samples stay)")
     p.add_argument("--namespace", help="this namespace's counters and manifest entries, in "
                    "every run or in --run (samples stay)")
-    p.add_argument("--older-than", type=float, metavar="DAYS",
+    p.add_argument("--older-than", type=argtypes.days, metavar="DAYS",
                    help="samples created more than DAYS days ago (of --model only, if given)")
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")

@@ -265,7 +265,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     common(fork_)
     fork_.add_argument("run", help="the run to copy")
     fork_.add_argument("new", help="the new run (refused if it exists)")
-    fork_.add_argument("--run-ttl", type=argtypes.count_or_zero, default=defaults.RUN_TTL_S,
+    fork_.add_argument("--run-ttl", type=argtypes.whole_seconds_or_zero, default=defaults.RUN_TTL_S,
                        help="seconds the new run's counters are kept idle; 0 keeps them "
                             "without expiry (default: 7 days)")
 

@@ -479,24 +479,91 @@ async def test_odd_prefixes_are_served_without_dead_letters(redis_url, keys, red
 # --- the CLI's numbers -----------------------------------------------------------------
 
 
+WORKER_BATCH = ["worker", "batch", "--model", "sim:x"]
+HUGE = "99999999999999999999"
+ANY_COUNT = "from 1 to 2147483647"
+TEN_YEARS = "315360000 (10 years)"
+
+
 @pytest.mark.parametrize(("argv", "named"), [
-    (["worker", "cache", "--run-ttl", "0"], "--run-ttl: must be >= 1, got 0"),
-    (["worker", "cache", "--max-jobs", "0"], "--max-jobs: must be >= 1, got 0"),
+    (["worker", "cache", "--run-ttl", "0"], f"--run-ttl: must be a whole number of seconds "
+                                            f"from 1 to {TEN_YEARS}, got 0"),
+    (["worker", "cache", "--max-jobs", "0"], f"--max-jobs: must be a whole number {ANY_COUNT}, "
+                                             "got 0"),
     (["worker", "cache", "--poll-delay", "-1"], "--poll-delay: must be a number of seconds > 0"),
-    (["worker", "cache", "--wait-replicas", "-1"], "--wait-replicas: must be >= 0, got -1"),
-    (["worker", "batch", "--model", "sim:x", "--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["worker", "batch", "--model", "sim:x", "--concurrency", "0"], "--concurrency: must be >= 1"),
-    (["worker", "batch", "--model", "sim:x", "--lease", "-1"], "--lease: must be a number"),
-    (["worker", "batch", "--model", "sim:x", "--batch-wait", "nan"], "--batch-wait: must be"),
-    (["worker", "batch", "--model", "sim:x", "--max-n", "x"], "--max-n: expected a whole number"),
-    (["fork", "a", "b", "--run-ttl", "-1"], "--run-ttl: must be >= 0, got -1"),
-    (["import", "f.gz", "--run-ttl", "-1"], "--run-ttl: must be >= 0, got -1"),
-    (["dead-letters", "--count", "0"], "--count: must be >= 1, got 0"),
+    (["worker", "cache", "--wait-replicas", "-1"], "--wait-replicas: must be a whole number "
+                                                   "from 0 to 2147483647, got -1"),
+    ([*WORKER_BATCH, "--batch-size", "0"], f"--batch-size: must be a whole number {ANY_COUNT}"),
+    ([*WORKER_BATCH, "--concurrency", "0"], "--concurrency: must be a whole number from 1 to"),
+    ([*WORKER_BATCH, "--lease", "-1"], "--lease: must be a number"),
+    ([*WORKER_BATCH, "--batch-wait", "nan"], "--batch-wait: must be"),
+    ([*WORKER_BATCH, "--max-n", "x"], "--max-n: expected a whole number"),
+    (["fork", "a", "b", "--run-ttl", "-1"], f"--run-ttl: must be a whole number of seconds from "
+                                            f"0 to {TEN_YEARS}, got -1"),
+    (["import", "f.gz", "--run-ttl", "-1"], "--run-ttl: must be a whole number of seconds from "
+                                            "0 to"),
+    (["dead-letters", "--count", "0"], f"--count: must be a whole number {ANY_COUNT}, got 0"),
     (["top", "--interval", "0"], "--interval: must be a number of seconds > 0"),
+    # too large: Redis (milliseconds in a signed 64-bit integer, XAUTOCLAIM's COUNT sizing an
+    # allocation), Python's timedelta (arq's cron window) or a float (2**attempt) would fail
+    # mid-run, or a huge value would be taken silently
+    (["worker", "cache", "--run-ttl", HUGE], f"--run-ttl: must be a whole number of seconds "
+                                             f"from 1 to {TEN_YEARS}, got {HUGE}"),
+    (["worker", "cache", "--run-ttl", "315360001"], f"--run-ttl: must be a whole number of "
+                                                    f"seconds from 1 to {TEN_YEARS}"),
+    (["fork", "r1", "r2", "--run-ttl", HUGE], "--run-ttl: must be a whole number of seconds "
+                                              f"from 0 to {TEN_YEARS}, got {HUGE}"),
+    (["import", "f.gz", "--run-ttl", HUGE], f"--run-ttl: must be a whole number of seconds "
+                                            f"from 0 to {TEN_YEARS}, got {HUGE}"),
+    ([*WORKER_BATCH, "--lease", "1e20"], f"--lease: must be a number of seconds > 0 and at most "
+                                         f"{TEN_YEARS}, got 1e20"),
+    ([*WORKER_BATCH, "--concurrency", HUGE], f"--concurrency: must be a whole number from 1 to "
+                                             f"10000, got {HUGE}"),
+    ([*WORKER_BATCH, "--concurrency", "10001"], "--concurrency: must be a whole number from 1 "
+                                                "to 10000, got 10001"),
+    ([*WORKER_BATCH, "--batch-size", HUGE], f"--batch-size: must be a whole number {ANY_COUNT}"),
+    ([*WORKER_BATCH, "--batch-wait", "1e20"], f"--batch-wait: must be a number of seconds from "
+                                              f"0 to {TEN_YEARS}, got 1e20"),
+    ([*WORKER_BATCH, "--sim-latency", "inf"], "--sim-latency: must be a number of seconds"),
+    ([*WORKER_BATCH, "--max-n", HUGE], f"--max-n: must be a whole number {ANY_COUNT}"),
+    ([*WORKER_BATCH, "--rpm", HUGE], f"--rpm: must be a whole number {ANY_COUNT}"),
+    ([*WORKER_BATCH, "--tpm", "2147483648"], f"--tpm: must be a whole number {ANY_COUNT}"),
+    ([*WORKER_BATCH, "--max-concurrent", HUGE], f"--max-concurrent: must be a whole number "
+                                                f"{ANY_COUNT}"),
+    ([*WORKER_BATCH, "--rate-window", HUGE], f"--rate-window: must be a whole number of "
+                                             f"seconds from 1 to {TEN_YEARS}"),
+    ([*WORKER_BATCH, "--retry-budget", "1025"], "--retry-budget: must be a whole number from 1 "
+                                                "to 1000, got 1025"),
+    ([*WORKER_BATCH, "--request-timeout", "1e300"], "--request-timeout: must be a number of "
+                                                    "seconds > 0 and at most"),
+    ([*WORKER_BATCH, "--wait-replicas", HUGE], "--wait-replicas: must be a whole number from 0 "
+                                               "to 2147483647"),
+    (["worker", "cache", "--max-jobs", HUGE], f"--max-jobs: must be a whole number {ANY_COUNT}, "
+                                              f"got {HUGE}"),
+    (["worker", "cache", "--poll-delay", "1e20"], f"--poll-delay: must be a number of seconds > "
+                                                  f"0 and at most {TEN_YEARS}, got 1e20"),
+    (["worker", "cache", "--metrics-port", "65536"], "--metrics-port: must be a whole number (a "
+                                                     "TCP port) from 0 to 65535, got 65536"),
+    (["worker", "cache", "--metrics-refresh", "1e20"], "--metrics-refresh: must be a number of "
+                                                       "seconds > 0 and at most"),
+    (["dead-letters", "--count", HUGE], f"--count: must be a whole number {ANY_COUNT}, "
+                                        f"got {HUGE}"),
+    (["top", "--interval", "1e20"], f"--interval: must be a number of seconds > 0 and at most "
+                                    f"{TEN_YEARS}"),
+    (["demo", "--puzzles", HUGE], "--puzzles: must be a whole number from 1 to 10000"),
+    (["demo", "--latency", "1e20"], "--latency: must be a number of seconds from 0 to"),
+    (["prune", "--older-than", "nan"], "--older-than: must be a number of days from 0 to 3650 "
+                                       "(10 years), got nan"),
+    (["prune", "--older-than", "inf"], "--older-than: must be a number of days from 0 to 3650"),
+    (["prune", "--older-than", "1e400"], "--older-than: must be a number of days from 0 to"),
+    (["prune", "--older-than", "-1"], "--older-than: must be a number of days from 0 to 3650"),
+    (["prune", "--older-than", "3651"], "--older-than: must be a number of days from 0 to 3650"),
+    (["prune", "--older-than", "x"], "--older-than: expected a number of days from 0 to 3650"),
 ])
 def test_cli_numbers_out_of_range_are_refused_by_name(argv, named, capsys):
     """A worker given ``--run-ttl 0`` would drop run counters at once (and hand the same
-    samples out again); ``--max-jobs 0`` would never run a job: refused before start."""
+    samples out again); ``--max-jobs 0`` would never run a job; ``--poll-delay 1e20`` would
+    end in a traceback (arq's timedelta): each is refused before start, naming its range."""
     from cachesaver_dist.cli import build_parser
 
     with pytest.raises(SystemExit) as exited:
@@ -512,3 +579,39 @@ def test_cli_numbers_in_range_are_taken():
                                       "0", "--lease", "2.5", "--concurrency", "3"])
     assert (args.batch_wait, args.lease, args.concurrency) == (0.0, 2.5, 3)
     assert build_parser().parse_args(["fork", "a", "b", "--run-ttl", "0"]).run_ttl == 0
+    # the largest values are taken
+    most = build_parser().parse_args([
+        "worker", "batch", "--model", "sim:x", "--lease", "315360000", "--concurrency", "10000",
+        "--batch-size", "2147483647", "--retry-budget", "1000", "--metrics-port", "65535"])
+    assert (most.lease, most.concurrency, most.batch_size, most.retry_budget,
+            most.metrics_port) == (315360000.0, 10000, 2147483647, 1000, 65535)
+    cache = build_parser().parse_args(["worker", "cache", "--run-ttl", "315360000",
+                                       "--poll-delay", "315360000", "--max-jobs", "2147483647"])
+    assert (cache.run_ttl, cache.poll_delay, cache.max_jobs) == (315360000, 315360000.0,
+                                                                 2147483647)
+    prune = build_parser().parse_args(["prune", "--older-than", "3650"])
+    assert prune.older_than == 3650.0
+    assert build_parser().parse_args(["prune", "--older-than", "0"]).older_than == 0.0
+
+
+@pytest.mark.processes
+async def test_cli_workers_run_at_the_largest_numbers(redis_url, keys, redis, processes):
+    """The upper bounds are values the workers really run with: a cache worker polling
+    every 10 years (arq's cron window is a timedelta of twice that) and keeping runs 10
+    years, a batch worker with the largest lease and concurrency (XAUTOCLAIM's COUNT)."""
+    cache = processes.cli("worker", "cache", "--poll-delay", "315360000", "--run-ttl",
+                          "315360000", "--max-jobs", "2147483647", name="cache")
+    batch = processes.cli("worker", "batch", "--model", "sim:largest", "--lease", "315360000",
+                          "--concurrency", "10000", "--batch-size", "2147483647",
+                          "--sim-latency", "0", name="batch")
+    processes.wait_alive("cache")
+    processes.wait_alive("sim:largest")
+    async with OnlineAPI("sim:largest", cache=redis_url, prefix=keys.prefix, run="r1",
+                         request_timeout=15) as pipe:
+        served = await pipe.request(Request("largest", 2, "a", "ns"))
+    assert len(served.data) == 2
+    assert await redis.pttl(keys.usage("r1")) > 315_000_000_000  # ms: the 10 years were kept
+    for proc in (cache, batch):
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0, processes.logs(proc)
+        assert "Traceback" not in processes.logs(proc)
