@@ -511,13 +511,10 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 
 
 async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
-    try:
-        if args.command == "export":
-            return await _export_command(redis, keys, args)
-        return await _import_command(redis, keys, args)
-    except CacheSaverError as exc:
-        print(f"cachesaver-dist: {exc}", file=sys.stderr)
-        return 1
+    """``export`` / ``import``; a ``CacheSaverError`` ends in the CLI's ``main`` (status 1)."""
+    if args.command == "export":
+        return await _export_command(redis, keys, args)
+    return await _import_command(redis, keys, args)
 
 
 async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:

@@ -254,16 +254,10 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
         if args.command == "drop-run":
             from .prepare import check_run
 
-            try:
-                check_run(args.run)
-            except CacheSaverError as exc:
-                print(f"cachesaver-dist: {exc}", file=sys.stderr)
-                return 1
+            check_run(args.run)  # errors end in main(): one logs.fail line, status 1
             if not await redis.delete(keys.usage(args.run)):
-                print(f"cachesaver-dist: run {args.run!r} has no counters under prefix "
-                      f"{keys.prefix!r} ('cachesaver-dist runs' lists them)",
-                      file=sys.stderr)
-                return 1
+                raise CacheSaverError(f"run {args.run!r} has no counters under prefix "
+                                      f"{keys.prefix!r} ('cachesaver-dist runs' lists them)")
             print(f"run {args.run!r}: counters dropped")
             return 0
         if args.command == "dead-letters":

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import argtypes
+from . import argtypes, logs
 from .errors import CacheSaverError, ProtocolError
 from .prepare import check_run
 from .protocol import (
@@ -460,7 +459,7 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
                              namespace=args.namespace, older_than_days=args.older_than,
                              dry_run=args.dry_run)
     except CacheSaverError as exc:
-        print(f"cachesaver-dist: {exc}", file=sys.stderr)
+        logs.fail(f"cachesaver-dist: {exc}")
         return 2
     if args.json:
         print(json.dumps(asdict(result)))

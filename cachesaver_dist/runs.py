@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -273,10 +272,6 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
     if args.command == "runs":
         return await print_runs(redis, keys, args.json)
-    try:
-        copied = await fork(redis, keys, args.run, args.new, args.run_ttl)
-    except CacheSaverError as exc:
-        print(f"cachesaver-dist: {exc}", file=sys.stderr)
-        return 1
+    copied = await fork(redis, keys, args.run, args.new, args.run_ttl)  # errors: main(), 1
     print(f"run {args.new!r}: {copied} counter(s) copied from run {args.run!r}")
     return 0
