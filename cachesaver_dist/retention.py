@@ -293,12 +293,10 @@ async def _check_named(redis: Redis, keys: Keys, model: str | None, run: str | N
                                   "('cachesaver-dist runs' lists them)")
 
 
-async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str | None = None,
-                namespace: str | None = None, older_than_days: float | None = None,
-                dry_run: bool = False, now: float | None = None) -> PruneResult:
-    """Delete what the selectors name (see the module docstring); with ``dry_run``, only
-    count it. Allowed: one selector, ``run`` with ``namespace``, ``model`` with
-    ``older_than_days``."""
+def check_selectors(model: str | None, run: str | None, namespace: str | None,
+                    older_than_days: float | None) -> None:
+    """``CacheSaverError`` unless the selectors are a combination ``prune`` takes: one of
+    them, ``run`` with ``namespace``, ``model`` with ``older_than_days``."""
     given = [s for s, v in (("--model", model), ("--run", run), ("--namespace", namespace),
                             ("--older-than", older_than_days)) if v is not None]
     if not given or (len(given) > 1 and set(given) not in ({"--run", "--namespace"},
@@ -308,6 +306,14 @@ async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str 
     if older_than_days is not None and not 0 <= older_than_days <= argtypes.MAX_DAYS:
         raise CacheSaverError(f"prune: --older-than takes a number of days from 0 to "
                               f"{argtypes.MAX_DAYS}, got {older_than_days!r}")
+
+
+async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str | None = None,
+                namespace: str | None = None, older_than_days: float | None = None,
+                dry_run: bool = False, now: float | None = None) -> PruneResult:
+    """Delete what the selectors name (see the module docstring); with ``dry_run``, only
+    count it. Allowed: see ``check_selectors``."""
+    check_selectors(model, run, namespace, older_than_days)
     result = PruneResult(" ".join(f"{s} {v}" for s, v in (
         ("--model", model), ("--run", run), ("--namespace", namespace),
         ("--older-than", older_than_days)) if v is not None), dry_run)
@@ -455,12 +461,13 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
     if args.command == "usage":
         return await print_usage(redis, keys, args.json)
     try:
-        result = await prune(redis, keys, model=args.model, run=args.run,
-                             namespace=args.namespace, older_than_days=args.older_than,
-                             dry_run=args.dry_run)
-    except CacheSaverError as exc:
+        check_selectors(args.model, args.run, args.namespace, args.older_than)
+    except CacheSaverError as exc:  # a usage error: status 2, as argparse's own
         logs.fail(f"cachesaver-dist: {exc}")
         return 2
+    # A model, run or namespace that selects nothing ends in main(): status 1, as drop-run's
+    result = await prune(redis, keys, model=args.model, run=args.run, namespace=args.namespace,
+                         older_than_days=args.older_than, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(asdict(result)))
         return 0

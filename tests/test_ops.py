@@ -231,22 +231,24 @@ def test_batch_workers_autoscale_on_exported_stream_lag(objects, exported):
 
 # -- JSON logs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("argv", "said"), [
-    (["drop-run", "r99"], "run 'r99' has no counters"),
-    (["drop-run", "bad run"], "run id 'bad run' is not valid"),
-    (["fork", "r9", "x"], "run 'r9' has no counters"),
-    (["export", "{tmp}/out.gz", "--run", "r99"], "run 'r99' has no counters and no manifest"),
-    (["import", "{tmp}/missing.gz"], "missing.gz: no such file"),
-    (["prune", "--run", "r99"], "prune: no run 'r99'"),
-    (["prune"], "prune: give one of --model"),
+@pytest.mark.parametrize(("argv", "said", "status"), [
+    (["drop-run", "r99"], "run 'r99' has no counters", 1),
+    (["drop-run", "bad run"], "run id 'bad run' is not valid", 1),
+    (["fork", "r9", "x"], "run 'r9' has no counters", 1),
+    (["export", "{tmp}/out.gz", "--run", "r99"], "run 'r99' has no counters and no manifest", 1),
+    (["import", "{tmp}/missing.gz"], "missing.gz: no such file", 1),
+    (["prune", "--run", "r99"], "prune: no run 'r99'", 1),
+    (["prune"], "prune: give one of --model", 2),  # a usage error
 ])
-def test_a_failing_commands_last_line_is_json_too(redis_url, keys, tmp_path, argv, said):
-    """ops/README.md: in JSON mode, a command's final error line is a JSON object too."""
+def test_a_failing_commands_last_line_is_json_too(redis_url, keys, tmp_path, argv, said,
+                                                   status):
+    """ops/README.md: in JSON mode, a command's final error line is a JSON object too.
+    Not found is status 1 for every command; 2 is for usage errors."""
     from tests.test_archive import cli
 
     done = cli(redis_url, keys.prefix, *(a.format(tmp=tmp_path) for a in argv),
                "--log-format", "json")
-    assert done.returncode in (1, 2), done.stderr
+    assert done.returncode == status, done.stderr
     lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
     assert lines and lines[-1]["level"] == "ERROR", done.stderr
     assert lines[-1]["message"].startswith("cachesaver-dist: ") and said in lines[-1]["message"]

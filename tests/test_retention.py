@@ -129,9 +129,11 @@ async def test_a_pruned_key_is_generated_again_and_prune_refuses_bad_selectors(r
     async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix) as api:
         got = await api.request(Request("aged", 2, "again", "fresh"))
     assert model.calls == [("aged", 1)] and got.data[1] == "new"  # only index 0 regenerated
-    for bad in (("--model", "m", "--run", "r"), (), ("--older-than", "-1")):
+    for bad in (("--model", "m", "--run", "r"), ()):  # usage errors: status 2, as argparse's
         done = cli(redis_url, keys.prefix, "prune", *bad)
-        assert done.returncode == 2 and "prune:" in done.stderr, bad
+        assert done.returncode == 2 and "cachesaver-dist: prune: give one of" in done.stderr, bad
+    done = cli(redis_url, keys.prefix, "prune", "--older-than", "-1")
+    assert done.returncode == 2 and "--older-than: must be a number of days" in done.stderr
     for typo, named in ((("--model", "sim:pz"), "no prompt keys of model 'sim:pz'"),
                         (("--run", "r9", "--dry-run"), "no run 'r9'"),
                         (("--run", "bad run"), "run id 'bad run' is not valid"),
@@ -139,7 +141,8 @@ async def test_a_pruned_key_is_generated_again_and_prune_refuses_bad_selectors(r
                         (("--run", "r1", "--namespace", "nsX"),
                          "run 'r1' did not use namespace 'nsX'")):
         done = cli(redis_url, keys.prefix, "prune", *typo)  # a typo is not a success
-        assert done.returncode != 0 and named in done.stderr, (typo, done.stderr)
+        # not found: status 1, as drop-run's, fork's and export's (2 is for usage errors)
+        assert done.returncode == 1 and named in done.stderr, (typo, done.stderr)
     assert cli(redis_url, keys.prefix, "prune", "--run", "r1", "--dry-run").returncode == 0
 
 
