@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import logs
 from .connection import connect
 from .protocol import Keys
 from .stats import list_runs, read_stats
@@ -104,13 +105,17 @@ COLUMNS = [Col("run", get=lambda r: r["run"] or "all runs", text=True),
 async def print_stats(url: str, keys: Keys, run: str | None = None, *, as_json: bool = False,
                       prices_path: str | None = None) -> int:
     rows = await collect(url, keys, run, load_prices(prices_path))
+    if run and not rows:  # a typo: an error with --json too, not an empty list
+        logs.fail(f"cachesaver-dist: no statistics yet for run {run!r} under prefix "
+                  f"{keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
+        return 1
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no statistics yet" + (f" for run {run!r}" if run else "")
-              + f" under prefix {keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
-        return 1 if run else 0
+        print(f"no statistics yet under prefix {keys.prefix!r} ('cachesaver-dist runs' lists "
+              "the runs)")
+        return 0
     console = Console()
     styled = [{**row, "_style": None if row["run"] else "bold"} for row in rows]
     console.print(fit_table(COLUMNS, styled, console.width,

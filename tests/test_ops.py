@@ -239,6 +239,8 @@ def test_batch_workers_autoscale_on_exported_stream_lag(objects, exported):
     (["import", "{tmp}/missing.gz"], "missing.gz: no such file", 1),
     (["prune", "--run", "r99"], "prune: no run 'r99'", 1),
     (["prune"], "prune: give one of --model", 2),  # a usage error
+    (["stats", "--run", "r99"], "no statistics yet for run 'r99'", 1),
+    (["stats", "--run", "r99", "--json"], "no statistics yet for run 'r99'", 1),
 ])
 def test_a_failing_commands_last_line_is_json_too(redis_url, keys, tmp_path, argv, said,
                                                    status):

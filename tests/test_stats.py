@@ -91,3 +91,17 @@ def test_stats_of_an_unused_prefix_names_it(redis_url, keys):
         env=subprocess_env(redis_url), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"no statistics yet under prefix {keys.prefix!r}" in done.stdout
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_stats_of_an_unknown_run_is_an_error(redis_url, keys, as_json):
+    """A typo in --run is an error with --json too (not ``[]`` and status 0): the message
+    on stderr, nothing on stdout, status 1."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "stats", "--run", "no-such-run",
+         "--prefix", keys.prefix, *(["--json"] if as_json else [])],
+        env=subprocess_env(redis_url), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr.startswith("cachesaver-dist: no statistics yet for run 'no-such-run' "
+                                  f"under prefix {keys.prefix!r}"), done.stderr
+    assert "'cachesaver-dist runs' lists the runs" in done.stderr
