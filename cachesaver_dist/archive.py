@@ -31,6 +31,7 @@ from .archive_format import (
     VERSION,
     ArchiveWriter,
     check_record,
+    file_error,
     read_records,
 )
 from .errors import ArchiveError, CacheSaverError, ProtocolError
@@ -408,7 +409,7 @@ async def import_archive(redis: Redis, keys: Keys, path: str | Path, *,
                          ) -> ImportResult:
     """Verify the archive whole, then merge it (see the module docstring and
     docs/archive.md); ``progress(phase, bytes read, file size)``."""
-    size = _size_of(path)
+    size = _size_of(path, "read")
     tick = (lambda phase: (lambda done: progress(phase, done, size))) if progress else \
         (lambda phase: None)
     result = verify(path, tick("verifying"))
@@ -428,27 +429,33 @@ async def import_archive(redis: Redis, keys: Keys, path: str | Path, *,
 
 def _check_writable(path: Path) -> None:
     """``ArchiveError`` when ``path`` cannot be where an archive is written."""
-    if path.is_dir():
-        raise ArchiveError(f"{path} is a directory: name the archive file to write")
-    if not path.parent.is_dir():
-        raise ArchiveError(f"{path.parent} is not a directory: create it first, or write the "
-                           "archive to an existing one")
+    try:
+        if path.is_dir():
+            raise ArchiveError(f"{path} is a directory: name the archive file to write")
+        if not path.parent.is_dir():
+            raise ArchiveError(f"{path.parent} is not a directory: create it first, or write "
+                               "the archive to an existing one")
+    except OSError as exc:  # a name too long, say
+        raise file_error(path, exc, "write") from None
 
 
 def _check_readable(path: str) -> None:
     """``ArchiveError`` when ``path`` is not an archive file to read."""
-    if _size_of(path) < 0:
+    if _size_of(path, "read") < 0:
         raise ArchiveError(f"{path}: no such file")
     if Path(path).is_dir():
         raise ArchiveError(f"{path} is a directory: name the archive file to read")
 
 
-def _size_of(path: str | Path) -> int:
-    """The file's size; -1 if there is none."""
+def _size_of(path: str | Path, doing: str) -> int:
+    """The file's size; -1 if there is none; an ``ArchiveError`` for another OS error
+    (a part of the path is a file, no permission), ``doing`` "read" or "write" it."""
     try:
         return Path(path).stat().st_size
     except FileNotFoundError:
         return -1
+    except OSError as exc:
+        raise file_error(path, exc, doing) from None
 
 
 @contextlib.contextmanager
@@ -520,7 +527,7 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
 async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
     path = Path(args.file)
     _check_writable(path)
-    if _size_of(path) >= 0 and not args.force:
+    if _size_of(path, "write") >= 0 and not args.force:
         raise ArchiveError(f"{path} exists: pass --force to overwrite it")
     for model in args.model or ():
         await require_model(redis, keys, model)

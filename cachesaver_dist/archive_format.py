@@ -33,12 +33,25 @@ MAX_RECORD_BYTES = 1 << 30
 READ_CHUNK = 1 << 20
 
 
+def file_error(path: Any, exc: OSError, doing: str) -> ArchiveError:
+    """An ``ArchiveError`` for an OS error on the archive file ``path`` (``doing``: "read"
+    or "write"), naming the path, the error and what to do."""
+    where = f" (at {exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    fix = ("name a file in a directory you can write to, with room for the archive"
+           if doing == "write" else "check the path, and that you may read the file")
+    return ArchiveError(f"cannot {doing} {path}: {exc.strerror or exc}{where}: {fix}")
+
+
 class ArchiveWriter:
-    """Writes records to ``path`` (through ``<path>.partial``, renamed when complete)."""
+    """Writes records to ``path`` (through ``<path>.partial``, renamed when complete);
+    an OS error (no such directory, permissions, disk full) is an ``ArchiveError``."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.partial = path, path.with_name(path.name + ".partial")
-        self._raw = open(self.partial, "wb")  # closed in finish() or abort()
+        try:
+            self._raw = open(self.partial, "wb")  # closed in finish() or abort()
+        except OSError as exc:
+            raise file_error(path, exc, "write") from None
         self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
         self._hash = hashlib.sha256()
         self.records = self.keys = self.samples = 0
@@ -46,25 +59,33 @@ class ArchiveWriter:
     def write(self, record: dict[str, Any]) -> None:
         data = pack(record)
         self._hash.update(data)
-        self._gz.write(data)
+        try:
+            self._gz.write(data)
+        except OSError as exc:
+            raise file_error(self.path, exc, "write") from None
         self.records += 1
 
     def finish(self) -> dict[str, Any]:
         trailer = {"t": "trailer", "records": self.records, "keys": self.keys,
                    "samples": self.samples, "sha256": self._hash.hexdigest()}
-        self._gz.write(pack(trailer))
-        self._gz.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.partial, self.path)
+        try:
+            self._gz.write(pack(trailer))
+            self._gz.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            raise file_error(self.path, exc, "write") from None
         return trailer
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._gz.close()
-        self._raw.close()
-        self.partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a full disk fails the last flush too
+            self._raw.close()
+        with contextlib.suppress(OSError):
+            self.partial.unlink(missing_ok=True)
 
 
 def _damaged(path: Any, problem: str) -> ArchiveError:
@@ -87,7 +108,11 @@ def read_records(path: str | Path, on_progress: Callable[[int], None] | None = N
     trailer: dict[str, Any] | None = None
     number = 0
     try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+        raw = open(path, "rb")  # closed by the with below
+    except OSError as exc:  # not there, a directory, no permission: not a damaged archive
+        raise file_error(path, exc, "read") from None
+    try:
+        with raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
             while chunk := gz.read(READ_CHUNK):
                 unpacker.feed(chunk)
                 pending += chunk

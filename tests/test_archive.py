@@ -332,3 +332,65 @@ async def test_export_selects_by_model_namespace_and_key(redis_url, keys, tmp_pa
         typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), *selector)
         assert typo.returncode == 1 and named in typo.stderr, typo.stderr
     assert not (tmp_path / "y.gz").exists()
+
+
+# --- the archive file: OS errors ------------------------------------------------------------
+
+
+async def test_an_archive_path_that_cannot_be_written_or_read_is_one_clear_line(
+        redis_url, keys, tmp_path):
+    """An OS error on the archive file (no such directory under /proc, a part of the path
+    that is a file, a name too long) is one line naming the path, the error and what to do,
+    status 1: no traceback, and nothing left behind."""
+    await record(redis_url, keys, "os", REQUESTS[:2])
+    (tmp_path / "out.gz.partial").mkdir()  # where the export writes first: cannot be opened
+    (tmp_path / "file").write_text("not a directory")
+    long_name = str(tmp_path / ("x" * 300 + ".gz"))
+    for argv, said in (
+            (["export", str(tmp_path / "out.gz")], f"cannot write {tmp_path / 'out.gz'}: Is a "
+                                                   "directory (at "),
+            (["export", long_name], f"cannot write {long_name}: File name too long"),
+            (["import", str(tmp_path / "file" / "x.gz")], f"cannot read "
+                                                          f"{tmp_path / 'file' / 'x.gz'}: Not a "
+                                                          "directory: check the path"),
+            (["import", long_name], f"cannot read {long_name}: File name too long"),
+            *([(["export", "/proc/x.gz"], "cannot write /proc/x.gz: No such file or directory")]
+              if Path("/proc/self").is_dir() else [])):
+        done = cli(redis_url, keys.prefix, *argv)
+        assert done.returncode == 1, (argv, done.stderr)
+        assert done.stderr.startswith(f"cachesaver-dist: {said}"), (argv, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert "name a file in a directory you can write to" in cli(
+        redis_url, keys.prefix, "export", str(tmp_path / "out.gz")).stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.gz.partial"]
+
+
+async def test_a_full_disk_mid_export_is_an_archive_error_and_leaves_no_file(
+        redis_url, redis, keys, tmp_path, monkeypatch):
+    import errno
+
+    from cachesaver_dist.archive import Selection, export
+
+    await record(redis_url, keys, "full", REQUESTS[:2])
+    writes = []
+
+    def full(self, data):
+        writes.append(len(data))
+        if len(writes) > 1:  # the header goes in, the first key record does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    monkeypatch.setattr(gzip.GzipFile, "write", full)
+    path = tmp_path / "full.gz"
+    with pytest.raises(ArchiveError, match=f"cannot write {path}: No space left on device: "
+                                           "name a file in a directory you can write to"):
+        await export(redis, keys, path, Selection(runs=["full"]))
+    assert list(tmp_path.iterdir()) == []  # the partial file was removed
+
+
+def test_an_unreadable_archive_is_not_called_damaged(tmp_path):
+    """Opening the file fails (here: a directory): the message says so and what to do, not
+    'corrupt; copy the archive again'."""
+    with pytest.raises(ArchiveError, match=f"cannot read {tmp_path}: Is a directory: check "
+                                           "the path, and that you may read the file"):
+        list(read_records(tmp_path))
