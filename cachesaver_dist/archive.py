@@ -535,6 +535,12 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
         if not is_prompt_key(key):
             raise ArchiveError(f"--key {key!r} is not a prompt key (32 hex characters, as in "
                                f"the sample hashes {keys.samples('<key>')})")
+    missing = [key for key in dict.fromkeys(args.key)
+               if not await redis.exists(keys.samples(key))]
+    if missing:  # a typo: nothing to export
+        raise ArchiveError(f"--key {', '.join(map(repr, missing))}: no samples under prefix "
+                           f"{keys.prefix!r} (redis-cli --scan --pattern "
+                           f"'{keys.samples('*')}' lists the keys that have some)")
     sel = Selection(models=args.model, runs=args.run, namespaces=args.namespace, keys=args.key,
                     run_state=not args.no_run_state)
     if sel.namespaces and not await _run_bounds(redis, keys, sel):  # a typo: nothing to export

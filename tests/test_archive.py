@@ -327,11 +327,16 @@ async def test_export_selects_by_model_namespace_and_key(redis_url, keys, tmp_pa
     assert missing.returncode == 1 and "no counters" in missing.stderr
     typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), "--model", "sim:othr")
     assert typo.returncode == 1 and "no prompt keys of model 'sim:othr'" in typo.stderr
+    nokey = "0" * 32  # a prompt key, with no samples
     for selector, named in ((("--namespace", "ns9"), "no run used namespace(s) 'ns9'"),
-                            (("--key", "deadbeef"), "--key 'deadbeef' is not a prompt key")):
+                            (("--key", "deadbeef"), "--key 'deadbeef' is not a prompt key"),
+                            (("--key", nokey), f"--key '{nokey}': no samples under prefix "
+                                               f"{keys.prefix!r} (redis-cli --scan --pattern "
+                                               f"'{keys.samples('*')}' lists the keys"),
+                            (("--key", key, "--key", nokey), f"--key '{nokey}': no samples")):
         typo = cli(redis_url, keys.prefix, "export", str(tmp_path / "y.gz"), *selector)
         assert typo.returncode == 1 and named in typo.stderr, typo.stderr
-    assert not (tmp_path / "y.gz").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("y.gz")]  # nor a .partial
 
 
 # --- the archive file: OS errors ------------------------------------------------------------
