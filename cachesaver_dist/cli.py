@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         simulator.main_from_args(args)
         return 0
     logs.configure(args.verbose, args.log_format)
+    if args.command == "worker" and args.kind == "batch":
+        problem = _model_problem(args)
+        if problem:  # before any server starts: a missing API key, a bad model name
+            logs.fail(f"cachesaver-dist: {problem}")
+            return 2
     keys = Keys(args.prefix)
     if args.command == "import-cachesaver" and args.data_dir is None:
         args.data_dir = str(Path(args.folder) / "cachesaver-redis")
@@ -300,6 +305,28 @@ async def _dead_letters(redis: Any, keys: Keys, args: argparse.Namespace) -> int
     return 0
 
 
+def _backend_options(args: argparse.Namespace) -> Any:
+    from .backends import BackendOptions
+
+    return BackendOptions(
+        base_url=args.base_url, max_n=args.max_n, timeout=args.request_timeout,
+        retry_budget=args.retry_budget, rpm=args.rpm, tpm=args.tpm,
+        max_concurrent=args.max_concurrent, rate_window=args.rate_window)
+
+
+def _model_problem(args: argparse.Namespace) -> str | None:
+    """Why a batch worker could not build one of its ``--model``s (checked, not built)."""
+    from .models import check_model_setup
+
+    try:
+        options = _backend_options(args)
+        for name in args.model:
+            check_model_setup(name, options)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     from workers import run
 
@@ -309,17 +336,13 @@ def _run_worker(url: str, keys: Keys, args: argparse.Namespace) -> int:
     if args.kind == "cache":
         return run.serve_cache(url, keys, poll_delay=args.poll_delay, max_jobs=args.max_jobs,
                                run_ttl_s=args.run_ttl, metrics=exporter, replicas=replicas)
-    from .backends import BackendOptions
     from .models import load_model
 
     if args.verbose < 2:  # one line per HTTP call otherwise
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def models(redis: Any) -> dict[str, Any]:
-        options = BackendOptions(
-            base_url=args.base_url, max_n=args.max_n, timeout=args.request_timeout,
-            retry_budget=args.retry_budget, rpm=args.rpm, tpm=args.tpm,
-            max_concurrent=args.max_concurrent, rate_window=args.rate_window)
+        options = _backend_options(args)
         return {name: load_model(name, sim_latency=args.sim_latency, options=options,
                                  redis=redis, keys=keys) for name in args.model}
 

@@ -8,6 +8,9 @@ with an injected sleep (no real waiting).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +31,7 @@ from cachesaver_dist.simulator import (
     running_simulator,
     together_base_url,
 )
-from tests.conftest import Processes
+from tests.conftest import ROOT, Processes
 from tests.support import admin
 
 MODEL = "sim-model"
@@ -186,6 +189,29 @@ def test_worker_refuses_to_start_without_api_key_or_base_url(processes):
     assert missing_key.wait(timeout=30) == 2 and no_url.wait(timeout=30) == 2
     assert "TOGETHER_API_KEY" in processes.logs(missing_key)
     assert "--base-url" in processes.logs(no_url) and "OPENAI_BASE_URL" in processes.logs(no_url)
+
+
+@pytest.mark.parametrize(("models", "said"), [
+    (["together:x"], "model 'together:x' needs TOGETHER_API_KEY in the environment"),
+    (["sim:x", "openai:x"], "model 'openai:x' needs the server's base URL: pass --base-url"),
+    (["together:"], "model name 'together:' names no model"),
+    (["nonsense"], "model name 'nonsense' is none of"),
+])
+def test_worker_checks_its_models_before_starting_the_embedded_server(tmp_path, models, said):
+    """Without REDIS_URL a worker starts the embedded server of --data-dir: a model it
+    could not build (no API key, no base URL, a bad name) is refused before that."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TOGETHER_API_KEY",
+                                                            "OPENAI_BASE_URL")}
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "worker", "batch",
+         *(a for m in models for a in ("--model", m)), "--data-dir", str(data)],
+        env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"cachesaver-dist: {said}"), done.stderr
+    assert len(done.stderr.splitlines()) == 1  # no server started, stopped or warned about
+    assert not data.exists()
 
 
 # --- in-process pieces ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from ..protocol import Keys
 
-__all__ = ["PROVIDERS", "BackendOptions", "make_backend"]
+__all__ = ["PROVIDERS", "BackendOptions", "check_setup", "make_backend"]
 
 log = logging.getLogger("cachesaver_dist.backends")
 
@@ -71,6 +71,26 @@ class BackendOptions:
         return bool(self.rpm or self.tpm or self.max_concurrent)
 
 
+def _backend_class(name: str) -> Any:
+    """The class serving ``name``'s provider, else None; ``ValueError`` without a model id."""
+    provider, _, model = name.partition(":")
+    if provider not in PROVIDERS:
+        return None
+    if not model:
+        raise ValueError(f"model name {name!r} names no model: use {provider}:<model id>")
+    module, _, cls = PROVIDERS[provider].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_setup(name: str, options: BackendOptions | None = None) -> None:
+    """``ValueError`` if ``name`` is a provider model that cannot be built as configured
+    (no model id, API key or base URL); builds and connects nothing, so a worker checks
+    it before it starts a server."""
+    backend_class = _backend_class(name)
+    if backend_class is not None:
+        backend_class.check_setup(name, options or BackendOptions())
+
+
 def make_backend(name: str, options: BackendOptions | None = None, redis: Redis | None = None,
                  keys: Keys | None = None) -> Any:
     """The backend serving ``name`` (``together:<model>`` / ``openai:<model>``), else None.
@@ -78,11 +98,9 @@ def make_backend(name: str, options: BackendOptions | None = None, redis: Redis 
     Limits (``rpm``, ``tpm``, ``max_concurrent``) are shared through ``redis`` under
     ``keys.prefix``. Raises ``ValueError`` for a missing model id, API key or base URL.
     """
-    provider, _, model = name.partition(":")
-    if provider not in PROVIDERS:
+    backend_class = _backend_class(name)
+    if backend_class is None:
         return None
-    if not model:
-        raise ValueError(f"model name {name!r} names no model: use {provider}:<model id>")
     options = options or BackendOptions()
     limiter = None
     if options.limited:
@@ -94,8 +112,7 @@ def make_backend(name: str, options: BackendOptions | None = None, redis: Redis 
         limiter = ClusterLimiter(redis, keys or Keys(), name, rpm=options.rpm, tpm=options.tpm,
                                  max_concurrent=options.max_concurrent,
                                  window=int(options.rate_window), slot_ttl=options.timeout + 10)
-    module, _, cls = PROVIDERS[provider].partition(":")
-    backend = getattr(importlib.import_module(module), cls)(name, options, limiter)
+    backend = backend_class(name, options, limiter)
     window = int(options.rate_window)
     limits = [text for value, text in (
         (options.rpm, f"{options.rpm} requests / {window} s"),

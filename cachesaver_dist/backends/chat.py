@@ -115,6 +115,11 @@ class ChatBackend(SingleRequestModel, abc.ABC):
         opts = self.options
         self.policy = RetryPolicy(opts.retry_budget, opts.backoff_base, opts.backoff_cap)
 
+    @classmethod
+    def check_setup(cls, name: str, options: BackendOptions) -> None:
+        """``ValueError`` if the environment or ``options`` lack what ``name`` needs (an
+        API key, a base URL); called before anything starts."""
+
     async def request(self, request: Request) -> Response:
         """Exactly ``request.n`` samples, from one call per ``max_n`` of them."""
         params = {"model": self.provider_model, "messages": to_messages(request.prompt),

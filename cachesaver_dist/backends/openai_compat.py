@@ -30,15 +30,23 @@ class OpenAIBackend(ChatBackend):
                  limiter: ClusterLimiter | None = None) -> None:
         super().__init__(name, options, limiter)
         options = self.options
-        base_url = options.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise ValueError(f"model {name!r} needs the server's base URL: pass --base-url or "
-                             "set OPENAI_BASE_URL (e.g. https://api.openai.com/v1)")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = self._base_url(name, options).rstrip("/")
         key = os.environ.get("OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                          timeout=options.timeout)
+
+    @classmethod
+    def check_setup(cls, name: str, options: BackendOptions) -> None:
+        cls._base_url(name, options)
+
+    @staticmethod
+    def _base_url(name: str, options: BackendOptions) -> str:
+        base_url = options.base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ValueError(f"model {name!r} needs the server's base URL: pass --base-url or "
+                             "set OPENAI_BASE_URL (e.g. https://api.openai.com/v1)")
+        return base_url
 
     async def _post(self, body: dict[str, Any]) -> Any:
         try:

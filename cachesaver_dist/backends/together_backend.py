@@ -34,16 +34,25 @@ class TogetherBackend(ChatBackend):
                  limiter: ClusterLimiter | None = None) -> None:
         super().__init__(name, options, limiter)
         options = self.options
-        key = os.environ.get("TOGETHER_API_KEY")
-        if not key:
-            raise ValueError(f"model {name!r} needs TOGETHER_API_KEY in the environment: "
-                             "export your Together API key (any value for a local simulator)")
+        key = self._api_key(name)
         self._client = together.AsyncTogether(api_key=key, base_url=options.base_url or None,
                                               max_retries=0, timeout=options.timeout)
         self.base_url = str(self._client.base_url)
         self._create = self._client.chat.completions.create
         # Body fields the SDK takes as arguments; the rest goes in extra_body.
         self._sdk_params = set(inspect.signature(self._create).parameters) - _SDK_OPTIONS
+
+    @classmethod
+    def check_setup(cls, name: str, options: BackendOptions) -> None:
+        cls._api_key(name)
+
+    @staticmethod
+    def _api_key(name: str) -> str:
+        key = os.environ.get("TOGETHER_API_KEY")
+        if not key:
+            raise ValueError(f"model {name!r} needs TOGETHER_API_KEY in the environment: "
+                             "export your Together API key (any value for a local simulator)")
+        return key
 
     async def _post(self, body: dict[str, Any]) -> Any:
         known = {k: v for k, v in body.items() if k in self._sdk_params}

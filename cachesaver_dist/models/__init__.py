@@ -77,6 +77,23 @@ def model_name_problem(name: str) -> str | None:
             "'package.module:factory'")
 
 
+def check_model_setup(name: str, options: Any = None) -> None:
+    """``ValueError`` for what ``load_model`` would refuse before building anything: a
+    name no worker can serve, a provider model without its API key or base URL. Starts,
+    imports and connects nothing but the provider's module: a worker checks its models
+    before it starts a server."""
+    if name.startswith(("sim:", "dropin:")):
+        return
+    from ..backends import PROVIDERS, check_setup
+
+    if name.partition(":")[0] in PROVIDERS:
+        check_setup(name, options)
+        return
+    problem = model_name_problem(name)
+    if problem:
+        raise ValueError(problem)
+
+
 def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redis: Any = None,
                keys: Any = None) -> Any:
     """Build the model a worker serves under ``name``; clear errors for bad names.
