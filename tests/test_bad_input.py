@@ -559,6 +559,13 @@ TEN_YEARS = "315360000 (10 years)"
     (["prune", "--older-than", "-1"], "--older-than: must be a number of days from 0 to 3650"),
     (["prune", "--older-than", "3651"], "--older-than: must be a number of days from 0 to 3650"),
     (["prune", "--older-than", "x"], "--older-than: expected a number of days from 0 to 3650"),
+    (["simulator", "--port", "70000"], "--port: must be a whole number (a TCP port) from 0 to "
+                                       "65535, got 70000"),
+    (["simulator", "--latency", "nan"], f"--latency: must be a number of seconds from 0 to "
+                                        f"{TEN_YEARS}, got nan"),
+    (["simulator", "--rate-limit", "-5"], f"--rate-limit: must be a whole number {ANY_COUNT}"),
+    (["simulator", "--rate-window", "0"], "--rate-window: must be a number of seconds > 0"),
+    (["simulator", "--max-words", HUGE], "--max-words: must be a whole number from 1 to 100000"),
 ])
 def test_cli_numbers_out_of_range_are_refused_by_name(argv, named, capsys):
     """A worker given ``--run-ttl 0`` would drop run counters at once (and hand the same

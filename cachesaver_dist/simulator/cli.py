@@ -7,34 +7,38 @@ import dataclasses
 import logging
 from typing import Any
 
+from .. import argtypes
 from .app import serve
 from .config import LATENCY_DISTS, FaultRule, SimulatorConfig
+
+_words = argtypes.count_up_to(100_000)  # per sample: a huge one would take the memory
 
 # (flag, argparse kwargs, help). Defaults not given here are SimulatorConfig's.
 _FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("--host", {}, "interface to bind"),
-    ("--port", {"type": int, "default": 8000}, "TCP port; 0 picks a free one"),
-    ("--latency", {"type": float},
+    ("--port", {"type": argtypes.port, "default": 8000}, "TCP port; 0 picks a free one"),
+    ("--latency", {"type": argtypes.seconds},
      "seconds per request (fixed), or the median for --latency-dist lognormal"),
     ("--latency-dist", {"choices": LATENCY_DISTS}, "latency distribution"),
-    ("--latency-low", {"type": float}, "uniform latency lower bound, seconds"),
-    ("--latency-high", {"type": float}, "uniform latency upper bound, seconds"),
+    ("--latency-low", {"type": argtypes.seconds}, "uniform latency lower bound, seconds"),
+    ("--latency-high", {"type": argtypes.seconds}, "uniform latency upper bound, seconds"),
     ("--latency-sigma", {"type": float}, "lognormal latency sigma"),
-    ("--latency-per-token", {"type": float},
+    ("--latency-per-token", {"type": argtypes.seconds},
      "extra seconds per completion token of the longest choice"),
-    ("--rate-limit", {"type": int},
+    ("--rate-limit", {"type": argtypes.count},
      "max requests per --rate-window per model (sliding window; default unlimited)"),
-    ("--rate-window", {"type": float}, "rate-limit window, seconds"),
+    ("--rate-window", {"type": argtypes.positive_seconds}, "rate-limit window, seconds"),
     ("--retry-after-integer", {"action": "store_true"},
      "send Retry-After as a ceil'd integer instead of fractional seconds"),
     ("--fault", {"action": "append", "type": FaultRule.parse, "metavar": "SPEC", "dest": "faults"},
      "fault rule (repeatable): STATUS[:COUNT[:MODEL]] or timeout:SECONDS[:COUNT[:MODEL]]; "
      "COUNT '*' = until cleared; e.g. 500:2, 429:*:my-model, timeout:30:1"),
-    ("--fault-retry-after", {"type": float}, "Retry-After seconds sent by injected 429 faults"),
+    ("--fault-retry-after", {"type": argtypes.seconds},
+     "Retry-After seconds sent by injected 429 faults"),
     ("--model", {"action": "append", "dest": "models", "metavar": "NAME"},
      "model listed by /v1/models before it is first used (repeatable)"),
-    ("--min-words", {"type": int}, "min words (= tokens) per sample"),
-    ("--max-words", {"type": int}, "max words (= tokens) per sample"),
+    ("--min-words", {"type": _words}, "min words (= tokens) per sample"),
+    ("--max-words", {"type": _words}, "max words (= tokens) per sample"),
     ("--rng-seed", {"type": int},
      "seed for latency draws and sample texts (default: random per server start)"),
 ]
