@@ -10,10 +10,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+from .defaults import MAX_SECONDS
+
 MAX_COUNT = 2**31 - 1
-# 10 years: in milliseconds (Redis's PEXPIRE, XAUTOCLAIM min-idle-time, BLMPOP) far inside
-# a signed 64-bit integer even added to the current time, and inside datetime.timedelta.
-MAX_SECONDS = 10 * 365 * 24 * 3600
 MAX_DAYS = MAX_SECONDS // (24 * 3600)
 # A batch worker's XAUTOCLAIM asks for up to this many entries: Redis allocates COUNT
 # entry ids for each call up front, so a huge COUNT could take the server's memory.

@@ -26,7 +26,9 @@ POLL_DELAY_S = 0.5
 MAX_JOBS = 50
 JOB_TIMEOUT_S = 10
 RUN_TTL_S = 7 * 24 * 3600  # u:<run> and m:<run>, refreshed by each reservation of the run
-MAX_TTL_S = 100 * 365 * 86400  # longest time to live accepted (Redis keeps ms in 64 bits)
+# The longest duration taken (10 years): in ms, far inside Redis's signed 64-bit
+# arithmetic even added to the current time, and inside datetime.timedelta.
+MAX_SECONDS = 10 * 365 * 24 * 3600
 STATS_TTL_S = 30 * 24 * 3600  # stats:<run> and the run's entry in `runs`, refreshed on use
 
 # Batch workers

@@ -125,9 +125,9 @@ class OnlineAPI:
         check_counts(batch_size=batch_size, concurrency=concurrency,
                      model_batch_size=model_batch_size, max_prompt_bytes=max_prompt_bytes,
                      run_ttl_s=run_ttl_s)
-        if run_ttl_s > defaults.MAX_TTL_S:
-            raise InvalidRequestError(f"run_ttl_s must be at most {defaults.MAX_TTL_S} "
-                                      f"seconds (100 years), got {run_ttl_s!r}")
+        if run_ttl_s > defaults.MAX_SECONDS:
+            raise InvalidRequestError(f"run_ttl_s must be at most {defaults.MAX_SECONDS} "
+                                      f"seconds (10 years), got {run_ttl_s!r}")
         if wait_replicas is not None and (not isinstance(wait_replicas, int) or
                                           isinstance(wait_replicas, bool) or wait_replicas < 0):
             raise InvalidRequestError(f"wait_replicas must be an int >= 0 or None, got "
