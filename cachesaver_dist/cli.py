@@ -183,6 +183,11 @@ def _redis_url(args: argparse.Namespace) -> tuple[str, Any]:
     return resolve_redis_url(args.redis_url, args.data_dir)
 
 
+ROLES = ("the URL's user may not do this: run stats, top, health, drop-run and dead-letters "
+         "as the operator user, and export, import, runs, fork, prune and usage (they scan "
+         "the prefix's keys) as admin; workers as their own users (docs/acl.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulator":
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.fail(f"cachesaver-dist: {exc}")
         return 1
     except ResponseError as exc:  # an ACL refusal, a read-only replica, ...
-        logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command')}")
+        logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command', noperm=ROLES)}")
         return 1
     except AuthenticationError as exc:  # the password changed mid-command
         logs.fail(f"cachesaver-dist: {refused(exc, f'the {args.command} command')}")

@@ -132,12 +132,14 @@ def redis_message(exc: BaseException) -> str:
     return text
 
 
-def refused(exc: BaseException, doing: str) -> RedisRefusedError:
-    """A ``RedisRefusedError`` for a Redis error reply, saying what to do about it."""
+def refused(exc: BaseException, doing: str, *, noperm: str | None = None) -> RedisRefusedError:
+    """A ``RedisRefusedError`` for a Redis error reply, saying what to do about it
+    (``noperm``: what to do about a missing permission, where the caller knows better)."""
     message = redis_message(exc)
     code = _stripped_code(exc) or message.split(" ", 1)[0].upper()
-    hint = _HINTS.get(code, "see Redis's message")
-    return RedisRefusedError(f"Redis refused {doing}: {message[:300]} ({hint})")
+    hint = (noperm if code == "NOPERM" else None) or _HINTS.get(code)
+    return RedisRefusedError(f"Redis refused {doing}: {message[:300]}" +
+                             (f" ({hint})" if hint else ""))
 
 
 def _stripped_code(exc: BaseException) -> str | None:

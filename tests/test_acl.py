@@ -512,13 +512,13 @@ async def test_a_direct_client_under_the_plain_client_user_is_told_which_user_to
 
 async def test_a_user_refused_ping_is_told_what_to_grant(acl_server):
     from cachesaver_dist.connection import check_reachable
-    from cachesaver_dist.errors import RedisUnavailableError
+    from cachesaver_dist.errors import RedisRefusedError
 
     with contextlib.closing(acl_server.admin()) as admin:
         admin.execute_command("ACL", "SETUSER", "no-ping", "reset", "on", ">pw", "~x:*",
                               "+get")
-    try:
-        with pytest.raises(RedisUnavailableError, match=r"refused a command.*\+ping"):
+    try:  # refused, not unreachable: asking again cannot help
+        with pytest.raises(RedisRefusedError, match=r"refused a command.*\+ping"):
             await check_reachable(f"redis://no-ping:pw@127.0.0.1:{acl_server.port}/0")
     finally:
         with contextlib.closing(acl_server.admin()) as admin:
@@ -556,6 +556,7 @@ def test_refused_commands_and_workers_end_with_one_line_naming_the_fix(acl_serve
     for tenant, role, command, prefix in (
             ("cachesaver", "client", ("runs",), "cachesaver:"),
             ("cachesaver", "client", ("dead-letters",), "cachesaver:"),
+            ("cachesaver", "operator", ("usage",), "cachesaver:"),
             ("other", "batch-worker", ("worker", "batch", "--model", "sim:x"), "cachesaver:"),
             ("other", "cache-worker", ("worker", "cache"), "cachesaver:")):
         url = acl_server.url(tenant, role)
@@ -566,9 +567,11 @@ def test_refused_commands_and_workers_end_with_one_line_naming_the_fix(acl_serve
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 1, (command, done.stderr[-2000:])
         assert "Traceback" not in done.stderr, (command, done.stderr[-2000:])
-        assert "the Redis user lacks a permission" in last, (command, last)
         if command[0] == "worker":  # the prefix the user's rules do not cover
+            assert "the Redis user lacks a permission" in last, (command, last)
             assert "prefix 'cachesaver:'" in last, last
+        else:  # which user runs which command
+            assert "may not do this: run stats, top" in last and "as admin" in last, last
 
 
 def test_workers_whose_password_changed_say_to_fix_the_url(acl_server, tmp_path):
