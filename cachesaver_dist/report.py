@@ -89,8 +89,8 @@ def _dollars(value: float | None) -> str:
 
 
 # Left out first when the terminal is narrow: tokens, then $ spent, dedup, $ saved.
-COLUMNS = [Col("run", get=lambda r: r["run"] or "all runs", text=True),
-           Col("model", "model", text=True),
+COLUMNS = [Col("run", get=lambda r: r["run"] or "all runs", text=True, whole=True),
+           Col("model", "model", text=True, whole=True),
            Col("requests", "requests"),
            Col("generated", "samples_generated"),
            Col("cached", "samples_cached"),

@@ -427,11 +427,11 @@ async def print_usage(redis: Redis, keys: Keys, as_json: bool) -> int:
     models = [{**m, "model": m["model"] or "(no spec recorded)",
                "memory": m["bytes"] + m["index_bytes"]} for m in report["models"]]
     console.print(fit_table(
-        [Col("model", "model", text=True), Col("prompt keys", "prompt_keys"),
+        [Col("model", "model", text=True, whole=True), Col("prompt keys", "prompt_keys"),
          Col("samples", "samples"), Col("memory", "memory", fmt=_size)],
         models, console.width, title="memory by model"))
     console.print(fit_table(
-        [Col("run", "run", text=True), Col("counters", "counters"),
+        [Col("run", "run", text=True, whole=True), Col("counters", "counters"),
          Col("manifest", "manifest"), Col("memory", "bytes", fmt=_size)],
         report["runs"], console.width, title="memory by run: counters, manifest, stats"))
     return 0

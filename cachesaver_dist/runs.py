@@ -213,7 +213,8 @@ async def print_runs(redis: Redis, keys: Keys, as_json: bool) -> int:
         return (", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
                 or "-")
 
-    cols = [Col("run", "run", text=True), Col("namespaces", get=namespaces, text=True, drop=1),
+    cols = [Col("run", "run", text=True, whole=True),
+            Col("namespaces", get=namespaces, text=True, drop=1),
             Col("requests", "requests"), Col("samples used", "samples_used"),
             Col("manifest", "manifest", fmt=lambda m: str(m) if m else "-", drop=2),
             Col("last used", "age_s",

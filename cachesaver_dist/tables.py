@@ -20,12 +20,16 @@ TEXT_MIN = 10  # a folding column is not made narrower than this (or its header'
 @dataclass(frozen=True)
 class Col:
     """A column: ``header``; ``key`` of the row dict (or ``get``); ``drop`` order (0: always
-    shown, higher numbers are left out first); ``text`` columns fold, others don't wrap."""
+    shown, higher numbers are left out first); ``text`` columns fold, others don't wrap;
+    ``whole``: a text column kept on one line (a run id or model name a user copies into
+    a command), if need be by leaving out columns that may be left out; when that is not
+    enough, the rightmost such column folds first."""
 
     header: str
     key: str = ""
     drop: int = 0
     text: bool = False
+    whole: bool = False
     fmt: Callable[[Any], str] = str
     get: Callable[[dict[str, Any]], Any] | None = None
 
@@ -50,24 +54,38 @@ def fit_table(cols: Sequence[Col], rows: Sequence[dict[str, Any]], width: int, *
     def natural(i: int) -> int:
         return max([len(cols[i].header), *(len(row[i]) for row in cells)])
 
+    whole = {i for i, c in enumerate(cols) if c.whole}  # on one line while the table fits
+
+    def folds(i: int) -> bool:
+        return cols[i].text and i not in whole
+
     def minimum(i: int) -> int:
         c = cols[i]
-        if c.text:
+        if folds(i):
             return max(_words(c.header), min(natural(i), TEXT_MIN))
         return max([_words(c.header), *(len(row[i]) for row in cells)])
 
-    keep = list(range(len(cols)))
-    droppable = sorted((i for i in keep if cols[i].drop), key=lambda i: (-cols[i].drop, -i))
-    dropped: list[int] = []
-    while not _fits([minimum(i) for i in keep], width) and droppable:
-        i = droppable.pop(0)
-        keep.remove(i)
-        dropped.append(i)
+    def shown() -> tuple[list[int], list[int]]:
+        """The columns kept, and those left out (least important first) to fit."""
+        keep = list(range(len(cols)))
+        droppable = sorted((i for i in keep if cols[i].drop),
+                           key=lambda i: (-cols[i].drop, -i))
+        dropped: list[int] = []
+        while not _fits([minimum(i) for i in keep], width) and droppable:
+            i = droppable.pop(0)
+            keep.remove(i)
+            dropped.append(i)
+        return keep, dropped
+
+    keep, dropped = shown()
+    while whole and not _fits([minimum(i) for i in keep], width):
+        whole.discard(max(whole))
+        keep, dropped = shown()
     widths: dict[int, int] | None = None
     if not _fits([natural(i) for i in keep], width):
         widths = {i: minimum(i) for i in keep}
         spare = width - (sum(w + 3 for w in widths.values()) + 1)
-        texts = [i for i in keep if cols[i].text]
+        texts = [i for i in keep if folds(i)]
         want = {i: natural(i) - widths[i] for i in texts}
         total = sum(want.values())
         for i in texts:  # share what is left among the text columns, by what they lack

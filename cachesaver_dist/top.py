@@ -101,7 +101,7 @@ def render(snap: dict[str, Any], width: int, rates: dict[str, float] | None = No
     at = datetime.fromtimestamp(snap["time"]).strftime("%H:%M:%S")
     head = Text.assemble(("cachesaver-dist top", "bold"), f"  prefix {snap['prefix']!r}  {at}"
                          f"  queue {snap['queue_depth']}  dead letters {snap['dead_letters']}")
-    model_cols = [Col("model", "model", text=True), Col("requests", "requests")]
+    model_cols = [Col("model", "model", text=True, whole=True), Col("requests", "requests")]
     if rates is not None:
         model_cols.append(Col("req/s", get=lambda r: f"{rates.get(r['model'], 0.0):.1f}",
                               drop=4))
@@ -114,7 +114,7 @@ def render(snap: dict[str, Any], width: int, rates: dict[str, float] | None = No
     route_rows = [{**r, "backlog": snap["queue_depth"] if r["route"] == CACHE_ROUTE
                    else r["lag"], "calls": "-" if r["route"] == CACHE_ROUTE else r["pending"]}
                   for r in snap["routes"]]
-    route_cols = [Col("route", "route", text=True), Col("workers", "workers"),
+    route_cols = [Col("route", "route", text=True, whole=True), Col("workers", "workers"),
                   Col("backlog", "backlog"), Col("in calls", "calls", drop=1)]
     parts: list[RenderableType] = [head]
     if note:

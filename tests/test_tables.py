@@ -81,6 +81,22 @@ async def test_stats_fit_80_columns_and_json_has_every_column(redis_url, keys, r
     body = [line.split("│") for line in narrow.splitlines() if line.startswith("│")]
     models = "".join(cells[2].strip() for cells in body)
     assert models.count(LONG_MODEL) == 3  # long names fold, not cut (2 runs and the total)
+    # where the table can fit so, run ids and model names stay on one line (to copy them)
+    from io import StringIO
+
+    from rich.console import Console
+
+    row = {"run": "run-8c17e1f3b6b7", "model": "openai:meta-llama/Llama-3.1-8B",
+           "requests": 1234, "samples_generated": 99, "samples_cached": 1135}
+    console = Console(width=80, file=StringIO())
+    console.print(fit_table(STATS_COLUMNS, [row], 80))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert_fits(out, STATS_COLUMNS, 80)
+    assert any(row["run"] in line for line in out.splitlines()), out  # the model folds
+    wide = Console(width=100, file=StringIO())
+    wide.print(fit_table(STATS_COLUMNS, [row], 100))
+    out = wide.file.getvalue()  # type: ignore[attr-defined]
+    assert any(row["run"] in line and row["model"] in line for line in out.splitlines()), out
     wide = run(redis_url, keys.prefix, "stats", columns=220).stdout
     assert assert_fits(wide, STATS_COLUMNS, 220) == [c.header for c in STATS_COLUMNS]
     rows = json.loads(run(redis_url, keys.prefix, "stats", "--json").stdout)
@@ -133,7 +149,7 @@ async def test_runs_and_usage_fit_a_narrow_terminal(redis_url, keys):
                                          "manifest", "last used", "expires")], 60)
     first = "".join(line.split("│")[1].strip() for line in runs.splitlines()
                     if line.startswith("│"))
-    assert first == "experiment-2024-11-03-ablation-b"  # folded, not cut
+    assert first == "experiment-2024-11-03-ablation-b"  # on one line: it fits so
     usage = run(redis_url, keys.prefix, "usage", columns=60).stdout
     assert_fits(usage, [Col(h) for h in ("model", "prompt keys", "samples", "memory")], 60)
     assert_fits(usage, [Col(h) for h in ("run", "counters", "manifest", "memory")], 60)
