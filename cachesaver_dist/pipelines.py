@@ -203,6 +203,10 @@ class OnlineAPI:
         self._pending: list[tuple[WorkItem, asyncio.Future[Response]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()  # batches sent: close() waits for them
+        # A model object: prompt key -> a request made for it (the model gets a copy of
+        # it: models.Job.original), and how many requests wait on it
+        self._held: dict[str, Request] | None = None if self._model is None else {}
+        self._holds: dict[str, int] = {}
         self._batches_in_flight = 0
         self._starting = 0  # calls waiting for start-up: close() lets them in first
 
@@ -245,7 +249,7 @@ class OnlineAPI:
                                        batch_size=self._model_batch_size,
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
                                        replicas=replicas, with_cache_worker=not self.direct,
-                                       url=self._url)
+                                       url=self._url, originals=self._held)
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -319,7 +323,13 @@ class OnlineAPI:
             # next loop turn (requests made together still share a batch).
             delay = 0 if self.eager and not self._batches_in_flight else self.timeout
             self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
-        return await future
+        if self._held is None:
+            return await future
+        self._hold([(item, request)])
+        try:
+            return await future
+        finally:
+            self._release([item])
 
     async def batch_request(self, batch: Batch) -> list[Response]:
         """Samples for every request of ``batch``, served in ``request_id`` order.
@@ -356,8 +366,32 @@ class OnlineAPI:
         finally:
             self._starting -= 1
 
+    def _hold(self, pairs: list[tuple[WorkItem, Request]]) -> None:
+        assert self._held is not None
+        for item, request in pairs:
+            self._held.setdefault(item.key, request)
+            self._holds[item.key] = self._holds.get(item.key, 0) + 1
+
+    def _release(self, items: list[WorkItem]) -> None:
+        assert self._held is not None
+        for item in items:
+            left = self._holds.pop(item.key) - 1
+            if left:
+                self._holds[item.key] = left
+            else:
+                del self._held[item.key]
+
     async def _submit(self, originals: list[tuple[WorkItem, Request]]) -> list[Any]:
         """``batch_request``'s batch, sent whole (a task: ``close()`` waits for it)."""
+        if self._held is None:
+            return await self._submit_now(originals)
+        self._hold(originals)
+        try:
+            return await self._submit_now(originals)
+        finally:
+            self._release([it for it, _ in originals])
+
+    async def _submit_now(self, originals: list[tuple[WorkItem, Request]]) -> list[Any]:
         assert self._client is not None and self._redis is not None
         if self._folder is not None:
             from . import migrate

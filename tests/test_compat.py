@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis as sync_redis
@@ -210,6 +211,51 @@ async def test_requests_within_the_window_are_ordered_by_request_id(redis_url, k
                        eager=eager) as pipe:
             got = dict(await asyncio.gather(*(ask(pipe, rid, f"ns{eager}") for rid in delays)))
         assert got == {rid: i for i, rid in enumerate(order)}, (eager, got)
+
+
+@dataclass(frozen=True)
+class ChatRequest(Request):
+    """A subclass as users write them: a tuple field, a method, a property."""
+
+    stop: tuple[str, ...] = ("\n",)
+    seed: int | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+    @property
+    def tag(self) -> str:
+        return f"T{self.n}"
+
+
+class Inspector:
+    """Records what each call's request object is and can do."""
+
+    model = "inspector"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    async def request(self, request: Any) -> Response:
+        self.seen.append((type(request).__name__, request.stop, request.messages()[0]["content"],
+                          request.tag, request.n, request.request_id, request.namespace,
+                          request.seed))
+        return Response(data=[f"{request.prompt}#{len(self.seen)}.{i}" for i in range(request.n)])
+
+
+async def test_a_model_object_gets_requests_of_the_callers_class(redis_url, keys):
+    """As in the original, the model gets the caller's own class, its methods and tuples
+    intact (a copy with the call's n, id and namespace); seeded calls get the seed of the
+    sample they make. ``batch_request`` and ``request`` alike."""
+    model = Inspector()
+    async with api(model, redis_url, keys, batch_size=8, timeout=0.05) as pipe:
+        await pipe.request(ChatRequest("p", 2, "a", "ns", stop=("END",)))
+        await pipe.batch_request(Batch([ChatRequest("q", 1, "b", "ns2")]))
+        await pipe.request(ChatRequest("s", 2, "c", "ns", seed=7))
+    assert model.seen[:2] == [("ChatRequest", ("END",), "p", "T2", 2, "a", "ns", None),
+                              ("ChatRequest", ("\n",), "q", "T1", 1, "b", "ns2", None)]
+    assert sorted(s[-1] for s in model.seen[2:]) == sorted([7, derive_seed(7, 1)])
+    assert all(s[0] == "ChatRequest" and s[4] == 1 for s in model.seen[2:])
 
 
 class OneSampleModel:

@@ -217,7 +217,7 @@ async def test_args_form_every_paid_sample_reused(folders, via_env, redis, keys)
         more = await api.request(ArgsRequest(args=(), kwargs=_CHAT, n=m + 1,
                                              request_id="007", namespace="fresh"))
     assert len(model.calls) == 1 and model.samples == 1
-    assert (model.calls[0].args, model.calls[0].kwargs) == ([], _CHAT)  # the model reads them
+    assert (model.calls[0].args, model.calls[0].kwargs) == ((), _CHAT)  # as the caller made them
     assert more.cached == [True] * m + [False]
 
 

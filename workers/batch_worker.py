@@ -74,8 +74,11 @@ class BatchWorker:
     """Serves the work streams of ``models`` (route -> model object) until stopped."""
 
     def __init__(self, redis: Redis, keys: Keys, models: Mapping[str, Any],
-                 config: BatchWorkerConfig | None = None, name: str | None = None) -> None:
+                 config: BatchWorkerConfig | None = None, name: str | None = None, *,
+                 originals: Mapping[str, Any] | None = None) -> None:
         self.redis, self.keys, self.models = redis, keys, dict(models)
+        # in-process: prompt key -> a request object its caller made (see models.Job)
+        self.originals = originals if originals is not None else {}
         self.config = config or BatchWorkerConfig()
         self.name = name or worker_name()
         self.streams = {keys.work_stream(route): route for route in self.models}
@@ -328,8 +331,8 @@ class BatchWorker:
             started = time.monotonic()
             try:
                 results = await generate(self.models[route], [
-                    Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id)
-                    for w in works])
+                    Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id,
+                        self.originals.get(w.key)) for w in works])
             except Exception as exc:  # a failure of the call itself: its requests fail
                 log.exception("%s: the model call failed", route)  # (their claims released)
                 results = [ModelError(f"the model call failed: {type(exc).__name__}: {exc}")

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -47,13 +47,15 @@ class LocalWorkers:
     def __init__(self, redis: Redis, keys: Keys, route: str, model: Any, *,
                  batch_size: int = defaults.BATCH_SIZE, concurrency: int = defaults.CONCURRENCY,
                  run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0,
-                 with_cache_worker: bool = True, url: str | None = None) -> None:
+                 with_cache_worker: bool = True, url: str | None = None,
+                 originals: Mapping[str, Any] | None = None) -> None:
         self._own = (connect(url, read_timeout=worker_read_timeout(defaults.POLL_DELAY_S))
                      if url else None)
         redis = self._own or redis
         self._batch = BatchWorker(redis, keys, {route: model},
                                   BatchWorkerConfig(batch_size=batch_size, concurrency=concurrency,
-                                                    replicas=replicas, in_process=True))
+                                                    replicas=replicas, in_process=True),
+                                  originals=originals)
         self._batch_task = asyncio.create_task(self._batch.run())
         self._cache: Any = None
         if with_cache_worker:

@@ -169,12 +169,32 @@ def make_request(fields: dict[str, Any], n: int, request_id: str | None = None,
 @dataclass
 class Job:
     """Samples to generate for one prompt key: its fields, the sample indices, and the
-    namespace and request id of the first request that claimed them."""
+    namespace and request id of the first request that claimed them; ``original``: a
+    request object made for this prompt key in this process, if the caller knows one
+    (the model then gets an object of its class, with its own field values)."""
 
     fields: dict[str, Any]
     indices: list[int]
     namespace: str | None = None
     request_id: str | None = None
+    original: Request | None = None
+
+
+def _request_for(job: Job, fields: dict[str, Any], n: int) -> Request:
+    """What the model gets for one call of ``job``: a copy of ``job.original`` (its class,
+    methods and tuples intact) where there is one, else a ``Request`` built from the
+    stored fields."""
+    if job.original is not None:
+        seed = fields.get("seed")
+        changes: dict[str, Any] = {"n": n, "request_id": job.request_id,
+                                   "namespace": job.namespace}
+        if seed is not None and getattr(job.original, "seed", None) not in (None, seed):
+            changes["seed"] = seed  # this call's derived seed
+        try:
+            return dataclasses.replace(job.original, **changes)
+        except (TypeError, ValueError):  # a class that cannot be copied so: its fields
+            pass
+    return make_request(fields, n, job.request_id, job.namespace)
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -208,8 +228,7 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
     """
     calls = [(j, fields, indices) for j, job in enumerate(jobs)
              for fields, indices in _calls(job)]
-    requests = [make_request(fields, len(indices), jobs[j].request_id, jobs[j].namespace)
-                for j, fields, indices in calls]
+    requests = [_request_for(jobs[j], fields, len(indices)) for j, fields, indices in calls]
     if callable(getattr(model, "request", None)):
         results = await asyncio.gather(*(awaited(model, "request", r) for r in requests),
                                        return_exceptions=True)
