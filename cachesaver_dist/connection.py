@@ -16,6 +16,7 @@ from typing import Any
 from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import Connection, ConnectionPool, Redis, SSLConnection
 from redis.asyncio.connection import AbstractConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import async_timeout as write_timeout
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
@@ -38,7 +39,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 
 
 class _HiredisFastPath:
-    """Two costs of every command of redis-py 5's asyncio connections removed.
+    """Two costs of every command of redis-py 5's asyncio connections removed, and one
+    lost cancellation.
 
     * Commands are packed with hiredis (C), as its sync client does: a script call with
       hundreds of arguments costs microseconds, not a millisecond.
@@ -46,6 +48,8 @@ class _HiredisFastPath:
       already buffered, as redis-py 8 does (redis/redis-py#4063), instead of a read
       with a zero timeout: that read costs an event-loop turn and a timer per command.
       (arq pins redis-py below 6.)
+    * A command is written under a timeout scope (``send_packed_command``), not in a
+      task of its own under ``asyncio.wait_for``, which loses a cancellation.
     """
 
     _serializer = HiredisRespSerializer()
@@ -54,6 +58,41 @@ class _HiredisFastPath:
         if not HIREDIS_AVAILABLE:
             return super().pack_command(*args)  # type: ignore[misc]
         return self._serializer.pack(*args)
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """redis-py 5's, with the write bounded by a timeout scope in this task instead of
+        ``asyncio.wait_for``: before Python 3.12, ``wait_for`` returns normally when its
+        task is cancelled after the write ended and before it resumed, and the
+        cancellation is lost (redis/redis-py#2028). A worker loop that loses its one
+        cancellation never ends: ``asyncio.run`` cancels each task once at its end, and
+        waited for ever on the cache worker of an in-process pipeline never closed."""
+        conn: Any = self
+        timeout = conn.socket_timeout
+        if not timeout:  # written in this task already
+            return await super().send_packed_command(  # type: ignore[misc]
+                command, check_health)
+        if not conn.is_connected:
+            await conn.connect()
+        elif check_health:
+            await conn.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with write_timeout(timeout):
+                await conn._send_packed_command(command)
+        except asyncio.TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            err_no, message = exc.args[:2] if len(exc.args) >= 2 else ("UNKNOWN", exc)
+            raise RedisConnectionError(
+                f"Error {err_no} while writing to socket. {message}.") from exc
+        except BaseException:  # cancelled mid-write: the connection cannot be reused
+            await conn.disconnect(nowait=True)
+            raise
 
     async def can_read_destructive(self) -> bool:
         parser = self._parser  # type: ignore[attr-defined]

@@ -198,3 +198,23 @@ async def test_a_user_refused_time_judges_heartbeats_by_its_own_clock(caplog):
     assert abs(first - time.time() * 1000) < 5_000
     warnings = [r.getMessage() for r in caplog.records if "TIME" in r.getMessage()]
     assert len(warnings) == 1 and "+time" in warnings[0], warnings
+
+
+async def test_a_command_cancelled_at_any_turn_ends_cancelled(redis_url):
+    """A cancellation is never lost in a command's write: redis-py 5 wrote it in a task
+    of its own under ``asyncio.wait_for``, which returned normally when cancelled after
+    that write ended, and the command went on (a worker loop cancelled so never ended)."""
+    redis = connect(redis_url, read_timeout=5.0)  # a read timeout: wait_for was used
+    try:
+        await redis.ping()
+        for turns in range(12):
+            task = asyncio.create_task(redis.ping())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if task.done():
+                break
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        await redis.aclose()

@@ -7,6 +7,8 @@ worker pool runs (cross-process behaviour is in test_processes.py).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +25,7 @@ from cachesaver_dist import (
 )
 from cachesaver_dist.errors import NoWorkerError
 from cachesaver_dist.protocol import Keys, prompt_key
+from tests.conftest import ROOT, subprocess_env
 from workers.batch_worker import BatchWorker
 
 
@@ -299,3 +302,21 @@ async def test_answered_batches_leave_no_reservation_records(redis_url, keys, re
         left = [k async for k in redis.scan_iter(match=records)]
         assert len(left) <= 1, left  # only the batch just answered
     assert [k async for k in redis.scan_iter(match=records)] == []
+
+
+def test_a_pipeline_never_closed_lets_asyncio_run_end(redis_url, keys):
+    """``asyncio.run()`` cancels each task once at its end: the in-process workers of a
+    pipeline never closed end then, even when its loop last stopped (a nested
+    ``asyncio.run`` under nest_asyncio stops it anywhere) just as the cache worker's write
+    of a command ended (redis-py's ``asyncio.wait_for`` lost the cancellation there and
+    the script never exited)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.unclosed_proc", keys.prefix],
+                            env=subprocess_env(redis_url), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the script did not exit:\n{out.decode(errors='replace')}")
+    assert proc.returncode == 0, out.decode(errors="replace")
