@@ -16,7 +16,7 @@ from typing import Any
 from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import Connection, ConnectionPool, Redis, SSLConnection
 from redis.asyncio.connection import AbstractConnection, UnixDomainSocketConnection
-from redis.asyncio.connection import async_timeout as write_timeout
+from redis.asyncio.connection import async_timeout as timeout_scope
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
@@ -80,7 +80,7 @@ class _HiredisFastPath:
         if isinstance(command, bytes):
             command = [command]
         try:
-            async with write_timeout(timeout):
+            async with timeout_scope(timeout):
                 await conn._send_packed_command(command)
         except asyncio.TimeoutError:
             await conn.disconnect(nowait=True)

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from redis.asyncio.connection import async_timeout as timeout_scope
 from redis.exceptions import NoPermissionError, RedisError
 
 from . import defaults
@@ -73,12 +74,12 @@ def heartbeat_loop(redis: Any, keys: Keys, *routes: str, name: str | None = None
     async def loop() -> None:
         while True:
             pause = defaults.HEARTBEAT_S
-            # bounded: a primary that froze must not hold the beats past their TTL; its
-            # error is read even when this loop is cancelled as it ends
-            beating = asyncio.ensure_future(beat(redis, keys, routes, name))
-            beating.add_done_callback(lambda t: t.cancelled() or t.exception())
+            # bounded: a primary that froze must not hold the beats past their TTL; in a
+            # timeout scope of this task (asyncio.wait_for, before Python 3.12, loses a
+            # cancellation that comes as the beat ends: the loop would beat on for ever)
             try:
-                await asyncio.wait_for(beating, defaults.HEARTBEAT_S)
+                async with timeout_scope(defaults.HEARTBEAT_S):
+                    await beat(redis, keys, routes, name)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:  # on a new connection
                 log.warning("heartbeat not written: %s",
                             str(exc) or f"no answer from Redis within {defaults.HEARTBEAT_S:g} s "

@@ -180,6 +180,37 @@ async def test_a_redis_that_stops_answering_fails_requests_at_request_timeout(tm
         server.stop()
 
 
+async def test_a_heartbeat_cancelled_at_any_turn_ends(monkeypatch):
+    """A worker's heartbeat stops when cancelled, whatever turn of its beat the
+    cancellation comes at (one lost would keep a stopped worker looking alive, and keep
+    asyncio.run from ending)."""
+    monkeypatch.setattr(defaults, "HEARTBEAT_S", 0.5)
+
+    class Pipeline:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+        async def execute(self) -> None:
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    class Server:
+        def pipeline(self, transaction: bool = False) -> Pipeline:
+            return Pipeline()
+
+        async def time(self) -> tuple[int, int]:
+            await asyncio.sleep(0)
+            return int(time.time()), 0
+
+    for turns in range(10):
+        task = heartbeat_loop(Server(), Keys("hb:"), "cache", name="w")
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=0.2)
+        assert done and task.cancelled(), f"cancelled after {turns} turns, still beating"
+
+
 async def test_a_user_refused_time_judges_heartbeats_by_its_own_clock(caplog):
     """An ACL file from before TIME was granted: this host's clock, one warning naming
     the fix, not a failure."""

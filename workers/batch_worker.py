@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 from redis.asyncio import Redis
+from redis.asyncio.connection import async_timeout as timeout_scope
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cachesaver_dist import defaults, metrics
@@ -192,8 +193,11 @@ class BatchWorker:
         free = self._free()
         if free <= 0:
             self._slot_freed.clear()
+            # a timeout scope of this task: wait_for (Python < 3.12) can lose the
+            # cancellation that ends this worker's loop
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), timeout=1.0)
+                async with timeout_scope(1.0):
+                    await self._slot_freed.wait()
             return
         count = min(self.config.batch_size, free)
         got = await self._read_new(count)
@@ -230,8 +234,9 @@ class BatchWorker:
         connection closed (it adds them to this consumer's pending list as it sends
         them), read back from that list so they are dispatched, not left leased."""
         try:
-            got = await asyncio.wait_for(self.redis.xreadgroup(
-                CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, "0")), 1.0)
+            async with timeout_scope(1.0):
+                got = await self.redis.xreadgroup(
+                    CONSUMER_GROUP, self.name, dict.fromkeys(self.streams, "0"))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("pending entries not read back on stop (%s): they stay leased and "
                         "are taken over", str(exc) or type(exc).__name__)
