@@ -216,8 +216,10 @@ class OnlineAPI:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Left by a cancellation, Ctrl-C (KeyboardInterrupt) or SystemExit: nobody waits
+        # for the requests in flight any more, so they are given up instead of finished.
+        await self._close(give_up=exc_type is not None and not issubclass(exc_type, Exception))
 
     async def start(self) -> None:
         """Connect (and start in-process workers); called on first use if not before."""
@@ -277,7 +279,14 @@ class OnlineAPI:
         await self.close()
 
     async def close(self) -> None:
-        """Finish pending requests, stop in-process workers, release connections."""
+        """Finish pending requests, stop in-process workers, release connections.
+
+        Leaving ``async with`` by a cancellation or Ctrl-C gives the pending requests
+        up instead (they raise ``CancelledError``): what they reserved stays
+        consistent, and samples being generated for them are still stored."""
+        await self._close(give_up=False)
+
+    async def _close(self, give_up: bool) -> None:
         if self._started is None:
             return
         with contextlib.suppress(Exception):
@@ -285,6 +294,8 @@ class OnlineAPI:
         # Calls that waited for start-up are runnable now (it is done): a turn or two.
         while self._starting:  # noqa: ASYNC110
             await asyncio.sleep(0)
+        if give_up:
+            self._give_up()
         self._flush()
         while self._flushes:  # (wait: a close() cancelled does not cancel other callers')
             await asyncio.wait(list(self._flushes))
@@ -399,6 +410,19 @@ class OnlineAPI:
             await migrate.import_for(self._redis, self.keys, self._folder, originals,
                                      self._hash)
         return list(await self._client.submit([it for it, _ in originals]))
+
+    def _give_up(self) -> None:
+        """Cancel the requests not sent yet and the batches in flight (a batch given up
+        stops waiting and asking again; a client that gives up leaves nothing to undo)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        pending, self._pending = self._pending, []
+        for item, future in pending:
+            future.cancel()
+            self._originals.pop(item.uuid, None)
+        for task in self._flushes:
+            task.cancel()
 
     def _flush(self) -> None:
         if self._flush_timer is not None:

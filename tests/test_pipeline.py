@@ -320,3 +320,41 @@ def test_a_pipeline_never_closed_lets_asyncio_run_end(redis_url, keys):
         out, _ = proc.communicate()
         pytest.fail(f"the script did not exit:\n{out.decode(errors='replace')}")
     assert proc.returncode == 0, out.decode(errors="replace")
+
+
+async def test_async_with_left_by_a_cancellation_gives_up_requests_in_flight(redis_url, keys):
+    """Cancelled (as Ctrl-C cancels ``asyncio.run``'s task), ``async with`` does not wait
+    for the replies of the requests in flight, nor send the ones still collecting: no
+    worker serves this model, and nothing re-asks for it after the cancellation."""
+    import time
+
+    pipe = api("sim:gives-up", redis_url, keys, reply_timeout=30, request_timeout=60,
+               batch_size=4, timeout=30)
+
+    async def body() -> None:
+        async with pipe:
+            sent = asyncio.gather(*(pipe.request(Request(f"p{i}", 1, f"{i}", "ns"))
+                                    for i in range(4)))  # a batch of 4: sent at once
+            await asyncio.gather(sent, pipe.request(Request("not sent", 1, "x", "ns")))
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0.5)  # the batch waits for replies, the fifth request for its batch
+    assert len(pipe._flushes) == 1 and len(pipe._pending) == 1
+    started = time.monotonic()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=20)
+    assert done and task.cancelled()
+    assert time.monotonic() - started < 2.0
+    assert pipe._started is None and not pipe._flushes and not pipe._pending  # closed
+
+
+async def test_async_with_left_by_an_exception_still_finishes_requests_in_flight(redis_url,
+                                                                                 keys):
+    model = SimModel("exc-exit", latency=0.5)
+    with pytest.raises(ValueError, match="user code failed"):
+        async with api(model, redis_url, keys, batch_size=2) as pipe:
+            requests = [asyncio.create_task(pipe.request(Request(f"p{i}", 1, f"{i}", "ns")))
+                        for i in range(4)]
+            await asyncio.sleep(0.1)  # sent, the model calls running
+            raise ValueError("user code failed")
+    assert [len((await r).data) for r in requests] == [1] * 4

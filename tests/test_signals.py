@@ -1,5 +1,6 @@
 """Worker processes stop within 5 s of SIGTERM/SIGINT in every state, and fail fast and
-clearly at start-up when Redis cannot be reached or refuses the login.
+clearly at start-up when Redis cannot be reached or refuses the login; a client (a
+script, the demo) stops at once on Ctrl-C, giving up its requests in flight.
 
 Every test runs its own private redis-server on a free port (it stops it, changes its
 password, ...), never the session's shared one. Times are measured from the signal to
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -393,3 +396,167 @@ def test_signal_while_waiting_for_redis_at_startup(kind, sig):
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+
+
+# --- Ctrl-C in a client: requests in flight are given up, not waited for -------------------
+
+CTRL_C_WITHIN_S = 3.0  # from the signal to the exit, everything stopped
+
+CTRL_C_SCRIPT = """
+import asyncio, os, sys
+from cachesaver_dist import OnlineAPI, Request
+async def main():
+    async with OnlineAPI(sys.argv[1], cache=os.environ["REDIS_URL"], prefix=sys.argv[2],
+                         reply_timeout=30, request_timeout=60) as api:
+        await asyncio.gather(*(api.request(Request(f"ctrl-c {i}", 2, str(i), "ns"))
+                               for i in range(4)))
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+async def wait_model_calls(client, keys: Keys, route_name: str, timeout: float = 30) -> None:
+    """Until a batch worker has taken work of ``route_name`` (its model calls started)."""
+    from redis.exceptions import ResponseError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ResponseError):  # no stream (or group) yet
+            if (await client.xpending(keys.work_stream(route_name), CONSUMER_GROUP))["pending"]:
+                return
+        assert time.monotonic() < deadline, "the model calls never started"
+        await asyncio.sleep(0.05)
+
+
+async def test_ctrl_c_in_a_script_leaves_async_with_at_once(server, tmp_path):
+    """Ctrl-C while a script's requests wait for slow model calls (10 s) of a worker
+    pool: the script exits at once instead of waiting for them, and what it gave up is
+    consistent: the calls in flight are stored and served to the next request."""
+    from redis.asyncio import Redis
+
+    from cachesaver_dist.protocol import prompt_key
+
+    procs = pool_for(server.url(), tmp_path)
+    keys = procs.keys
+    client = Redis.from_url(server.url())
+    try:
+        procs.cli("worker", "cache", name="cache")
+        start_worker(procs, "batch", TEST_MODEL_LATENCY="10")
+        procs.wait_alive("cache")
+        procs.wait_alive(SLOW_MODEL)
+        script = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, SLOW_MODEL, keys.prefix],
+                                  env=subprocess_env(server.url()), cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            await wait_model_calls(client, keys, SLOW_MODEL)
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            script.send_signal(signal.SIGINT)
+            _, err = await asyncio.to_thread(script.communicate, timeout=20)
+            elapsed = time.monotonic() - started
+        finally:
+            if script.poll() is None:
+                script.kill()
+                script.communicate()
+        print(f"script exited {elapsed:.2f} s after SIGINT, status {script.returncode}")
+        assert elapsed < CTRL_C_WITHIN_S, f"{elapsed:.1f} s after Ctrl-C: {err.decode()}"
+        assert script.returncode == 130, err.decode()
+        assert "Traceback" not in err.decode(), err.decode()
+        # The claims it gave up are generated once and served to the next caller.
+        async with OnlineAPI(SLOW_MODEL, cache=server.url(), prefix=keys.prefix,
+                             request_timeout=30) as api:
+            again = await asyncio.gather(*(api.request(Request(f"ctrl-c {i}", 2, str(i), "ns"))
+                                           for i in range(4)))
+        assert [[m["index"] for m in r.metadata] for r in again] == [[0, 1]] * 4
+        counts = await client.hgetall(f"{keys.prefix}counter")
+        assert {k: int(v) for k, v in counts.items() if k != b"__calls__"} == \
+            {f"ctrl-c {i}".encode(): 2 for i in range(4)}, "generated twice, or not at all"
+        for i in range(4):
+            assert not await client.exists(
+                keys.waiters(prompt_key(SLOW_MODEL, {"prompt": f"ctrl-c {i}"})))
+        assert not (await client.xpending(keys.work_stream(SLOW_MODEL), CONSUMER_GROUP))[
+            "pending"]
+    finally:
+        await client.aclose()
+        procs.stop_all()
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("to", ["demo", "group"])
+async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
+    """Ctrl-C during the demo's first pass (on its embedded server, with a slow model):
+    sent to the demo only, or to its process group as a terminal sends it (its workers
+    get it too). It exits with 130 at once, quietly, and leaves nothing running."""
+    from redis.asyncio import Redis
+
+    from cachesaver_dist.demo import MODEL
+
+    env = {k: v for k, v in subprocess_env("").items() if k != "REDIS_URL"}
+    data = tmp_path / "data"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "cachesaver_dist.cli", "demo", "-v", "--puzzles", "400",
+         "--latency", "1", "--data-dir", str(data), "--prefix", "sigdemo:"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own group, as a terminal's job; SIGINT not ignored
+    started_processes: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "server.json").exists():
+            assert demo.poll() is None and time.monotonic() < deadline, "no embedded server"
+            await asyncio.sleep(0.1)
+        port = json.loads((data / "server.json").read_text())["port"]
+        client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+        try:
+            await wait_model_calls(client, Keys("sigdemo:"), MODEL, timeout=60)
+        finally:
+            await client.aclose()
+        await asyncio.sleep(1.0)  # many batches in flight, each waiting for model calls
+        started_processes = _descendants(demo.pid)
+        assert len(started_processes) >= 4  # the server, simulator and two workers
+        started = time.monotonic()
+        if to == "demo":
+            demo.send_signal(signal.SIGINT)
+        else:
+            os.killpg(demo.pid, signal.SIGINT)
+        out, _ = await asyncio.to_thread(demo.communicate, timeout=60)
+        elapsed = time.monotonic() - started
+        log = out.decode(errors="replace")
+        print(f"demo exited {elapsed:.2f} s after SIGINT to the {to}, status {demo.returncode}")
+        assert elapsed < CTRL_C_WITHIN_S, f"{elapsed:.1f} s after Ctrl-C: {log[-3000:]}"
+        assert demo.returncode == 130, log[-3000:]
+        assert "Traceback" not in log and "withdrawn" not in log, log[-3000:]
+        await asyncio.sleep(0.5)
+        assert [pid for pid in started_processes if _running(pid)] == [], "left running"
+        assert not (data / "server.json").exists(), "the embedded server was not stopped"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+        for pid in started_processes:
+            if _running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
