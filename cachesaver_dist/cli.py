@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                             "of %s, which only processes of this machine with the same data "
                             "folder use; set REDIS_URL to serve a cluster", args.data_dir)
             return _run_worker(url, keys, args)
-        return asyncio.run(_run_command(url, keys, args))
+        return asyncio.run(_interruptible(_run_command(url, keys, args)))
     except KeyboardInterrupt:
         return 130
     except (CacheSaverError, ConnectionError, RuntimeError, ValueError) as exc:
@@ -236,6 +239,30 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+async def _interruptible(command: Coroutine[Any, Any, int]) -> int:
+    """``command``, stopped by Ctrl-C (SIGINT) with status 130. Every Ctrl-C cancels it
+    at an await: Python's own handling raises KeyboardInterrupt at a second one (an
+    impatient user's, or ``timeout`` passing the signal on) wherever the event loop is,
+    which can lose a task's wake-up and leave the process hung."""
+    task = asyncio.current_task()
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if task is not None:
+            task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        return await command
+    except asyncio.CancelledError:
+        if interrupted:
+            return 130
+        raise
 
 
 async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:

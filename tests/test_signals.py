@@ -506,11 +506,13 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("to", ["demo", "group"])
+@pytest.mark.parametrize("to", ["demo", "group", "group-then-demo-twice"])
 async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
     """Ctrl-C during the demo's first pass (on its embedded server, with a slow model):
     sent to the demo only, or to its process group as a terminal sends it (its workers
-    get it too). It exits with 130 at once, quietly, and leaves nothing running."""
+    get it too), then twice more to the demo while it stops (an impatient user, or
+    ``timeout`` passing the signal on). It exits with 130 at once, quietly, and leaves
+    nothing running."""
     from redis.asyncio import Redis
 
     from cachesaver_dist.demo import MODEL
@@ -542,6 +544,10 @@ async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
             demo.send_signal(signal.SIGINT)
         else:
             os.killpg(demo.pid, signal.SIGINT)
+        if to == "group-then-demo-twice":
+            for _ in range(2):
+                await asyncio.sleep(0.01)
+                demo.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(demo.communicate, timeout=60)
         elapsed = time.monotonic() - started
         log = out.decode(errors="replace")
