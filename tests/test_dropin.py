@@ -742,3 +742,30 @@ async def test_a_worker_pool_can_call_the_provider_instead(sim, opts, processes)
     assert sim.requests(model) == 1
     with pytest.raises(ValueError, match="workers must be 'local'"):
         AsyncOpenAI(api_key="test", workers="remote")
+
+
+async def test_async_with_left_by_a_cancellation_gives_up_calls_in_flight(sim, opts):
+    """Cancelled inside ``async with`` (as Ctrl-C cancels ``asyncio.run``'s task), the
+    client closes without waiting for its provider call in flight (hung for 30 s here):
+    it gives it the in-process workers' grace (3 s), not its whole time."""
+    from tests.support import admin
+
+    model = model_name()
+    await admin(sim.url, "POST", "/admin/faults",
+                {"faults": [{"kind": "timeout", "seconds": 30, "model": model}]})
+    try:
+        client = AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+
+        async def body() -> None:
+            async with client:
+                await client.chat.completions.create(model=model, messages=MSGS)
+
+        task = asyncio.create_task(body())
+        await asyncio.sleep(1.0)  # the call hangs at the provider
+        started = time.monotonic()
+        task.cancel()
+        await asyncio.wait([task], timeout=20)
+        assert task.cancelled(), "still closing 20 s after the cancellation"
+        assert time.monotonic() - started < 5.0
+    finally:
+        await admin(sim.url, "DELETE", "/admin/faults")

@@ -437,8 +437,9 @@ class _Core:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(close)
 
-    async def aclose(self) -> None:
-        """Close the pipelines (pending requests finish), Redis, the embedded server, the SDK."""
+    async def aclose(self, give_up: bool = False) -> None:
+        """Close the pipelines (pending requests finish, or are given up with ``give_up``:
+        see ``OnlineAPI.close``), Redis, the embedded server, the SDK."""
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             if not self._loop.is_closed():
                 raise CacheSaverError("close the client on the event loop it runs on")
@@ -446,7 +447,7 @@ class _Core:
         pipelines, connecting = list(self._pipelines.values()), self._connecting
         for task in pipelines:
             with contextlib.suppress(Exception):
-                await (await task).close()
+                await (await task)._close(give_up)
         if connecting is not None:
             with contextlib.suppress(Exception):
                 await connecting
@@ -571,8 +572,10 @@ class AsyncClient(ClientSettings):
     async def __aenter__(self) -> Any:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # left by a cancellation or Ctrl-C: the calls in flight are given up, as by OnlineAPI
+        await self._core.aclose(give_up=exc_type is not None and
+                                not issubclass(exc_type, Exception))
 
     def __repr__(self) -> str:
         core = self._core
