@@ -11,7 +11,6 @@ client (``OnlineAPI(direct=True)``: it reserves itself, without the cache worker
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from .heartbeat import alive_workers
 from .pipelines import OnlineAPI
 from .protocol import Keys
 from .report import collect
+from .server import _pdeathsig_preexec
 from .tables import Col, fit_table
 from .typedefs import Request
 
@@ -113,8 +113,11 @@ _COLUMNS = [Col("pass", "pass", text=True), Col("requests", "requests"),
 def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Popen]:
     """The simulator (its URL read from its first line), a cache and a batch worker."""
     cli = [sys.executable, "-m", "cachesaver_dist.cli"]
+    # Stopped by us, after the workers that call it: a terminal's Ctrl-C does not reach
+    # it (its own session); it gets SIGTERM if we die, as the embedded server does.
     simulator = subprocess.Popen([*cli, "simulator", "--port", "0", "--latency", str(latency)],
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                 preexec_fn=_pdeathsig_preexec())
     line = simulator.stdout.readline() if simulator.stdout else ""
     if "http" not in line:
         simulator.kill()
@@ -124,10 +127,27 @@ def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Po
     common = ["--prefix", keys.prefix]
     return [
         simulator,
-        subprocess.Popen([*cli, "worker", "cache", *common], env=env),
+        subprocess.Popen([*cli, "worker", "cache", *common], env=env,
+                         preexec_fn=_pdeathsig_preexec()),
         subprocess.Popen([*cli, "worker", "batch", *common, "--model", MODEL,
-                          "--base-url", base_url], env=env),
+                          "--base-url", base_url], env=env, preexec_fn=_pdeathsig_preexec()),
     ]
+
+
+def _stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Stop the workers, then the simulator: a model call in flight finishes (and is
+    stored) instead of being retried against a simulator gone. What does not stop
+    within 15 s is killed."""
+    simulator, workers = procs[0], procs[1:]
+    for group in (workers, [simulator]):
+        for p in group:
+            p.terminate()
+        for p in group:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 async def _wait_for_workers(url: str, keys: Keys, procs: list[subprocess.Popen]) -> None:
@@ -163,11 +183,7 @@ async def run_demo(url: str, keys: Keys, puzzles: int = 12, latency: float = 0.0
                 for label, direct in (("pass 1", False), ("pass 2 (re-run)", False),
                                       ("pass 3 (re-run, direct)", True))]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=15)
+        _stop_processes(procs)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:

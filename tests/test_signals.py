@@ -518,12 +518,13 @@ async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
     from cachesaver_dist.demo import MODEL
 
     env = {k: v for k, v in subprocess_env("").items() if k != "REDIS_URL"}
-    data = tmp_path / "data"
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "cachesaver_dist.cli", "demo", "-v", "--puzzles", "400",
-         "--latency", "1", "--data-dir", str(data), "--prefix", "sigdemo:"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own group, as a terminal's job; SIGINT not ignored
+    data, log_path = tmp_path / "data", tmp_path / "demo.log"
+    with open(log_path, "wb") as out:  # a file, not a pipe its children would hold open
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "cachesaver_dist.cli", "demo", "-v", "--puzzles", "400",
+             "--latency", "1", "--data-dir", str(data), "--prefix", "sigdemo:"],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own group, as a terminal's job; SIGINT not ignored
     started_processes: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -539,6 +540,9 @@ async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
         await asyncio.sleep(1.0)  # many batches in flight, each waiting for model calls
         started_processes = _descendants(demo.pid)
         assert len(started_processes) >= 4  # the server, simulator and two workers
+        [simulator] = [pid for pid in started_processes
+                       if b"simulator" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert os.getsid(simulator) == simulator  # a terminal's Ctrl-C does not reach it
         started = time.monotonic()
         if to == "demo":
             demo.send_signal(signal.SIGINT)
@@ -548,21 +552,46 @@ async def test_ctrl_c_stops_the_demo_at_once(tmp_path, to):
             for _ in range(2):
                 await asyncio.sleep(0.01)
                 demo.send_signal(signal.SIGINT)
-        out, _ = await asyncio.to_thread(demo.communicate, timeout=60)
+        await asyncio.to_thread(demo.wait, 60)
         elapsed = time.monotonic() - started
-        log = out.decode(errors="replace")
+        log = log_path.read_text(errors="replace")
         print(f"demo exited {elapsed:.2f} s after SIGINT to the {to}, status {demo.returncode}")
         assert elapsed < CTRL_C_WITHIN_S, f"{elapsed:.1f} s after Ctrl-C: {log[-3000:]}"
         assert demo.returncode == 130, log[-3000:]
         assert "Traceback" not in log and "withdrawn" not in log, log[-3000:]
+        # its workers stopped before the simulator: their calls under way were answered
+        assert "call failed" not in log and "unfinished" not in log, log[-3000:]
         await asyncio.sleep(0.5)
         assert [pid for pid in started_processes if _running(pid)] == [], "left running"
         assert not (data / "server.json").exists(), "the embedded server was not stopped"
-    finally:
+    finally:  # whatever failed, nothing of it stays running
+        started_processes += _descendants(demo.pid)
         if demo.poll() is None:
             demo.kill()
-            demo.communicate()
+            demo.wait()
         for pid in started_processes:
             if _running(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_the_demo_stops_its_workers_before_the_simulator():
+    """Their model calls under way are answered, not retried against a simulator gone."""
+    from cachesaver_dist.demo import _stop_processes
+
+    events: list[tuple[str, str]] = []
+
+    class Proc:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def terminate(self) -> None:
+            events.append(("terminate", self.name))
+
+        def wait(self, timeout: float | None = None) -> int:
+            events.append(("exited", self.name))
+            return 0
+
+    _stop_processes([Proc("simulator"), Proc("cache"), Proc("batch")])  # type: ignore[list-item]
+    assert events == [("terminate", "cache"), ("terminate", "batch"), ("exited", "cache"),
+                      ("exited", "batch"), ("terminate", "simulator"), ("exited", "simulator")]
