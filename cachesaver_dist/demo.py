@@ -26,7 +26,7 @@ from .heartbeat import alive_workers
 from .pipelines import OnlineAPI
 from .protocol import Keys
 from .report import collect
-from .server import _pdeathsig_preexec
+from .server import pdeathsig_preexec
 from .tables import Col, fit_table
 from .typedefs import Request
 
@@ -117,7 +117,7 @@ def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Po
     # it (its own session); it gets SIGTERM if we die, as the embedded server does.
     simulator = subprocess.Popen([*cli, "simulator", "--port", "0", "--latency", str(latency)],
                                  stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                 preexec_fn=_pdeathsig_preexec())
+                                 preexec_fn=pdeathsig_preexec())
     line = simulator.stdout.readline() if simulator.stdout else ""
     if "http" not in line:
         simulator.kill()
@@ -128,9 +128,9 @@ def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Po
     return [
         simulator,
         subprocess.Popen([*cli, "worker", "cache", *common], env=env,
-                         preexec_fn=_pdeathsig_preexec()),
+                         preexec_fn=pdeathsig_preexec()),
         subprocess.Popen([*cli, "worker", "batch", *common, "--model", MODEL,
-                          "--base-url", base_url], env=env, preexec_fn=_pdeathsig_preexec()),
+                          "--base-url", base_url], env=env, preexec_fn=pdeathsig_preexec()),
     ]
 
 

@@ -219,7 +219,7 @@ class OnlineAPI:
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         # Left by a cancellation, Ctrl-C (KeyboardInterrupt) or SystemExit: nobody waits
         # for the requests in flight any more, so they are given up instead of finished.
-        await self._close(give_up=exc_type is not None and not issubclass(exc_type, Exception))
+        await self.close(give_up=exc_type is not None and not issubclass(exc_type, Exception))
 
     async def start(self) -> None:
         """Connect (and start in-process workers); called on first use if not before."""
@@ -278,15 +278,12 @@ class OnlineAPI:
         """The original's name for ``close()``."""
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, *, give_up: bool = False) -> None:
         """Finish pending requests, stop in-process workers, release connections.
 
-        Leaving ``async with`` by a cancellation or Ctrl-C gives the pending requests
-        up instead (they raise ``CancelledError``): what they reserved stays
-        consistent, and samples being generated for them are still stored."""
-        await self._close(give_up=False)
-
-    async def _close(self, give_up: bool) -> None:
+        ``give_up`` (what leaving ``async with`` by a cancellation or Ctrl-C does): the
+        pending requests are given up instead (they raise ``CancelledError``); what they
+        reserved stays consistent, and samples being generated for them are still stored."""
         if self._started is None:
             return
         with contextlib.suppress(Exception):

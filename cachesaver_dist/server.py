@@ -114,7 +114,7 @@ def _escalate(pid: int, shutdown_sent: bool) -> str:
     return "nothing (still alive)"
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """Build a preexec_fn that makes the child get SIGTERM when we die (Linux only)."""
     if not sys.platform.startswith("linux") or os.environ.get("CACHESAVER_NO_PDEATHSIG") == "1":
         return None
@@ -274,7 +274,7 @@ class EmbeddedServer:
                 offset = out.tell()
                 proc = subprocess.Popen(self._args(port), stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_pdeathsig_preexec())
+                                        preexec_fn=pdeathsig_preexec())
             if self._wait_ready(proc, port):
                 self._proc, self.port = proc, port
                 log.info("started %s pid %s on port %s (data in %s)",

@@ -447,7 +447,7 @@ class _Core:
         pipelines, connecting = list(self._pipelines.values()), self._connecting
         for task in pipelines:
             with contextlib.suppress(Exception):
-                await (await task)._close(give_up)
+                await (await task).close(give_up=give_up)
         if connecting is not None:
             with contextlib.suppress(Exception):
                 await connecting
