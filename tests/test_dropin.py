@@ -152,8 +152,12 @@ def test_sync_openai_cache_across_namespaces(sim, opts, direct):
 
 def test_the_original_clients_arguments_and_attributes(tmp_path):
     """``cachedir=`` (the original's name for ``data_dir``) is taken, and ``namespace``,
-    ``batch_size`` and ``cachedir`` read back, on async and sync clients alike; our
-    arguments stay keywords (a positional one is the SDK's TypeError)."""
+    ``batch_size`` and ``cachedir`` read back, on async and sync clients alike. The
+    original's positional arguments keep their places: ``namespace, cachedir, batch_size,
+    timeout`` (async and sync ``Together``), ``namespace, cachedir, timeout`` (other sync
+    clients), where that ``timeout`` is the batch wait; ``timeout=`` stays the SDK's."""
+    from cachesaver_dist.models.together import Together
+
     for cls in (AsyncOpenAI, OpenAI):
         client = cls(namespace="n1", cachedir=str(tmp_path), batch_size=4, api_key="test")
         assert (client.namespace, client.batch_size, client.cachedir) == (
@@ -161,8 +165,20 @@ def test_the_original_clients_arguments_and_attributes(tmp_path):
         assert cls(api_key="test").cachedir == str(defaults.data_dir())
         if cls is OpenAI:
             client.close()
-    with pytest.raises(TypeError):
-        AsyncOpenAI("n1", api_key="test")  # type: ignore[misc]
+    made = [AsyncOpenAI("n2", str(tmp_path), 4, 0.25, api_key="test", timeout=7.0),
+            OpenAI("n2", str(tmp_path), 0.25, api_key="test", timeout=7.0),
+            Together("n2", str(tmp_path), 4, 0.25, api_key="test", timeout=7.0)]
+    for client in made:
+        core = client._core
+        assert (client.namespace, client.cachedir, core._batch_timeout) == (
+            "n2", str(tmp_path), 0.25)
+        assert core.sdk.timeout == 7.0  # the SDK's own HTTP timeout
+    assert made[0].batch_size == made[2].batch_size == 4
+    assert made[1].batch_size == defaults.BATCH_SIZE
+    made[1].close()
+    made[2].close()
+    with pytest.raises(ValueError, match="cachedir='b' name two folders"):
+        AsyncOpenAI(data_dir="a", cachedir="b", api_key="test")
     from cachesaver_dist import pipelines
     from cachesaver_dist.local import LocalAPI, OrderedLocalAPI
 

@@ -495,6 +495,14 @@ def _wrap(result: tuple[Any, Metadata | None, bool], stream_type: type) -> Any:
     return out if meta is None else (out, meta)
 
 
+def data_home(data_dir: str | None, cachedir: str | None) -> str | None:
+    """``data_dir``, or ``cachedir`` (the original's name for it); both must agree."""
+    if data_dir is not None and cachedir is not None and data_dir != cachedir:
+        raise ValueError(f"data_dir={data_dir!r} and cachedir={cachedir!r} name two folders: "
+                         f"cachedir is the original's name for data_dir, pass one of them")
+    return data_dir or cachedir
+
+
 class ClientSettings:
     """The original clients' attributes: ``namespace``, ``batch_size``, ``cachedir``."""
 
@@ -518,32 +526,35 @@ class AsyncClient(ClientSettings):
     """Base of the async drop-in clients (``AsyncOpenAI``, ``AsyncAnthropic``, ...).
 
     Arguments: the SDK client's own (``api_key``, ``base_url``, ``timeout``,
-    ``max_retries``, ``default_headers``, ...: passed to it), and ours: ``namespace``
-    (default ``"default"``), ``cache`` (Redis URL, ``redis.asyncio.Redis``, or None:
-    ``REDIS_URL``, else an embedded server in ``data_dir``), ``run``, ``batch_size``,
-    ``batch_timeout`` (seconds a batch waits to fill), ``prefix``, ``provider_id``
-    (cache identity), ``max_n`` (samples per provider call), ``request_timeout`` and
-    ``max_prompt_bytes``, ``workers``: ``"local"`` (the provider is called from this
-    process) or ``"pool"`` (batch workers started with ``--model dropin:<provider>:<model>``
-    call it), ``direct`` (``OnlineAPI(direct=True)``: hits answered without the cache
-    worker hop), ``wait_replicas`` (as ``OnlineAPI``'s) and ``cachedir`` (the original's
-    name for ``data_dir``). See ``docs/dropin.md``.
+    ``max_retries``, ``default_headers``, ...: passed to it, by keyword), and ours:
+    ``namespace`` (default ``"default"``), ``cachedir`` (the original's name for
+    ``data_dir``), ``batch_size`` and ``batch_timeout`` (seconds a batch waits to fill;
+    default 5 ms), which may also be given by position, as the original's ``namespace,
+    cachedir, batch_size, timeout``; by keyword only: ``cache`` (Redis URL,
+    ``redis.asyncio.Redis``, or None: ``REDIS_URL``, else an embedded server in
+    ``data_dir``), ``run``, ``prefix``, ``provider_id`` (cache identity), ``max_n``
+    (samples per provider call), ``request_timeout``, ``max_prompt_bytes``, ``workers``:
+    ``"local"`` (the provider is called from this process) or ``"pool"`` (batch workers
+    started with ``--model dropin:<provider>:<model>`` call it), ``direct``
+    (``OnlineAPI(direct=True)``: hits answered without the cache worker hop) and
+    ``wait_replicas`` (as ``OnlineAPI``'s). See ``docs/dropin.md``.
     """
 
     provider: ClassVar[Provider]
 
-    def __init__(self, *, namespace: str = "default", cache: Any = None,
-                 run: str | None = None, batch_size: int = defaults.BATCH_SIZE,
-                 batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
+    def __init__(self, namespace: str = "default", cachedir: str | None = None,
+                 batch_size: int = defaults.BATCH_SIZE, batch_timeout: float | None = None, *,
+                 cache: Any = None, run: str | None = None, prefix: str | None = None,
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
                  direct: bool | None = None, wait_replicas: int | None = None,
-                 cachedir: str | None = None, **sdk_options: Any) -> None:
+                 **sdk_options: Any) -> None:
         self._core = core = _Core(
             self.provider, self.provider.sdk_kwargs(sdk_options), namespace=namespace,
-            cache=cache, run=run, batch_size=batch_size, batch_timeout=batch_timeout,
-            prefix=prefix, data_dir=data_dir or cachedir, provider_id=provider_id,
+            cache=cache, run=run, batch_size=batch_size,
+            batch_timeout=defaults.BATCH_TIMEOUT_S if batch_timeout is None else batch_timeout,
+            prefix=prefix, data_dir=data_home(data_dir, cachedir), provider_id=provider_id,
             max_n=max_n, request_timeout=request_timeout, max_prompt_bytes=max_prompt_bytes,
             workers=workers, direct=direct, wait_replicas=wait_replicas)
 

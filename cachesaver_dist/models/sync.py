@@ -25,6 +25,7 @@ from .dropin import (
     _Core,
     _mount,
     _wrap,
+    data_home,
 )
 
 __all__ = ["ChunkStream", "Client"]
@@ -93,24 +94,27 @@ def _shutdown(runner: _LoopThread, core: _Core) -> None:
 
 class Client(ClientSettings):
     """Base of the sync drop-in clients (``OpenAI``, ``Anthropic``, ...): the arguments of
-    ``AsyncClient``. Calls run on the client's own event loop thread; an ``http_client``
-    given goes only to the SDK client serving the attributes we do not wrap."""
+    ``AsyncClient``, of which ``namespace``, ``cachedir`` and ``batch_timeout`` may be given
+    by position, as the original's sync clients took them. Calls run on the client's own
+    event loop thread; an ``http_client`` given goes only to the SDK client serving the
+    attributes we do not wrap."""
 
     provider: ClassVar[Provider]
 
-    def __init__(self, *, namespace: str = "default", cache: Any = None,
-                 run: str | None = None, batch_size: int = defaults.BATCH_SIZE,
-                 batch_timeout: float = defaults.BATCH_TIMEOUT_S, prefix: str | None = None,
+    def __init__(self, namespace: str = "default", cachedir: str | None = None,
+                 batch_timeout: float | None = None, *, batch_size: int = defaults.BATCH_SIZE,
+                 cache: Any = None, run: str | None = None, prefix: str | None = None,
                  data_dir: str | None = None, provider_id: str | None = None,
                  max_n: int | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES, workers: str = "local",
                  direct: bool | None = None, wait_replicas: int | None = None,
-                 cachedir: str | None = None, **sdk_options: Any) -> None:
+                 **sdk_options: Any) -> None:
         self._sdk_options = self.provider.sdk_kwargs(sdk_options)
         self._core = core = _Core(
             self.provider, {k: v for k, v in self._sdk_options.items() if k != "http_client"},
             namespace=namespace, cache=cache, run=run, batch_size=batch_size,
-            batch_timeout=batch_timeout, prefix=prefix, data_dir=data_dir or cachedir,
+            batch_timeout=defaults.BATCH_TIMEOUT_S if batch_timeout is None else batch_timeout,
+            prefix=prefix, data_dir=data_home(data_dir, cachedir),
             provider_id=provider_id, max_n=max_n, request_timeout=request_timeout,
             max_prompt_bytes=max_prompt_bytes, workers=workers, direct=direct,
             wait_replicas=wait_replicas)

@@ -11,6 +11,7 @@ from typing import Any
 import together
 from together.types.chat import ChatCompletion, ChatCompletionChunk
 
+from .. import defaults
 from .dropin import NOT_IN_KEY, AsyncClient, Metadata, Provider
 from .formats import ChatFormat
 from .sync import Client
@@ -30,7 +31,15 @@ class AsyncTogether(AsyncClient):
 
 
 class Together(Client):
-    """``together.Together`` with ``chat.completions.create`` served through the cache."""
+    """``together.Together`` with ``chat.completions.create`` served through the cache.
+
+    Unlike the other sync clients it takes ``batch_size`` by position too, as the
+    original's ``Together(namespace, cachedir, batch_size, timeout)`` did."""
 
     provider = TOGETHER
     chat: Any
+
+    def __init__(self, namespace: str = "default", cachedir: str | None = None,
+                 batch_size: int = defaults.BATCH_SIZE, batch_timeout: float | None = None,
+                 **options: Any) -> None:
+        super().__init__(namespace, cachedir, batch_timeout, batch_size=batch_size, **options)
