@@ -300,7 +300,9 @@ def explain_failure(exc: BaseException, u: RedisURL, where: str,
     if has(InvalidResponse):
         return f"{where} does not speak the Redis protocol ({chain[0]})", "check the port"
     if "db index" in low or "invalid database" in low:
-        return (f"database {u.options.get('db')} does not exist at {where}",
-                "fix the /db of the URL")
+        db = u.options.get("db")
+        port_like = isinstance(db, int) and db >= 1024  # redis://host/6380 meant a port
+        hint = " (a port goes after a colon: redis://host:PORT/0)" if port_like else ""
+        return f"database {db} does not exist at {where}", f"fix the /db of the URL{hint}"
     return (f"{chain[0]}",
             "start it, fix REDIS_URL/cache, or leave both unset to use the embedded server")

@@ -368,6 +368,21 @@ async def test_tls_against_a_plain_server_fails_within_the_connect_timeout(serve
     assert time.monotonic() - started < 1.5
 
 
+async def test_a_database_that_does_not_exist_is_named_and_a_port_like_one_gets_a_hint(
+        redis_url):
+    """``redis://host/6380`` reads 6380 as the database: the error says where a port goes."""
+    base = parse_url(redis_url)
+    host, port = base.addresses[0]
+    with pytest.raises(RedisUnavailableError) as err:
+        await check_reachable(f"redis://{host}:{port}/6380")
+    assert "database 6380 does not exist" in str(err.value)
+    assert "a port goes after a colon: redis://host:PORT/0" in str(err.value)
+    with pytest.raises(RedisUnavailableError) as err:
+        await check_reachable(f"redis://{host}:{port}/99")
+    assert str(err.value).endswith("database 99 does not exist at "
+                                   f"{host}:{port}; fix the /db of the URL")
+
+
 # --- unix socket -------------------------------------------------------------------------
 
 @processes
