@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +257,11 @@ def test_a_failing_commands_last_line_is_json_too(redis_url, keys, tmp_path, arg
     assert lines and lines[-1]["level"] == "ERROR", done.stderr
     assert lines[-1]["message"].startswith("cachesaver-dist: ") and said in lines[-1]["message"]
     assert done.stdout == ""
+
+
+def test_python_m_runs_the_command():
+    """``python -m cachesaver_dist`` is the ``cachesaver-dist`` command."""
+    done = subprocess.run([sys.executable, "-m", "cachesaver_dist", "stats", "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: cachesaver-dist stats")
