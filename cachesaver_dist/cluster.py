@@ -2,8 +2,9 @@
 letters and live workers per route. Shared by the workers' gauges, ``top`` and ``health``.
 
 A route is ``cache`` (the cache workers) or a model name (the batch workers serving it).
-Every figure is one cheap command per key (ZCARD, XLEN, ZCOUNT, XINFO GROUPS), sent in
-one pipeline; routes are found by a SCAN only when none are named.
+Every figure is one cheap command per key (ZCARD, XLEN, ZCOUNT, XINFO GROUPS and
+CONSUMERS, ZRANGEBYSCORE), sent in one pipeline; routes are found by a SCAN only when
+none are named.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ class RouteState:
     """One route: live workers; for a model, its work stream.
 
     ``lag``: entries not finished, waiting to be read or in a model call (Redis's group
-    lag, undelivered, plus ``pending``); ``pending``: read by a worker, not acknowledged.
+    lag, undelivered, plus ``pending``); ``pending``: read by a worker, not acknowledged;
+    ``orphaned``: of those, the ones leased by workers no longer alive (taken over when
+    their lease runs out), ``None`` when the user may not read the consumers.
     """
 
     route: str
     workers: int = 0
     lag: int = 0
     pending: int = 0
+    orphaned: int | None = 0
 
 
 @dataclass
@@ -60,8 +64,7 @@ async def discover_routes(redis: Any, keys: Keys, count: int = 1000) -> list[str
         head = template[:-1]
         async for raw in redis.scan_iter(match=_glob_escape(head) + "*", count=count,
                                          _type=kind):
-            name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            found.add(name[len(head):])
+            found.add(_text(raw)[len(head):])
     return _routes(found)
 
 
@@ -89,6 +92,8 @@ async def read_state(redis: Any, keys: Keys, routes: list[str] | tuple[str, ...]
     for route in models:
         pipe.xlen(keys.work_stream(route))
         pipe.xinfo_groups(keys.work_stream(route))
+        pipe.xinfo_consumers(keys.work_stream(route), CONSUMER_GROUP)
+        pipe.zrangebyscore(keys.workers(route), now_ms, "+inf")
     results = await pipe.execute(raise_on_error=False)
     for r in results[: 2 + len(routes)]:
         if isinstance(r, Exception):
@@ -97,13 +102,29 @@ async def read_state(redis: Any, keys: Keys, routes: list[str] | tuple[str, ...]
                          time=now_ms / 1000)
     workers = dict(zip(routes, results[2: 2 + len(routes)]))
     tail = results[2 + len(routes):]
-    streams = {route: (tail[2 * i], tail[2 * i + 1]) for i, route in enumerate(models)}
+    streams = {route: tail[4 * i: 4 * i + 4] for i, route in enumerate(models)}
     for route in routes:
         rs = RouteState(route, workers=int(workers[route]))
         if route in streams:
-            rs.lag, rs.pending = _stream_lag(*streams[route])
+            length, groups, consumers, live = streams[route]
+            rs.lag, rs.pending = _stream_lag(length, groups)
+            rs.orphaned = _orphaned(consumers, live) if rs.pending else 0
         state.routes.append(rs)
     return state
+
+
+def _orphaned(consumers: Any, live: Any) -> int | None:
+    """Entries pending with consumers that are not live workers (XINFO CONSUMERS against
+    the registry); ``None`` when either could not be read."""
+    if isinstance(consumers, Exception) or isinstance(live, Exception):
+        return None
+    alive = {_text(n) for n in live}
+    return sum(int(c.get("pending") or 0) for c in consumers or []
+               if _text(c.get("name", b"")) not in alive)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _stream_lag(length: Any, groups: Any) -> tuple[int, int]:
@@ -116,7 +137,7 @@ def _stream_lag(length: Any, groups: Any) -> tuple[int, int]:
     length = int(length)
     for g in groups or []:
         name = g.get("name", b"")
-        if (name.decode() if isinstance(name, bytes) else name) != CONSUMER_GROUP:
+        if _text(name) != CONSUMER_GROUP:
             continue
         pending = int(g.get("pending") or 0)
         lag = g.get("lag")
@@ -136,7 +157,7 @@ def _parse_name(name: str) -> str:
 async def live_worker_names(redis: Any, keys: Keys, route: str) -> list[str]:
     """Names of the workers of ``route`` whose heartbeat has not run out."""
     raw = await redis.zrangebyscore(keys.workers(route), await server_ms(redis), "+inf")
-    return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in raw]
+    return [_text(n) for n in raw]
 
 
 async def check_health(redis: Any, keys: Keys, routes: list[str], *, host: str | None = None

@@ -95,6 +95,13 @@ def _dollars(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _calls(route: dict[str, Any]) -> str:
+    if route["route"] == CACHE_ROUTE:
+        return "-"
+    orphaned = route.get("orphaned")
+    return f"{route['pending']} ({orphaned} orphaned)" if orphaned else str(route["pending"])
+
+
 def render(snap: dict[str, Any], width: int, rates: dict[str, float] | None = None,
            note: str = "") -> RenderableType:
     """One frame: a header line, the models table and the routes table."""
@@ -112,8 +119,7 @@ def render(snap: dict[str, Any], width: int, rates: dict[str, float] | None = No
                        get=lambda r: r["tokens_cached"] + r["tokens_deduplicated"]),
                    Col("$ saved", "dollars_saved", fmt=_dollars, drop=5)]
     route_rows = [{**r, "backlog": snap["queue_depth"] if r["route"] == CACHE_ROUTE
-                   else r["lag"], "calls": "-" if r["route"] == CACHE_ROUTE else r["pending"]}
-                  for r in snap["routes"]]
+                   else r["lag"], "calls": _calls(r)} for r in snap["routes"]]
     route_cols = [Col("route", "route", text=True, whole=True), Col("workers", "workers"),
                   Col("backlog", "backlog"), Col("in calls", "calls", drop=1)]
     parts: list[RenderableType] = [head]
@@ -123,7 +129,9 @@ def render(snap: dict[str, Any], width: int, rates: dict[str, float] | None = No
                            "(all runs)") if snap["models"] else Text("no statistics yet"))
     parts.append(fit_table(route_cols, route_rows, width, title="workers and backlog",
                            caption="backlog: cache jobs queued (cache), work entries not "
-                                   "finished (models); in calls: read, not yet filled"))
+                                   "finished (models); in calls: read, not yet filled "
+                                   "(orphaned: read by a worker no longer alive, taken "
+                                   "over when its lease runs out)"))
     return Group(*parts)
 
 

@@ -400,6 +400,7 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("ZCARD", f"{p}queue:cache"),  # metrics gauges, and `health MODEL`
             ("XLEN", f"{p}llm:sim:x"),
             ("XINFO", "GROUPS", f"{p}llm:sim:x"),
+            ("XINFO", "CONSUMERS", f"{p}llm:sim:x", "batch-workers"),
             ("XLEN", f"{p}dead"),
             ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
             ("ZRANGEBYSCORE", f"{p}workers:sim:x", "0", "+inf"),
@@ -441,6 +442,7 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("ZRANGEBYSCORE", f"{p}workers:cache", "0", "+inf"),
             ("XLEN", f"{p}llm:sim:x"),
             ("XINFO", "GROUPS", f"{p}llm:sim:x"),
+            ("XINFO", "CONSUMERS", f"{p}llm:sim:x", "batch-workers"),  # top's orphaned
         ],
     }
     refused = {

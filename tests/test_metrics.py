@@ -395,21 +395,22 @@ async def test_read_state_counts_lag_pending_and_workers(redis, keys):
     stream = keys.work_stream("m:one")
     await redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
     ids = [await redis.xadd(stream, {"i": str(i)}) for i in range(4)]
-    await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=1)
+    await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=1)  # w: not alive
     await beat(redis, keys, ("cache", "m:one"), "host-1-abc")
+    await redis.xreadgroup(CONSUMER_GROUP, "host-1-abc", {stream: ">"}, count=1)
     await redis.zadd(keys.cache_queue, {"job": 1})
     await redis.xadd(keys.work_stream("m:two"), {"i": "0"})  # no group yet: all of it waits
 
     async def lag() -> dict:
         state = await read_state(redis, keys, ["cache", "m:one", "m:two", "m:none"])
         assert state.queue_depth == 1 and state.dead_letters == 0
-        return {r.route: (r.workers, r.lag, r.pending) for r in state.routes}
+        return {r.route: (r.workers, r.lag, r.pending, r.orphaned) for r in state.routes}
 
-    assert await lag() == {"cache": (1, 0, 0), "m:one": (1, 4, 1), "m:two": (0, 1, 0),
-                           "m:none": (0, 0, 0)}
-    await redis.xack(stream, CONSUMER_GROUP, ids[0])
+    assert await lag() == {"cache": (1, 0, 0, 0), "m:one": (1, 4, 2, 1),
+                           "m:two": (0, 1, 0, 0), "m:none": (0, 0, 0, 0)}
+    await redis.xack(stream, CONSUMER_GROUP, ids[0])  # w's entry
     await redis.xdel(stream, ids[0], ids[2])  # as the workers do; and a hole ahead
-    assert (await lag())["m:one"] == (1, 2, 0)
+    assert (await lag())["m:one"] == (1, 2, 1, 0)
     assert await discover_routes(redis, keys) == ["cache", "m:one", "m:two"]
 
 

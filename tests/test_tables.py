@@ -12,6 +12,7 @@ import pytest
 
 from cachesaver_dist.deadletters import queue_dead_letter
 from cachesaver_dist.demo import _COLUMNS as DEMO_COLUMNS
+from cachesaver_dist.protocol import CONSUMER_GROUP
 from cachesaver_dist.report import COLUMNS as STATS_COLUMNS
 from cachesaver_dist.stats import account, write_tally
 from cachesaver_dist.tables import Col, fit_table
@@ -115,13 +116,20 @@ async def test_dead_letters_and_top_fit_80_columns(redis_url, keys, redis):
     assert "[inentry]" in reasons.replace(" ", "")  # text, not rich markup (folded lines)
     lines = run(redis_url, keys.prefix, "dead-letters", "--json").stdout.splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["work stream entry"] * 2
+    stream = keys.work_stream("sim:x")  # an entry read by a worker that is gone
+    await redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {"i": "0"})
+    await redis.xreadgroup(CONSUMER_GROUP, "gone-1-abc", {stream: ">"}, count=1)
     frame = run(redis_url, keys.prefix, "top", "--once").stdout
     assert "…" not in frame and max(map(len, frame.splitlines())) <= 80
     models, routes = headers(frame)
     assert models[:2] == ["model", "requests"] and routes[:3] == ["route", "workers", "backlog"]
+    assert "1 (1 orphaned)" in frame
     snap = json.loads(run(redis_url, keys.prefix, "top", "--json").stdout)
     assert snap["dead_letters"] == 2 and {m["model"] for m in snap["models"]} == \
         {LONG_MODEL, "sim:x"}
+    assert [(r["route"], r["pending"], r["orphaned"]) for r in snap["routes"]] == [
+        ("cache", 0, 0), ("sim:x", 1, 1)]
 
 
 @pytest.mark.parametrize("width", [80, 100, 132])
