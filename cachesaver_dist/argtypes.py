@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 from .defaults import MAX_SECONDS
 
@@ -20,6 +21,7 @@ MAX_CONCURRENCY = 10_000
 # Attempts per provider call: its backoff grows as 2**attempt (a float overflows past 1023).
 MAX_RETRY_BUDGET = 1000
 _YEARS = f"{MAX_SECONDS} (10 years)"
+T = TypeVar("T")
 
 
 def count(text: str) -> int:
@@ -54,6 +56,39 @@ def whole_seconds_or_zero(text: str) -> int:
 def port(text: str) -> int:
     """A TCP port, 0 to 65535 (0: any free one)."""
     return _int(text, 0, 65535, " (a TCP port)")
+
+
+class FromEnv(str):
+    """A flag's default as read from an environment variable: argparse passes it to the
+    flag's type only when the flag is not given, so a value it refuses came from there."""
+
+    env: str
+
+    def __new__(cls, value: str, env: str) -> FromEnv:
+        self = super().__new__(cls, value)
+        self.env = env
+        return self
+
+
+def env_default(env: str, value: str | None) -> FromEnv | None:
+    """``value`` (read from ``env``) as a flag's default, or None when it is unset."""
+    return None if value is None else FromEnv(value, env)
+
+
+def naming_env(check: Callable[[str], T]) -> Callable[[str], T]:
+    """``check``, whose refusal of a default read from the environment names the variable
+    (the user never typed the flag argparse names)."""
+
+    def checked(text: str) -> T:
+        try:
+            return check(text)
+        except argparse.ArgumentTypeError as exc:
+            if isinstance(text, FromEnv):
+                raise argparse.ArgumentTypeError(
+                    f"{exc} (from ${text.env}: fix it or unset it)") from None
+            raise
+
+    return checked
 
 
 def seconds(text: str) -> float:

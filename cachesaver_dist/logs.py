@@ -14,7 +14,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from . import defaults
+from . import argtypes, defaults
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _format = "text"
@@ -49,7 +49,8 @@ def parse_format(value: str) -> str:
 
 def add_argument(p: argparse.ArgumentParser) -> None:
     """``--log-format`` of every command."""
-    p.add_argument("--log-format", type=_format_type, default=defaults.log_format(),
+    p.add_argument("--log-format", type=argtypes.naming_env(_format_type),
+                   default=argtypes.env_default("CACHESAVER_LOG_FORMAT", defaults.log_format()),
                    metavar="{text,json}", help="log lines as text, or as one JSON object each "
                    "(default: $CACHESAVER_LOG_FORMAT, else text)")
 

@@ -248,7 +248,9 @@ class MetricsOptions:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The workers' ``--metrics-*`` flags."""
     g = p.add_argument_group("Prometheus metrics (see ops/README.md)")
-    g.add_argument("--metrics-port", type=argtypes.port, default=defaults.metrics_port(),
+    g.add_argument("--metrics-port", type=argtypes.naming_env(argtypes.port),
+                   default=argtypes.env_default("CACHESAVER_METRICS_PORT",
+                                                defaults.metrics_port()),
                    help="serve /metrics on this port; 0 picks a free one and logs it "
                         "(default: $CACHESAVER_METRICS_PORT, else no metrics)")
     g.add_argument("--metrics-host", default=defaults.METRICS_HOST,

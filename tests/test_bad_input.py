@@ -600,6 +600,37 @@ def test_cli_numbers_in_range_are_taken():
     assert build_parser().parse_args(["prune", "--older-than", "0"]).older_than == 0.0
 
 
+@pytest.mark.parametrize(("env", "value", "argv", "flag"), [
+    ("CACHESAVER_LOG_FORMAT", "xml", ["stats"], "--log-format"),
+    ("CACHESAVER_LOG_FORMAT", "xml", ["simulator"], "--log-format"),
+    ("CACHESAVER_METRICS_PORT", "abc", ["worker", "cache"], "--metrics-port"),
+    ("CACHESAVER_METRICS_PORT", "99999", ["worker", "batch", "--model", "sim:x"],
+     "--metrics-port"),
+])
+def test_a_bad_default_from_the_environment_names_the_variable(env, value, argv, flag,
+                                                              monkeypatch, capsys):
+    """The user never typed the flag argparse names: the error says where the value came
+    from; the same value given as the flag is refused without that note."""
+    from cachesaver_dist.cli import build_parser
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert f"argument {flag}:" in err and f"(from ${env}: fix it or unset it)" in err
+    monkeypatch.delenv(env)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and f"${env}" not in err
+    # a valid flag wins over the bad variable, which is then never read
+    monkeypatch.setenv(env, value)
+    good = "json" if flag == "--log-format" else "9100"
+    args = build_parser().parse_args([*argv, flag, good])
+    assert str(getattr(args, flag[2:].replace("-", "_"))) == good
+
+
 @pytest.mark.processes
 async def test_cli_workers_run_at_the_largest_numbers(redis_url, keys, redis, processes):
     """The upper bounds are values the workers really run with: a cache worker polling
