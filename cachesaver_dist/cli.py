@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(batch)
     _wait_replicas(batch)
     batch.add_argument("--model", action="append", required=True, metavar="NAME",
-                       help="model to serve: sim:<name>, together:<model>, openai:<model> or "
-                            "package.module:factory (repeatable)")
+                       help="model to serve: sim:<name>, together:<model>, openai:<model>, "
+                            "dropin:<provider>:<model> or package.module:factory (repeatable)")
     batch.add_argument("--batch-size", type=argtypes.count, default=defaults.BATCH_SIZE,
                        help=f"entries per read ({defaults.BATCH_SIZE})")
     batch.add_argument("--batch-wait", type=argtypes.seconds, default=defaults.BATCH_WAIT_S,
