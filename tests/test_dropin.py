@@ -760,6 +760,37 @@ async def test_a_worker_pool_can_call_the_provider_instead(sim, opts, processes)
         AsyncOpenAI(api_key="test", workers="remote")
 
 
+async def test_a_pool_worker_on_another_base_url_makes_no_samples_for_the_client(
+        sim, opts, processes, redis):
+    """A pool client on a server of its own (the simulator) is told to give its batch
+    workers that --base-url; a worker started without it (calling the provider's default
+    URL) fails the client's work at once and stores nothing under the client's keys."""
+    from cachesaver_dist.errors import GenerationError, NoWorkerError
+
+    model = model_name()
+    route = f"dropin:openai:{model}"
+    processes.cli("worker", "cache", name="cache")
+    processes.wait_alive("cache")
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, workers="pool",
+                           request_timeout=30, **opts) as pool:
+        with pytest.raises(NoWorkerError) as err:
+            await pool.chat.completions.create(model=model, messages=MSGS)
+        assert f"--model {route}" in str(err.value)
+        assert f"give the worker --base-url {sim.openai}" in str(err.value)
+        processes.cli("worker", "batch", "--model", route, name="batch",
+                      env={"OPENAI_API_KEY": "test"})
+        processes.wait_alive(route)
+        with pytest.raises(GenerationError) as err:
+            await pool.chat.completions.create(model=model, messages=MSGS, request_id="b")
+        assert not isinstance(err.value, NoWorkerError)
+        assert "this batch worker makes samples of 'openai" in str(err.value)
+        assert f":{model}', not of 'openai@127.0.0.1:{sim.openai.split(':')[2]}" in \
+            str(err.value)
+        assert "--base-url of the client's server" in str(err.value)
+    assert sim.requests(model) == 0
+    assert not [k async for k in redis.scan_iter(match=f"{opts['prefix']}s:*")]
+
+
 async def test_async_with_left_by_a_cancellation_gives_up_calls_in_flight(sim, opts):
     """Cancelled inside ``async with`` (as Ctrl-C cancels ``asyncio.run``'s task), the
     client closes without waiting for its provider call in flight (hung for 30 s here):

@@ -335,9 +335,7 @@ class BatchWorker:
         try:
             started = time.monotonic()
             try:
-                results = await generate(self.models[route], [
-                    Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id,
-                        self.originals.get(w.key)) for w in works])
+                results = await self._call(self.models[route], works)
             except Exception as exc:  # a failure of the call itself: its requests fail
                 log.exception("%s: the model call failed", route)  # (their claims released)
                 results = [ModelError(f"the model call failed: {type(exc).__name__}: {exc}")
@@ -352,6 +350,20 @@ class BatchWorker:
         finally:
             for w in works:
                 self._inflight[stream].difference_update(w.entries)
+
+    async def _call(self, model: Any, works: list[Work]) -> list[Any]:
+        """The model's results for ``works``; a model that names the model id of its
+        samples (``identity``) makes none for work of another model id (a client on
+        another server or base URL): those fail, their keys are not filled."""
+        identity = getattr(model, "identity", None)
+        ours = [w for w in works if identity is None or w.spec.model_id == identity]
+        made = iter(await generate(model, [
+            Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id,
+                self.originals.get(w.key)) for w in ours]) if ours else [])
+        return [next(made) if identity is None or w.spec.model_id == identity else ModelError(
+            f"this batch worker makes samples of {identity!r}, not of {w.spec.model_id!r} "
+            "(another server or base URL), so none were made: start its batch workers with "
+            "the --base-url of the client's server") for w in works]
 
     async def _store(self, stream: str, works: list[Work], results: list[Any]) -> None:
         """Store results. Calls that return while a store is being written go together

@@ -167,6 +167,12 @@ class DropinModel(SingleRequestModel):
     def __init__(self, core: _Core, model_id: str) -> None:
         self.core, self.model = core, model_id
 
+    @property
+    def identity(self) -> str:
+        """The model id (cache identity) of the samples it makes: a batch worker serves
+        it only work of that model id, not a client's on another server."""
+        return self.model
+
     async def request(self, request: Request) -> Response:
         core = self.core
         fields = request.model_fields()
@@ -335,9 +341,14 @@ class _Core:
                 self.lent.setdefault(key, []).append(extras)
         try:
             response = await api.request(request)
+        except NoWorkerError as exc:
+            if self.workers == "pool" and self.provider_id != self.provider.name:
+                raise NoWorkerError(f"{exc}; this client calls {self.sdk.base_url}: give "
+                                    f"the worker --base-url {self.sdk.base_url} too") from None
+            raise
         except GenerationError as exc:
             sdk_error = self.failed.get(_lent_key(api.model_id, request.model_fields())) \
-                if self.failed and not isinstance(exc, NoWorkerError) else None
+                if self.failed else None
             if sdk_error is not None and sdk_error[1] and sdk_error[1] in str(exc):
                 raise sdk_error[0] from None  # that failure: as the SDK raises it
             raise
