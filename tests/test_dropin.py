@@ -791,6 +791,24 @@ async def test_a_pool_worker_on_another_base_url_makes_no_samples_for_the_client
     assert not [k async for k in redis.scan_iter(match=f"{opts['prefix']}s:*")]
 
 
+def test_a_pool_model_refuses_only_its_providers_work_from_another_url(monkeypatch):
+    """What the batch worker asks: same provider, another URL is refused; a client's own
+    ``provider_id`` (an identity it chose) is served."""
+    from cachesaver_dist.models.dropin import pool_model
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    default, local = pool_model("dropin:openai:zz"), \
+        pool_model("dropin:openai:zz", "http://127.0.0.1:9/v1")
+    assert default.refuses("openai:zz") is None and local.refuses("openai@127.0.0.1:9/v1:zz") \
+        is None
+    assert default.refuses("my-openai:zz") is None
+    assert "of 'openai:zz', not of 'openai@127.0.0.1:9/v1:zz'" in \
+        (default.refuses("openai@127.0.0.1:9/v1:zz") or "")
+    assert "of 'openai@127.0.0.1:9/v1:zz', not of 'openai:zz'" in \
+        (local.refuses("openai:zz") or "")
+
+
 async def test_async_with_left_by_a_cancellation_gives_up_calls_in_flight(sim, opts):
     """Cancelled inside ``async with`` (as Ctrl-C cancels ``asyncio.run``'s task), the
     client closes without waiting for its provider call in flight (hung for 30 s here):

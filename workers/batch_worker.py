@@ -352,18 +352,16 @@ class BatchWorker:
                 self._inflight[stream].difference_update(w.entries)
 
     async def _call(self, model: Any, works: list[Work]) -> list[Any]:
-        """The model's results for ``works``; a model that names the model id of its
-        samples (``identity``) makes none for work of another model id (a client on
-        another server or base URL): those fail, their keys are not filled."""
-        identity = getattr(model, "identity", None)
-        ours = [w for w in works if identity is None or w.spec.model_id == identity]
+        """The model's results for ``works``. A model may refuse work of a model id it
+        does not make (``refuses(model_id)``: a drop-in client on another base URL):
+        that work fails, its keys are not filled."""
+        refuses = getattr(model, "refuses", None)
+        problems = [refuses(w.spec.model_id) if refuses else None for w in works]
+        ours = [w for w, problem in zip(works, problems) if problem is None]
         made = iter(await generate(model, [
             Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id,
                 self.originals.get(w.key)) for w in ours]) if ours else [])
-        return [next(made) if identity is None or w.spec.model_id == identity else ModelError(
-            f"this batch worker makes samples of {identity!r}, not of {w.spec.model_id!r} "
-            "(another server or base URL), so none were made: start its batch workers with "
-            "the --base-url of the client's server") for w in works]
+        return [next(made) if problem is None else ModelError(problem) for problem in problems]
 
     async def _store(self, stream: str, works: list[Work], results: list[Any]) -> None:
         """Store results. Calls that return while a store is being written go together

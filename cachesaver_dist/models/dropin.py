@@ -167,11 +167,16 @@ class DropinModel(SingleRequestModel):
     def __init__(self, core: _Core, model_id: str) -> None:
         self.core, self.model = core, model_id
 
-    @property
-    def identity(self) -> str:
-        """The model id (cache identity) of the samples it makes: a batch worker serves
-        it only work of that model id, not a client's on another server."""
-        return self.model
+    def refuses(self, model_id: str) -> str | None:
+        """Why it makes no samples for work of ``model_id`` (a batch worker asks): a client
+        of the same provider on another URL (its model id says so) would get another
+        server's samples under its keys. A client's own ``provider_id`` is its choice."""
+        name = self.core.provider.name
+        if model_id == self.model or not model_id.startswith((f"{name}:", f"{name}@")):
+            return None
+        return (f"this batch worker makes samples of {self.model!r}, not of {model_id!r} "
+                "(another server or base URL), so none were made: start its batch workers "
+                "with the --base-url of the client's server")
 
     async def request(self, request: Request) -> Response:
         core = self.core
