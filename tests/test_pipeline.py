@@ -196,6 +196,30 @@ async def test_permanent_model_error_reaches_waiters_and_releases_claim(redis_ur
     assert later.data == ["ok"] and later.metadata[0]["index"] == 0
 
 
+async def test_bad_metadata_fails_the_call_and_leaves_the_key_usable(redis_url, keys):
+    """Metadata shorter than the samples once stored only the first samples and
+    acknowledged the rest: the key then waited forever, in every namespace."""
+
+    class Model(SingleRequestModel):
+        model = "bad-meta"
+        meta: list | None = [{}]
+
+        async def request(self, request):
+            return Response(data=tuple(f"s{i}" for i in range(request.n)), metadata=self.meta)
+
+    model = Model()
+    async with api(model, redis_url, keys, request_timeout=10) as pipe:
+        for meta, message in (([{}], "metadata with 1 entries for 2 samples"),
+                              ("x", "metadata with a str"),
+                              (["x", {}], "an entry that is not a dict")):
+            model.meta = meta
+            with pytest.raises(GenerationError, match=message):
+                await asyncio.wait_for(pipe.request(Request("m", 2, "a", "ns")), 5)
+        model.meta = None  # and a tuple of samples is taken, as the original took it
+        later = await asyncio.wait_for(pipe.request(Request("m", 2, "b", "ns2")), 5)
+    assert later.data == ["s0", "s1"] and later.cached == [False, False]
+
+
 @pytest.mark.parametrize("bad, message", [
     (Request("p", -1, "a", "ns"), "n must be"),
     (Request("p", True, "a", "ns"), "n must be"),

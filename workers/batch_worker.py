@@ -407,6 +407,9 @@ class BatchWorker:
         for _, work, result in items:
             if isinstance(result, Exception):
                 await self._fail(outbox, work, result)
+            elif len(result) != len(work.indices):  # acknowledged so, the rest never fills
+                await self._fail(outbox, work, ModelError(
+                    f"{len(result)} samples came back for {len(work.indices)} indices"))
             else:
                 filled.append((work, dict(zip(work.indices, result))))
         if filled:

@@ -329,16 +329,27 @@ def _samples(result: Any, n: int) -> list[bytes] | Exception:
             raise result
         return result
     data = getattr(result, "data", None)
+    if isinstance(data, tuple):  # Response(data=(...)) is stored as the original stored it
+        data = list(data)
     if not isinstance(data, list) or len(data) != n:
-        got = f"{len(data)} samples" if isinstance(data, list) else repr(type(result).__name__)
+        got = (f"{len(data)} samples" if isinstance(data, list) else
+               f"a Response whose data is a {type(data).__name__}"
+               if isinstance(result, Response) else repr(type(result).__name__))
         return ModelError(f"model returned {got} where {n} were asked for; "
                           "it must return Response(data=[...]) with exactly n items")
     meta = getattr(result, "metadata", None) or [None] * n
+    if not isinstance(meta, (list, tuple)) or len(meta) != n or \
+            not all(m is None or isinstance(m, dict) for m in meta):
+        # (zipped as they were, the samples past its end would never be stored)
+        got = (f"a {type(meta).__name__}" if not isinstance(meta, (list, tuple)) else
+               f"{len(meta)} entries" if len(meta) != n else "an entry that is not a dict")
+        return ModelError(f"model returned Response.metadata with {got} for {n} samples; "
+                          "it must be None or a list of one dict (or None) per sample")
     try:
         # the model may say which samples opened a provider call of their own (it split
         # the request): those paid the prompt too
         return [encode_sample(d, {"call_first": i == 0, **(m or {})})
                 for i, (d, m) in enumerate(zip(data, meta))]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         return ModelError(f"model returned a sample that cannot be stored ({exc}); "
                           "return str, numbers, lists or dicts")
