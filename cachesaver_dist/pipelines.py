@@ -209,6 +209,7 @@ class OnlineAPI:
         self._holds: dict[str, int] = {}
         self._batches_in_flight = 0
         self._starting = 0  # calls waiting for start-up: close() lets them in first
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it started in
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -223,7 +224,9 @@ class OnlineAPI:
 
     async def start(self) -> None:
         """Connect (and start in-process workers); called on first use if not before."""
+        await self._leave_ended_loop()
         if self._started is None:
+            self._loop = asyncio.get_running_loop()
             self._started = asyncio.create_task(self._start())
         if not self._started.done():
             await asyncio.shield(self._started)
@@ -252,6 +255,32 @@ class OnlineAPI:
                                        concurrency=self._concurrency, run_ttl_s=self._run_ttl_s,
                                        replicas=replicas, with_cache_worker=not self.direct,
                                        url=self._url, originals=self._held)
+
+    async def _leave_ended_loop(self) -> bool:
+        """A pipeline started in an event loop that has ended without ``close()`` (a
+        second ``asyncio.run``, a test framework's loop per test) forgets what lived in
+        that loop (its connections, in-process workers and batches went with it), so it
+        opens again in this one, as after ``close()``; True if it did. One used by two
+        live loops at once (threads) is refused: its connections belong to one of them."""
+        loop = self._loop
+        if self._started is None or loop is None or loop is asyncio.get_running_loop():
+            return False
+        if not loop.is_closed():
+            raise CacheSaverError(
+                "this pipeline is in use in another event loop (another thread?); make one "
+                "pipeline per event loop")
+        log.info("the event loop this pipeline started in has ended; it opens again")
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+        self._started = self._server = self._redis = self._client = self._local = None
+        self._url = self._flush_timer = self._loop = None
+        self._pending, self._flushes = [], set()
+        self._originals.clear()
+        if self._held is not None:
+            self._held.clear()
+        self._holds.clear()
+        self._batches_in_flight = self._starting = 0
+        return True
 
     async def _open_redis(self) -> Redis:
         cache = self._cache
@@ -284,7 +313,7 @@ class OnlineAPI:
         ``give_up`` (what leaving ``async with`` by a cancellation or Ctrl-C does): the
         pending requests are given up instead (they raise ``CancelledError``); what they
         reserved stays consistent, and samples being generated for them are still stored."""
-        if self._started is None:
+        if self._started is None or await self._leave_ended_loop():
             return
         with contextlib.suppress(Exception):
             await self._started

@@ -382,3 +382,19 @@ async def test_async_with_left_by_an_exception_still_finishes_requests_in_flight
             await asyncio.sleep(0.1)  # sent, the model calls running
             raise ValueError("user code failed")
     assert [len((await r).data) for r in requests] == [1] * 4
+
+
+def test_a_pipeline_outlives_the_event_loop_it_started_in(redis_url, keys):
+    """Two asyncio.run() with one pipeline and no close() between: the second opened
+    the first loop's connections and failed with 'Event loop is closed'."""
+    model = SimModel("two-loops")
+    pipe = api(model, redis_url, keys, run="two-loops")
+
+    async def ask(request_id: str) -> Response:
+        return await asyncio.wait_for(pipe.request(Request("p", 1, request_id, "ns")), 10)
+
+    first = asyncio.run(ask("a"))
+    second = asyncio.run(ask("b"))
+    asyncio.run(pipe.close())
+    assert len(model.calls) == 2 and first.data != second.data  # the same run goes on
+    assert second.metadata[0]["index"] == 1
