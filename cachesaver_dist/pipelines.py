@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,12 @@ def check_seconds(**durations: Any) -> None:
                 not 0 <= seconds < 1e7:
             raise InvalidRequestError(f"{name} must be a number of seconds >= 0, got "
                                       f"{seconds!r}")
+
+
+# route -> (prompt key -> a request made for it, prompt key -> requests holding it): the
+# requests in-process models get, shared by the pipelines of one route (OnlineAPI._held)
+_HELD: dict[str, tuple[dict[str, Request], dict[str, int]]] = {}
+_HELD_LOCK = threading.Lock()  # (pipelines of several threads' loops)
 
 
 class OnlineAPI:
@@ -204,9 +211,11 @@ class OnlineAPI:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()  # batches sent: close() waits for them
         # A model object: prompt key -> a request made for it (the model gets a copy of
-        # it: models.Job.original), and how many requests wait on it
-        self._held: dict[str, Request] | None = None if self._model is None else {}
-        self._holds: dict[str, int] = {}
+        # it: models.Job.original), and how many requests wait on it. Shared by the
+        # pipelines of this process that serve the same route: the batch worker of any of
+        # them may take another's work from the route's stream.
+        held, self._holds = _HELD.setdefault(self.route, ({}, {}))
+        self._held: dict[str, Request] | None = None if self._model is None else held
         self._batches_in_flight = 0
         self._starting = 0  # calls waiting for start-up: close() lets them in first
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it started in
@@ -275,10 +284,7 @@ class OnlineAPI:
         self._started = self._server = self._redis = self._client = self._local = None
         self._url = self._flush_timer = self._loop = None
         self._pending, self._flushes = [], set()
-        self._originals.clear()
-        if self._held is not None:
-            self._held.clear()
-        self._holds.clear()
+        self._originals.clear()  # (what its requests held, they let go as the loop ended)
         self._batches_in_flight = self._starting = 0
         return True
 
@@ -405,18 +411,20 @@ class OnlineAPI:
 
     def _hold(self, pairs: list[tuple[WorkItem, Request]]) -> None:
         assert self._held is not None
-        for item, request in pairs:
-            self._held.setdefault(item.key, request)
-            self._holds[item.key] = self._holds.get(item.key, 0) + 1
+        with _HELD_LOCK:
+            for item, request in pairs:
+                self._held.setdefault(item.key, request)
+                self._holds[item.key] = self._holds.get(item.key, 0) + 1
 
     def _release(self, items: list[WorkItem]) -> None:
         assert self._held is not None
-        for item in items:
-            left = self._holds.pop(item.key) - 1
-            if left:
-                self._holds[item.key] = left
-            else:
-                del self._held[item.key]
+        with _HELD_LOCK:
+            for item in items:
+                left = self._holds.pop(item.key) - 1
+                if left:
+                    self._holds[item.key] = left
+                else:
+                    del self._held[item.key]
 
     async def _submit(self, originals: list[tuple[WorkItem, Request]]) -> list[Any]:
         """``batch_request``'s batch, sent whole (a task: ``close()`` waits for it)."""

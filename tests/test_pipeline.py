@@ -398,3 +398,36 @@ def test_a_pipeline_outlives_the_event_loop_it_started_in(redis_url, keys):
     asyncio.run(pipe.close())
     assert len(model.calls) == 2 and first.data != second.data  # the same run goes on
     assert second.metadata[0]["index"] == 1
+
+
+async def test_two_pipelines_of_one_model_give_the_model_the_callers_request(redis_url, keys):
+    """Pipelines of one model id in one process share its work stream: the one whose
+    batch worker took another's work gave its model a plain Request, without the
+    caller's class and methods."""
+
+    @dataclass(frozen=True)
+    class Chat(Request):
+        temperature: float = 1
+
+        def messages(self):
+            return [{"role": "user", "content": self.prompt}]
+
+    class Model(SingleRequestModel):
+        model = "two-pipelines"
+
+        def __init__(self, latency: float) -> None:
+            self.latency, self.got = latency, []
+
+        async def request(self, request):
+            self.got.append(type(request))
+            await asyncio.sleep(self.latency)
+            return Response(data=[request.messages()[0]["content"]] * request.n)
+
+    slow, idle = Model(0.2), Model(0)
+    async with api(slow, redis_url, keys, concurrency=1, batch_size=1) as a, \
+            api(idle, redis_url, keys) as b:
+        await b.start()  # its batch worker reads the same stream
+        got = await asyncio.gather(*(a.request(Chat(f"p{i}", 1, f"{i}", "ns"))
+                                     for i in range(8)))
+    assert [r.data for r in got] == [[f"p{i}"] for i in range(8)]
+    assert idle.got and set(slow.got + idle.got) == {Chat}
