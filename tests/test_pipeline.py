@@ -431,3 +431,55 @@ async def test_two_pipelines_of_one_model_give_the_model_the_callers_request(red
                                      for i in range(8)))
     assert [r.data for r in got] == [[f"p{i}"] for i in range(8)]
     assert idle.got and set(slow.got + idle.got) == {Chat}
+
+
+@pytest.mark.parametrize("method", ["request", "batch_request"])
+async def test_a_model_raising_cancelled_error_fails_its_requests_at_once(redis_url, keys,
+                                                                           method):
+    """A CancelledError the model raised by itself (it awaited something cancelled
+    elsewhere) ended the call silently: its requests waited for the lease to run out."""
+
+    class Model:
+        model = f"cancelling-{method}"
+        calls = 0
+
+        async def _one(self, request):
+            self.calls += 1
+            if self.calls == 1:
+                inner = asyncio.ensure_future(asyncio.sleep(10))
+                inner.cancel()
+                await inner  # raises CancelledError: nobody cancelled the caller
+            return Response(data=["ok"] * request.n)
+
+        async def request(self, request):
+            return await self._one(request)
+
+        async def batch_request(self, batch):
+            return [await self._one(r) for r in batch.requests]
+
+    model = Model()
+    setattr(model, "request" if method == "batch_request" else "batch_request", None)
+    async with api(model, redis_url, keys) as pipe:
+        with pytest.raises(GenerationError, match="raised CancelledError"):
+            await asyncio.wait_for(pipe.request(Request("c", 1, "a", "ns")), 5)
+        later = await asyncio.wait_for(pipe.request(Request("c", 1, "b", "ns2")), 5)
+    assert later.data == ["ok"]
+
+
+async def test_giving_up_during_a_model_call_still_stops_at_once(redis_url, keys):
+    started = asyncio.Event()
+
+    class Slow(SingleRequestModel):
+        model = "slow-give-up"
+
+        async def request(self, request):
+            started.set()
+            await asyncio.sleep(30)
+            return Response(data=["late"] * request.n)
+
+    pipe = api(Slow(), redis_url, keys)
+    call = asyncio.ensure_future(pipe.request(Request("s", 1, "a", "ns")))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(pipe.close(give_up=True), 10)
+    with pytest.raises(asyncio.CancelledError):
+        await call

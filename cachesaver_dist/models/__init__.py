@@ -237,6 +237,8 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
             results = list(await awaited(model, "batch_request", Batch(requests)))
         except Exception as exc:
             results = [exc] * len(requests)
+        except asyncio.CancelledError as exc:
+            results = [_not_cancelled(exc)] * len(requests)
         if len(results) != len(requests):
             err = ModelError(f"batch_request returned {len(results)} responses for "
                              f"{len(requests)} requests")
@@ -323,7 +325,22 @@ def _one_sample_each(answers: list[Any], n: int, deduplicated: bool) -> Any:
     return Response(data, [False] * n, [False] * n, meta)
 
 
+def _not_cancelled(exc: asyncio.CancelledError) -> ModelError:
+    """A model's ``CancelledError`` as its failure when nobody cancelled this task (the
+    model awaited something cancelled elsewhere); re-raised if this task is being
+    cancelled (a worker stopping). Left to run, it ended the model call without a trace
+    and its requests waited for the lease to run out."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if task is None or cancelling is None or cancelling():
+        raise exc
+    return ModelError("the model raised CancelledError though nothing cancelled it (did it "
+                      "await a task or future cancelled elsewhere?)")
+
+
 def _samples(result: Any, n: int) -> list[bytes] | Exception:
+    if isinstance(result, asyncio.CancelledError):
+        return _not_cancelled(result)
     if isinstance(result, BaseException):
         if not isinstance(result, Exception):
             raise result
