@@ -219,6 +219,7 @@ class OnlineAPI:
         self._batches_in_flight = 0
         self._starting = 0  # calls waiting for start-up: close() lets them in first
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it started in
+        self._closed: asyncio.Future[None] | None = None  # done when a close() under way ends
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -234,6 +235,8 @@ class OnlineAPI:
     async def start(self) -> None:
         """Connect (and start in-process workers); called on first use if not before."""
         await self._leave_ended_loop()
+        while self._closed is not None:  # a close() under way: open again after it
+            await asyncio.shield(self._closed)
         if self._started is None:
             self._loop = asyncio.get_running_loop()
             self._started = asyncio.create_task(self._start())
@@ -282,7 +285,7 @@ class OnlineAPI:
         if self._server is not None:
             await asyncio.to_thread(self._server.stop)
         self._started = self._server = self._redis = self._client = self._local = None
-        self._url = self._flush_timer = self._loop = None
+        self._url = self._flush_timer = self._loop = self._closed = None
         self._pending, self._flushes = [], set()
         self._originals.clear()  # (what its requests held, they let go as the loop ended)
         self._batches_in_flight = self._starting = 0
@@ -319,6 +322,9 @@ class OnlineAPI:
         ``give_up`` (what leaving ``async with`` by a cancellation or Ctrl-C does): the
         pending requests are given up instead (they raise ``CancelledError``); what they
         reserved stays consistent, and samples being generated for them are still stored."""
+        if self._closed is not None:  # another close() is under way: it does the work
+            await asyncio.shield(self._closed)
+            return
         if self._started is None or await self._leave_ended_loop():
             return
         with contextlib.suppress(Exception):
@@ -326,21 +332,28 @@ class OnlineAPI:
         # Calls that waited for start-up are runnable now (it is done): a turn or two.
         while self._starting:  # noqa: ASYNC110
             await asyncio.sleep(0)
-        if give_up:
-            self._give_up()
-        self._flush()
-        while self._flushes:  # (wait: a close() cancelled does not cancel other callers')
-            await asyncio.wait(list(self._flushes))
-        if self._local is not None:
-            await self._local.stop()
-            self._local = None
-        if self._client:
-            await self._client.close()
-        if self._redis is not None and self._redis is not self._cache:
-            await self._redis.aclose()
-        if self._server is not None:
-            await asyncio.to_thread(self._server.stop)
-        self._started = None
+        # From here, a call waits until this close() is over and opens the pipeline again:
+        # sent now, it would go to the client being closed, without workers.
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            if give_up:
+                self._give_up()
+            self._flush()
+            while self._flushes:  # (wait: a close() cancelled does not cancel other callers')
+                await asyncio.wait(list(self._flushes))
+            if self._local is not None:
+                await self._local.stop()
+                self._local = None
+            if self._client:
+                await self._client.close()
+            if self._redis is not None and self._redis is not self._cache:
+                await self._redis.aclose()
+            if self._server is not None:
+                await asyncio.to_thread(self._server.stop)
+            self._started = None
+        finally:
+            closed, self._closed = self._closed, None
+            closed.set_result(None)
 
     # --- requests ---------------------------------------------------------------------
 

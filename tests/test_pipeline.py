@@ -483,3 +483,26 @@ async def test_giving_up_during_a_model_call_still_stops_at_once(redis_url, keys
     await asyncio.wait_for(pipe.close(give_up=True), 10)
     with pytest.raises(asyncio.CancelledError):
         await call
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_a_request_made_while_close_runs_is_served_after_it(redis_url, keys, direct):
+    """A request made while close() stopped the workers went to the client being
+    closed: it failed (CancelledError, or NoWorkerError) instead of opening the pipeline
+    again, as a request after close() does."""
+    model = SimModel("closing")
+    pipe = api(model, redis_url, keys, timeout=0.01, direct=direct)
+    await pipe.start()
+    local = pipe._local
+    stop, late = local.stop, []
+
+    async def stop_then_ask() -> None:
+        await stop()
+        late.append(asyncio.ensure_future(pipe.request(Request("late", 1, "a", "ns"))))
+        await asyncio.sleep(0.1)  # the request's batch is due meanwhile
+
+    local.stop = stop_then_ask
+    await pipe.close()
+    got = await asyncio.wait_for(late[0], 10)
+    await pipe.close()
+    assert len(got.data) == 1 and model.calls == [("late", 1)]
