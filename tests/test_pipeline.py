@@ -506,3 +506,24 @@ async def test_a_request_made_while_close_runs_is_served_after_it(redis_url, key
     got = await asyncio.wait_for(late[0], 10)
     await pipe.close()
     assert len(got.data) == 1 and model.calls == [("late", 1)]
+
+
+async def test_a_batch_model_returning_no_list_is_told_so(redis_url, keys):
+    """A batch_request() returning one Response (or None) was read as a sequence: three
+    'responses' (its fields), or "'NoneType' object is not iterable"."""
+
+    class Model:
+        model = "no-list"
+        answer: object = None
+
+        async def batch_request(self, batch):
+            return self.answer
+
+    model = Model()
+    async with api(model, redis_url, keys) as pipe:
+        for answer in (None, Response(data=["x"])):
+            model.answer = answer
+            with pytest.raises(GenerationError, match=r"batch_request\(\) returned "
+                               f"{type(answer).__name__}, not a list"):
+                await asyncio.wait_for(pipe.batch_request(Batch(
+                    [Request(f"{i}", 1, f"{i}", "ns") for i in range(3)])), 5)

@@ -234,7 +234,7 @@ async def generate(model: Any, jobs: list[Job]) -> list[list[bytes] | Exception]
                                        return_exceptions=True)
     else:
         try:
-            results = list(await awaited(model, "batch_request", Batch(requests)))
+            results = _listed(await awaited(model, "batch_request", Batch(requests)))
         except Exception as exc:
             results = [exc] * len(requests)
         except asyncio.CancelledError as exc:
@@ -264,6 +264,17 @@ async def awaited(model: Any, method: str, argument: Any) -> Any:
     return await result
 
 
+def _listed(responses: Any) -> list[Any]:
+    """What ``batch_request()`` returned, as a list; ``ModelError`` if it is no sequence
+    of responses (None, one Response, a dict, a str)."""
+    if isinstance(responses, (list, tuple)) and not isinstance(responses, Response):
+        return list(responses)
+    if inspect.isgenerator(responses):
+        return list(responses)
+    raise ModelError(f"batch_request() returned {type(responses).__name__}, not a list with "
+                     "one Response per request of the batch")
+
+
 class LocalCalls(BatchRequestModel):
     """A local model called as the original's local pipelines call it: ``batch_request()``
     (else ``request()``) with one sample per request, at most ``per_call`` requests per
@@ -283,7 +294,7 @@ class LocalCalls(BatchRequestModel):
             for i in range(0, len(singles), self.per_call):
                 chunk = singles[i:i + self.per_call]
                 try:
-                    answers = list(await awaited(self.model, "batch_request", Batch(chunk)))
+                    answers = _listed(await awaited(self.model, "batch_request", Batch(chunk)))
                     if len(answers) != len(chunk):
                         raise ModelError(f"batch_request returned {len(answers)} responses "
                                          f"for {len(chunk)} requests")
