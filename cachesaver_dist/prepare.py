@@ -98,13 +98,26 @@ def _check_request_id(request_id: Any) -> str:
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
-    if isinstance(prompt, (list, tuple)) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in prompt
-    ):
-        return
+    which = ""
+    if isinstance(prompt, (list, tuple)) and prompt:
+        for i, m in enumerate(prompt):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, (str, list)):
+                continue
+            # an assistant turn that only calls tools has no content (OpenAI's format)
+            if isinstance(m, dict) and content is None and \
+                    (m.get("tool_calls") or m.get("function_call")):
+                continue
+            which = (f": prompt[{i}] is a {type(m).__name__}" if not isinstance(m, dict) else
+                     f": prompt[{i}] has no 'content'" if "content" not in m else
+                     f": prompt[{i}]['content'] is {type(content).__name__} (a str or a list "
+                     "of parts; None only beside 'tool_calls')")
+            break
+        else:
+            return
     raise InvalidRequestError(
         f"prompt must be a str or a non-empty list of chat messages "
-        f"({{'role': ..., 'content': str}}), got {type(prompt).__name__}"
+        f"({{'role': ..., 'content': str}}), got {type(prompt).__name__}{which}"
     )
 
 
