@@ -100,6 +100,10 @@ class CacheClient:
         self._tally: Tally = {}
         self._accounting: asyncio.Task | None = None
         self._closing = asyncio.Event()
+        # direct mode: one batch reserves at a time, in the order the batches were sent
+        # (a batch that claims takes two script calls: another batch of this client in
+        # between would take indices before the rest of it, unlike a re-run's order)
+        self._reserving = asyncio.Lock()
         self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
 
@@ -230,9 +234,10 @@ class CacheClient:
 
         # not acknowledged by enough replicas (NotReplicatedError): asked again, as a
         # lost connection is; the reservation records make that idempotent
-        [reservations] = await self._retrying(
-            reserve, f"reserve samples for {len(items)} request(s)", "reserving samples",
-            deadline)
+        async with self._reserving:
+            [reservations] = await self._retrying(
+                reserve, f"reserve samples for {len(items)} request(s)", "reserving samples",
+                deadline)
         outbox, replies = Outbox(self.keys), []
         for r in reservations or ():
             if r.complete:

@@ -265,3 +265,21 @@ def test_direct_from_the_environment(redis_url, keys, monkeypatch):
         api("sim:x", redis_url, keys)
     monkeypatch.setenv("CACHESAVER_DIRECT", "0")
     assert api("sim:x", redis_url, keys).direct is False
+
+
+async def test_direct_batches_in_flight_reserve_in_the_order_they_were_sent(redis_url, keys):
+    """Many batches of one direct client at once, on a cold cache: each batch that claims
+    takes two script calls, and no other batch of the client may reserve in between, or
+    the first run hands out indices in another order than its re-run (other samples)."""
+    requests = [Request(f"prompt {i % 6}", 1, f"{i:03d}", "ns") for i in range(96)]
+    for attempt in range(3):
+        model = SimModel(f"direct-order-{attempt}")
+        indices = []
+        for run in ("first", "re-run"):
+            async with api(model, redis_url, keys, run=f"{run}-{attempt}", direct=True,
+                           batch_size=4, timeout=0.05) as pipe:
+                got = await asyncio.gather(*(pipe.request(r) for r in requests))
+            indices.append([[m["index"] for m in r.metadata] for r in got])
+        first, again = indices
+        assert first == again, f"attempt {attempt}: the first run's order differs"
+        assert first == [[i // 6] for i in range(96)]  # request_id order, batch after batch
