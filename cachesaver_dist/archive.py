@@ -178,6 +178,9 @@ class ExportResult:
     keys: int = 0
     samples: int = 0
     unreadable: int = 0  # samples that do not decode: left out
+    # indices below a run's bound without a sample (being generated, failed or given up):
+    # the archive cannot replay the requests that were handed them
+    missing: int = 0
     runs: int = 0
     counters: int = 0
     manifest: int = 0
@@ -217,8 +220,9 @@ async def export(redis: Redis, keys: Keys, path: str | Path, sel: Selection,
                 if wanted_models and model_id not in wanted_models:
                     continue
                 spec_map = asdict(spec) if spec else None
-                wrote = False
+                wrote, seen = False, 0
                 async for chunk in _samples_of(redis, keys, key, bound):
+                    seen += len(chunk)
                     samples: dict[int, bytes] = {}
                     size = 0
                     for idx, sample in chunk:
@@ -240,6 +244,8 @@ async def export(redis: Redis, keys: Keys, path: str | Path, sel: Selection,
                         writer.samples += len(samples)
                         wrote = True
                 writer.keys += wrote
+                if bound is not None:
+                    result.missing += bound - seen
                 if progress:
                     progress(writer.keys, writer.samples)
         if sel.run_state:
@@ -561,6 +567,11 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
               + f" to {path} ({result.bytes} bytes, sha256 {result.sha256[:16]}...)"
               + (f"; left out {result.unreadable} unreadable sample(s)"
                  if result.unreadable else ""))
+    if result.missing:
+        print(f"warning: {result.missing} sample(s) the selected run(s) were handed are not "
+              "stored (still being generated, or their generation failed or was given up), "
+              "so the archive lacks them: a replay of the requests that got them fails; "
+              "export again once the run's requests are all answered", file=sys.stderr)
     return 0
 
 

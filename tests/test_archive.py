@@ -339,6 +339,32 @@ async def test_export_selects_by_model_namespace_and_key(redis_url, keys, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("y.gz")]  # nor a .partial
 
 
+async def test_export_of_a_run_says_which_samples_it_was_handed_are_not_stored(
+        redis_url, keys, redis, tmp_path):
+    """A run exported while a request of it waits for its samples (or after they failed)
+    gives an archive that cannot replay that request: the export says so."""
+    await record(redis_url, keys, "half", REQUESTS)
+    done = cli(redis_url, keys.prefix, "export", str(tmp_path / "whole.gz"), "--run", "half")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    # a request of the run claims 3 samples nobody generates yet (no worker serves it)
+    api = OnlineAPI("sim:unserved", cache=redis_url, prefix=keys.prefix, run="half",
+                    manifest=True, direct=True, request_timeout=30)
+    await api.start()
+    waiting = asyncio.ensure_future(api.request(Request("archive prompt 9", 3, "late", "ns0")))
+    for _ in range(200):
+        if await redis.hlen(keys.usage("half")) > 4:  # 4 (prompt key, namespace) counters before
+            break
+        await asyncio.sleep(0.01)
+    waiting.cancel()
+    await api.close(give_up=True)
+    path = tmp_path / "partial.gz"
+    done = cli(redis_url, keys.prefix, "export", str(path), "--run", "half")
+    assert done.returncode == 0, done.stderr
+    assert "warning: 3 sample(s) the selected run(s) were handed are not stored" in done.stderr
+    assert json.loads(cli(redis_url, keys.prefix, "export", str(path), "--run", "half",
+                          "--force", "--json").stdout)["missing"] == 3
+
+
 # --- the archive file: OS errors ------------------------------------------------------------
 
 
