@@ -17,7 +17,7 @@ from . import defaults
 from .client import CacheClient
 from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
-from .models import check_model, model_identity, model_name_problem
+from .models import LocalCalls, check_model, model_identity, model_name_problem
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
 from .replication import replicas_to_wait
@@ -151,7 +151,8 @@ class OnlineAPI:
         else:
             check_model(model, type(model).__name__)
             self.model_id = model_id or model_identity(model)
-            self.route, self._model = f"inproc:{self.model_id}", model
+            kind = model.route_kind if isinstance(model, LocalCalls) else "inproc"
+            self.route, self._model = f"{kind}:{self.model_id}", model
         check_text(self.model_id, "model_id")
         # Workers read the route and model id of every request as ids of at most
         # MAX_ID_CHARS: a longer one would set every batch of this pipeline aside.

@@ -303,6 +303,23 @@ async def test_local_apis_call_the_model_as_the_original_does(redis_url, keys):
     assert ordered.model_id == "local-one"  # the model's own identity, not the wrapper's
 
 
+async def test_local_and_online_pipelines_of_one_model_keep_their_own_queues(redis_url,
+                                                                             keys):
+    """An ``OnlineAPI`` and a ``LocalAPI`` of the same model in one process: each one's
+    workers serve only its own requests, so the local pipeline's model calls stay one
+    sample per request in ``batch_request()`` (the online one would call ``request()``
+    with ``n``, which this model refuses)."""
+    model = OneSampleModel()
+    async with api(model, redis_url, keys) as online, \
+            api(model, redis_url, keys, LocalAPI, batch_size=4) as local:
+        await online.start()  # its in-process workers read their queue
+        got = await asyncio.gather(*(local.request(Request(f"p{i}", 2, str(i), "ns"))
+                                     for i in range(10)))
+    assert [len(r.data) for r in got] == [2] * 10
+    assert all(n == 1 for call in model.calls for _, n in call)
+    assert (online.route, local.route) == ("inproc:local-one", "inproc-local:local-one")
+
+
 async def test_ordered_local_api_flags_a_prompts_later_samples_as_the_original(redis_url,
                                                                              keys):
     """The original's OrderedLocalAPI deduplicates: a request's second sample, and the

@@ -285,6 +285,12 @@ class LocalCalls(BatchRequestModel):
     def __init__(self, model: Any, per_call: int, *, deduplicated: bool = False) -> None:
         self.model, self.per_call, self.deduplicated = model, per_call, deduplicated
 
+    @property
+    def route_kind(self) -> str:
+        """The prefix of its in-process route: the local pipelines call a model otherwise
+        than ``OnlineAPI``, so their workers serve queues of their own."""
+        return "inproc-ordered" if self.deduplicated else "inproc-local"
+
     async def batch_request(self, batch: Batch) -> list[Any]:
         """A ``Response`` per request, or the exception of its failed call (each request
         fails alone, as ``generate`` expects)."""
