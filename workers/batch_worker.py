@@ -356,7 +356,7 @@ class BatchWorker:
         does not make (``refuses(model_id)``: a drop-in client on another base URL):
         that work fails, its keys are not filled."""
         refuses = getattr(model, "refuses", None)
-        problems = [refuses(w.spec.model_id) if refuses else None for w in works]
+        problems = [refuses(w.spec.model_id) if callable(refuses) else None for w in works]
         ours = [w for w, problem in zip(works, problems) if problem is None]
         made = iter(await generate(model, [
             Job(w.spec.fields, w.indices, w.spec.namespace, w.spec.request_id,
