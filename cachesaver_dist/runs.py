@@ -159,10 +159,12 @@ async def run_info(redis: Redis, keys: Keys, run: str, last_used: float | None,
         namespaces[ns] = namespaces.get(ns, 0) + int(value)
         prompt_keys.add(text[:PROMPT_KEY_CHARS])
         used += int(value)
+    # None: the run has no statistics here (forked, imported, or its stats expired)
     stats = await redis.hgetall(keys.stats(run))  # type: ignore[misc]
-    requests = sum(int(float(v)) for f, v in stats.items() if f.endswith(b"|requests"))
+    requests = sum(int(float(v)) for f, v in stats.items() if f.endswith(b"|requests")) \
+        if stats else None
     generated = sum(int(float(v)) for f, v in stats.items()
-                    if f.endswith(b"|samples_generated"))
+                    if f.endswith(b"|samples_generated")) if stats else None
     pttl = await redis.pttl(keys.usage(run))
     return {
         "run": run,
@@ -215,7 +217,8 @@ async def print_runs(redis: Redis, keys: Keys, as_json: bool) -> int:
 
     cols = [Col("run", "run", text=True, whole=True),
             Col("namespaces", get=namespaces, text=True, drop=1),
-            Col("requests", "requests"), Col("samples used", "samples_used"),
+            Col("requests", "requests", fmt=lambda n: "-" if n is None else str(n)),
+            Col("samples used", "samples_used"),
             Col("manifest", "manifest", fmt=lambda m: str(m) if m else "-", drop=2),
             Col("last used", "age_s",
                 fmt=lambda s: _age(s) + (" ago" if s is not None else ""), drop=3),

@@ -172,9 +172,13 @@ async def test_runs_lists_namespaces_requests_samples_and_age(redis_url, keys):
     assert listed["prompt_keys"] == 2 and 0 <= listed["age_s"] < 60
     assert 0 < listed["expires_in_s"] <= 7 * 86400
     assert (runs["plain"]["manifest"], runs["plain"]["requests"]) == (0, 1)
-    assert (runs["forked"]["requests"], runs["forked"]["samples_used"]) == (0, 1)
+    # a fork has no statistics of its own: no count, not 0 requests
+    assert (runs["forked"]["requests"], runs["forked"]["samples_used"]) == (None, 1)
+    assert runs["forked"]["samples_generated"] is None
     table = cli(redis_url, keys.prefix, "runs")
     assert table.returncode == 0 and "listed" in table.stdout and "alpha, beta" in table.stdout
+    [forked_row] = [line for line in table.stdout.splitlines() if "forked" in line]
+    assert forked_row.split("│")[3].strip() == "-"
 
 
 async def test_stats_of_a_run_expire_and_the_run_index_is_trimmed(redis_url, keys):
