@@ -104,6 +104,8 @@ class CacheClient:
         # (a batch that claims takes two script calls: another batch of this client in
         # between would take indices before the rest of it, unlike a re-run's order)
         self._reserving = asyncio.Lock()
+        # worker path: one batch enqueued at a time, each after the one before it
+        self._enqueuing, self._last_job = asyncio.Lock(), ""
         self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
 
@@ -198,20 +200,26 @@ class CacheClient:
 
         The job is written as arq's ``enqueue_job`` writes it, without its check for an
         existing job id (ours are unique): that check costs three round trips.
-        """
-        payload = encode_job(self.client_id, items, self._keep_s, batch)
 
+        Batches are enqueued one at a time, in the order they were sent, each naming the
+        job of the batch before it (``after``), so that workers reserve them in that
+        order (reserve.lua). A re-ask names none: it is not held back.
+        """
         async def send() -> None:
             job_id = self.keys.new_job_id()
-            self._queued.setdefault(batch, []).append(job_id)
-            now_ms = int(time.time() * 1000)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
-                        encode_arq_job(payload, now_ms))
-            pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-            pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
-            pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
-            await self._with_deletes(pipe.execute, pipe)
+            async with self._enqueuing:
+                after = "" if batch in self._queued else self._last_job
+                payload = encode_job(self.client_id, items, self._keep_s, batch, after)
+                self._queued.setdefault(batch, []).append(job_id)
+                now_ms = int(time.time() * 1000)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
+                            encode_arq_job(payload, now_ms))
+                pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
+                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
+                pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+                await self._with_deletes(pipe.execute, pipe)
+                self._last_job = job_id
 
         await self._retrying(send, f"enqueue {len(items)} request(s)", "enqueueing requests",
                              deadline)

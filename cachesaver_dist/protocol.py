@@ -330,24 +330,31 @@ class WorkItem(NamedTuple):
 @dataclass(frozen=True)
 class CacheJob:
     """One client batch: ``batch`` names it across re-asks (its reservation records);
-    ``job_id``, not part of the message: the arq job it came in, when the worker read it
-    from a wake token and has yet to take that job."""
+    ``after``: the arq job of the client's batch sent before it, reserved first while it
+    is queued (``""``: none, or a re-ask); ``job_id``, not part of the message: the arq
+    job it came in, when the worker read it from a wake token and has yet to take it."""
 
     client: str
     items: list[WorkItem]
     keep_s: int
     batch: str = ""
     job_id: str = ""
+    after: str = ""
 
 
-def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "") -> bytes:
+def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
+               after: str = "") -> bytes:
     """A client batch; ``keep_s``: how long reservations must outlive it (re-asks);
-    ``batch``: the same id on every re-ask of the batch."""
-    return pack({"v": SCHEMA_VERSION, "client": client, "batch": batch,
-                 "requests": [it.to_wire() for it in items], "keep_s": keep_s})
+    ``batch``: the same id on every re-ask of the batch; ``after``: see ``CacheJob``."""
+    msg = {"v": SCHEMA_VERSION, "client": client, "batch": batch,
+           "requests": [it.to_wire() for it in items], "keep_s": keep_s}
+    if after:
+        msg["after"] = after
+    return pack(msg)
 
 
-def decode_job(data: bytes) -> CacheJob:
+def decode_job(data: bytes, keys: Keys | None = None) -> CacheJob:
+    """A cache job message, checked; ``after`` must be a job id under ``keys``' prefix."""
     kind = "cache job"
     msg = _message(data, kind)
     client = _id(msg.get("client"), "client", kind)
@@ -356,8 +363,11 @@ def decode_job(data: bytes) -> CacheJob:
     batch = msg.get("batch", "")
     if batch != "":
         batch = _id(batch, "batch", kind)
+    after = msg.get("after", "")
+    if after != "" and (keys is None or not is_job_id(after, keys)):
+        raise ProtocolError(f"{kind}: 'after' is not a job id under this prefix", "after")
     items = [WorkItem.from_wire(r, f"{kind} request {i}") for i, r in enumerate(requests)]
-    return CacheJob(client, items, keep_s, batch)
+    return CacheJob(client, items, keep_s, batch, after=after)
 
 
 def job_waiters(data: bytes) -> list[str]:
@@ -659,11 +669,15 @@ def decode_wake_token(data: bytes, keys: Keys) -> tuple[str, bytes]:
     if not (isinstance(msg, list) and len(msg) == 2 and isinstance(msg[1], bytes)):
         raise ProtocolError("wake token is not a [job id, payload] pair", "token")
     job_id = msg[0]
-    # ``Keys.new_job_id``: the prefix, then a short id (a long prefix is fine)
-    if not isinstance(job_id, str) or not job_id.startswith(keys.prefix) or \
-            len(job_id) - len(keys.prefix) > MAX_ID_CHARS:
+    if not is_job_id(job_id, keys):
         raise ProtocolError(f"wake token is not a job id under prefix {keys.prefix!r}", "token")
     return job_id, msg[1]
+
+
+def is_job_id(value: Any, keys: Keys) -> bool:
+    """``Keys.new_job_id``'s form: the prefix, then a short id (a long prefix is fine)."""
+    return isinstance(value, str) and value.startswith(keys.prefix) and \
+        len(value) - len(keys.prefix) <= MAX_ID_CHARS
 
 
 # --- dead letters ------------------------------------------------------------------------

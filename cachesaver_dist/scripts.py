@@ -133,14 +133,16 @@ async def reserve(
 
 async def reserve_jobs(
     redis: Redis, keys: Keys, jobs: list[CacheJob], run_ttl_s: int = defaults.RUN_TTL_S,
-    replicas: int = 0, *, in_progress_ms: int = 60_000,
+    replicas: int = 0, *, in_progress_ms: int = 60_000, waiting: set[str] | None = None,
 ) -> list[list[Reservation] | None]:
     """Reserve indices for the requests of several client batches, each in its order;
     the reservations per job.
 
     A job with a ``job_id`` is an arq job the caller has not claimed: it is taken in the
     same call (``None`` in its place when arq's poll or another worker has it) and
-    finished once all its requests are reserved (see reserve.lua).
+    finished once all its requests are reserved (see reserve.lua). A job whose ``after``
+    job is still queued is not taken either: its id goes into ``waiting``, to be asked
+    again (the client's batch before it is reserved first).
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
@@ -161,7 +163,7 @@ async def reserve_jobs(
                                                                     jobs[0].batch)
         k = [first, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
         argv: list[Any] = [ttl_ms, run_ttl_s * 1000, in_progress_ms, int(take), len(arq_jobs),
-                           *(job.job_id for job in arq_jobs)]
+                           *(job.job_id for job in arq_jobs), *(job.after for job in arq_jobs)]
         # per group of requests (one client batch of one run, model and route): its five
         # keys, after the requests' keys (KEYS position, 1-based), and its waiter tail
         groups: dict[tuple[str, str, str, str], tuple[int, str]] = {}
@@ -186,7 +188,9 @@ async def reserve_jobs(
                      manifest_field(it.namespace, it.request_id)
                      if it.manifest and it.request_id else "", job_number]
         raw, stopped_at, held = await run_script(redis, "reserve", k + shared, argv, replicas)
-        taken.update(id(job) for job, h in zip(arq_jobs, held) if h)
+        taken.update(id(job) for job, h in zip(arq_jobs, held) if h == 1)
+        if waiting is not None:
+            waiting.update(job.job_id for job, h in zip(arq_jobs, held) if h == 2)
         for (job, it), r in zip(pending, raw):
             if r is not None:
                 done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),

@@ -250,3 +250,31 @@ async def test_a_worker_stopped_mid_serve_still_sends_the_replies(redis_url, key
     reply = await asked
     assert reply["flags"] == "c"
     await pool.aclose()
+
+
+async def test_a_clients_batch_waits_while_the_one_it_comes_after_is_queued(redis, keys):
+    """reserve.lua takes a job only when the job its client sent before it (``after``) is
+    no longer queued, or is taken earlier in the same call: one client's batches are
+    reserved in the order it sent them, whichever workers pick them up."""
+    from cachesaver_dist.protocol import CacheJob
+    from cachesaver_dist.scripts import reserve_jobs
+
+    def job(job_id: str, uuid: str, after: str = "") -> CacheJob:
+        it = prepare(Request("p", 1, uuid, "ns"), run="run", route="sim:x", model_id="sim:x")
+        return CacheJob("c", [it], 60, f"b-{uuid}", job_id, after)
+
+    first, second, third = (keys.new_job_id() for _ in range(3))
+    await redis.zadd(keys.cache_queue, {first: 1, second: 2, third: 3})
+    waiting: set[str] = set()
+    assert await reserve_jobs(redis, keys, [job(second, "r2", first)], waiting=waiting) == [None]
+    assert waiting == {second}  # not taken: still queued, no in-progress key
+    assert await redis.zscore(keys.cache_queue, second) == 2
+    assert not await redis.exists(in_progress_key_prefix + second)
+
+    waiting.clear()  # the one before it in the same call: both, in that order
+    got = await reserve_jobs(redis, keys, [job(first, "r1"), job(second, "r2", first)],
+                             waiting=waiting)
+    assert waiting == set() and [[r.start for r in rs] for rs in got] == [[0], [1]]
+    assert await redis.zcard(keys.cache_queue) == 1  # both finished
+    got = await reserve_jobs(redis, keys, [job(third, "r3", second)], waiting=waiting)
+    assert waiting == set() and [r.start for r in got[0]] == [2]  # its batch before: done

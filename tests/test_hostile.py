@@ -414,8 +414,8 @@ async def _(h: Hostile) -> Check:
     real = client_module.encode_job
     sent: list[str] = []
 
-    def newer_client(client: str, items: list, keep_s: int, batch: str) -> bytes:
-        data = msgpack.unpackb(real(client, items, keep_s, batch))
+    def newer_client(client: str, items: list, keep_s: int, batch: str, after: str) -> bytes:
+        data = msgpack.unpackb(real(client, items, keep_s, batch, after))
         sent.append(items[0].uuid)
         return mp({**data, "v": 99})
 

@@ -208,3 +208,32 @@ async def test_a_registry_lost_with_redis_data_is_waited_for_not_reported(redis_
             cache_worker.send_signal(signal.SIGCONT)
         again = await asyncio.wait_for(asking, 30)
     assert again.data == first.data and again.cached == [True]
+
+
+@pytest.mark.processes
+async def test_a_re_run_gets_the_same_samples_per_request_id_with_several_cache_workers(
+        redis_url, keys, processes):
+    """One client with ten batches in flight at once, served by two cache workers that
+    also poll often: every fresh run (run=None) hands each request_id the same samples,
+    as the client's batches are reserved in the order it sent them."""
+    from cachesaver_dist import OnlineAPI, Request
+
+    model = "sim:re-run"
+    for _ in range(2):
+        processes.cli("worker", "cache", "--poll-delay", "0.02", name="cache")
+    processes.cli("worker", "batch", "--model", model, "--sim-latency", "0", name="batch")
+    processes.wait_alive("cache", 2)
+    processes.wait_alive(model, 1)
+
+    async def one_run() -> dict[str, list[str]]:
+        async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, batch_size=8,
+                             request_timeout=60) as api:
+            got = await asyncio.gather(*(api.request(Request(f"prompt {i % 10}", 2,
+                                                             f"r{i:03d}", "ns"))
+                                         for i in range(80)))
+        return {f"r{i:03d}": list(r.data) for i, r in enumerate(got)}
+
+    first = await one_run()  # generates: 16 samples of each of the 10 prompts
+    assert all(len(set(v)) == 2 for v in first.values())
+    for _ in range(4):
+        assert await one_run() == first

@@ -56,6 +56,12 @@ log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAKE_BATCH = 16  # wake tokens (jobs) served together at most
+# A woken job whose client's batch before it is still queued is asked again every
+# AFTER_RETRY_S, and served anyway after AFTER_WAIT_S (that batch was lost, or is slow).
+AFTER_RETRY_S, AFTER_WAIT_S = 0.002, 1.0
+# arq's poll starts only jobs queued this long: younger ones are the wake-up list's, which
+# serves a client's batches in order (the poll starts the jobs it finds all at once).
+POLL_GRACE_MS = 1000
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
@@ -74,9 +80,12 @@ async def handle_jobs(
 async def serve_jobs(
     redis: Any, keys: Keys, payloads: list[tuple[str, bytes | MalformedJob]],
     run_ttl_s: int = defaults.RUN_TTL_S, replicas: int = 0, in_progress_ms: int = 60_000,
+    *, waiting: set[str] | None = None, force: frozenset[str] | set[str] = frozenset(),
 ) -> Outbox:
     """Serve client batches, given as (arq job id, payload), with one reserve call for
-    all of them; return the replies to send (in one round trip).
+    all of them; return the replies to send (in one round trip). A job whose client's
+    batch before it is still queued is not served: its id goes into ``waiting``, to be
+    served later; one in ``force`` is served whatever its place.
 
     A job id is given for a job read from a wake token: the reserve call takes the job
     (unless arq's poll or another worker has it; ``in_progress_ms``: how long it is held,
@@ -87,7 +96,7 @@ async def serve_jobs(
         try:
             if isinstance(payload, MalformedJob):
                 raise ProtocolError(payload.reason)
-            job = decode_job(payload)
+            job = decode_job(payload, keys)
         except ProtocolError as exc:
             raw = payload.raw if isinstance(payload, MalformedJob) else payload
             await set_aside(redis, keys, "cache job", str(exc), raw, keys.cache_queue)
@@ -98,9 +107,10 @@ async def serve_jobs(
                 outbox.finished.append(job_id)
             continue
         items = sorted(job.items, key=lambda it: it.request_id)
-        jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id))
+        after = job.after if job_id and job_id not in force else ""
+        jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id, after))
     for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox,
-                                            in_progress_ms):
+                                            in_progress_ms, waiting):
         for r in reservations:
             if r.complete:
                 it = r.item
@@ -113,7 +123,7 @@ async def serve_jobs(
 
 async def _reserve(
     redis: Any, keys: Keys, jobs: list[CacheJob], run_ttl_s: int, replicas: int,
-    outbox: Outbox, in_progress_ms: int,
+    outbox: Outbox, in_progress_ms: int, waiting: set[str] | None,
 ) -> list[tuple[CacheJob, list[Reservation]]]:
     """Reserve for all ``jobs`` in one call. When Redis refuses it (a key of another
     type, say), each job is tried alone, so only the batches it concerns get the error."""
@@ -121,7 +131,7 @@ async def _reserve(
         return []
     try:
         per_job = await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas,
-                                     in_progress_ms=in_progress_ms)
+                                     in_progress_ms=in_progress_ms, waiting=waiting)
         return [(job, r) for job, r in zip(jobs, per_job) if r is not None]
     except NotReplicatedError as exc:  # nothing acknowledged: the clients ask again
         log.warning("%d batch(es) not answered: %s", len(jobs), exc)
@@ -131,7 +141,7 @@ async def _reserve(
             out = []
             for job in jobs:
                 out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox,
-                                      in_progress_ms)
+                                      in_progress_ms, waiting)
             return out
         job = jobs[0]
         message = str(refused(exc, "reserving samples"))
@@ -173,6 +183,8 @@ class CacheWorker(Worker):
         super().__init__(*args, **kwargs)
         self.keys = keys
         self._blmpop = True
+        # woken jobs that wait for their client's batch before them: id -> (payload, since)
+        self._held_back: dict[str, tuple[bytes | MalformedJob, float]] = {}
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -198,7 +210,8 @@ class CacheWorker(Worker):
         try:
             scores = await script(self.pool, "claim_jobs")(
                 keys=[self.queue_name, *(in_progress_key_prefix + i for i in ids)],
-                args=[int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *ids])
+                args=[int(time.time() * 1000) - POLL_GRACE_MS,
+                      int(self.in_progress_timeout_s * 1000), *ids])
         except BaseException:
             for _ in ids:
                 self._release_sem_dec_counter_on_complete()
@@ -230,9 +243,10 @@ class CacheWorker(Worker):
                     replies = None
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                wait_s = max(0.01, next_poll - time.monotonic())
+                wait_s = AFTER_RETRY_S if self._held_back else \
+                    max(0.01, next_poll - time.monotonic())
                 tokens, replies = await self._pop_wake_tokens(wait_s, replies), None
-                if tokens:
+                if tokens or self._held_back:
                     replies = await self._serve_now(tokens)
             except CONNECTION_ERRORS as exc:
                 if isinstance(exc, AuthenticationError):  # the password changed meanwhile
@@ -308,7 +322,12 @@ class CacheWorker(Worker):
         Never raises but for Redis outages: a job that could not be served stays queued
         (or keeps its in-progress key until it expires) and arq's poll runs it again; its
         reservations are idempotent."""
-        woken: list[tuple[str, bytes | MalformedJob]] = []
+        now = time.monotonic()
+        held_back, self._held_back = self._held_back, {}
+        woken: list[tuple[str, bytes | MalformedJob]] = [
+            (job_id, payload) for job_id, (payload, _) in held_back.items()]
+        force = {job_id for job_id, (_, since) in held_back.items()
+                 if now - since >= AFTER_WAIT_S}  # the batch before it is lost, or slow
         for token in tokens:
             try:
                 woken.append(decode_wake_token(token, self.keys))
@@ -318,10 +337,12 @@ class CacheWorker(Worker):
         if not woken:
             return None
         started = time.perf_counter()
+        waiting: set[str] = set()
         try:
             replies = await asyncio.wait_for(
                 serve_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
-                           self.ctx.get("replicas", 0), int(self.in_progress_timeout_s * 1000)),
+                           self.ctx.get("replicas", 0), int(self.in_progress_timeout_s * 1000),
+                           waiting=waiting, force=force),
                 defaults.JOB_TIMEOUT_S)
         except CONNECTION_ERRORS:
             raise
@@ -330,6 +351,9 @@ class CacheWorker(Worker):
                         len(woken), type(exc).__name__, redis_message(exc))
             return None
         metrics.cache_job_done(time.perf_counter() - started)
+        payloads = dict(woken)
+        self._held_back = {job_id: (payloads[job_id], held_back[job_id][1]
+                                    if job_id in held_back else now) for job_id in waiting}
         return replies
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
