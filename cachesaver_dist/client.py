@@ -104,7 +104,9 @@ class CacheClient:
         # (a batch that claims takes two script calls: another batch of this client in
         # between would take indices before the rest of it, unlike a re-run's order)
         self._reserving = asyncio.Lock()
-        # worker path: one batch enqueued at a time, each after the one before it
+        # worker path: batches waiting to be enqueued, in order; one enqueue at a time,
+        # each job after the one before it
+        self._outgoing: list[_Outgoing] = []
         self._enqueuing, self._last_job = asyncio.Lock(), ""
         self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
@@ -201,28 +203,55 @@ class CacheClient:
         The job is written as arq's ``enqueue_job`` writes it, without its check for an
         existing job id (ours are unique): that check costs three round trips.
 
-        Batches are enqueued one at a time, in the order they were sent, each naming the
-        job of the batch before it (``after``), so that workers reserve them in that
-        order (reserve.lua). A re-ask names none: it is not held back.
+        Batches are enqueued in the order they were sent, each naming the job of the batch
+        before it (``after``), so that workers reserve them in that order (reserve.lua); a
+        re-ask names none (it is not held back). Batches sent while an enqueue is under
+        way go together in the next one, in one transaction: a worker waiting on the
+        wake-up list then gets all their tokens at once.
         """
         async def send() -> None:
-            job_id = self.keys.new_job_id()
-            async with self._enqueuing:
-                after = "" if batch in self._queued else self._last_job
-                payload = encode_job(self.client_id, items, self._keep_s, batch, after)
-                self._queued.setdefault(batch, []).append(job_id)
-                now_ms = int(time.time() * 1000)
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
-                            encode_arq_job(payload, now_ms))
-                pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
-                pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
-                await self._with_deletes(pipe.execute, pipe)
-                self._last_job = job_id
-
+            mine = _Outgoing(items, batch, again=batch in self._queued)
+            self._outgoing.append(mine)
+            try:
+                async with self._enqueuing:
+                    if not mine.done:  # else an enqueue before took it
+                        await self._enqueue_outgoing()
+            finally:
+                if mine in self._outgoing:  # given up before it went
+                    self._outgoing.remove(mine)
+            if mine.error is not None:  # of the enqueue that took it: tried again
+                raise mine.error
         await self._retrying(send, f"enqueue {len(items)} request(s)", "enqueueing requests",
                              deadline)
+
+    async def _enqueue_outgoing(self) -> None:
+        """Enqueue every batch waiting to go, in order, in one round trip (the caller
+        holds ``_enqueuing``)."""
+        taken, self._outgoing = self._outgoing, []
+        pipe = self.redis.pipeline(transaction=len(taken) > 1)
+        now_ms = int(time.time() * 1000)
+        last = self._last_job
+        for out in taken:
+            job_id = self.keys.new_job_id()
+            self._queued.setdefault(out.batch, []).append(job_id)
+            payload = encode_job(self.client_id, out.items, self._keep_s, out.batch,
+                                 "" if out.again else last)
+            pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
+                        encode_arq_job(payload, now_ms))
+            pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
+            pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
+            last = job_id
+        pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+        try:
+            await self._with_deletes(pipe.execute, pipe)
+        except BaseException as exc:  # each caller tries again (cancelled: as timed out)
+            error = exc if isinstance(exc, Exception) else asyncio.TimeoutError()
+            for out in taken:
+                out.done, out.error = True, error
+            raise
+        self._last_job = last
+        for out in taken:
+            out.done = True
 
     async def _reserve_here(self, items: list[WorkItem], deadline: float, batch: str) -> None:
         """Direct mode: reserve for ``items`` in this process, with the cache workers'
@@ -418,6 +447,16 @@ class CacheClient:
             "raise request_timeout; too few replicas for --wait-replicas; Redis refusing them)")
         return (f"{len(pending)} request(s) got no reply within {self.request_timeout:g} s "
                 f"({hint}); samples generated meanwhile stay cached")
+
+
+class _Outgoing:
+    """A batch waiting to be enqueued (``again``: a re-ask); ``done`` once an enqueue
+    took it, with the ``error`` that enqueue raised, if any."""
+
+    def __init__(self, items: list[WorkItem], batch: str, again: bool) -> None:
+        self.items, self.batch, self.again = items, batch, again
+        self.done = False
+        self.error: BaseException | None = None
 
 
 class _Replies:
