@@ -63,6 +63,7 @@ T = TypeVar("T")
 
 MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 64
+ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 tokens at once)
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
@@ -214,7 +215,7 @@ class CacheClient:
             self._outgoing.append(mine)
             try:
                 async with self._enqueuing:
-                    if not mine.done:  # else an enqueue before took it
+                    while not mine.done:  # else an enqueue before took it
                         await self._enqueue_outgoing()
             finally:
                 if mine in self._outgoing:  # given up before it went
@@ -225,24 +226,25 @@ class CacheClient:
                              deadline)
 
     async def _enqueue_outgoing(self) -> None:
-        """Enqueue every batch waiting to go, in order, in one round trip (the caller
-        holds ``_enqueuing``)."""
-        taken, self._outgoing = self._outgoing, []
-        pipe = self.redis.pipeline(transaction=len(taken) > 1)
-        now_ms = int(time.time() * 1000)
-        last = self._last_job
-        for out in taken:
-            job_id = self.keys.new_job_id()
-            self._queued.setdefault(out.batch, []).append(job_id)
-            payload = encode_job(self.client_id, out.items, self._keep_s, out.batch,
-                                 "" if out.again else last)
-            pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
-                        encode_arq_job(payload, now_ms))
-            pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-            pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
-            last = job_id
-        pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
+        """Enqueue the batches waiting to go (``ENQUEUED_TOGETHER`` at most, the oldest
+        first), in order, in one round trip (the caller holds ``_enqueuing``)."""
+        taken = self._outgoing[:ENQUEUED_TOGETHER]
+        del self._outgoing[:ENQUEUED_TOGETHER]
         try:
+            pipe = self.redis.pipeline(transaction=len(taken) > 1)
+            now_ms = int(time.time() * 1000)
+            last = self._last_job
+            for out in taken:
+                job_id = self.keys.new_job_id()
+                self._queued.setdefault(out.batch, []).append(job_id)
+                payload = encode_job(self.client_id, out.items, self._keep_s, out.batch,
+                                     "" if out.again else last)
+                pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
+                            encode_arq_job(payload, now_ms))
+                pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
+                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
+                last = job_id
+            pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
             await self._with_deletes(pipe.execute, pipe)
         except BaseException as exc:  # each caller tries again (cancelled: as timed out)
             error = exc if isinstance(exc, Exception) else asyncio.TimeoutError()

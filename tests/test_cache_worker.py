@@ -278,3 +278,10 @@ async def test_a_clients_batch_waits_while_the_one_it_comes_after_is_queued(redi
     assert await redis.zcard(keys.cache_queue) == 1  # both finished
     got = await reserve_jobs(redis, keys, [job(third, "r3", second)], waiting=waiting)
     assert waiting == set() and [r.start for r in got[0]] == [2]  # its batch before: done
+
+    fourth, fifth = keys.new_job_id(), keys.new_job_id()  # one taken elsewhere meanwhile:
+    await redis.zadd(keys.cache_queue, {fourth: 4, fifth: 5})  # not held back, not taken
+    await redis.set(in_progress_key_prefix + fifth, b"1")
+    assert await reserve_jobs(redis, keys, [job(fifth, "r5", fourth)], waiting=waiting) == \
+        [None]
+    assert waiting == set()

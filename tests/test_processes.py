@@ -211,11 +211,13 @@ async def test_a_registry_lost_with_redis_data_is_waited_for_not_reported(redis_
 
 
 @pytest.mark.processes
+@pytest.mark.parametrize("batch_size", [8, 2])
 async def test_a_re_run_gets_the_same_samples_per_request_id_with_several_cache_workers(
-        redis_url, keys, processes):
-    """One client with ten batches in flight at once, served by two cache workers that
-    also poll often: every fresh run (run=None) hands each request_id the same samples,
-    as the client's batches are reserved in the order it sent them."""
+        redis_url, keys, processes, batch_size):
+    """One client with 10 (or 40: more than one enqueue takes) batches in flight at once,
+    served by two cache workers that also poll often: every fresh run (run=None) hands
+    each request_id the same samples, as the client's batches are reserved in the order
+    it sent them."""
     from cachesaver_dist import OnlineAPI, Request
 
     model = "sim:re-run"
@@ -226,7 +228,7 @@ async def test_a_re_run_gets_the_same_samples_per_request_id_with_several_cache_
     processes.wait_alive(model, 1)
 
     async def one_run() -> dict[str, list[str]]:
-        async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, batch_size=8,
+        async with OnlineAPI(model, cache=redis_url, prefix=keys.prefix, batch_size=batch_size,
                              request_timeout=60) as api:
             got = await asyncio.gather(*(api.request(Request(f"prompt {i % 10}", 2,
                                                              f"r{i:03d}", "ns"))

@@ -56,9 +56,10 @@ log = logging.getLogger("cachesaver_dist.cache_worker")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAKE_BATCH = 16  # wake tokens (jobs) served together at most
-# A woken job whose client's batch before it is still queued is asked again every
-# AFTER_RETRY_S, and served anyway after AFTER_WAIT_S (that batch was lost, or is slow).
-AFTER_RETRY_S, AFTER_WAIT_S = 0.002, 1.0
+# A woken job whose client's batch before it is still queued is asked again after
+# AFTER_RETRY_S, doubling up to AFTER_RETRY_MAX_S, and served anyway after AFTER_WAIT_S
+# (that batch was lost, or is slow).
+AFTER_RETRY_S, AFTER_RETRY_MAX_S, AFTER_WAIT_S = 0.002, 0.032, 1.0
 # arq's poll starts only jobs queued this long: younger ones are the wake-up list's, which
 # serves a client's batches in order (the poll starts the jobs it finds all at once).
 POLL_GRACE_MS = 1000
@@ -233,7 +234,7 @@ class CacheWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        next_poll = 0.0
+        next_poll, retry_s = 0.0, AFTER_RETRY_S
         replies: Outbox | None = None  # of the jobs just served: sent with the next pop
         while True:
             try:
@@ -243,10 +244,17 @@ class CacheWorker(Worker):
                     replies = None
                     await self._poll_iteration()
                     next_poll = time.monotonic() + self.poll_delay_s
-                wait_s = AFTER_RETRY_S if self._held_back else \
-                    max(0.01, next_poll - time.monotonic())
+                if self._held_back:  # jobs to ask again for: no blocking wait
+                    tokens, replies = await self._pop_wake_tokens(None, replies), None
+                    if not tokens:
+                        await asyncio.sleep(retry_s)
+                        retry_s = min(retry_s * 2, AFTER_RETRY_MAX_S)
+                    replies = await self._serve_now(tokens)
+                    continue
+                retry_s = AFTER_RETRY_S
+                wait_s = max(0.01, next_poll - time.monotonic())
                 tokens, replies = await self._pop_wake_tokens(wait_s, replies), None
-                if tokens or self._held_back:
+                if tokens:
                     replies = await self._serve_now(tokens)
             except CONNECTION_ERRORS as exc:
                 if isinstance(exc, AuthenticationError):  # the password changed meanwhile
@@ -260,13 +268,21 @@ class CacheWorker(Worker):
                     raise
                 await set_aside_key(self.pool, self.keys, self.keys.cache_wake, "list")
 
-    async def _pop_wake_tokens(self, wait_s: float, replies: Outbox | None) -> list[bytes]:
-        """Send ``replies`` and wait up to ``wait_s`` for wake tokens, in one round trip;
-        take up to ``WAKE_BATCH`` tokens at once (``BLMPOP``, Redis 7; one at a time with
-        ``BRPOP`` on older servers). Redis runs the replies first, so they go out at once."""
+    async def _pop_wake_tokens(self, wait_s: float | None, replies: Outbox | None
+                               ) -> list[bytes]:
+        """Send ``replies`` and wait up to ``wait_s`` (``None``: not at all) for wake
+        tokens, in one round trip; take up to ``WAKE_BATCH`` tokens at once (``BLMPOP``,
+        Redis 7; one at a time with ``BRPOP`` on older servers). Redis runs the replies
+        first, so they go out at once."""
         pipe = self.pool.pipeline(transaction=False)
         tally = await replies.queue(self.pool, pipe) if replies else None
-        if self._blmpop:
+        if wait_s is None:
+            if self._blmpop:
+                pipe.execute_command("LMPOP", 1, self.keys.cache_wake, "RIGHT", "COUNT",
+                                     WAKE_BATCH)
+            else:
+                pipe.rpop(self.keys.cache_wake)
+        elif self._blmpop:
             pipe.execute_command("BLMPOP", round(wait_s, 3), 1, self.keys.cache_wake, "RIGHT",
                                  "COUNT", WAKE_BATCH)
         else:
@@ -286,7 +302,9 @@ class CacheWorker(Worker):
             raise popped
         if not popped:
             return []
-        return list(popped[1]) if self._blmpop else [popped[1]]
+        if not self._blmpop:
+            return [popped if wait_s is None else popped[1]]
+        return list(popped[1])
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -351,9 +369,9 @@ class CacheWorker(Worker):
                         len(woken), type(exc).__name__, redis_message(exc))
             return None
         metrics.cache_job_done(time.perf_counter() - started)
-        payloads = dict(woken)
-        self._held_back = {job_id: (payloads[job_id], held_back[job_id][1]
-                                    if job_id in held_back else now) for job_id in waiting}
+        self._held_back = {  # in the order they came: asked again in that order
+            job_id: (payload, held_back[job_id][1] if job_id in held_back else now)
+            for job_id, payload in woken if job_id in waiting}
         return replies
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted

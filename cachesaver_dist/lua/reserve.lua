@@ -60,14 +60,16 @@ for j = 1, njobs do
   local after = ARGV[5 + njobs + j]
   if ARGV[4] ~= '1' then
     held[j] = true
-  elseif after ~= '' and not taken_here[after] and redis.call('ZSCORE', KEYS[1], after) then
-    waits[j] = true
   elseif redis.call('ZSCORE', KEYS[1], ARGV[5 + j]) and
       redis.call('EXISTS', in_progress, tries) == 0 then
-    redis.call('SET', in_progress, '1', 'PX', in_progress_ms)
-    redis.call('SET', tries, '1', 'EX', 88400)
-    held[j] = true
-    taken_here[ARGV[5 + j]] = true
+    if after ~= '' and not taken_here[after] and redis.call('ZSCORE', KEYS[1], after) then
+      waits[j] = true
+    else
+      redis.call('SET', in_progress, '1', 'PX', in_progress_ms)
+      redis.call('SET', tries, '1', 'EX', 88400)
+      held[j] = true
+      taken_here[ARGV[5 + j]] = true
+    end
   end
 end
 local first_key, first_arg = 1 + njobs * 3, 5 + 2 * njobs
