@@ -17,7 +17,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from .heartbeat import server_ms
-from .protocol import CONSUMER_GROUP, Keys
+from .protocol import CONSUMER_GROUP, Keys, text
 
 CACHE_ROUTE = "cache"
 
@@ -64,7 +64,7 @@ async def discover_routes(redis: Any, keys: Keys, count: int = 1000) -> list[str
         head = template[:-1]
         async for raw in redis.scan_iter(match=_glob_escape(head) + "*", count=count,
                                          _type=kind):
-            found.add(_text(raw)[len(head):])
+            found.add(text(raw)[len(head):])
     return _routes(found)
 
 
@@ -118,13 +118,9 @@ def _orphaned(consumers: Any, live: Any) -> int | None:
     the registry); ``None`` when either could not be read."""
     if isinstance(consumers, Exception) or isinstance(live, Exception):
         return None
-    alive = {_text(n) for n in live}
+    alive = {text(n) for n in live}
     return sum(int(c.get("pending") or 0) for c in consumers or []
-               if _text(c.get("name", b"")) not in alive)
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+               if text(c.get("name", b"")) not in alive)
 
 
 def _stream_lag(length: Any, groups: Any) -> tuple[int, int]:
@@ -137,7 +133,7 @@ def _stream_lag(length: Any, groups: Any) -> tuple[int, int]:
     length = int(length)
     for g in groups or []:
         name = g.get("name", b"")
-        if _text(name) != CONSUMER_GROUP:
+        if text(name) != CONSUMER_GROUP:
             continue
         pending = int(g.get("pending") or 0)
         lag = g.get("lag")
@@ -157,7 +153,7 @@ def _parse_name(name: str) -> str:
 async def live_worker_names(redis: Any, keys: Keys, route: str) -> list[str]:
     """Names of the workers of ``route`` whose heartbeat has not run out."""
     raw = await redis.zrangebyscore(keys.workers(route), await server_ms(redis), "+inf")
-    return [_text(n) for n in raw]
+    return [text(n) for n in raw]
 
 
 async def check_health(redis: Any, keys: Keys, routes: list[str], *, host: str | None = None

@@ -176,6 +176,11 @@ _PLAIN = frozenset((str, int, bytes, bool))  # exact types kept as they are (fas
 MAX_DEPTH = 32  # levels of lists and dicts in a request's fields
 
 
+def text(value: Any) -> str:
+    """A name or field Redis returned (bytes, or str) as text; bad UTF-8 is replaced."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _canonical(value: Any, depth: int = 0) -> Any:
     # Exact types first (a plain dict or list of str is the common request); subclasses
     # (an IntEnum, an OrderedDict) take the general checks below, to the same result.

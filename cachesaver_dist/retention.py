@@ -52,6 +52,7 @@ from .protocol import (
     SPEC_FIELD,
     Keys,
     decode_spec,
+    text,
     unpack,
 )
 from .runs import run_names, scan_names
@@ -71,7 +72,7 @@ async def check_eviction_policy(redis: Redis) -> str:
     was found, in one line. ``CONFIG GET`` refused (ACLs, a managed service): the check is
     skipped, and that is logged too."""
     try:
-        config = {_text(k): _text(v) for k, v in (await redis.config_get("maxmemory*")).items()}
+        config = {text(k): text(v) for k, v in (await redis.config_get("maxmemory*")).items()}
     except ResponseError as exc:
         message = (f"eviction check skipped: Redis refused CONFIG GET maxmemory-policy "
                    f"({str(exc)[:120]}); make sure the server runs with "
@@ -92,10 +93,6 @@ async def check_eviction_policy(redis: Redis) -> str:
                "prune'")
     log.warning(message)
     return message
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- prune ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .protocol import (
     arq_job_keys,
     decode_waiter_record,
     manifest_field,
+    text,
     waiter_tail,
 )
 
@@ -37,9 +38,9 @@ LUA_DIR = Path(__file__).parent / "lua"
 def source(name: str) -> str:
     """The text of ``lua/<name>.lua``, each ``-- #include <lib>`` line replaced by
     ``lua/lib/<lib>.lua`` (Redis scripts cannot share functions otherwise)."""
-    text = (LUA_DIR / f"{name}.lua").read_text()
+    lua = (LUA_DIR / f"{name}.lua").read_text()
     return re.sub(r"^-- #include (\w+)$",
-                  lambda m: (LUA_DIR / "lib" / f"{m.group(1)}.lua").read_text(), text,
+                  lambda m: (LUA_DIR / "lib" / f"{m.group(1)}.lua").read_text(), lua,
                   flags=re.M)
 
 
@@ -194,7 +195,7 @@ async def reserve_jobs(
         for (job, it), r in zip(pending, raw):
             if r is not None:
                 done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
-                                                 _text(r[3]), list(r[4:])))
+                                                 text(r[3]), list(r[4:])))
         if stopped_at < 0:
             return [done[id(job)] if id(job) in taken else None for job in jobs]
         pending = [(job, it) for job, it in pending[stopped_at:] if id(job) in taken]
@@ -231,7 +232,7 @@ async def fill_many(
     for entries in per_key:
         waiters.append(_waiters(entries, bad, keys))
     if wrongtype and set_aside_foreign:
-        names = {_text(name) for name in wrongtype}
+        names = {text(name) for name in wrongtype}
         for name in sorted(names):
             await set_aside_key(redis, keys, name, "hash")
         redo = [i for i, (key, _) in enumerate(fills) if names & set(_key_triple(keys, key))]
@@ -279,7 +280,7 @@ def _key_triple(keys: Keys, key: str) -> list[str]:
 def _waiters(entries: list[list[bytes]], bad: list[MalformedWaiter], keys: Keys) -> list[Waiter]:
     out = []
     for entry in entries:
-        wid, raw = _text(entry[0]), entry[1]
+        wid, raw = text(entry[0]), entry[1]
         try:
             r = decode_waiter_record(raw)
             out.append(Waiter(wid, r.start, r.flags, r.run, r.model_id, list(entry[2:])))
@@ -289,9 +290,5 @@ def _waiters(entries: list[list[bytes]], bad: list[MalformedWaiter], keys: Keys)
 
 
 def _malformed(flat: list[bytes]) -> list[MalformedWaiter]:
-    return [MalformedWaiter(_text(flat[i]), _text(flat[i + 1]), flat[i + 2])
+    return [MalformedWaiter(text(flat[i]), text(flat[i + 1]), flat[i + 2])
             for i in range(0, len(flat), 3)]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
