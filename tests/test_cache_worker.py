@@ -285,3 +285,32 @@ async def test_a_clients_batch_waits_while_the_one_it_comes_after_is_queued(redi
     assert await reserve_jobs(redis, keys, [job(fifth, "r5", fourth)], waiting=waiting) == \
         [None]
     assert waiting == set()
+
+
+async def test_jobs_whose_tokens_were_trimmed_are_served_first_in_order(redis, keys, worker):
+    """A client with more batches queued than the wake-up list keeps loses the tokens of
+    its first ones (``WAKE_TOKENS_KEPT``): the worker that holds a later batch back reads
+    the ones before it from their job keys and serves them all at once, in the order
+    they were sent (not one second later, and the rest after arq's poll, in any order)."""
+    await asyncio.sleep(0.3)  # the worker's first poll is done (the next one in 5 s)
+    now_ms, before, batches = int(time.time() * 1000), "", []
+    pipe = redis.pipeline(transaction=True)
+    for i in range(5):
+        it = prepare(Request("p", 1, f"r{i}", "ns"), run="run", route="sim:x", model_id="sim:x")
+        job_id = keys.new_job_id()
+        payload = encode_job("c", [it], 60, f"b{i}", before)
+        pipe.psetex(ARQ_JOB + job_id, 60_000, encode_arq_job(payload, now_ms))
+        pipe.zadd(keys.cache_queue, {job_id: now_ms})
+        batches.append((f"b{i}", it.uuid))
+        before = job_id
+    pipe.lpush(keys.cache_wake, encode_wake_token(job_id, payload))  # the others trimmed
+    await pipe.execute()
+
+    async def starts() -> list:
+        return [await redis.hget(keys.reservations("c", batch), f"c:{uuid}")
+                for batch, uuid in batches]
+    deadline = time.monotonic() + 0.8
+    while None in await starts() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await starts() == [f"{i}|g".encode() for i in range(5)]
+    assert await redis.zcard(keys.cache_queue) == 0

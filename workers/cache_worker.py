@@ -369,10 +369,38 @@ class CacheWorker(Worker):
                         len(woken), type(exc).__name__, redis_message(exc))
             return None
         metrics.cache_job_done(time.perf_counter() - started)
-        self._held_back = {  # in the order they came: asked again in that order
+        self._held_back = await self._with_jobs_before({  # in the order they came
             job_id: (payload, held_back[job_id][1] if job_id in held_back else now)
-            for job_id, payload in woken if job_id in waiting}
+            for job_id, payload in woken if job_id in waiting})
         return replies
+
+    async def _with_jobs_before(self, held: dict[str, tuple[bytes | MalformedJob, float]]
+                                ) -> dict[str, tuple[bytes | MalformedJob, float]]:
+        """``held``, each job preceded by the jobs it waits for that no one has taken and
+        this worker holds no token of, read from their job keys: their tokens were trimmed
+        from the wake-up list (a client had more than the list keeps queued), so only
+        arq's poll would start them, after ``POLL_GRACE_MS`` and in any order. Asked
+        again first, they are served in their client's order."""
+        out: dict[str, tuple[bytes | MalformedJob, float]] = {}
+        for job_id, (payload, since) in held.items():
+            chain: list[tuple[str, bytes]] = []
+            after = _after(payload, self.keys)
+            while after and after not in out and after not in held and \
+                    all(after != a for a, _ in chain):
+                pipe = self.pool.pipeline(transaction=False)
+                pipe.get(job_key_prefix + after)
+                pipe.exists(in_progress_key_prefix + after)
+                body, busy = await pipe.execute(raise_on_error=False)
+                if not isinstance(body, bytes) or busy != 0:  # done, taken, or not ours
+                    break
+                before = arq_deserialize_job(body)["a"][0]
+                if isinstance(before, MalformedJob):  # arq's poll sets it aside
+                    break
+                chain.append((after, before))
+                after = _after(before, self.keys)
+            out.update((a, (p, since)) for a, p in reversed(chain))
+            out[job_id] = (payload, since)
+        return out
 
     # arq's finish steps without its global ``arq:abort`` set (jobs are never aborted
     # here), so a worker touches only keys of its own prefix.
@@ -396,6 +424,16 @@ class CacheWorker(Worker):
                       job_key_prefix + job_id, result_key_prefix + job_id)
             tr.zrem(self.queue_name, job_id)
             await tr.execute()
+
+
+def _after(payload: bytes | MalformedJob, keys: Keys) -> str:
+    """The job a cache job comes after (``""``: none, or unreadable)."""
+    if isinstance(payload, MalformedJob):
+        return ""
+    try:
+        return decode_job(payload, keys).after
+    except ProtocolError:
+        return ""
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = defaults.STOP_GRACE_S,
