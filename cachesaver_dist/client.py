@@ -182,10 +182,12 @@ class CacheClient:
                               len(pending), wait)
                 wait = min(wait * 2, MAX_REASK_WAIT_S)
         finally:
-            self._queued.pop(batch, None)
+            jobs = self._queued.pop(batch, [])
             for it in items:
                 self._waiting.pop(it.uuid, None)
-        if asks == 1:  # asked again: a late job may still read the records; they expire
+        # Asked again, or enqueued again after a send whose reply was lost: a late job may
+        # still read the records (it then gets the same indices); they expire.
+        if asks == 1 and len(jobs) <= 1:
             self._answered.append(self.keys.reservations(self.client_id, batch))
         out: list[dict[str, Any] | GenerationError] = []
         for it in items:
@@ -206,12 +208,15 @@ class CacheClient:
 
         Batches are enqueued in the order they were sent, each naming the job of the batch
         before it (``after``), so that workers reserve them in that order (reserve.lua); a
-        re-ask names none (it is not held back). Batches sent while an enqueue is under
-        way go together in the next one, in one transaction: a worker waiting on the
-        wake-up list then gets all their tokens at once.
+        re-ask names none (it is not held back); a send tried again after an error is not
+        a re-ask. Batches sent while an enqueue is under way go together in the next one,
+        in one transaction: a worker waiting on the wake-up list then gets all their
+        tokens at once.
         """
+        again = batch in self._queued
+
         async def send() -> None:
-            mine = _Outgoing(items, batch, again=batch in self._queued)
+            mine = _Outgoing(items, batch, again)
             self._outgoing.append(mine)
             try:
                 async with self._enqueuing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -249,3 +250,59 @@ async def test_a_command_cancelled_at_any_turn_ends_cancelled(redis_url):
                 await task
     finally:
         await redis.aclose()
+
+
+async def test_an_enqueue_whose_reply_was_lost_keeps_its_order_and_its_records(
+        redis_url, monkeypatch):
+    """Redis ran the enqueue but its reply was lost (the connection dropped): the send
+    is tried again as the first ask it is, naming the batch before it (a re-ask would
+    name none and lose the batch's place), and the batch's reservation records are kept
+    (not deleted once answered), since the job enqueued twice may be served late and
+    must then get the same indices, not new ones."""
+    from redis.asyncio.client import Pipeline
+
+    from cachesaver_dist import OnlineAPI, Request, SimModel
+    from cachesaver_dist import client as client_mod
+
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}:")
+    sent: list[tuple[str, str]] = []  # (batch, after) per job enqueued
+    encode_job = client_mod.encode_job
+
+    def recorded(client_id, items, keep_s, batch, after):  # type: ignore[no-untyped-def]
+        sent.append((batch, after))
+        return encode_job(client_id, items, keep_s, batch, after)
+
+    execute, lose = Pipeline.execute, {"n": 0}
+
+    async def losing(self, *a, **kw):  # type: ignore[no-untyped-def]
+        enqueue = any(args[0] == "LPUSH" for args, _ in self.command_stack)
+        result = await execute(self, *a, **kw)
+        if lose["n"] and enqueue:
+            lose["n"] -= 1
+            raise ConnectionError("injected: the enqueue's reply was lost")
+        return result
+
+    monkeypatch.setattr(client_mod, "encode_job", recorded)
+    monkeypatch.setattr(Pipeline, "execute", losing)
+    try:
+        async with OnlineAPI(SimModel("lost-reply"), cache=redis_url, prefix=keys.prefix,
+                             batch_size=1, timeout=0.001) as pipe:
+            await pipe.request(Request("p", 1, "a", "ns"))
+            lose["n"] = 1
+            await pipe.request(Request("p", 1, "b", "ns"))
+            await pipe.request(Request("p", 1, "c", "ns"))  # its enqueue deletes records
+            await asyncio.sleep(0.1)
+            assert pipe._client is not None
+            client_id = pipe._client.client_id
+        (first, _), (second, after_1), (again, after_2), _ = sent
+        assert second == again and after_1 == after_2 != "", \
+            "the send tried again should name the job before it, as the first did"
+        async with connect(redis_url) as redis:
+            assert await redis.exists(keys.reservations(client_id, second)), \
+                "the records of a batch enqueued twice were deleted once it was answered"
+            assert not await redis.exists(keys.reservations(client_id, first))
+    finally:
+        async with connect(redis_url) as redis:
+            found = [k async for k in redis.scan_iter(match=f"{keys.prefix}*")]
+            if found:
+                await redis.delete(*found)
