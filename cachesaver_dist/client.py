@@ -62,7 +62,9 @@ log = logging.getLogger("cachesaver_dist.client")
 T = TypeVar("T")
 
 MAX_REASK_WAIT_S = 30.0
-WAKE_TOKENS_KEPT = 64
+# The wake-up list keeps the newest tokens only (a bound on what it holds while no cache
+# worker runs: ~10 MB of full batches); a job whose token it dropped waits for arq's poll.
+WAKE_TOKENS_KEPT = 1024
 ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 tokens at once)
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most

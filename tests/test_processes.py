@@ -239,3 +239,46 @@ async def test_a_re_run_gets_the_same_samples_per_request_id_with_several_cache_
     assert all(len(set(v)) == 2 for v in first.values())
     for _ in range(4):
         assert await one_run() == first
+
+
+@pytest.mark.processes
+async def test_a_burst_of_batches_from_several_clients_is_served_from_the_wake_up_list(
+        redis_url, keys, processes):
+    """Four clients send 150 single-request batches each, one client after the other,
+    while the cache worker is paused, so 600 jobs wait at once: each is served from the
+    wake-up list when the worker resumes, the first client's too; none waits for arq's
+    poll (60 s away here) or for a re-ask (30 s)."""
+    import os
+
+    from cachesaver_dist import OnlineAPI, Request
+
+    model = "sim:burst"
+    worker = processes.cli("worker", "cache", "--poll-delay", "60", name="cache")
+    processes.cli("worker", "batch", "--model", model, "--sim-latency", "0", name="batch")
+    processes.wait_alive("cache", 1)
+    processes.wait_alive(model, 1)
+    apis = [OnlineAPI(model, cache=redis_url, prefix=keys.prefix, batch_size=1,
+                      reply_timeout=30, request_timeout=60) for _ in range(4)]
+    try:
+        for api in apis:
+            await api.start()
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            bursts = []
+            for c, api in enumerate(apis):
+                bursts.append(asyncio.gather(*(
+                    api.request(Request(f"prompt {i}", 1, f"r{i:03d}", f"ns{c}"))
+                    for i in range(150))))
+                await asyncio.sleep(0.3)  # its jobs are queued
+            burst = asyncio.gather(*bursts)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        done, _ = await asyncio.wait([burst], timeout=20)
+        assert done, ("600 single-request batches not served within 20 s: the wake tokens "
+                      "of the first client's were dropped, so they wait for arq's poll")
+        replies = burst.result()
+        assert [len(r) for r in replies] == [150] * 4
+        assert all(len(r.data) == 1 for rs in replies for r in rs)
+    finally:
+        for api in apis:
+            await api.close()
