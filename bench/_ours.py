@@ -97,6 +97,39 @@ async def burst(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rounds": rounds}
 
 
+async def client_burst(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.client_burst``: ``clients`` clients (batch size 1, one batch per request)
+    each send ``per_client`` hits at once; every request's latency and the wall time."""
+    def prompt(i: int) -> str:
+        return f"{W.hit_prompt(i)} (burst)"
+
+    if spec.get("warm", True):
+        async with api_for(spec, batch_size=32, timeout=0.005) as api:
+            await asyncio.gather(*(api.request(bench_request(
+                prompt(i), n=1, request_id=f"{i:06d}", namespace="warm"))
+                for i in range(spec["per_client"])))
+    apis = [api_for(spec, batch_size=1, timeout=0.005) for _ in range(spec["clients"])]
+    latencies: list[float] = []
+
+    async def one(api: OnlineAPI, c: int, i: int) -> None:
+        t0 = time.perf_counter()
+        await api.request(bench_request(prompt(i), n=1, request_id=f"{i:06d}",
+                                        namespace=f"{spec['tag']}-{c}"))
+        latencies.append(1000 * (time.perf_counter() - t0))
+
+    try:
+        for api in apis:
+            await api.start()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(api, c, i) for c, api in enumerate(apis)
+                               for i in range(spec["per_client"])))
+        wall = time.perf_counter() - t0
+    finally:
+        for api in apis:
+            await api.close()
+    return {"wall": wall, "latencies_ms": latencies}
+
+
 async def mp_client(spec: dict[str, Any]) -> dict[str, Any]:
     async with api_for(spec, batch_size=spec["batch_size"], timeout=spec["timeout"],
                        run=spec["run"]) as api:
@@ -206,7 +239,7 @@ def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:
 
 MODES = {"hits": hits, "scaling": scaling, "dropin_hits": dropin_hits,
          "dropin_sync": dropin_sync, "round_trip_cost": round_trip_cost, "burst": burst,
-         "mp_client": mp_client, "savings": savings}
+         "mp_client": mp_client, "savings": savings, "client_burst": client_burst}
 
 
 def main() -> None:
