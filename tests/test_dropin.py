@@ -834,3 +834,37 @@ async def test_async_with_left_by_a_cancellation_gives_up_calls_in_flight(sim, o
         assert time.monotonic() - started < 5.0
     finally:
         await admin(sim.url, "DELETE", "/admin/faults")
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_client_closed_under_a_long_call_fails_it_instead_of_hanging(
+        sim, opts, monkeypatch):
+    """``close()`` waits a while for the calls in flight (here 0.5 s), then stops the
+    client's loop thread: a call still running then fails with an error that says so;
+    the thread that made it does not wait forever."""
+    from cachesaver_dist.models import sync
+    from tests.support import admin
+
+    monkeypatch.setattr(sync, "CLOSE_WAIT_S", 0.5)
+    model = model_name()
+    asyncio.run(admin(sim.url, "POST", "/admin/faults",
+                      {"faults": [{"kind": "timeout", "seconds": 30, "model": model}]}))
+    try:
+        client = OpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+        got: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.chat.completions.create(model=model, messages=MSGS)
+            except BaseException as exc:  # what the caller gets
+                got.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        time.sleep(1.0)  # the call hangs at the provider
+        client.close()
+        caller.join(10)
+        assert not caller.is_alive(), "the call waits forever on a closed client"
+        assert len(got) == 1 and "closed while this call was in flight" in str(got[0])
+    finally:
+        asyncio.run(admin(sim.url, "DELETE", "/admin/faults"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import threading
 import weakref
@@ -51,8 +52,8 @@ class _LoopThread:
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name=self.name,
-                                                daemon=True)
+                self._thread = threading.Thread(target=_serve, args=(self._loop,),
+                                                name=self.name, daemon=True)
                 _LOOP_THREADS.add(self._thread)
                 self._thread.start()
             loop = self._loop
@@ -62,6 +63,11 @@ class _LoopThread:
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return future.result(timeout)
+        except concurrent.futures.CancelledError:  # only stop() cancels a call: see _serve
+            raise CacheSaverError(f"the client was closed while this call was in flight (close() "
+                                  f"waits {CLOSE_WAIT_S:g} s for the calls in flight): call it "
+                                  "again, or close the client once its calls are answered"
+                                  ) from None
         except BaseException:
             future.cancel()
             raise
@@ -75,6 +81,18 @@ class _LoopThread:
         thread.join(CLOSE_WAIT_S)
         if not thread.is_alive():
             loop.close()
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``loop`` until ``stop()``; then cancel what still runs on it (calls that
+    close() did not wait for), so that the threads waiting for them get an error
+    instead of waiting forever."""
+    loop.run_forever()
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_WAIT_S))
 
 
 def _shutdown(runner: _LoopThread, core: _Core) -> None:
