@@ -653,6 +653,9 @@ async def test_an_async_client_made_per_call_is_closed_when_collected(sim, opts,
     ({"max_prompt_bytes": -1}, InvalidRequestError, r"max_prompt_bytes must be a positive"),
     ({"batch_timeout": -1}, InvalidRequestError, r"batch_timeout must be a number of seconds"),
     ({"request_timeout": "1h"}, InvalidRequestError, r"request_timeout must be a number"),
+    ({"max_n": 0}, InvalidRequestError, r"max_n must be a positive int, got 0"),
+    ({"max_n": -1}, InvalidRequestError, r"max_n must be a positive int, got -1"),
+    ({"max_n": "2"}, InvalidRequestError, r"max_n must be a positive int, got '2'"),
 ])
 def test_client_options_are_checked_by_the_constructor(client_type, kwargs, error, pattern):
     """The pipelines start at the first call; what they will use is checked before."""

@@ -252,7 +252,8 @@ class _Core:
             parse_url(cache)  # the pipelines start at the first call: check what they use now
         if prefix is not None:
             check_text(prefix, "prefix")
-        check_counts(batch_size=batch_size, max_prompt_bytes=max_prompt_bytes)
+        check_counts(batch_size=batch_size, max_prompt_bytes=max_prompt_bytes,
+                     **({} if max_n is None else {"max_n": max_n}))
         check_seconds(batch_timeout=batch_timeout, request_timeout=request_timeout)
         self.provider, self.format = provider, provider.format
         self.sdk_kwargs = sdk_kwargs
