@@ -679,6 +679,24 @@ async def test_call_mistakes_are_refused_at_once_and_named(sim, opts):
     assert sim.requests(model) == 1
 
 
+
+@pytest.mark.parametrize("outside_key", [{}, {"timeout": 30}, {"user": "u"}],
+                         ids=["plain", "timeout", "user"])
+async def test_values_that_cannot_be_stored_are_named_with_any_arguments(sim, opts,
+                                                                         outside_key):
+    """A value that cannot be stored is refused naming its field, also in a call with
+    arguments outside the key (``timeout=``, ``user=``, ...)."""
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        for bad, why in ((object(), "is a object, which cannot be stored"),
+                         ("\ud800", "is a lone surrogate"), (2**70, "outside 64 bits")):
+            with pytest.raises(InvalidRequestError,
+                               match=rf"field 'messages'\[0\]\['content'\] .*{why}"):
+                await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": bad}], **outside_key)
+        assert client._core.lent == {}
+    assert sim.requests(model) == 0
+
 async def test_provider_errors_surface(sim, opts, caplog):
     """A provider's error reaches the caller as the SDK raises it without the cache (code
     that catches ``openai.BadRequestError`` keeps working), every waiting caller's."""

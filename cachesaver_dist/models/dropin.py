@@ -341,8 +341,11 @@ class _Core:
             **fields)
         api = self._open_pipeline(model) or await self._pipeline(model)
         if extras:  # under its key, and its key without the seed (_lent_key)
-            lent_keys = {prompt_key(api.model_id, request.model_fields()),
-                         _lent_key(api.model_id, request.model_fields())}
+            try:
+                lent_keys = {prompt_key(api.model_id, request.model_fields()),
+                             _lent_key(api.model_id, request.model_fields())}
+            except (TypeError, ValueError, OverflowError):  # a value that cannot be stored:
+                lent_keys = set()  # api.request() refuses it, naming the field
             for key in lent_keys:
                 self.lent.setdefault(key, []).append(extras)
         try:
