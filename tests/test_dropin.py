@@ -366,6 +366,19 @@ async def test_responses_are_built_as_the_sdks_construct_builds_them(sim):
     assert build(ChatCompletion, odd) == ChatCompletion.construct(**odd)
 
 
+
+def test_a_set_argument_is_the_same_key_in_every_process(redis_url):
+    """``stop={...}``: a set iterates in another order in each process (string hashes are
+    salted per process); it is sent and keyed as a sorted list, so a re-run finds its
+    samples."""
+    code = ("from cachesaver_dist.models.dropin import plain; "
+            "print(plain({'stop': {'END', 'STOP', '###', 'Q:', 'A:'}}))")
+    seen = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, text=True,
+                           capture_output=True,
+                           env=subprocess_env(redis_url, PYTHONHASHSEED=seed)).stdout
+            for seed in ("1", "2", "3")}
+    assert seen == {"{'stop': ['###', 'A:', 'END', 'Q:', 'STOP']}\n"}
+
 async def test_tool_loop_with_the_sdks_own_message_objects(sim, opts):
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:

@@ -107,7 +107,8 @@ def _omitted(value: Any) -> bool:
 
 
 def plain(value: Any) -> Any:
-    """``value`` as plain data (SDK objects dumped, tuples and iterables as lists)."""
+    """``value`` as plain data (SDK objects dumped, tuples and iterables as lists, sets
+    as sorted lists)."""
     if value is None or isinstance(value, (str, int, float, bytes)):
         return value
     if isinstance(value, Mapping):
@@ -119,6 +120,8 @@ def plain(value: Any) -> Any:
     if hasattr(value, "model_dump"):
         return plain(value.model_dump(mode="json", exclude_unset=True, by_alias=True,
                                       warnings=False))
+    if isinstance(value, (set, frozenset)):  # in an order that is the same in every process
+        return sorted((plain(v) for v in value), key=repr)
     if isinstance(value, Iterable):
         return [plain(v) for v in value]
     return value  # prepare() names the field that cannot be stored
