@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import logging
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -623,6 +624,69 @@ def test_a_sync_client_used_without_a_name(sim, opts):
     thread.join(10)
     assert not thread.is_alive() and not core._pipelines  # closed, then stopped
 
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_client_used_before_a_fork_works_in_the_child(sim, opts):
+    """A client made and used at module level, then used by forked workers
+    (``multiprocessing.Pool``): its loop thread is not in the child, which starts its own."""
+    model = model_name()
+    client = OpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts)
+    first = client.chat.completions.create(model=model, messages=MSGS)
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+
+    def child() -> None:
+        got = client.chat.completions.create(model=model, messages=MSGS, namespace="child")
+        client.close()
+        results.put(texts(got))
+
+    proc = fork.Process(target=child, daemon=True)
+    proc.start()
+    try:
+        assert results.get(timeout=20) == texts(first)  # the child found the sample
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    again = client.chat.completions.create(model=model, messages=MSGS)  # the parent's too
+    assert texts(again) != texts(first)
+    client.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_async_client_forked_from_its_running_loop_works_in_the_child(sim, opts):
+    """Forked from inside the loop the client runs on, a child's ``asyncio.run`` uses it
+    on a loop of its own (the parent's loop is not running there)."""
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0,
+                           **opts) as client:
+        first = await client.chat.completions.create(model=model, messages=MSGS)
+        fork = multiprocessing.get_context("fork")
+        results = fork.Queue()
+
+        def child() -> None:
+            async def ask() -> list[str | None]:
+                async with client:
+                    return texts(await client.chat.completions.create(
+                        model=model, messages=MSGS, namespace="child"))
+
+            try:
+                results.put(asyncio.run(ask()))
+            except Exception as exc:
+                results.put(repr(exc))
+
+        proc = fork.Process(target=child, daemon=True)
+        proc.start()
+        try:
+            got = await asyncio.to_thread(results.get, timeout=20)
+        finally:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        assert got == texts(first)
+        assert texts(await client.chat.completions.create(model=model, messages=MSGS)) \
+            != texts(first)
 
 async def test_an_async_client_made_per_call_is_closed_when_collected(sim, opts, redis):
     """``await AsyncOpenAI(...).chat.completions.create(...)`` in a helper called per

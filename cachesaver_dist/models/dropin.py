@@ -282,6 +282,7 @@ class _Core:
         self.failed: dict[str, tuple[Exception, str]] = {}
         self.exit_hook: Callable[[], Any] | None = None  # run at exit before the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()  # the process of _loop: a forked child has its parent's copy
         self._reset()
 
     def _reset(self) -> None:
@@ -389,11 +390,11 @@ class _Core:
     async def _pipeline(self, model: str) -> OnlineAPI:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None and not self._loop.is_closed():
+            if not self._loop_gone():
                 raise CacheSaverError("this client is in use on another running event loop; "
                                       "create one client per event loop")
             self._abandon()
-            self._loop = loop
+            self._loop, self._pid = loop, os.getpid()
         api = self._open_pipeline(model)
         if api is not None:
             return api
@@ -432,9 +433,14 @@ class _Core:
 
     # --- life cycle -----------------------------------------------------------------
 
+    def _loop_gone(self) -> bool:
+        """Whether the event loop of the pipelines is gone: none, closed, or the parent's
+        (in a forked child, where no thread runs it)."""
+        return self._loop is None or self._loop.is_closed() or self._pid != os.getpid()
+
     def _abandon(self) -> None:
-        """Forget what was started on an event loop that is now closed."""
-        if self._server is not None:
+        """Forget what was started on an event loop that is now gone."""
+        if self._server is not None and self._pid == os.getpid():  # not a parent's server
             self._server.stop()
         if self._loop is not None and self._sdk is not None:
             # its connections belong to the closed loop: collected, the SDK would schedule
@@ -449,7 +455,7 @@ class _Core:
         """Close on the event loop the pipelines run on, from any thread, without waiting
         (for a client the garbage collector found); nothing if that loop is gone."""
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or self._loop_gone():
             return
 
         def close() -> None:
@@ -464,7 +470,7 @@ class _Core:
         """Close the pipelines (pending requests finish, or are given up with ``give_up``:
         see ``OnlineAPI.close``), Redis, the embedded server, the SDK."""
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            if not self._loop.is_closed():
+            if not self._loop_gone():
                 raise CacheSaverError("close the client on the event loop it runs on")
             self._abandon()
         pipelines, connecting = list(self._pipelines.values()), self._connecting

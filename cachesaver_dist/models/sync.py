@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -43,15 +44,21 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
     @property
     def started(self) -> bool:
-        return self._loop is not None
+        return self._loop is not None and not self._forked()
+
+    def _forked(self) -> bool:
+        """Whether this is a forked child of the process that started the loop: its
+        thread, which runs the loop, is not in this process."""
+        return self._pid != os.getpid()
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
         with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+            if self._loop is None or self._forked():
+                self._loop, self._pid = asyncio.new_event_loop(), os.getpid()
                 self._thread = threading.Thread(target=_serve, args=(self._loop,),
                                                 name=self.name, daemon=True)
                 _LOOP_THREADS.add(self._thread)
@@ -75,7 +82,7 @@ class _LoopThread:
     def stop(self) -> None:
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
+        if loop is None or thread is None or self._forked():
             return
         loop.call_soon_threadsafe(loop.stop)
         thread.join(CLOSE_WAIT_S)
