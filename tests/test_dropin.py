@@ -380,6 +380,21 @@ def test_a_set_argument_is_the_same_key_in_every_process(redis_url):
             for seed in ("1", "2", "3")}
     assert seen == {"{'stop': ['###', 'A:', 'END', 'Q:', 'STOP']}\n"}
 
+
+async def test_int_dict_keys_are_sent_as_the_sdk_sends_them(sim, opts):
+    """``logit_bias={token_id: bias}`` with int token ids (as tiktoken gives them): the SDK
+    sends them as JSON keys, so the call is taken, and it is the key of the same call
+    with str keys."""
+    model = model_name()
+    async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, **opts) as client:
+        first = await client.chat.completions.create(model=model, messages=MSGS,
+                                                     logit_bias={9891: 100, 2201: -100})
+        again, meta = await client.chat.completions.create(
+            model=model, messages=MSGS, logit_bias={"9891": 100, "2201": -100},
+            namespace="other", metadata=True)
+    assert texts(again) == texts(first) and meta.cached == [True]
+    assert sim.requests(model) == 1
+
 async def test_tool_loop_with_the_sdks_own_message_objects(sim, opts):
     model = model_name()
     async with AsyncOpenAI(api_key="test", base_url=sim.openai, **opts) as client:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import json
 import os
 import uuid
 import weakref
@@ -108,11 +109,12 @@ def _omitted(value: Any) -> bool:
 
 def plain(value: Any) -> Any:
     """``value`` as plain data (SDK objects dumped, tuples and iterables as lists, sets
-    as sorted lists)."""
+    as sorted lists, dict keys as the JSON the SDK sends: ``{50256: -100}`` is
+    ``{"50256": -100}``)."""
     if value is None or isinstance(value, (str, int, float, bytes)):
         return value
     if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
+        return {_json_key(k): plain(v) for k, v in value.items()}
     if isinstance(value, type):
         raise TypeError(f"a class ({value.__name__}) cannot be sent: for response_format=<a "
                         "pydantic model>, call chat.completions.parse() (the SDK's own, not "
@@ -125,6 +127,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, Iterable):
         return [plain(v) for v in value]
     return value  # prepare() names the field that cannot be stored
+
+
+def _json_key(key: Any) -> Any:
+    """A dict key as JSON writes it (an int, float, bool or None key as its text)."""
+    if key is None or isinstance(key, (int, float)):
+        return json.dumps(key)
+    return key  # str, or a key prepare() refuses, naming it
 
 
 @cache
