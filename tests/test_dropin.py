@@ -820,6 +820,24 @@ async def test_provider_errors_surface(sim, opts, caplog):
     assert failures and all(r.levelno == logging.INFO for r in failures)
 
 
+
+async def test_an_sdk_error_surfaces_when_several_calls_of_a_request_fail(sim, opts):
+    """n=2 with max_n=1 (Groq's setting) is two provider calls; both fail, with two
+    messages (rate limits name their waits): the caller gets the SDK's error still."""
+    from tests.support import admin
+
+    model = model_name()
+    await admin(sim.url, "POST", "/admin/faults", {"faults": [
+        {"status": 429, "count": 1, "model": model, "message": "Rate limit: retry in 1.2s"},
+        {"status": 429, "count": 1, "model": model, "message": "Rate limit: retry in 0.7s"}]})
+    try:
+        async with AsyncOpenAI(api_key="test", base_url=sim.openai, max_retries=0, max_n=1,
+                               **opts) as client:
+            with pytest.raises(openai.RateLimitError, match="Rate limit: retry in"):
+                await client.chat.completions.create(model=model, messages=MSGS, n=2)
+    finally:
+        await admin(sim.url, "DELETE", "/admin/faults")
+
 def test_importing_the_package_does_not_import_provider_sdks():
     code = ("import sys, cachesaver_dist, cachesaver_dist.models; "
             "assert not {'openai', 'anthropic'} & set(sys.modules), sys.modules.keys()")

@@ -56,6 +56,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # a reply may wait for the SDK's own timeout
 CLOSE_WAIT_S = 10.0
 ACCEPTED_KEPT = 1024  # sets of argument names remembered as accepted by the SDK's create
 FAILURES_KEPT = 256  # the latest failed calls' SDK errors kept for their callers
+FAILURES_PER_KEY = 8  # of one prompt key (the calls of a request split by max_n fail together)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ class _Core:
         self._ids = itertools.count()
         self.lent: dict[str, list[dict[str, Any]]] = {}
         # the SDK's errors of the latest failed calls, per key, for their callers
-        self.failed: dict[str, tuple[Exception, str]] = {}
+        self.failed: dict[str, list[tuple[Exception, str]]] = {}
         self.exit_hook: Callable[[], Any] | None = None  # run at exit before the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()  # the process of _loop: a forked child has its parent's copy
@@ -303,8 +304,9 @@ class _Core:
     def remember_failure(self, key: str, sdk_error: Exception, failure: Exception) -> None:
         """Keep an in-process model call's SDK error for the callers of ``key``, who get
         ``failure`` (its text) in a ``GenerationError`` and raise the SDK's own instead."""
-        self.failed.pop(key, None)
-        self.failed[key] = (sdk_error, str(failure))
+        kept = self.failed.pop(key, [])
+        kept.append((sdk_error, str(failure)))
+        self.failed[key] = kept[-FAILURES_PER_KEY:]
         while len(self.failed) > FAILURES_KEPT:
             del self.failed[next(iter(self.failed))]
 
@@ -369,10 +371,11 @@ class _Core:
                                     f"the worker --base-url {self.sdk.base_url} too") from None
             raise
         except GenerationError as exc:
-            sdk_error = self.failed.get(_lent_key(api.model_id, request.model_fields())) \
-                if self.failed else None
-            if sdk_error is not None and sdk_error[1] and sdk_error[1] in str(exc):
-                raise sdk_error[0] from None  # that failure: as the SDK raises it
+            kept = self.failed.get(_lent_key(api.model_id, request.model_fields()), []) \
+                if self.failed else []
+            for sdk_error, text in reversed(kept):
+                if text and text in str(exc):
+                    raise sdk_error from None  # that failure: as the SDK raises it
             raise
         finally:
             for key in lent_keys if extras else ():
