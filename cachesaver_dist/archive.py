@@ -438,6 +438,9 @@ def _check_writable(path: Path) -> None:
     try:
         if path.is_dir():
             raise ArchiveError(f"{path} is a directory: name the archive file to write")
+        if path.exists() and not path.is_file():  # renamed over, a device would be replaced
+            raise ArchiveError(f"{path} is not a regular file (a device, a pipe, a socket): "
+                               "name the archive file to write")
         if not path.parent.is_dir():
             raise ArchiveError(f"{path.parent} is not a directory: create it first, or write "
                                "the archive to an existing one")

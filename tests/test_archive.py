@@ -396,6 +396,25 @@ async def test_an_archive_path_that_cannot_be_written_or_read_is_one_clear_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.gz.partial"]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes")
+async def test_export_force_refuses_a_path_that_is_not_a_regular_file(redis_url, keys,
+                                                                       tmp_path):
+    """``export --force`` onto a pipe (or a device: ``/dev/null`` as root) is refused: the
+    archive is renamed over FILE, which would replace the device or pipe with a file."""
+    import os
+    import stat
+
+    await record(redis_url, keys, "fifo", REQUESTS[:2])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done = cli(redis_url, keys.prefix, "export", str(fifo), "--run", "fifo", "--force")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr == (f"cachesaver-dist: {fifo} is not a regular file (a device, a pipe, "
+                           "a socket): name the archive file to write\n")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
 async def test_a_full_disk_mid_export_is_an_archive_error_and_leaves_no_file(
         redis_url, redis, keys, tmp_path, monkeypatch):
     import errno
