@@ -448,12 +448,17 @@ def _check_writable(path: Path) -> None:
         raise file_error(path, exc, "write") from None
 
 
-def _check_readable(path: str) -> None:
-    """``ArchiveError`` when ``path`` is not an archive file to read."""
+def _check_readable(path: str, twice: bool = False) -> None:
+    """``ArchiveError`` when ``path`` is not an archive file to read (``twice``: a file that
+    can be read twice, not a pipe)."""
     if _size_of(path, "read") < 0:
         raise ArchiveError(f"{path}: no such file")
     if Path(path).is_dir():
         raise ArchiveError(f"{path} is a directory: name the archive file to read")
+    if twice and not Path(path).is_file():  # a pipe (/dev/stdin, <(...)) gives its bytes once
+        raise ArchiveError(f"{path} is not a regular file (a pipe, a device): import reads "
+                           "the archive twice, checking it whole before it writes anything; "
+                           "save it to a file first (--verify alone reads it once)")
 
 
 def _size_of(path: str | Path, doing: str) -> int:
@@ -579,7 +584,7 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
 
 
 async def _import_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
-    _check_readable(args.file)
+    _check_readable(args.file, twice=not args.verify)
     with _progress_bar("import", in_bytes=True) as bar:
         result = await import_archive(redis, keys, args.file, run_ttl_s=args.run_ttl,
                                       verify_only=args.verify, progress=bar)

@@ -415,6 +415,32 @@ async def test_export_force_refuses_a_path_that_is_not_a_regular_file(redis_url,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
+async def test_import_from_a_pipe_is_refused_not_called_truncated(redis_url, keys,
+                                                                  tmp_path):
+    """``cat FILE | import /dev/stdin``: the archive is read twice (checked whole, then
+    merged) and a pipe gives its bytes once. The message says so, not that an intact
+    archive is truncated and should be copied again; nothing is written."""
+    await record(redis_url, keys, "piped", REQUESTS[:2])
+    path = tmp_path / "piped.gz"
+    assert cli(redis_url, keys.prefix, "export", str(path), "--run", "piped").returncode == 0
+    target = keys.prefix + "into:"
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "import", "/dev/stdin", "--prefix",
+         target], env=subprocess_env(redis_url), input=path.read_bytes(), capture_output=True,
+        timeout=120, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "cachesaver-dist: /dev/stdin is not a regular file (a pipe, a device): import reads "
+        "the archive twice, checking it whole before it writes anything; save it to a file "
+        "first (--verify alone reads it once)\n")
+    assert dump(redis_url, target) == {}
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "import", "/dev/stdin", "--verify"],
+        env=subprocess_env(redis_url), input=path.read_bytes(), capture_output=True,
+        timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and b"/dev/stdin: intact" in done.stdout, done.stderr
+
+
 async def test_a_full_disk_mid_export_is_an_archive_error_and_leaves_no_file(
         redis_url, redis, keys, tmp_path, monkeypatch):
     import errno
