@@ -40,6 +40,12 @@ def not_a_model() -> object:
     return object()
 
 
+def needs_a_variable() -> CountingModel:
+    """A factory that fails, as one reading its configuration from the environment."""
+    os.environ["CACHESAVER_TEST_NO_SUCH_VARIABLE"]
+    return CountingModel()
+
+
 async def admin(url: str, method: str, path: str, body: object = None) -> dict:
     """Call one of the simulator's admin endpoints (``url`` is its ``/v1`` base)."""
     async with httpx.AsyncClient(timeout=5.0) as client:

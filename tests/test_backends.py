@@ -214,6 +214,23 @@ def test_worker_checks_its_models_before_starting_the_embedded_server(tmp_path, 
     assert not data.exists()
 
 
+def test_a_model_factory_that_raises_is_one_line_naming_the_model(redis_url):
+    """A ``package.module:factory`` whose factory fails (here a KeyError, a variable it
+    reads is not set) ends the worker with one line naming the model and the error, not
+    a traceback; status 2, as for a factory that cannot be imported."""
+    env = {k: v for k, v in os.environ.items() if k != "CACHESAVER_TEST_NO_SUCH_VARIABLE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cachesaver_dist.cli", "worker", "batch", "--model",
+         "tests.support:needs_a_variable", "--redis-url", redis_url, "--prefix", "factory:"],
+        env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "cachesaver-dist: cannot load model 'tests.support:needs_a_variable': its factory "
+        "needs_a_variable() raised KeyError: 'CACHESAVER_TEST_NO_SUCH_VARIABLE'")
+
+
 # --- in-process pieces ---------------------------------------------------------------
 
 

@@ -124,7 +124,12 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model {name!r}: {exc}; is its package on PYTHONPATH?") \
             from exc
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code: named, its traceback with -vv
+        log.debug("the factory of model %s failed", name, exc_info=True)
+        raise ValueError(f"cannot load model {name!r}: its factory {attr}() raised "
+                         f"{type(exc).__name__}: {exc}") from exc
     check_model(model, name)
     return model
 
