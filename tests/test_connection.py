@@ -49,6 +49,41 @@ async def test_a_connection_closed_by_the_server_is_replaced(redis_url):
     await client.aclose()
 
 
+async def test_a_redis_that_stays_away_is_retried_once_per_attempt_not_nested(
+        redis_url, monkeypatch):
+    """A command whose connection breaks reconnects in its retry; ``connect()`` has a retry
+    of its own, which must not run inside it: nested, a Redis that stayed away failed a
+    command after (retries + 1) x retries connection attempts (13 x 12, about 4 minutes at
+    the defaults: a CLI command hung silently), not retries (about 20 s)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cachesaver_dist.connection import RetryUnlessRefused
+
+    client = connect(redis_url)
+    retries = 3
+    client.connection_pool.connection_kwargs["retry"] = RetryUnlessRefused(
+        ExponentialBackoff(cap=0.001, base=0.001), retries=retries)
+    assert await client.ping() is True  # connected: the next command's write breaks it
+    attempts = 0
+
+    async def refused(self: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    async def lost(self: Any, *args: Any, **kwargs: Any) -> None:
+        await self.disconnect()
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(HiredisPackConnection, "_connect", refused)
+    monkeypatch.setattr(HiredisPackConnection, "read_response", lost)
+    with pytest.raises(RedisConnectionError):
+        await client.get("nothing-here")
+    assert attempts == retries  # one connection attempt per retry of the command
+    await client.aclose()
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux TCP options")
 async def test_a_connection_whose_peer_vanished_is_dropped_in_about_30_s(redis_url):
     """The kernel's defaults would keep a connection to a crashed host for over two
