@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -223,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_interruptible(_run_command(url, keys, args)))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout's reader stopped early (| head): quiet, as rich is
+        with contextlib.suppress(OSError):  # and no second error when Python flushes it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CacheSaverError, ConnectionError, RuntimeError, ValueError) as exc:
         logs.fail(f"cachesaver-dist: {exc}")
         return 1

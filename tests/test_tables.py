@@ -4,6 +4,7 @@ importance and named), and every table command has ``--json``."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -183,3 +184,21 @@ def test_top_into_a_file_writes_each_frame_as_it_comes(redis_url, keys, tmp_path
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
+
+
+@pytest.mark.parametrize("args", [("dead-letters", "--json"), ("runs", "--json"),
+                                  ("top", "--interval", "0.1")])
+async def test_output_into_a_pipe_read_no_further_ends_quietly(redis_url, keys, redis, args):
+    """``cachesaver-dist ... | head``: the reader goes away before the output ends. Every
+    command stops without a word (status 1), as the tables printed by rich do, not with
+    'cachesaver-dist: [Errno 32] Broken pipe'."""
+    for i in range(3):
+        await queue_dead_letter(redis, keys, "work stream entry", "bad", b"x", f"s/1-{i}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails
+    proc = subprocess.Popen([sys.executable, "-m", "cachesaver_dist.cli", *args, "--prefix",
+                             keys.prefix], env=subprocess_env(redis_url), stdout=write_end,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.decode()) == (1, "")
