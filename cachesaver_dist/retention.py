@@ -224,17 +224,29 @@ async def _prune_keys(redis: Redis, keys: Keys, batch: list[str], models: list[s
             result.bytes += pairs_size
 
 
+Progress = Callable[[int, PruneResult], None]  # (prompt keys checked, counts so far)
+
+
 async def _prune_model(redis: Redis, keys: Keys, model: str, result: PruneResult,
-                       cutoff: float | None) -> None:
+                       cutoff: float | None, progress: Progress | None = None) -> None:
     members = _decoded(redis.sscan_iter(keys.model_keys(model), count=1000))
+    checked = 0
     async for batch in _batches(members):
         await _prune_keys(redis, keys, batch, [model] * len(batch), result, cutoff)
+        checked += len(batch)
+        if progress:
+            progress(checked, result)
 
 
-async def _prune_all(redis: Redis, keys: Keys, result: PruneResult, cutoff: float) -> None:
+async def _prune_all(redis: Redis, keys: Keys, result: PruneResult, cutoff: float,
+                     progress: Progress | None = None) -> None:
+    checked = 0
     async for batch in _batches(_sample_keys(redis, keys)):
         await _prune_keys(redis, keys, batch, await _models_of(redis, keys, batch), result,
                           cutoff)
+        checked += len(batch)
+        if progress:
+            progress(checked, result)
 
 
 async def _prune_run(redis: Redis, keys: Keys, run: str, result: PruneResult) -> None:
@@ -307,9 +319,11 @@ def check_selectors(model: str | None, run: str | None, namespace: str | None,
 
 async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str | None = None,
                 namespace: str | None = None, older_than_days: float | None = None,
-                dry_run: bool = False, now: float | None = None) -> PruneResult:
+                dry_run: bool = False, now: float | None = None,
+                progress: Progress | None = None) -> PruneResult:
     """Delete what the selectors name (see the module docstring); with ``dry_run``, only
-    count it. Allowed: see ``check_selectors``."""
+    count it. Allowed: see ``check_selectors``. ``progress(prompt keys checked, result)``
+    after each batch of prompt keys (``--model``, ``--older-than``)."""
     check_selectors(model, run, namespace, older_than_days)
     result = PruneResult(" ".join(f"{s} {v}" for s, v in (
         ("--model", model), ("--run", run), ("--namespace", namespace),
@@ -328,10 +342,10 @@ async def prune(redis: Redis, keys: Keys, *, model: str | None = None, run: str 
     elif run is not None:
         await _prune_run(redis, keys, run, result)
     elif model is not None:
-        await _prune_model(redis, keys, model, result, cutoff)
+        await _prune_model(redis, keys, model, result, cutoff, progress)
     else:
         assert cutoff is not None
-        await _prune_all(redis, keys, result, cutoff)
+        await _prune_all(redis, keys, result, cutoff, progress)
     return result
 
 
@@ -462,9 +476,15 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
     except CacheSaverError as exc:  # a usage error: status 2, as argparse's own
         logs.fail(f"cachesaver-dist: {exc}")
         return 2
+    from .archive import _progress_bar
+
     # A model, run or namespace that selects nothing ends in main(): status 1, as drop-run's
-    result = await prune(redis, keys, model=args.model, run=args.run, namespace=args.namespace,
-                         older_than_days=args.older_than, dry_run=args.dry_run)
+    with _progress_bar("prune", in_bytes=False) as bar:
+        result = await prune(
+            redis, keys, model=args.model, run=args.run, namespace=args.namespace,
+            older_than_days=args.older_than, dry_run=args.dry_run,
+            progress=(lambda n, r: bar("prompt keys", n, None, f"{n} keys checked, "
+                                       f"{r.samples} samples")) if bar else None)
     if args.json:
         print(json.dumps(asdict(result)))
         return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from cachesaver_dist.protocol import Keys, pack, prompt_key
 from cachesaver_dist.retention import check_eviction_policy
 from cachesaver_dist.scripts import fill, reserve
 from cachesaver_dist.server import find_server_binary
-from tests.conftest import Processes
+from tests.conftest import ROOT, Processes, subprocess_env
 from tests.test_archive import cli, cli_json, contents, dump, record
 
 DAY = 86400
@@ -239,3 +241,30 @@ async def test_the_check_is_skipped_when_config_get_is_refused(lru_server):
         assert "'allkeys-lru', not 'noeviction'" in await check_eviction_policy(plain)
     finally:
         await plain.aclose()
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals")
+async def test_prune_shows_its_progress_on_a_terminal(redis_url, keys):
+    """docs/archive.md: a progress bar shows on a terminal. ``prune --older-than`` reads
+    every sample of every prompt key, minutes on a large cache: it says how far it is."""
+    await populate(redis_url, keys)
+    main, side = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachesaver_dist.cli", "prune", "--older-than", "5",
+         "--dry-run", "--prefix", keys.prefix], env=subprocess_env(redis_url),
+        stdout=subprocess.PIPE, stderr=side, cwd=ROOT)
+    os.close(side)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal's other side closed: the process ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert b"would delete 1 sample(s)" in out
+    assert b"prune: prompt keys" in shown and b"keys checked" in shown, shown
