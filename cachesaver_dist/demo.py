@@ -26,7 +26,7 @@ from .heartbeat import alive_workers
 from .pipelines import OnlineAPI
 from .protocol import Keys
 from .report import collect
-from .server import pdeathsig_preexec
+from .server import spawn
 from .tables import Col, fit_table
 from .typedefs import Request
 
@@ -115,9 +115,8 @@ def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Po
     cli = [sys.executable, "-m", "cachesaver_dist.cli"]
     # Stopped by us, after the workers that call it: a terminal's Ctrl-C does not reach
     # it (its own session); it gets SIGTERM if we die, as the embedded server does.
-    simulator = subprocess.Popen([*cli, "simulator", "--port", "0", "--latency", str(latency)],
-                                 stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                 preexec_fn=pdeathsig_preexec())
+    simulator = spawn([*cli, "simulator", "--port", "0", "--latency", str(latency)],
+                      stdout=subprocess.PIPE, text=True, start_new_session=True)
     line = simulator.stdout.readline() if simulator.stdout else ""
     if "http" not in line:
         simulator.kill()
@@ -127,10 +126,9 @@ def _spawn_processes(url: str, keys: Keys, latency: float) -> list[subprocess.Po
     common = ["--prefix", keys.prefix]
     return [
         simulator,
-        subprocess.Popen([*cli, "worker", "cache", *common], env=env,
-                         preexec_fn=pdeathsig_preexec()),
-        subprocess.Popen([*cli, "worker", "batch", *common, "--model", MODEL,
-                          "--base-url", base_url], env=env, preexec_fn=pdeathsig_preexec()),
+        spawn([*cli, "worker", "cache", *common], env=env),
+        spawn([*cli, "worker", "batch", *common, "--model", MODEL, "--base-url", base_url],
+              env=env),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -10,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -114,7 +116,49 @@ def _escalate(pid: int, shutdown_sent: bool) -> str:
     return "nothing (still alive)"
 
 
-def pdeathsig_preexec() -> Callable[[], None] | None:
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(args, **kwargs)`` of a child that gets SIGTERM when this process
+    dies (Linux), started from a thread that lives as long as the process: the kernel
+    sends the signal when the *thread* that started the child ends, and a caller's
+    thread (an ``asyncio.to_thread`` worker, ended with its event loop) may end first."""
+    preexec = _pdeathsig_preexec()
+    if preexec is None:
+        return subprocess.Popen(args, **kwargs)
+    done: concurrent.futures.Future[subprocess.Popen[Any]] = concurrent.futures.Future()
+
+    def start() -> None:
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(subprocess.Popen(args, preexec_fn=preexec, **kwargs))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    _spawner().put(start)
+    return done.result()
+
+
+_SPAWNER: tuple[int, queue.SimpleQueue[Callable[[], None]]] | None = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def _spawner() -> queue.SimpleQueue[Callable[[], None]]:
+    """The queue of this process's spawning thread (a daemon: it ends with the process;
+    a forked child starts its own)."""
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None or _SPAWNER[0] != os.getpid():
+            jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    jobs.get()()
+
+            threading.Thread(target=serve, name="cachesaver-spawner", daemon=True).start()
+            _SPAWNER = (os.getpid(), jobs)
+        return _SPAWNER[1]
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
     """Build a preexec_fn that makes the child get SIGTERM when we die (Linux only)."""
     if not sys.platform.startswith("linux") or os.environ.get("CACHESAVER_NO_PDEATHSIG") == "1":
         return None
@@ -272,9 +316,8 @@ class EmbeddedServer:
             port = _free_port()  # racy by nature, hence the retry on "Address already in use"
             with open(logfile, "ab") as out:
                 offset = out.tell()
-                proc = subprocess.Popen(self._args(port), stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=pdeathsig_preexec())
+                proc = spawn(self._args(port), stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
             if self._wait_ready(proc, port):
                 self._proc, self.port = proc, port
                 log.info("started %s pid %s on port %s (data in %s)",

@@ -202,3 +202,21 @@ def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"exited with code \d+(.|\n)*unknown option"):
         server.start()
     assert not (tmp_path / "server.json").exists()
+
+
+def test_a_server_started_from_a_thread_outlives_the_thread(
+        tmp_path: Path, servers: list[EmbeddedServer]) -> None:
+    """The server is tied to this process's life (it gets SIGTERM when the process
+    dies), not to the thread that started it: a client starts it from an
+    ``asyncio.to_thread`` worker, which ends with its event loop (``asyncio.run``)."""
+    import threading
+
+    server = EmbeddedServer(tmp_path, persist=False)
+    servers.append(server)
+    started = threading.Thread(target=server.start)
+    started.start()
+    started.join()
+    time.sleep(0.5)  # a SIGTERM sent when the thread ended has been handled by now
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=1)
+    assert client.ping()
+    client.close()
