@@ -29,6 +29,7 @@ log = logging.getLogger("cachesaver_dist.server")
 
 STATE_FILE, LOCK_FILE, LOG_FILE = "server.json", "server.lock", "server.log"
 READY_TIMEOUT = STOP_TIMEOUT = 10.0
+WATCH_S = 0.2  # how often a user of another process's server checks it still runs
 _NAMES = ("redis-server", "valkey-server")
 
 
@@ -173,6 +174,13 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+class _Running:
+    """A server process this one did not start."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
 _USERS: dict[Path, list[EmbeddedServer]] = {}  # data dir -> this process's users of its server
 _USERS_LOCK = threading.RLock()  # start() and stop() of this process, one at a time
 
@@ -181,8 +189,9 @@ class EmbeddedServer:
     """A redis/valkey server owned by this process, storing data in ``data_dir``.
 
     Several users in one process (two clients without a URL) share one server: it stops
-    when the last of them stops. A server another process started is reused while that
-    process lives (it goes with it)."""
+    when the last of them stops. A server another process started is reused; when that
+    process ends (the server goes with it), a user here starts it again on the same port
+    with the same data (``_watch``), so this process's connections carry on."""
 
     def __init__(self, data_dir: str | Path = ".cachesaver", *, persist: bool = True,
                  binary: str | None = None) -> None:
@@ -191,6 +200,7 @@ class EmbeddedServer:
         self.port: int | None = None
         self.owner = False  # False when reusing a server another live process owns
         self._proc: subprocess.Popen[bytes] | None = None
+        self._unwatched = threading.Event()  # set: a guest stops watching (_watch)
 
     @property
     def url(self) -> str:
@@ -215,6 +225,8 @@ class EmbeddedServer:
                         log.info("reusing server pid %s on port %s (owner pid %s alive)",
                                  state["pid"], self.port, state["owner_pid"])
                         self._in_use()
+                        if state["owner_pid"] != os.getpid() and state.get("persist", True):
+                            self._watch(state["pid"])
                         return self.url
                     self._stop_stale(state)
                 self.state_path.unlink(missing_ok=True)
@@ -228,10 +240,66 @@ class EmbeddedServer:
         _USERS.setdefault(self.data_dir, []).append(self)
         atexit.register(self.stop)
 
+    def _watch(self, pid: int) -> None:
+        """A user of a server another process started: when that process stops it (it
+        ended), start it again on the same port with the same data, so the connections
+        of this process reconnect to it instead of failing until they time out."""
+        unwatched = self._unwatched = threading.Event()
+
+        def watch() -> None:
+            nonlocal pid
+            while not unwatched.wait(WATCH_S):
+                if _pid_alive(pid):
+                    continue
+                proc = self._take_over()
+                if proc is None:
+                    return
+                if isinstance(proc, _Running):  # another user restarted it: watch that one
+                    pid = proc.pid
+                    continue
+                # Launched by this thread: it lives as long as the server, whose
+                # PDEATHSIG follows the thread that started it.
+                proc.wait()
+                return
+
+        threading.Thread(target=watch, name="cachesaver-server-watch", daemon=True).start()
+
+    def _take_over(self) -> subprocess.Popen[bytes] | _Running | None:
+        """The server this user relied on is gone: the one running for data_dir (another
+        user's restart) or a new one on the same port; None if neither is possible."""
+        with _USERS_LOCK:
+            if self.port is None:  # stopped meanwhile
+                return None
+            with open(self.data_dir / LOCK_FILE, "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                state = self._read_state()
+                if state and _pid_alive(state["pid"]) and \
+                        _is_our_server(state["pid"], state["port"]):
+                    if state["port"] == self.port:
+                        return _Running(state["pid"])
+                    log.error("the server for %s now runs on port %s, not %s: this "
+                              "process cannot follow it", self.data_dir, state["port"],
+                              self.port)
+                    return None
+                self.state_path.unlink(missing_ok=True)
+                try:
+                    self._launch(port=self.port)
+                except RuntimeError as exc:
+                    log.error("the server for %s stopped and could not be started again: "
+                              "%s", self.data_dir, exc)
+                    return None
+                self.owner = True
+                self._write_state()
+            log.warning("the process that started the server for %s has ended; started it "
+                        "again on port %s", self.data_dir, self.port)
+            assert self._proc is not None
+            return self._proc
+
     def stop(self) -> None:
         """Shut the server down if we own it and no other user of this process needs it
         (it then passes to one of them); otherwise just detach. Idempotent."""
         atexit.unregister(self.stop)
+        self._unwatched.set()
         with _USERS_LOCK:  # one decision at a time, and no start() meanwhile
             proc, owner, port = self._proc, self.owner, self.port
             self._proc, self.owner, self.port = None, False, None
@@ -280,7 +348,8 @@ class EmbeddedServer:
         assert self._proc is not None
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": self._proc.pid, "port": self.port,
-                                   "binary": self.binary, "owner_pid": os.getpid()}))
+                                   "binary": self.binary, "owner_pid": os.getpid(),
+                                   "persist": self.persist}))
         tmp.replace(self.state_path)  # atomic: readers never see a half-written file
 
     def _stop_stale(self, state: dict[str, Any]) -> None:
@@ -309,11 +378,14 @@ class EmbeddedServer:
                 "--protected-mode", "yes", "--daemonize", "no",
                 "--dir", str(self.data_dir), "--logfile", str(self.data_dir / LOG_FILE), *persist]
 
-    def _launch(self, attempts: int = 5) -> None:
+    def _launch(self, attempts: int = 5, port: int | None = None) -> None:
+        """Start the server on ``port``, else on a free one."""
         self.binary = self.binary or find_server_binary()
         logfile = self.data_dir / LOG_FILE
+        fixed = port
         for attempt in range(attempts):
-            port = _free_port()  # racy by nature, hence the retry on "Address already in use"
+            # a free port: racy by nature, hence the retry on "Address already in use"
+            port = fixed or _free_port()
             with open(logfile, "ab") as out:
                 offset = out.tell()
                 proc = spawn(self._args(port), stdin=subprocess.DEVNULL, stdout=out,
@@ -335,6 +407,8 @@ class EmbeddedServer:
                 raise RuntimeError(f"{self.binary} on 127.0.0.1:{port} {why}; "
                                    f"last lines of {logfile}:\n{tail}")
             log.info("port %s was taken, retrying", port)
+            if fixed:
+                time.sleep(0.2)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
         deadline, pauses = time.monotonic() + READY_TIMEOUT, _pauses(0.002)

@@ -116,3 +116,44 @@ async def test_two_clients_of_one_process_share_the_server_until_the_last_stops(
     assert got.cached == [False]
     await last.close()
     assert not _alive(pid) and not (home / "server.json").exists()
+
+
+OWNER_RUN = """
+import asyncio, sys
+from cachesaver_dist import OnlineAPI, Request, SimModel
+async def main():
+    async with OnlineAPI(SimModel("embedded"), data_dir=sys.argv[1]) as api:
+        r = await api.request(Request("owner's", 1, "1", "ns"))
+        print(r.data[0], flush=True)
+        await asyncio.to_thread(sys.stdin.readline)  # until the test says: end
+asyncio.run(main())
+"""
+
+
+async def test_a_process_using_anothers_server_goes_on_after_that_one_ends(no_redis_env,
+                                                                            tmp_path):
+    """Two scripts run side by side on the default data dir: the second uses the server
+    the first started; when the first ends (and stops it), the second goes on."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = str(ROOT)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_RUN, str(tmp_path)], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        text = owner.stdout.readline().decode().strip()
+        assert text, owner.stderr.read().decode()[-2000:]
+        model = SimModel("embedded")
+        async with OnlineAPI(model, data_dir=tmp_path, request_timeout=20) as api:
+            before = await api.request(Request("guest's", 1, "1", "ns"))
+            assert not api._server.owner
+            owner.communicate(b"end\n", timeout=30)
+            assert owner.returncode == 0
+            again = await asyncio.wait_for(api.request(Request("guest's", 1, "1", "ns2")), 15)
+            mine = await asyncio.wait_for(api.request(Request("owner's", 1, "2", "ns")), 15)
+        assert again.data == before.data and again.cached == [True]
+        assert mine.data == [text] and mine.cached == [True]  # its samples are kept
+        assert not (tmp_path / "server.json").exists()  # stopped with the last user
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
