@@ -316,6 +316,13 @@ class EmbeddedServer:
     def _shut_down(self, proc: subprocess.Popen[bytes], port: int) -> None:
         with open(self.data_dir / LOCK_FILE, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # keep starters from reusing a dying server
+            if proc.poll() is not None:  # gone already (killed, or PDEATHSIG when the thread
+                # that started it ended): its port may serve another process's server now
+                state = self._read_state()
+                if state and state.get("pid") == proc.pid:
+                    self.state_path.unlink(missing_ok=True)
+                log.info("server pid %s had exited (code %s)", proc.pid, proc.returncode)
+                return
             try:
                 _client(port).shutdown(save=self.persist, nosave=not self.persist)
                 sent = True

@@ -220,3 +220,35 @@ def test_a_server_started_from_a_thread_outlives_the_thread(
     client = redis.Redis.from_url(server.url, socket_connect_timeout=1)
     assert client.ping()
     client.close()
+
+
+def test_stopping_a_server_that_has_exited_leaves_its_port_alone(
+        tmp_path: Path, servers: list[EmbeddedServer]) -> None:
+    """A server that exited on its own (PDEATHSIG, a kill) may have a successor on its
+    port, started by another process that used it: stop() must not shut that one down."""
+    owner = EmbeddedServer(tmp_path / "first")
+    servers.append(owner)
+    owner.start()
+    assert owner._proc is not None and owner.port is not None
+    port = owner.port
+    owner._proc.kill()
+    owner._proc.wait()
+    successor = subprocess.Popen([find_server_binary(), "--port", str(port), "--bind",
+                                  "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cli = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert cli.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the successor did not start"
+                time.sleep(0.05)
+        owner.stop()
+        assert successor.poll() is None and cli.ping()
+        assert not (tmp_path / "first" / "server.json").exists()
+    finally:
+        successor.kill()
+        successor.wait()
