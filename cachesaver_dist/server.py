@@ -241,9 +241,10 @@ class EmbeddedServer:
         atexit.register(self.stop)
 
     def _watch(self, pid: int) -> None:
-        """A user of a server another process started: when that process stops it (it
-        ended), start it again on the same port with the same data, so the connections
-        of this process reconnect to it instead of failing until they time out."""
+        """A user of a server another process started: when that one stops (its process,
+        or the thread that started it, ended), start it again on the same port with the
+        same data, so the connections of this process reconnect to it instead of failing
+        until they time out."""
         unwatched = self._unwatched = threading.Event()
 
         def watch() -> None:
@@ -290,8 +291,8 @@ class EmbeddedServer:
                     return None
                 self.owner = True
                 self._write_state()
-            log.warning("the process that started the server for %s has ended; started it "
-                        "again on port %s", self.data_dir, self.port)
+            log.warning("the server for %s, started by another process, has stopped; "
+                        "started it again on port %s", self.data_dir, self.port)
             assert self._proc is not None
             return self._proc
 
