@@ -174,13 +174,6 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-class _Running:
-    """A server process this one did not start."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-
 _USERS: dict[Path, list[EmbeddedServer]] = {}  # data dir -> this process's users of its server
 _USERS_LOCK = threading.RLock()  # start() and stop() of this process, one at a time
 
@@ -241,33 +234,27 @@ class EmbeddedServer:
         atexit.register(self.stop)
 
     def _watch(self, pid: int) -> None:
-        """A user of a server another process started: when that one stops (its process,
-        or the thread that started it, ended), start it again on the same port with the
-        same data, so the connections of this process reconnect to it instead of failing
-        until they time out."""
+        """A user of a server another process started: when that one stops (with the
+        process that started it), start it again on the same port with the same data, so
+        the connections of this process reconnect to it instead of failing until they
+        time out."""
         unwatched = self._unwatched = threading.Event()
 
         def watch() -> None:
             nonlocal pid
             while not unwatched.wait(WATCH_S):
-                if _pid_alive(pid):
-                    continue
-                proc = self._take_over()
-                if proc is None:
-                    return
-                if isinstance(proc, _Running):  # another user restarted it: watch that one
-                    pid = proc.pid
-                    continue
-                # Launched by this thread: it lives as long as the server, whose
-                # PDEATHSIG follows the thread that started it.
-                proc.wait()
-                return
+                if not _pid_alive(pid):
+                    restarted = self._take_over()
+                    if restarted is None:  # this process runs it now, or nobody can
+                        return
+                    pid = restarted  # another user started it again: watch that one
 
         threading.Thread(target=watch, name="cachesaver-server-watch", daemon=True).start()
 
-    def _take_over(self) -> subprocess.Popen[bytes] | _Running | None:
-        """The server this user relied on is gone: the one running for data_dir (another
-        user's restart) or a new one on the same port; None if neither is possible."""
+    def _take_over(self) -> int | None:
+        """The server this user relied on is gone: the pid of the one another user
+        started again on the same port, else None once this process has started it
+        again (it owns it now) or could not."""
         with _USERS_LOCK:
             if self.port is None:  # stopped meanwhile
                 return None
@@ -277,7 +264,7 @@ class EmbeddedServer:
                 if state and _pid_alive(state["pid"]) and \
                         _is_our_server(state["pid"], state["port"]):
                     if state["port"] == self.port:
-                        return _Running(state["pid"])
+                        return int(state["pid"])
                     log.error("the server for %s now runs on port %s, not %s: this "
                               "process cannot follow it", self.data_dir, state["port"],
                               self.port)
@@ -293,8 +280,7 @@ class EmbeddedServer:
                 self._write_state()
             log.warning("the server for %s, started by another process, has stopped; "
                         "started it again on port %s", self.data_dir, self.port)
-            assert self._proc is not None
-            return self._proc
+            return None
 
     def stop(self) -> None:
         """Shut the server down if we own it and no other user of this process needs it
@@ -317,8 +303,8 @@ class EmbeddedServer:
     def _shut_down(self, proc: subprocess.Popen[bytes], port: int) -> None:
         with open(self.data_dir / LOCK_FILE, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # keep starters from reusing a dying server
-            if proc.poll() is not None:  # gone already (killed, or PDEATHSIG when the thread
-                # that started it ended): its port may serve another process's server now
+            if proc.poll() is not None:  # gone already (killed): its port may serve another
+                # process's server now
                 state = self._read_state()
                 if state and state.get("pid") == proc.pid:
                     self.state_path.unlink(missing_ok=True)
