@@ -194,6 +194,7 @@ class EmbeddedServer:
         self.owner = False  # False when reusing a server another live process owns
         self._proc: subprocess.Popen[bytes] | None = None
         self._unwatched = threading.Event()  # set: a guest stops watching (_watch)
+        self._pid = os.getpid()  # the process that started using it (a fork's child detaches)
 
     @property
     def url(self) -> str:
@@ -219,7 +220,7 @@ class EmbeddedServer:
                                  state["pid"], self.port, state["owner_pid"])
                         self._in_use()
                         if state["owner_pid"] != os.getpid() and state.get("persist", True):
-                            self._watch(state["pid"])
+                            self._watch(state["pid"], state.get("binary"))
                         return self.url
                     self._stop_stale(state)
                 self.state_path.unlink(missing_ok=True)
@@ -230,10 +231,11 @@ class EmbeddedServer:
             return self.url
 
     def _in_use(self) -> None:
+        self._pid = os.getpid()
         _USERS.setdefault(self.data_dir, []).append(self)
         atexit.register(self.stop)
 
-    def _watch(self, pid: int) -> None:
+    def _watch(self, pid: int, binary: str | None) -> None:
         """A user of a server another process started: when that one stops (with the
         process that started it), start it again on the same port with the same data, so
         the connections of this process reconnect to it instead of failing until they
@@ -244,20 +246,21 @@ class EmbeddedServer:
             nonlocal pid
             while not unwatched.wait(WATCH_S):
                 if not _pid_alive(pid):
-                    restarted = self._take_over()
+                    restarted = self._take_over(binary)
                     if restarted is None:  # this process runs it now, or nobody can
                         return
                     pid = restarted  # another user started it again: watch that one
 
         threading.Thread(target=watch, name="cachesaver-server-watch", daemon=True).start()
 
-    def _take_over(self) -> int | None:
+    def _take_over(self, binary: str | None) -> int | None:
         """The server this user relied on is gone: the pid of the one another user
         started again on the same port, else None once this process has started it
-        again (it owns it now) or could not."""
+        again (it owns it now: the same binary, persisting as it did) or could not."""
         with _USERS_LOCK:
             if self.port is None:  # stopped meanwhile
                 return None
+            self.binary, self.persist = binary or self.binary, True  # (only those are watched)
             with open(self.data_dir / LOCK_FILE, "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 state = self._read_state()
@@ -290,6 +293,8 @@ class EmbeddedServer:
         with _USERS_LOCK:  # one decision at a time, and no start() meanwhile
             proc, owner, port = self._proc, self.owner, self.port
             self._proc, self.owner, self.port = None, False, None
+            if self._pid != os.getpid():  # a forked child: the server is its parent's
+                return
             users = _USERS.get(self.data_dir, [])
             if self in users:
                 users.remove(self)

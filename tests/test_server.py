@@ -252,3 +252,23 @@ def test_stopping_a_server_that_has_exited_leaves_its_port_alone(
     finally:
         successor.kill()
         successor.wait()
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_server_alone(
+        tmp_path: Path, servers: list[EmbeddedServer]) -> None:
+    """A child made with os.fork() inherits the parent's server objects and their exit
+    hooks: exiting normally, it must neither stop the server nor forget its state."""
+    server = EmbeddedServer(tmp_path)
+    servers.append(server)
+    url = server.start()
+    pid = os.fork()
+    if pid == 0:  # the child: exit as a script ends, running the exit hooks
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    assert (tmp_path / "server.json").exists(), "the child deleted its parent's state"
