@@ -62,8 +62,9 @@ log = logging.getLogger("cachesaver_dist.client")
 T = TypeVar("T")
 
 MAX_REASK_WAIT_S = 30.0
-# The wake-up list keeps the newest tokens only (a bound on what it holds while no cache
-# worker runs: ~10 MB of full batches); a job whose token it dropped waits for arq's poll.
+# The wake-up list keeps the newest tokens only, each with its job's message (a bound on
+# what it holds while no cache worker runs: about 10 MB for batches of 32 hits, more for
+# batches that carry long prompts); a job whose token it dropped waits for arq's poll.
 WAKE_TOKENS_KEPT = 1024
 ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 tokens at once)
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most

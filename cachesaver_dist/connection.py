@@ -157,7 +157,7 @@ class RetryUnlessRefused(Retry):
     cannot fix a login, so it is raised at once.
 
     A command's retry reconnects through ``connect()``, which has a retry of its own:
-    nested, a Redis that stays away failed a command after 13 x 13 attempts (about
+    nested, a Redis that stays away failed a command after about 13 x 12 attempts (about
     4 minutes), not 13 (about 20 s). A retry inside another makes one attempt; the outer
     one does the retrying."""
 

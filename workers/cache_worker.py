@@ -63,6 +63,9 @@ AFTER_RETRY_S, AFTER_RETRY_MAX_S, AFTER_WAIT_S = 0.002, 0.032, 1.0
 # arq's poll starts only jobs queued this long: younger ones are the wake-up list's, which
 # serves a client's batches in order (the poll starts the jobs it finds all at once).
 POLL_GRACE_MS = 1000
+# A held-back job's predecessors read from their job keys, per round at most (the rest on
+# the next rounds): one round trip each, and all served in the next reserve call.
+JOBS_BEFORE_READ = 64
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
 
 
@@ -382,16 +385,21 @@ class CacheWorker(Worker):
         arq's poll would start them, after ``POLL_GRACE_MS`` and in any order. Asked
         again first, they are served in their client's order."""
         out: dict[str, tuple[bytes | MalformedJob, float]] = {}
+        budget = JOBS_BEFORE_READ
         for job_id, (payload, since) in held.items():
             chain: list[tuple[str, bytes]] = []
             after = _after(payload, self.keys)
-            while after and after not in out and after not in held and \
+            while after and budget > 0 and after not in out and after not in held and \
                     all(after != a for a, _ in chain):
+                budget -= 1
                 pipe = self.pool.pipeline(transaction=False)
-                pipe.get(job_key_prefix + after)
                 pipe.exists(in_progress_key_prefix + after)
-                body, busy = await pipe.execute(raise_on_error=False)
-                if not isinstance(body, bytes) or busy != 0:  # done, taken, or not ours
+                pipe.get(job_key_prefix + after)
+                try:
+                    busy, body = await pipe.execute(raise_on_error=False)
+                except CONNECTION_ERRORS:  # read again at the next round
+                    break
+                if busy != 0 or not isinstance(body, bytes):  # taken, done, or not ours
                     break
                 before = arq_deserialize_job(body)["a"][0]
                 if isinstance(before, MalformedJob):  # arq's poll sets it aside

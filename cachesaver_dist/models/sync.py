@@ -63,11 +63,11 @@ class _LoopThread:
                                                 name=self.name, daemon=True)
                 _LOOP_THREADS.add(self._thread)
                 self._thread.start()
-            loop = self._loop
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise CacheSaverError("a sync client was called from its own event loop thread")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+            if threading.current_thread() is self._thread:
+                coro.close()
+                raise CacheSaverError("a sync client was called from its own event loop thread")
+            # submitted under the lock: a stop() after it finds the call on the loop
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:  # only stop() cancels a call: see _serve
