@@ -473,7 +473,7 @@ def _size_of(path: str | Path, doing: str) -> int:
 
 
 @contextlib.contextmanager
-def _progress_bar(label: str, in_bytes: bool) -> Iterator[Callable[..., None] | None]:
+def progress_bar(label: str, in_bytes: bool) -> Iterator[Callable[..., None] | None]:
     """A rich progress bar on stderr when it is a terminal (None otherwise), updated with
     ``update(phase, done, total=None, note="")``: bytes of the file, or a count."""
     if not sys.stderr.isatty():
@@ -562,7 +562,7 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
                            f"{', '.join(map(repr, sel.namespaces))}"
                            f"{' with a --key' if sel.keys else ''} under prefix "
                            f"{keys.prefix!r} ('cachesaver-dist runs' lists the runs)")
-    with _progress_bar("export", in_bytes=False) as bar:
+    with progress_bar("export", in_bytes=False) as bar:
         result = await export(redis, keys, path, sel, (
             lambda k, s: bar("prompt keys", k, None, f"{k} keys, {s} samples")) if bar
             else None)
@@ -585,7 +585,7 @@ async def _export_command(redis: Redis, keys: Keys, args: argparse.Namespace) ->
 
 async def _import_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int:
     _check_readable(args.file, twice=not args.verify)
-    with _progress_bar("import", in_bytes=True) as bar:
+    with progress_bar("import", in_bytes=True) as bar:
         result = await import_archive(redis, keys, args.file, run_ttl_s=args.run_ttl,
                                       verify_only=args.verify, progress=bar)
     if args.json:

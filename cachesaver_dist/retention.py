@@ -476,10 +476,10 @@ async def run_command(redis: Redis, keys: Keys, args: argparse.Namespace) -> int
     except CacheSaverError as exc:  # a usage error: status 2, as argparse's own
         logs.fail(f"cachesaver-dist: {exc}")
         return 2
-    from .archive import _progress_bar
+    from .archive import progress_bar
 
     # A model, run or namespace that selects nothing ends in main(): status 1, as drop-run's
-    with _progress_bar("prune", in_bytes=False) as bar:
+    with progress_bar("prune", in_bytes=False) as bar:
         result = await prune(
             redis, keys, model=args.model, run=args.run, namespace=args.namespace,
             older_than_days=args.older_than, dry_run=args.dry_run,
