@@ -62,9 +62,9 @@ log = logging.getLogger("cachesaver_dist.client")
 T = TypeVar("T")
 
 MAX_REASK_WAIT_S = 30.0
-# The wake-up list keeps the newest tokens only, each with its job's message (a bound on
-# what it holds while no cache worker runs: about 10 MB for batches of 32 hits, more for
-# batches that carry long prompts); a job whose token it dropped waits for arq's poll.
+# The wake-up list keeps the newest tokens only, each with its job's message without the
+# prompts (a bound on what it holds while no cache worker runs: about 4 MB for batches of
+# 32 requests, whatever their prompts); a job whose token it dropped waits for arq's poll.
 WAKE_TOKENS_KEPT = 1024
 ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 tokens at once)
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
@@ -245,12 +245,13 @@ class CacheClient:
             for out in taken:
                 job_id = self.keys.new_job_id()
                 self._queued.setdefault(out.batch, []).append(job_id)
-                payload = encode_job(self.client_id, out.items, self._keep_s, out.batch,
-                                     "" if out.again else last)
+                job = (self.client_id, out.items, self._keep_s, out.batch,
+                       "" if out.again else last)
                 pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
-                            encode_arq_job(payload, now_ms))
+                            encode_arq_job(encode_job(*job), now_ms))
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, payload))
+                pipe.lpush(self.keys.cache_wake,
+                           encode_wake_token(job_id, encode_job(*job, specs=False)))
                 last = job_id
             pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
             await self._with_deletes(pipe.execute, pipe)

@@ -348,11 +348,16 @@ class CacheJob:
 
 
 def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
-               after: str = "") -> bytes:
+               after: str = "", *, specs: bool = True) -> bytes:
     """A client batch; ``keep_s``: how long reservations must outlive it (re-asks);
-    ``batch``: the same id on every re-ask of the batch; ``after``: see ``CacheJob``."""
+    ``batch``: the same id on every re-ask of the batch; ``after``: see ``CacheJob``;
+    ``specs=False``: every spec empty (a wake token's copy: see ``encode_wake_token``)."""
+    requests = [it.to_wire() for it in items]
+    if not specs:
+        for wire in requests:
+            wire[8] = b""
     msg = {"v": SCHEMA_VERSION, "client": client, "batch": batch,
-           "requests": [it.to_wire() for it in items], "keep_s": keep_s}
+           "requests": requests, "keep_s": keep_s}
     if after:
         msg["after"] = after
     return pack(msg)
@@ -663,8 +668,11 @@ def decode_replies(data: bytes) -> list[dict[str, Any]]:
 
 
 def encode_wake_token(job_id: str, payload: bytes) -> bytes:
-    """A wake token: an enqueued job's id and its cache job message, so the worker that
-    pops it needs no round trip to read the job."""
+    """A wake token: an enqueued job's id and its cache job message without specs
+    (``encode_job(..., specs=False)``), so the worker that pops it needs no round trip to
+    read the job: a hit needs no spec; the specs of requests that claim are read from
+    the job's body (``scripts.reserve_jobs``), and a token of a few hundred bytes per
+    request, whatever the prompt's length, keeps the wake-up list small."""
     return pack([job_id, payload])
 
 

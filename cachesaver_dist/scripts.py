@@ -6,6 +6,7 @@ The ``.lua`` files are the source of truth; the wrappers here only lay out
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -20,11 +21,15 @@ from . import defaults
 from .deadletters import set_aside_key
 from .errors import NotReplicatedError, ProtocolError
 from .protocol import (
+    ARQ_JOB,
     CONSUMER_GROUP,
     CacheJob,
     Keys,
+    MalformedJob,
     WorkItem,
+    arq_deserialize_job,
     arq_job_keys,
+    decode_job,
     decode_waiter_record,
     manifest_field,
     text,
@@ -32,6 +37,7 @@ from .protocol import (
 )
 
 LUA_DIR = Path(__file__).parent / "lua"
+log = logging.getLogger("cachesaver_dist.scripts")
 
 
 @cache
@@ -147,7 +153,9 @@ async def reserve_jobs(
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
-    on, the rest are sent again with their specs: a second round trip.
+    on, the rest are sent again with their specs: a second round trip. Requests read
+    from a wake token carry no spec: theirs are read from their job's body first (a job
+    whose body is gone is left untaken, ``None``: its client asks again).
     A batch's reservation records live its ``keep_s`` (as long as its client may retry).
     Items with ``manifest`` set (and a request id) are recorded in their run's manifest.
     """
@@ -199,9 +207,39 @@ async def reserve_jobs(
         if stopped_at < 0:
             return [done[id(job)] if id(job) in taken else None for job in jobs]
         pending = [(job, it) for job, it in pending[stopped_at:] if id(job) in taken]
+        pending = await _with_specs(redis, keys, pending, taken)
         arq_jobs = [job for job in arq_jobs if id(job) in taken]
     raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
                         "come from prepare(); do not build WorkItems by hand", "spec")
+
+
+async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, WorkItem]],
+                      taken: set[int]) -> list[tuple[CacheJob, WorkItem]]:
+    """``pending`` with the specs a wake token left out, read from the arq jobs' bodies in
+    one round trip; a job whose body is gone (expired) or unreadable leaves ``taken``,
+    its requests ``pending``."""
+    jobs = {job.job_id: job for job, it in pending if not it.spec and job.job_id}
+    if not jobs:
+        return pending
+    specs: dict[tuple[str, str], bytes] = {}
+    for job_id, body in zip(jobs, await redis.mget([ARQ_JOB + j for j in jobs])):
+        try:
+            if body is None:
+                raise ProtocolError("gone")
+            payload = arq_deserialize_job(body)["a"][0]
+            if isinstance(payload, MalformedJob):
+                raise ProtocolError(payload.reason)
+            full = decode_job(payload, keys)
+            if full.client != jobs[job_id].client:
+                raise ProtocolError("its body is another client's batch")
+        except ProtocolError as exc:
+            log.warning("job %s: its requests' prompts could not be read from its body (%s); "
+                        "left to its client, which asks again", job_id, exc)
+            taken.discard(id(jobs[job_id]))
+            continue
+        specs.update(((job_id, it.uuid), it.spec) for it in full.items)
+    return [(job, it._replace(spec=specs.get((job.job_id, it.uuid), b"")) if not it.spec
+             else it) for job, it in pending if id(job) in taken]
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:

@@ -17,6 +17,7 @@ from cachesaver_dist.protocol import (
     ARQ_JOB,
     CACHE_JOB,
     arq_serialize,
+    decode_stream_entry,
     encode_arq_job,
     encode_job,
     encode_sample,
@@ -314,3 +315,64 @@ async def test_jobs_whose_tokens_were_trimmed_are_served_first_in_order(redis, k
         await asyncio.sleep(0.02)
     assert await starts() == [f"{i}|g".encode() for i in range(5)]
     assert await redis.zcard(keys.cache_queue) == 0
+
+
+async def enqueue_as_client(redis, keys, item, batch: str, *, body: bool = True) -> str:
+    """A job as ``CacheClient`` enqueues it: its body (none if ``body`` is false, as when
+    it expired) and a wake token without specs; the job's id."""
+    job_id, now_ms = keys.new_job_id(), int(time.time() * 1000)
+    if body:
+        await redis.psetex(ARQ_JOB + job_id, 60_000,
+                           encode_arq_job(encode_job("c", [item], 60, batch), now_ms))
+    await redis.zadd(keys.cache_queue, {job_id: now_ms})
+    token = encode_wake_token(job_id, encode_job("c", [item], 60, batch, specs=False))
+    assert b"long prompt" not in token
+    await redis.lpush(keys.cache_wake, token)
+    return job_id
+
+
+async def test_a_claim_reads_its_spec_from_the_job_body_not_the_wake_token(redis, keys,
+                                                                           worker):
+    """Wake tokens carry no prompts (a hit needs none): the request that claims gets its
+    spec from the job's body, and the batch worker's stream entry has the whole prompt."""
+    await asyncio.sleep(0.3)
+    hit = prepare(Request("p", 1, "a", "ns1"), run="run", route="sim:x", model_id="sim:x")
+    miss = prepare(Request("long prompt " * 200, 1, "b", "ns1"), run="run", route="sim:x",
+                   model_id="sim:x")
+    await warm(redis, keys)  # (its claim of "p" is the stream's first entry)
+    await enqueue_as_client(redis, keys, hit, "b1")
+    await enqueue_as_client(redis, keys, miss, "b2")
+    deadline = time.monotonic() + 2.0
+    while await redis.xlen(keys.work_stream("sim:x")) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    [_, (_, fields)] = await redis.xrange(keys.work_stream("sim:x"))
+    entry = decode_stream_entry(fields, "sim:x")
+    assert entry.key == miss.key and entry.spec.fields["prompt"] == "long prompt " * 200
+    assert await redis.hget(keys.reservations("c", "b1"), f"c:{hit.uuid}") == b"0|c"
+    assert await redis.zcard(keys.cache_queue) == 0
+
+
+async def test_a_claim_whose_job_body_is_gone_is_left_to_its_client(redis, keys, worker,
+                                                                    caplog):
+    """A job whose body expired before the worker needed its prompts is not served: no
+    index is claimed without a prompt (its client asks again with a new job), and the
+    worker goes on with the next one."""
+    await asyncio.sleep(0.3)
+    lost = prepare(Request("q", 1, "a", "ns"), run="run", route="sim:x", model_id="sim:x")
+    later = prepare(Request("r", 1, "b", "ns"), run="run", route="sim:x", model_id="sim:x")
+    await enqueue_as_client(redis, keys, lost, "b1", body=False)
+    await enqueue_as_client(redis, keys, later, "b2")
+    deadline = time.monotonic() + 2.0
+    while not await redis.xlen(keys.work_stream("sim:x")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    [(_, fields)] = await redis.xrange(keys.work_stream("sim:x"))
+    assert decode_stream_entry(fields, "sim:x").key == later.key
+    assert await redis.hget(keys.reservations("c", "b1"), f"c:{lost.uuid}") is None
+    assert not await redis.hget(keys.usage("run"), lost.key + "ns")  # nothing taken
+    assert "its requests' prompts could not be read from its body (gone)" in caplog.text
+    # asked again (a new job, with its body): the same request claims index 0
+    await enqueue_as_client(redis, keys, lost, "b1")
+    deadline = time.monotonic() + 2.0
+    while await redis.xlen(keys.work_stream("sim:x")) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await redis.hget(keys.reservations("c", "b1"), f"c:{lost.uuid}") == b"0|g"

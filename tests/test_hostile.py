@@ -414,8 +414,9 @@ async def _(h: Hostile) -> Check:
     real = client_module.encode_job
     sent: list[str] = []
 
-    def newer_client(client: str, items: list, keep_s: int, batch: str, after: str) -> bytes:
-        data = msgpack.unpackb(real(client, items, keep_s, batch, after))
+    def newer_client(client: str, items: list, keep_s: int, batch: str, after: str,
+                     **kw: bool) -> bytes:
+        data = msgpack.unpackb(real(client, items, keep_s, batch, after, **kw))
         sent.append(items[0].uuid)
         return mp({**data, "v": 99})
 
