@@ -53,13 +53,21 @@ class Outbox:
     ) -> list[dict[str, Any]] | None:
         """Answer one request; ``first`` is false for a repeat answer (not counted again).
         Returns the decoded samples (fresh dicts), or None when the request got an error."""
-        answer, records = self.answer("", key, start, flags, samples)
         try:
-            client, answer["id"] = split_waiter_id(waiter_id)
+            client, request_uuid = split_waiter_id(waiter_id)
         except ProtocolError as exc:
             self.dead.append(("waiter id", str(exc), waiter_id.encode(errors="replace"),
                               "waiters"))
             return None
+        return self.reply_to(client, request_uuid, key, start, flags, samples, run, model_id,
+                             first=first)
+
+    def reply_to(
+        self, client: str, request_uuid: str, key: str, start: int, flags: str,
+        samples: list[bytes], run: str, model_id: str, *, first: bool = True,
+    ) -> list[dict[str, Any]] | None:
+        """``reply``, to a request named by its client and uuid."""
+        answer, records = self.answer(request_uuid, key, start, flags, samples)
         self.replies[client].append(answer)
         if records is not None and first:
             account(self.tally, run, model_id, flags, [r.get("usage") for r in records])

@@ -417,6 +417,11 @@ class OnlineAPI:
 
     async def _start_for_call(self) -> None:
         """``start()`` for a request: a ``close()`` meanwhile waits until it is sent."""
+        started = self._started
+        if started is not None and started.done() and self._closed is None and \
+                self._loop is asyncio.get_running_loop() and not started.cancelled() and \
+                started.exception() is None:
+            return  # started in this loop, and no close() under way: nothing to wait for
         self._starting += 1
         try:
             await self.start()

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import keyword
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -158,7 +159,16 @@ def unique_id() -> str:
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    """msgpack bytes of ``obj``, with this thread's packer (``packb`` makes one per call,
+    which costs more than packing a request)."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)  # (a failed pack leaves the packer empty)
+
+
+_packers = threading.local()
 
 
 def unpack(data: bytes, kind: str = "message") -> Any:
@@ -318,6 +328,13 @@ class WorkItem(NamedTuple):
             raise ProtocolError(f"{where} must be a list of 9 or 10 fields", "requests")
         uid, rid, key, ns, n, run, route, model_id, spec = fields[:9]
         manifest = fields[9] if len(fields) == 10 else False
+        m = MAX_ID_CHARS  # the common case, checked in one expression (a job has many)
+        if type(n) is int and n >= 0 and type(spec) is bytes and type(manifest) is bool \
+                and type(rid) is str and type(ns) is str and type(uid) is str \
+                and type(key) is str and type(run) is str and type(route) is str \
+                and type(model_id) is str and 0 < len(uid) <= m and 0 < len(key) <= m \
+                and 0 < len(run) <= m and 0 < len(route) <= m and 0 < len(model_id) <= m:
+            return cls(uid, rid, key, ns, n, run, route, model_id, spec, manifest)
         if not isinstance(manifest, bool):
             raise ProtocolError(f"{where}: manifest must be a bool", "manifest")
         for name, value in (("request_id", rid), ("namespace", ns)):
@@ -648,6 +665,14 @@ def decode_replies(data: bytes) -> list[dict[str, Any]]:
     kind = "reply"
     replies = _get(_message(data, kind), "replies", list, kind)
     for r in replies:
+        if type(r) is dict and len(r) == 4 and type(r.get("id")) is str and \
+                type(r.get("start")) is int and type(flags := r.get("flags")) is str and \
+                type(samples := r.get("samples")) is list and len(flags) == len(samples):
+            for sample in samples:
+                if type(sample) is not bytes:
+                    break
+            else:
+                continue  # the common case, checked at once
         if not isinstance(r, dict) or not isinstance(r.get("id"), str):
             raise ProtocolError(f"{kind}: each reply needs a str 'id'", "id")
         r.pop("records", None)  # decoded samples: only a direct-mode reply has them

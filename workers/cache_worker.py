@@ -118,8 +118,8 @@ async def serve_jobs(
         for r in reservations:
             if r.complete:
                 it = r.item
-                outbox.reply(waiter_id(job.client, it.uuid), it.key, r.start, r.flags,
-                             r.samples, it.run, it.model_id, first=r.new)
+                outbox.reply_to(job.client, it.uuid, it.key, r.start, r.flags, r.samples,
+                                it.run, it.model_id, first=r.new)
                 outbox.answered += 1
     log.debug("%d batch(es): %d requests answered from cache", len(payloads), outbox.answered)
     return outbox
