@@ -141,6 +141,7 @@ async def reserve(
 async def reserve_jobs(
     redis: Redis, keys: Keys, jobs: list[CacheJob], run_ttl_s: int = defaults.RUN_TTL_S,
     replicas: int = 0, *, in_progress_ms: int = 60_000, waiting: set[str] | None = None,
+    publish: bool = False,
 ) -> list[list[Reservation] | None]:
     """Reserve indices for the requests of several client batches, each in its order;
     the reservations per job.
@@ -149,7 +150,9 @@ async def reserve_jobs(
     same call (``None`` in its place when arq's poll or another worker has it) and
     finished once all its requests are reserved (see reserve.lua). A job whose ``after``
     job is still queued is not taken either: its id goes into ``waiting``, to be asked
-    again (the client's batch before it is reserved first).
+    again (the client's batch before it is reserved first). ``publish``: the script
+    also publishes the replies of the complete requests of those jobs to their clients
+    (one message per job, in the same step), so the caller only accounts for them.
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
@@ -172,7 +175,9 @@ async def reserve_jobs(
                                                                     jobs[0].batch)
         k = [first, *(key for job in arq_jobs for key in arq_job_keys(job.job_id))]
         argv: list[Any] = [ttl_ms, run_ttl_s * 1000, in_progress_ms, int(take), len(arq_jobs),
-                           *(job.job_id for job in arq_jobs), *(job.after for job in arq_jobs)]
+                           *(job.job_id for job in arq_jobs), *(job.after for job in arq_jobs),
+                           *(keys.reply_channel(job.client) if publish else ""
+                             for job in arq_jobs)]
         # per group of requests (one client batch of one run, model and route): its five
         # keys, after the requests' keys (KEYS position, 1-based), and its waiter tail
         groups: dict[tuple[str, str, str, str], tuple[int, str]] = {}

@@ -16,16 +16,19 @@ from cachesaver_dist.prepare import prepare
 from cachesaver_dist.protocol import (
     ARQ_JOB,
     CACHE_JOB,
+    arq_deserialize_job,
     arq_serialize,
     decode_stream_entry,
     encode_arq_job,
     encode_job,
+    encode_replies,
     encode_sample,
     encode_wake_token,
+    reply,
 )
 from cachesaver_dist.scripts import fill, reserve, source
 from cachesaver_dist.typedefs import Request
-from workers.cache_worker import cache_worker, stop_worker
+from workers.cache_worker import cache_worker, serve_jobs, stop_worker
 
 QUEUE = "unit:queue:cache"
 
@@ -376,3 +379,55 @@ async def test_a_claim_whose_job_body_is_gone_is_left_to_its_client(redis, keys,
     while await redis.xlen(keys.work_stream("sim:x")) < 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert await redis.hget(keys.reservations("c", "b1"), f"c:{lost.uuid}") == b"0|g"
+
+
+@pytest.mark.parametrize("n, size", [(1, 40), (3, 300), (20, 70_000)])
+async def test_the_reserve_call_publishes_the_replies_of_woken_jobs(redis, keys, worker, n,
+                                                                    size):
+    """A woken job's hits are published by the reserve call itself, one message per job,
+    byte for byte what ``encode_replies`` writes (short and long samples, fixed and
+    16-bit arrays), before the worker reads the result."""
+    await asyncio.sleep(0.3)
+    item = prepare(Request("p", n, "a", "ns"), run="run", route="sim:x", model_id="sim:x")
+    samples = {i: encode_sample(f"{i}:" + "x" * size) for i in range(n)}
+    await reserve(redis, keys, "other", [item._replace(uuid="first", namespace="warm")])
+    await fill(redis, keys, item.key, samples)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.reply_channel("c"))
+    await redis.config_resetstat()
+    await enqueue_as_client(redis, keys, item, "b1")
+    message = None
+    deadline = time.monotonic() + 2.0
+    while message is None and time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+    await pubsub.aclose()
+    assert message is not None
+    assert message["data"] == encode_replies([reply(item.uuid, 0, "c" * n,
+                                                    [samples[i] for i in range(n)])])
+    stats = await redis.info("commandstats")  # one call, and its PUBLISH only
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_publish"]["calls"] == 1
+
+
+async def test_the_reserve_call_publishes_nothing_when_writes_must_reach_replicas(
+        redis, keys):
+    """With ``--wait-replicas`` a reply may only leave once the reservation is on the
+    replicas (``WAIT``, after the call; here there are none, so nothing is answered):
+    the reserve call publishes nothing then. Without, the reply comes from the call
+    itself (the worker's outbox, never sent here, has none)."""
+    item = prepare(Request("p", 1, "a", "ns"), run="run", route="sim:x", model_id="sim:x")
+    await reserve(redis, keys, "other", [item._replace(uuid="first", namespace="warm")])
+    await fill(redis, keys, item.key, {0: encode_sample("s")})
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.reply_channel("c"))
+    for replicas in (0, 1):
+        job_id = await enqueue_as_client(redis, keys, item._replace(namespace=f"n{replicas}"),
+                                         f"b{replicas}")
+        await redis.rpop(keys.cache_wake)  # served here, not by a worker
+        payload = arq_deserialize_job(await redis.get(ARQ_JOB + job_id))["a"][0]
+        outbox = await serve_jobs(redis, keys, [(job_id, payload)], replicas=replicas)
+        assert not outbox.replies and outbox.answered == (1 if replicas == 0 else 0)
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        message = message or await pubsub.get_message(ignore_subscribe_messages=True,
+                                                      timeout=0.5)
+        assert (message is not None) is (replicas == 0), message
+    await pubsub.aclose()

@@ -1,15 +1,15 @@
 """Cache workers: one arq job per client batch.
 
-A job reorders its requests by ``request_id``, reserves indices for all of them in
-one script call (which also hands claimed indices to the batch workers), and
-publishes every reply that is already complete.
+A job reorders its requests by ``request_id`` and reserves indices for all of them in
+one script call, which also hands claimed indices to the batch workers; the replies
+of the requests already complete go out at once (see ``serve_jobs``).
 
 arq finds jobs by polling; clients also push a wake token (the job's id and its
 message) to a wake-up list. The worker blocks on that list between polls and serves
 the jobs it pops at once, up to ``WAKE_BATCH`` together, in one round trip whatever
 their number: one script call takes the jobs (arq's claim), reserves for all their
-requests and finishes the jobs; their replies go out in the same pipeline as the next
-blocking pop (Redis runs them first, so they do not wait for it). arq's full poll
+requests, publishes their replies and finishes the jobs; the accounting goes out in
+the same pipeline as the next blocking pop (Redis runs it first). arq's full poll
 still runs every ``poll_delay`` and runs, with arq's own steps and retry rules, whatever
 the list missed and every job started before.
 
@@ -113,13 +113,23 @@ async def serve_jobs(
         items = sorted(job.items, key=lambda it: it.request_id)
         after = job.after if job_id and job_id not in force else ""
         jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id, after))
+    # Without replicas to wait for, the reserve call publishes the replies of the woken
+    # jobs itself (they leave before this worker reads the result), and their samples
+    # are read here only to be counted; their clients check them (and set aside one
+    # they cannot read). The replies of jobs arq runs, and all of them when the writes
+    # must reach replicas first (``WAIT``), go out with the outbox.
+    publish = not replicas
     for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox,
-                                            in_progress_ms, waiting):
+                                            in_progress_ms, waiting, publish):
+        published = publish and bool(job.job_id)
         for r in reservations:
             if r.complete:
                 it = r.item
-                outbox.reply_to(job.client, it.uuid, it.key, r.start, r.flags, r.samples,
-                                it.run, it.model_id, first=r.new)
+                if published:
+                    outbox.count(it.run, it.model_id, r.flags, r.samples, first=r.new)
+                else:
+                    outbox.reply_to(job.client, it.uuid, it.key, r.start, r.flags, r.samples,
+                                    it.run, it.model_id, first=r.new)
                 outbox.answered += 1
     log.debug("%d batch(es): %d requests answered from cache", len(payloads), outbox.answered)
     return outbox
@@ -127,7 +137,7 @@ async def serve_jobs(
 
 async def _reserve(
     redis: Any, keys: Keys, jobs: list[CacheJob], run_ttl_s: int, replicas: int,
-    outbox: Outbox, in_progress_ms: int, waiting: set[str] | None,
+    outbox: Outbox, in_progress_ms: int, waiting: set[str] | None, publish: bool = False,
 ) -> list[tuple[CacheJob, list[Reservation]]]:
     """Reserve for all ``jobs`` in one call. When Redis refuses it (a key of another
     type, say), each job is tried alone, so only the batches it concerns get the error."""
@@ -135,7 +145,8 @@ async def _reserve(
         return []
     try:
         per_job = await reserve_jobs(redis, keys, jobs, run_ttl_s, replicas,
-                                     in_progress_ms=in_progress_ms, waiting=waiting)
+                                     in_progress_ms=in_progress_ms, waiting=waiting,
+                                     publish=publish)
         return [(job, r) for job, r in zip(jobs, per_job) if r is not None]
     except NotReplicatedError as exc:  # nothing acknowledged: the clients ask again
         log.warning("%d batch(es) not answered: %s", len(jobs), exc)
@@ -145,7 +156,7 @@ async def _reserve(
             out = []
             for job in jobs:
                 out += await _reserve(redis, keys, [job], run_ttl_s, replicas, outbox,
-                                      in_progress_ms, waiting)
+                                      in_progress_ms, waiting, publish)
             return out
         job = jobs[0]
         message = str(refused(exc, "reserving samples"))
