@@ -77,7 +77,7 @@ for j = 1, njobs do
   end
 end
 local first_key, first_arg = 1 + njobs * 3, 5 + 3 * njobs
-local published = {}  -- job number -> its replies (mp_reply), to publish at the end
+local published = {}  -- job number -> its reply message's parts (mp_reply), and count
 local out = {}
 local claims, claim_by = {}, {}
 local stopped_at = -1
@@ -292,13 +292,14 @@ local function reserve_requests()
         for _, sample in ipairs(samples) do entry[#entry + 1] = sample end
         out[#out + 1] = entry
         if job ~= '0' and ARGV[5 + 2 * njobs + tonumber(job)] ~= '' then
-          local list = published[job]
-          if not list then
-            list = {}
-            published[job] = list
+          local message = published[job]
+          if not message then
+            message = {parts = {}, count = 0}
+            published[job] = message
           end
           local sep = string.find(waiter, ':', 1, true)
-          list[#list + 1] = mp_reply(string.sub(waiter, sep + 1), start, fl, samples)
+          mp_reply(message.parts, string.sub(waiter, sep + 1), start, fl, samples)
+          message.count = message.count + 1
         end
       else
         redis.call('HSET', wkey, waiter, range .. '|' .. tail)
@@ -350,8 +351,9 @@ for j = 1, njobs do
   end
 end
 if failure then return failure end
-for job, replies in pairs(published) do
-  redis.call('PUBLISH', ARGV[5 + 2 * njobs + tonumber(job)], mp_message(replies))
+for job, message in pairs(published) do
+  redis.call('PUBLISH', ARGV[5 + 2 * njobs + tonumber(job)],
+    mp_message(message.parts, message.count))
 end
 local taken = {}
 for j = 1, njobs do taken[j] = held[j] and 1 or (waits[j] and 2 or 0) end
