@@ -295,8 +295,9 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
   latency is the CPU spent on it in series. {parts[0]}; {parts[1]}. One Redis round
   trip costs a Python process {rt_py:.0f} µs of CPU here ({rt_bare:.0f} µs over a bare
   socket: system calls, loopback TCP processing included, are expensive on this VM). A
-  batch makes three round trips on its serial path (the client's enqueue; the worker's
-  reserve; the replies, sent in the same pipeline as the worker's next blocking pop).
+  batch makes two hops on its serial path: the client's enqueue, which wakes the
+  worker; the worker's reserve call, which publishes the replies itself (thirteenth
+  round; the worker only counts the hits afterwards, off the client's path).
   More cache workers cannot help a single in-flight batch (see `scaling`); with several
   batches in flight (c256) one pop takes up to 16 woken jobs and one reserve call
   serves them all.
@@ -316,15 +317,14 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
 
 Measured and not adopted (see the rounds above this section):
 
-* **Replies published by the reserve script** (built in Lua): one round trip less on
-  the serial path, c32 1.03-1.21×, for 6-8 µs more Redis CPU per hit (ninth round).
 * **A batch sent as several jobs**, sorted by `request_id` and chained, so results stay
   the same: c32 0.8-0.9× (the parts travel and are served together; twelfth round).
   Overlap at c32 needs a batch's first requests sent before the rest are made, which
   gives up the batch window's `request_id` order (`eager=True` is that trade).
 
 Still proposed: keep token usage beside each sample (written by `fill.lua`) so a hit
-is accounted without a msgpack decode.
+is accounted without a msgpack decode (the cache worker's count, now off the serial
+path, and a client's check of what it reads would then be its only decode).
 """
 
 
