@@ -35,6 +35,7 @@ from . import defaults
 from .errors import (
     GenerationError,
     NoWorkerError,
+    ProtocolError,
     RedisUnavailableError,
     ReplyTimeoutError,
     redis_message,
@@ -46,6 +47,7 @@ from .protocol import (
     CacheJob,
     Keys,
     WorkItem,
+    decode_sample,
     encode_arq_job,
     encode_job,
     encode_wake_token,
@@ -150,25 +152,27 @@ class CacheClient:
         built from them): the reserve call publishes hits unread. A request with a
         sample that cannot be read gets an error once the sample is set aside (so asking
         again generates it anew), as in direct mode."""
-        from .outbox import Outbox
-
         self._replied_at = time.monotonic()
-        outbox, ready, failed = Outbox(self.keys), [], []
+        outbox: Outbox | None = None
+        ready, failed = [], []
         for reply in replies:
             batch = self._waiting.get(reply["id"])
             if batch is None:
                 continue
             if "samples" in reply:
-                answer, records = outbox.answer(reply["id"], batch.keys[reply["id"]],
+                try:
+                    reply["records"] = [decode_sample(raw) for raw in reply["samples"]]
+                except ProtocolError:  # which one, and set aside: as a worker would
+                    from .outbox import Outbox
+
+                    outbox = outbox or Outbox(self.keys)
+                    failed.append(outbox.answer(reply["id"], batch.keys[reply["id"]],
                                                 reply["start"], reply["flags"],
-                                                reply["samples"])
-                if records is None:
-                    failed.append(answer)
+                                                reply["samples"])[0])
                     continue
-                reply["records"] = records
             ready.append(reply)
         self._deliver(ready)
-        if failed:
+        if outbox is not None:
             task = asyncio.create_task(self._set_aside(outbox, then_deliver=failed))
             self._setting_aside.add(task)
             task.add_done_callback(self._setting_aside.discard)

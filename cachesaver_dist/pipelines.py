@@ -368,7 +368,8 @@ class OnlineAPI:
         item = self._prepare(request)
         if item.n == 0:
             return _empty()
-        await self._start_for_call()
+        if not self._ready_here():
+            await self._start_for_call()
         if self._folder is not None:
             self._originals[item.uuid] = request
         future = asyncio.get_running_loop().create_future()
@@ -415,13 +416,17 @@ class OnlineAPI:
                 out.append(_response(reply))
         return out
 
+    def _ready_here(self) -> bool:
+        """Started in this loop, and no ``close()`` under way: a call need not wait."""
+        started = self._started
+        return started is not None and started.done() and self._closed is None and \
+            self._loop is asyncio.get_running_loop() and not started.cancelled() and \
+            started.exception() is None
+
     async def _start_for_call(self) -> None:
         """``start()`` for a request: a ``close()`` meanwhile waits until it is sent."""
-        started = self._started
-        if started is not None and started.done() and self._closed is None and \
-                self._loop is asyncio.get_running_loop() and not started.cancelled() and \
-                started.exception() is None:
-            return  # started in this loop, and no close() under way: nothing to wait for
+        if self._ready_here():
+            return
         self._starting += 1
         try:
             await self.start()

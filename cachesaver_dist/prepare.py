@@ -56,6 +56,8 @@ def check_run(run: Any) -> str:
 
 
 def _check_namespace(namespace: Any) -> str:
+    if type(namespace) is str:
+        return _checked_namespace(namespace)
     if namespace is None:
         return DEFAULT_NAMESPACE
     if not isinstance(namespace, str):
@@ -80,6 +82,8 @@ def _checked_namespace(namespace: str) -> str:
 
 
 def _check_request_id(request_id: Any) -> str:
+    if type(request_id) is str and len(request_id) <= 1024 and request_id.isascii():
+        return request_id  # the common case: ASCII is valid UTF-8
     if request_id is None:
         return ""
     if not isinstance(request_id, str):
@@ -169,6 +173,20 @@ def _check_value(value: Any, path: str, depth: int = 0) -> None:
             "float, bool, None, bytes, or lists and dicts of those")
 
 
+def _is_request_type(cls: type) -> bool:
+    """A ``Request`` dataclass (each type checked once)."""
+    known = _REQUEST_TYPES.get(cls)
+    if known is None:
+        if len(_REQUEST_TYPES) > 1024:
+            _REQUEST_TYPES.clear()
+        known = _REQUEST_TYPES[cls] = issubclass(cls, Request) and \
+            dataclasses.is_dataclass(cls)
+    return known
+
+
+_REQUEST_TYPES: dict[type, bool] = {}
+
+
 def prepare(
     request: Any,
     *,
@@ -182,7 +200,7 @@ def prepare(
     """Check ``request`` and turn it into what the cache workers reserve; ``hash``
     replaces the prompt key (see ``prompt_key_of``); ``manifest``: record the request's
     range in its run's manifest (requests with a ``request_id`` only)."""
-    if not isinstance(request, Request) or not dataclasses.is_dataclass(request):
+    if not _is_request_type(type(request)):
         raise InvalidRequestError(
             f"expected a cachesaver_dist.Request (or a dataclass subclass of it), got "
             f"{type(request).__name__}"
