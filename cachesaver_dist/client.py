@@ -116,7 +116,6 @@ class CacheClient:
         self._enqueuing, self._last_job = asyncio.Lock(), ""
         self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
-        self._setting_aside: set[asyncio.Task] = set()  # unreadable samples being set aside
 
     async def start(self) -> None:
         """Subscribe to this client's replies and wait until Redis confirms."""
@@ -136,8 +135,6 @@ class CacheClient:
             elif self._tally:  # what a failed write left: tried once more
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._write_accounts(), CLOSE_WAIT_S)
-        if self._setting_aside:
-            await asyncio.wait(self._setting_aside, timeout=CLOSE_WAIT_S)
         if self._answered:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.redis.delete(*self._answered), 1.0)
@@ -149,33 +146,23 @@ class CacheClient:
 
     def _received(self, replies: list[dict[str, Any]]) -> None:
         """Replies a worker sent. Their samples are read here, once (the responses are
-        built from them): the reserve call publishes hits unread. A request with a
-        sample that cannot be read gets an error once the sample is set aside (so asking
-        again generates it anew), as in direct mode."""
+        built from them). A reply with a sample that cannot be read is one the reserve
+        call published before its cache worker read it: that worker sets the sample
+        aside and sends the error reply, which this request waits for (or asks again)."""
         self._replied_at = time.monotonic()
-        outbox: Outbox | None = None
-        ready, failed = [], []
+        ready = []
         for reply in replies:
-            batch = self._waiting.get(reply["id"])
-            if batch is None:
+            if reply["id"] not in self._waiting:
                 continue
             if "samples" in reply:
                 try:
                     reply["records"] = [decode_sample(raw) for raw in reply["samples"]]
-                except ProtocolError:  # which one, and set aside: as a worker would
-                    from .outbox import Outbox
-
-                    outbox = outbox or Outbox(self.keys)
-                    failed.append(outbox.answer(reply["id"], batch.keys[reply["id"]],
-                                                reply["start"], reply["flags"],
-                                                reply["samples"])[0])
+                except ProtocolError as exc:
+                    log.debug("request %s: a sample of its reply cannot be read (%s); its "
+                              "cache worker sends the error", reply["id"], exc)
                     continue
             ready.append(reply)
         self._deliver(ready)
-        if outbox is not None:
-            task = asyncio.create_task(self._set_aside(outbox, then_deliver=failed))
-            self._setting_aside.add(task)
-            task.add_done_callback(self._setting_aside.discard)
 
     def _deliver(self, replies: list[dict[str, Any]]) -> None:
         for reply in replies:
@@ -189,7 +176,7 @@ class CacheClient:
 
         ``batch`` names the batch's reservation records (default: a fresh id); sending
         the same items under the same name again gets the same indices."""
-        replies = _Replies({it.uuid: it.key for it in items})
+        replies = _Replies(len({it.uuid for it in items}))
         self._waiting.update((it.uuid, replies) for it in items)
         batch, asks = batch or unique_id(), 0
         try:
@@ -358,18 +345,15 @@ class CacheClient:
             return
         metrics.count(tally)
 
-    async def _set_aside(self, outbox: Outbox,
-                         then_deliver: list[dict[str, Any]] | None = None) -> None:
-        """Discard a batch's unreadable samples and file them as dead letters (so asking
-        again regenerates them); then deliver the error replies ``then_deliver``."""
+    async def _set_aside(self, outbox: Outbox) -> None:
+        """Direct mode: discard a batch's unreadable samples and file them as dead
+        letters (so asking again regenerates them)."""
         pipe = self.redis.pipeline(transaction=False)
         try:
             await outbox.queue(self.redis, pipe)
             await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("unreadable samples not set aside: %s", redis_message(exc))
-        if then_deliver:
-            self._deliver(then_deliver)
 
     @property
     def _keep_s(self) -> int:
@@ -505,14 +489,13 @@ class _Outgoing:
 
 class _Replies:
     """The replies of one batch as they come (request id -> reply, or the error to
-    raise); ``complete`` is done once every request has one. ``keys``: request id ->
-    prompt key."""
+    raise); ``complete`` is done once every request has one."""
 
-    __slots__ = ("complete", "got", "keys", "wanted")
+    __slots__ = ("complete", "got", "wanted")
 
-    def __init__(self, keys: dict[str, str]) -> None:
+    def __init__(self, wanted: int) -> None:
         self.got: dict[str, Any] = {}
-        self.keys, self.wanted = keys, len(keys)
+        self.wanted = wanted
         self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def put(self, request_id: str, reply: Any) -> None:

@@ -2,10 +2,11 @@
 
 Every sample is read before it is sent: one that cannot be read is set aside as a dead
 letter and removed from the cache (so it is generated again), and its request gets an
-error that says so, instead of a reply the client could not decode. Batch workers (and
-cache workers when writes must reach replicas first) publish the replies; a client
-reads those the reserve call published itself, and takes its own out in direct mode,
-and sends the rest (dead letters; a direct client's accounting).
+error that says so, instead of a reply the client could not decode. Cache workers and
+batch workers publish the replies (the reserve call publishes a woken job's hits
+itself: its cache worker reads their samples right after, and sends the error for one
+it cannot read, which its client waits for); a direct-mode client takes its own out
+and sends the rest (dead letters, accounting).
 """
 
 from __future__ import annotations
@@ -75,17 +76,17 @@ class Outbox:
         return records
 
     def count(self, run: str, model_id: str, flags: str, samples: list[bytes], *,
-              first: bool = True) -> None:
+              first: bool = True) -> bool:
         """Account for a request whose reply went out already (``first``: as ``reply``);
-        a sample that cannot be read counts without its usage (its client sets it aside)."""
+        False, counting nothing, when one of its samples cannot be read: the caller then
+        answers it with ``reply_to``, which sets the sample aside and tells the client."""
+        try:
+            usages = [decode_sample(raw).get("usage") for raw in samples]
+        except ProtocolError:
+            return False
         if first:
-            usages = []
-            for raw in samples:
-                try:
-                    usages.append(decode_sample(raw).get("usage"))
-                except ProtocolError:
-                    usages.append(None)
             account(self.tally, run, model_id, flags, usages)
+        return True
 
     def answer(self, request_uuid: str, key: str, start: int, flags: str,
                samples: list[bytes]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:

@@ -152,13 +152,14 @@ async def reserve_jobs(
     job is still queued is not taken either: its id goes into ``waiting``, to be asked
     again (the client's batch before it is reserved first). ``publish``: the script
     also publishes the replies of the complete requests of those jobs to their clients
-    (one message per job, in the same step), so the caller only accounts for them.
+    (one message per job and call, in the same step), so the caller only accounts for them.
 
     One round trip when every request is a hit or waits on others; a request that
     claims indices needs its spec (its whole prompt), so from the first such request
     on, the rest are sent again with their specs: a second round trip. Requests read
     from a wake token carry no spec: theirs are read from their job's body first (a job
-    whose body is gone is left untaken, ``None``: its client asks again).
+    whose body is gone gets what the first pass reserved, and is finished: its client
+    asks again for the rest).
     A batch's reservation records live its ``keep_s`` (as long as its client may retry).
     Items with ``manifest`` set (and a request id) are recorded in their run's manifest.
     """
@@ -166,6 +167,7 @@ async def reserve_jobs(
     ttl_ms = max(job.keep_s for job in jobs) * 1000
     done: dict[int, list[Reservation]] = {id(job): [] for job in jobs}
     taken: set[int] = {id(job) for job in jobs if not job.job_id}
+    dropped: set[int] = set()  # taken, then given up for want of their specs
     arq_jobs = [job for job in jobs if job.job_id]
     for take in (True, False):  # the second pass: with specs, for the jobs held
         number = {id(job): n for n, job in enumerate(arq_jobs, 1)}
@@ -210,41 +212,51 @@ async def reserve_jobs(
                 done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
                                                  text(r[3]), list(r[4:])))
         if stopped_at < 0:
-            return [done[id(job)] if id(job) in taken else None for job in jobs]
+            return [done[id(job)] if id(job) in taken or id(job) in dropped else None
+                    for job in jobs]
         pending = [(job, it) for job, it in pending[stopped_at:] if id(job) in taken]
-        pending = await _with_specs(redis, keys, pending, taken)
+        pending = await _with_specs(redis, keys, pending, taken, dropped)
         arq_jobs = [job for job in arq_jobs if id(job) in taken]
     raise ProtocolError("reserve stopped for a spec it was sent (an empty spec?): specs "
                         "come from prepare(); do not build WorkItems by hand", "spec")
 
 
 async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, WorkItem]],
-                      taken: set[int]) -> list[tuple[CacheJob, WorkItem]]:
+                      taken: set[int], dropped: set[int]) -> list[tuple[CacheJob, WorkItem]]:
     """``pending`` with the specs a wake token left out, read from the arq jobs' bodies in
-    one round trip; a job whose body is gone (expired) or unreadable leaves ``taken``,
-    its requests ``pending``."""
+    one round trip. A job whose body is gone (expired), unreadable or not the token's
+    batch moves from ``taken`` to ``dropped``, and is finished as arq finishes an expired
+    job: its requests not reserved yet are left to its client, which asks again."""
     jobs = {job.job_id: job for job, it in pending if not it.spec and job.job_id}
     if not jobs:
         return pending
     specs: dict[tuple[str, str], bytes] = {}
     for job_id, body in zip(jobs, await redis.mget([ARQ_JOB + j for j in jobs])):
+        job = jobs[job_id]
         try:
             if body is None:
                 raise ProtocolError("gone")
             payload = arq_deserialize_job(body)["a"][0]
             if isinstance(payload, MalformedJob):
                 raise ProtocolError(payload.reason)
-            full = decode_job(payload, keys)
-            if full.client != jobs[job_id].client:
-                raise ProtocolError("its body is another client's batch")
+            full = {it.uuid: it.spec for it in decode_job(payload, keys).items}
+            if any(not full.get(it.uuid) for j, it in pending if j is job):
+                raise ProtocolError("it is not the batch its wake token named")
         except ProtocolError as exc:
             log.warning("job %s: its requests' prompts could not be read from its body (%s); "
                         "left to its client, which asks again", job_id, exc)
-            taken.discard(id(jobs[job_id]))
+            taken.discard(id(job))
+            dropped.add(id(job))
             continue
-        specs.update(((job_id, it.uuid), it.spec) for it in full.items)
-    return [(job, it._replace(spec=specs.get((job.job_id, it.uuid), b"")) if not it.spec
-             else it) for job, it in pending if id(job) in taken]
+        specs.update(((job_id, uuid), spec) for uuid, spec in full.items())
+    gone = [job_id for job_id, job in jobs.items() if id(job) in dropped]
+    if gone:
+        pipe = redis.pipeline(transaction=False)
+        pipe.zrem(keys.cache_queue, *gone)
+        pipe.delete(*(key for job_id in gone for key in arq_job_keys(job_id)))
+        await pipe.execute()
+    return [(job, it._replace(spec=specs[job.job_id, it.uuid]) if not it.spec else it)
+            for job, it in pending if id(job) in taken]
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:

@@ -360,6 +360,7 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("SETEX", f"arq:retry:{p}job:x", "10", "2"),
             ("INCRBY", f"arq:retry:{p}job:x", "1"),
             ("DEL", f"arq:result:{p}job:x", f"arq:job:{p}job:x"),
+            ("MGET", f"arq:job:{p}job:x", f"arq:job:{p}job:y"),  # specs a token left out
             ("EXISTS", f"arq:in-progress:{p}job:x"),
             ("SET", f"arq:in-progress:{p}job:x", "1", "PX", "10"),
             ("PSETEX", f"{p}health:cache", "100", "x"),

@@ -320,13 +320,15 @@ async def test_jobs_whose_tokens_were_trimmed_are_served_first_in_order(redis, k
     assert await redis.zcard(keys.cache_queue) == 0
 
 
-async def enqueue_as_client(redis, keys, item, batch: str, *, body: bool = True) -> str:
+async def enqueue_as_client(redis, keys, item, batch: str, *, body: bool = True,
+                            body_item=None) -> str:
     """A job as ``CacheClient`` enqueues it: its body (none if ``body`` is false, as when
-    it expired) and a wake token without specs; the job's id."""
+    it expired; ``body_item``'s instead of ``item``'s if given) and a wake token without
+    specs; the job's id."""
     job_id, now_ms = keys.new_job_id(), int(time.time() * 1000)
     if body:
-        await redis.psetex(ARQ_JOB + job_id, 60_000,
-                           encode_arq_job(encode_job("c", [item], 60, batch), now_ms))
+        await redis.psetex(ARQ_JOB + job_id, 60_000, encode_arq_job(
+            encode_job("c", [body_item or item], 60, batch), now_ms))
     await redis.zadd(keys.cache_queue, {job_id: now_ms})
     token = encode_wake_token(job_id, encode_job("c", [item], 60, batch, specs=False))
     assert b"long prompt" not in token
@@ -362,8 +364,10 @@ async def test_a_claim_whose_job_body_is_gone_is_left_to_its_client(redis, keys,
     worker goes on with the next one."""
     await asyncio.sleep(0.3)
     lost = prepare(Request("q", 1, "a", "ns"), run="run", route="sim:x", model_id="sim:x")
+    other = prepare(Request("o", 1, "o", "ns"), run="run", route="sim:x", model_id="sim:x")
     later = prepare(Request("r", 1, "b", "ns"), run="run", route="sim:x", model_id="sim:x")
     await enqueue_as_client(redis, keys, lost, "b1", body=False)
+    await enqueue_as_client(redis, keys, lost, "b0", body_item=other)  # not its body
     await enqueue_as_client(redis, keys, later, "b2")
     deadline = time.monotonic() + 2.0
     while not await redis.xlen(keys.work_stream("sim:x")) and time.monotonic() < deadline:
@@ -373,6 +377,9 @@ async def test_a_claim_whose_job_body_is_gone_is_left_to_its_client(redis, keys,
     assert await redis.hget(keys.reservations("c", "b1"), f"c:{lost.uuid}") is None
     assert not await redis.hget(keys.usage("run"), lost.key + "ns")  # nothing taken
     assert "its requests' prompts could not be read from its body (gone)" in caplog.text
+    assert "(it is not the batch its wake token named)" in caplog.text
+    assert await redis.zcard(keys.cache_queue) == 0  # finished, as arq finishes them
+    assert not [k async for k in redis.scan_iter(match=f"arq:*{keys.prefix}*")]
     # asked again (a new job, with its body): the same request claims index 0
     await enqueue_as_client(redis, keys, lost, "b1")
     deadline = time.monotonic() + 2.0

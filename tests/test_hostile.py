@@ -711,11 +711,8 @@ async def test_hostile_entry(pool: Pool, e: Entry, caplog: pytest.LogCaptureFixt
         for _, d in letters:
             assert re.search(e.reason, d.reason), d.reason
             assert marker not in d.reason and marker not in d.source
-        if e.kind is not None:  # by a worker, or by this client (a sample it read)
-            here = caplog.text.count(f"dead letter: {e.kind} from ")
-            assert pool.dead_letter_lines(e.kind) - lines_before + here == e.count, \
-                "logged once"
-            assert marker not in caplog.text
+        if e.kind is not None:
+            assert pool.dead_letter_lines(e.kind) - lines_before == e.count, "logged once"
         # nothing added to the work stream during this entry is still pending
         pending = await redis.xpending_range(h.stream, CONSUMER_GROUP, since, "+", 100)
         assert pending == [], pending

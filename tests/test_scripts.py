@@ -511,3 +511,35 @@ async def test_a_time_to_live_redis_cannot_keep_is_refused_before_anything_is_wr
         await runs.fork(redis, keys, "run", "new", run_ttl_s=10**20)
     assert not await redis.exists(keys.usage("new"))
     assert await redis.zscore(keys.runs, "new") is None
+
+
+async def test_reply_messages_built_in_lua_are_what_encode_replies_writes(redis):
+    """``lua/lib/replies.lua`` (the reserve call's published replies), byte for byte,
+    over every length and integer encoding msgpack has for what a reply holds."""
+    from cachesaver_dist.protocol import encode_replies, reply
+    from cachesaver_dist.scripts import LUA_DIR
+
+    lua = (LUA_DIR / "lib" / "replies.lua").read_text() + """
+local parts, count, i = {}, 0, 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 3])
+  local samples = {}
+  for j = 1, n do samples[j] = ARGV[i + 3 + j] end
+  mp_reply(parts, ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], samples)
+  count, i = count + 1, i + 4 + n
+end
+return mp_message(parts, count)"""
+    starts = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32 + 5, 2**40]
+    sizes = [0, 31, 32, 255, 256, 65535, 65536]
+    replies, argv = [], []
+    for i, start in enumerate(starts):
+        samples = [bytes([65 + i]) * size for size in sizes[: 1 + i % len(sizes)]]
+        if i == 3:
+            samples = [b"s"] * 17  # a 16-bit array header
+        request_id = "r" * (i * 7 + 1)  # fixstr and str8
+        replies.append(reply(request_id, start, "c" * len(samples), samples))
+        argv += [request_id, start, "c" * len(samples), len(samples), *samples]
+    assert await redis.eval(lua, 0, *argv) == encode_replies(replies)
+    many = [reply("x", 0, "c", [b"y"])] * 20  # a 16-bit array of replies
+    argv = ["x", 0, "c", 1, b"y"] * 20
+    assert await redis.eval(lua, 0, *argv) == encode_replies(many)

@@ -87,7 +87,8 @@ async def serve_jobs(
     *, waiting: set[str] | None = None, force: frozenset[str] | set[str] = frozenset(),
 ) -> Outbox:
     """Serve client batches, given as (arq job id, payload), with one reserve call for
-    all of them; return the replies to send (in one round trip). A job whose client's
+    all of them; return what is left to send (in one round trip): the accounting, and
+    the replies the reserve call did not publish. A job whose client's
     batch before it is still queued is not served: its id goes into ``waiting``, to be
     served later; one in ``force`` is served whatever its place.
 
@@ -115,9 +116,10 @@ async def serve_jobs(
         jobs.append(CacheJob(job.client, items, job.keep_s, job.batch, job_id, after))
     # Without replicas to wait for, the reserve call publishes the replies of the woken
     # jobs itself (they leave before this worker reads the result), and their samples
-    # are read here only to be counted; their clients check them (and set aside one
-    # they cannot read). The replies of jobs arq runs, and all of them when the writes
-    # must reach replicas first (``WAIT``), go out with the outbox.
+    # are read here to be counted; a request with one that cannot be read gets the
+    # error reply, once the sample is set aside (its client ignores the published reply
+    # and waits for that). The replies of jobs arq runs, and all of them when the
+    # writes must reach replicas first (``WAIT``), go out with the outbox.
     publish = not replicas
     for job, reservations in await _reserve(redis, keys, jobs, run_ttl_s, replicas, outbox,
                                             in_progress_ms, waiting, publish):
@@ -125,9 +127,8 @@ async def serve_jobs(
         for r in reservations:
             if r.complete:
                 it = r.item
-                if published:
-                    outbox.count(it.run, it.model_id, r.flags, r.samples, first=r.new)
-                else:
+                if not (published and outbox.count(it.run, it.model_id, r.flags, r.samples,
+                                                   first=r.new)):
                     outbox.reply_to(job.client, it.uuid, it.key, r.start, r.flags, r.samples,
                                     it.run, it.model_id, first=r.new)
                 outbox.answered += 1
