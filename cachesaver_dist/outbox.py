@@ -1,12 +1,12 @@
 """Replies to waiting clients, sent with the run's accounting in one round trip.
 
-Every sample is read before it is sent: one that cannot be read is set aside as a dead
-letter and removed from the cache (so it is generated again), and its request gets an
-error that says so, instead of a reply the client could not decode. Cache workers and
-batch workers publish the replies (the reserve call publishes a woken job's hits
-itself: its cache worker reads their samples right after, and sends the error for one
-it cannot read, which its client waits for); a direct-mode client takes its own out
-and sends the rest (dead letters, accounting).
+Every sample a worker sends is read by it: one that cannot be read is set aside as a
+dead letter and removed from the cache (so it is generated again), and its request gets
+an error that says so. Workers read before they publish, except a woken job's hits,
+which the reserve call publishes itself: their cache worker reads them right after and
+sends the error for one it cannot read (its client ignores a reply it cannot read and
+waits for that error). A direct-mode client takes its own replies out and sends the
+rest (dead letters, accounting).
 """
 
 from __future__ import annotations
