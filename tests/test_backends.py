@@ -196,6 +196,8 @@ def test_worker_refuses_to_start_without_api_key_or_base_url(processes):
     (["sim:x", "openai:x"], "model 'openai:x' needs the server's base URL: pass --base-url"),
     (["together:"], "model name 'together:' names no model"),
     (["nonsense"], "model name 'nonsense' is none of"),
+    (["sim:"], "model name 'sim:' is none of 'sim:<name>'"),
+    (["dropin:openai"], "model name 'dropin:openai' is none of"),
 ])
 def test_worker_checks_its_models_before_starting_the_embedded_server(tmp_path, models, said):
     """Without REDIS_URL a worker starts the embedded server of --data-dir: a model it

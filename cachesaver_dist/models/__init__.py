@@ -69,8 +69,12 @@ class SimModel(SingleRequestModel, BatchRequestModel):
 
 def model_name_problem(name: str) -> str | None:
     """Why no batch worker can serve a model named ``name``, or None if one can."""
-    module_name, _, attr = name.partition(":")
-    if name.startswith(("sim:", "dropin:")) or (module_name and attr):
+    kind, _, rest = name.partition(":")
+    if kind == "dropin":
+        provider, _, model = rest.partition(":")
+        if provider and model:
+            return None
+    elif kind and rest:  # sim:<name>, a provider's model, or an import path
         return None
     return (f"model name {name!r} is none of 'sim:<name>', 'together:<model>', "
             "'openai:<model>', 'dropin:<provider>:<model>' or an import path "
@@ -82,13 +86,12 @@ def check_model_setup(name: str, options: Any = None) -> None:
     name no worker can serve, a provider model without its API key or base URL. Starts,
     imports and connects nothing but the provider's module: a worker checks its models
     before it starts a server."""
-    if name.startswith(("sim:", "dropin:")):
-        return
-    from ..backends import PROVIDERS, check_setup
+    if not name.startswith(("sim:", "dropin:")):
+        from ..backends import PROVIDERS, check_setup
 
-    if name.partition(":")[0] in PROVIDERS:
-        check_setup(name, options)
-        return
+        if name.partition(":")[0] in PROVIDERS:
+            check_setup(name, options)  # (its own words for a name that names no model)
+            return
     problem = model_name_problem(name)
     if problem:
         raise ValueError(problem)
@@ -101,6 +104,9 @@ def load_model(name: str, *, sim_latency: float = 0.0, options: Any = None, redi
     ``options`` (``backends.BackendOptions``), ``redis`` and ``keys`` configure the
     provider backends and their cluster-wide limits.
     """
+    problem = model_name_problem(name) if name.startswith(("sim:", "dropin:")) else None
+    if problem:
+        raise ValueError(problem)
     if name.startswith("dropin:"):
         from .dropin import pool_model
 
