@@ -247,26 +247,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _interruptible(command: Coroutine[Any, Any, int]) -> int:
-    """``command``, stopped by Ctrl-C (SIGINT) with status 130. Every Ctrl-C cancels it
-    at an await: Python's own handling raises KeyboardInterrupt at a second one (an
-    impatient user's, or ``timeout`` passing the signal on) wherever the event loop is,
-    which can lose a task's wake-up and leave the process hung."""
+    """``command``, stopped by Ctrl-C (SIGINT) with status 130, or by SIGTERM (``kill``,
+    a batch system's time limit) with status 143, after cleaning up as on an error (an
+    export removes its unfinished file; the demo stops its workers and server). Every
+    signal cancels it at an await: Python's own handling raises KeyboardInterrupt at a
+    second Ctrl-C (an impatient user's, or ``timeout`` passing the signal on) wherever
+    the event loop is, which can lose a task's wake-up and leave the process hung; and
+    SIGTERM's default ends the process at once, without cleaning up."""
     task = asyncio.current_task()
-    interrupted = False
+    status = 0
 
-    def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
+    def interrupt(code: int) -> None:
+        nonlocal status
+        status = status or code
         if task is not None:
             task.cancel()
 
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupt)
+    loop = asyncio.get_running_loop()
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows
+            loop.add_signal_handler(signum, interrupt, code)
     try:
         return await command
     except asyncio.CancelledError:
-        if interrupted:
-            return 130
+        if status:
+            return status
         raise
 
 

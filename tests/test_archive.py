@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis as sync_redis
+from redis.asyncio import Redis
 
 from cachesaver_dist import OnlineAPI, Request, SimModel
 from cachesaver_dist.archive_format import FORMAT, read_records
@@ -470,3 +471,50 @@ def test_an_unreadable_archive_is_not_called_damaged(tmp_path):
     with pytest.raises(ArchiveError, match=f"cannot read {tmp_path}: Is a directory: check "
                                            "the path, and that you may read the file"):
         list(read_records(tmp_path))
+
+
+async def test_sigterm_mid_export_removes_the_unfinished_file(tmp_path, keys):
+    """``kill`` (SIGTERM: a batch system's time limit) during an export: it stops with
+    status 143 and leaves no ``.partial`` file behind, as on an error. The server is
+    frozen (SIGSTOP) once the export has begun, so the signal lands mid-export."""
+    import os
+    import signal
+    import time
+
+    from cachesaver_dist.scripts import fill
+
+    server = EmbeddedServer(tmp_path / "frozen", persist=False)
+    url = server.start()
+    pid = server._proc.pid
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        await record(url, keys, "big", REQUESTS[:1])
+        client = Redis.from_url(url)
+        try:  # enough prompt keys that the export takes a while
+            for i in range(0, 3000, 500):
+                await asyncio.gather(*(fill(client, keys, f"{k:032x}", {0: b"\x81\xa4data\xa1x"})
+                                       for k in range(i, i + 500)))
+        finally:
+            await client.aclose()
+        export = subprocess.Popen(
+            [sys.executable, "-m", "cachesaver_dist.cli", "export", str(out / "a.gz"),
+             "--prefix", keys.prefix], env=subprocess_env(url), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not (out / "a.gz.partial").exists():
+            assert export.poll() is None and time.monotonic() < deadline, \
+                export.communicate()[1].decode()[-2000:]
+            await asyncio.sleep(0.002)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.2)
+            export.send_signal(signal.SIGTERM)
+            _, err = await asyncio.to_thread(export.communicate, timeout=15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert export.returncode == 143, err.decode()[-2000:]
+        assert "Traceback" not in err.decode(), err.decode()[-2000:]
+        assert list(out.iterdir()) == []  # neither the archive nor its .partial
+    finally:
+        server.stop()
