@@ -657,7 +657,9 @@ def error_reply(request_uuid: str, kind: str, message: str) -> dict[str, Any]:
 
 
 def encode_replies(replies: list[dict[str, Any]]) -> bytes:
-    """One message with the replies of one job or store to one client."""
+    """One message with the replies of one job or store to one client. The reserve
+    script writes the same bytes for the hits it publishes (``lua/lib/replies.lua``;
+    ``tests/test_scripts.py`` holds the two to each other)."""
     return pack({"v": SCHEMA_VERSION, "replies": replies})
 
 
