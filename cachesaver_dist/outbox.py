@@ -22,14 +22,13 @@ from .deadletters import queue_dead_letter
 from .errors import ProtocolError
 from .protocol import (
     Keys,
-    arq_job_keys,
     decode_sample,
     encode_replies,
     error_reply,
     reply,
     split_waiter_id,
 )
-from .scripts import MalformedWaiter, discard
+from .scripts import MalformedWaiter, discard, finish_jobs
 from .stats import Tally, account, write_tally
 
 
@@ -152,8 +151,7 @@ class Outbox:
         for kind, reason, raw, source in self.dead:
             queue_dead_letter(pipe, self.keys, kind, reason, raw, source)
         if self.finished:
-            pipe.zrem(self.keys.cache_queue, *self.finished)
-            pipe.delete(*(key for job_id in self.finished for key in arq_job_keys(job_id)))
+            finish_jobs(pipe, self.keys, self.finished)
         tally, self.tally = self.tally, {}
         self.replies.clear()
         self.bad_samples.clear()

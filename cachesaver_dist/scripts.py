@@ -221,6 +221,13 @@ async def reserve_jobs(
                         "come from prepare(); do not build WorkItems by hand", "spec")
 
 
+def finish_jobs(pipe: Any, keys: Keys, job_ids: list[str]) -> None:
+    """Queue on ``pipe`` what finishes arq jobs of the cache queue without a result:
+    their queue entries and keys go."""
+    pipe.zrem(keys.cache_queue, *job_ids)
+    pipe.delete(*(key for job_id in job_ids for key in arq_job_keys(job_id)))
+
+
 async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, WorkItem]],
                       taken: set[int], dropped: set[int]) -> list[tuple[CacheJob, WorkItem]]:
     """``pending`` with the specs a wake token left out, read from the arq jobs' bodies in
@@ -252,8 +259,7 @@ async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, Wo
     gone = [job_id for job_id, job in jobs.items() if id(job) in dropped]
     if gone:
         pipe = redis.pipeline(transaction=False)
-        pipe.zrem(keys.cache_queue, *gone)
-        pipe.delete(*(key for job_id in gone for key in arq_job_keys(job_id)))
+        finish_jobs(pipe, keys, gone)
         await pipe.execute()
     return [(job, it._replace(spec=specs[job.job_id, it.uuid]) if not it.spec else it)
             for job, it in pending if id(job) in taken]
