@@ -261,8 +261,8 @@ async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, Wo
         pipe = redis.pipeline(transaction=False)
         finish_jobs(pipe, keys, gone)
         await pipe.execute()
-    return [(job, it._replace(spec=specs[job.job_id, it.uuid]) if not it.spec else it)
-            for job, it in pending if id(job) in taken]
+    return [(job, it._replace(spec=specs.get((job.job_id, it.uuid), b"")) if not it.spec
+             else it) for job, it in pending if id(job) in taken]
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:
