@@ -99,9 +99,20 @@ class _HiredisFastPath:
         parser = self._parser  # type: ignore[attr-defined]
         if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
             return await super().can_read_destructive()  # type: ignore[misc]
-        stream: Any = parser._stream
-        reader: Any = parser._reader
-        return bool(reader.has_data() or stream.at_eof() or stream._buffer)
+        return has_buffered_data(self)
+
+
+def has_buffered_data(conn: Any) -> bool:
+    """Data (or the end of the stream) read from ``conn``'s socket and not parsed yet;
+    False when that cannot be told without reading (a connection of another class, or
+    without hiredis)."""
+    parser = getattr(conn, "_parser", None)
+    if not isinstance(conn, _HiredisFastPath) or not isinstance(parser, _AsyncHiredisParser) \
+            or not parser._connected:
+        return False
+    stream: Any = parser._stream
+    reader: Any = parser._reader
+    return bool(reader.has_data() or stream.at_eof() or stream._buffer)
 
 
 class HiredisPackConnection(_HiredisFastPath, Connection):

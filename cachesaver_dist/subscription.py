@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from .connection import has_buffered_data
 from .errors import ProtocolError, RedisUnavailableError, refused
 from .protocol import decode_replies
 
@@ -87,6 +88,17 @@ class ReplySubscription:
                           "again", msg["channel"], len(msg["data"]), exc)
                 continue
             self._deliver(replies)
+            await self._let_callers_run()
+
+    async def _let_callers_run(self) -> None:
+        """When another message waits already, let the loop run once before it is
+        delivered: the callers this one woke then make their next requests, and a batch
+        they fill is sent, before the next message wakes more callers. Delivered all at
+        once, the messages of several batches (one reserve call answers up to 16) would
+        wake every caller before the first new batch could leave, and the workers would
+        idle meanwhile."""
+        if has_buffered_data(self._pubsub.connection):
+            await asyncio.sleep(0)
 
     async def _keep_alive(self, heard: bool) -> None:
         """PING when quiet for ``PING_AFTER_S``; if nothing comes back, drop the
