@@ -31,6 +31,28 @@ from .protocol import (
 from .scripts import MalformedWaiter, discard, finish_jobs
 from .stats import Tally, account, write_tally
 
+USAGES_REMEMBERED_BYTES = 8 << 20  # samples whose usage is remembered, in bytes
+_usages: dict[bytes, Any] = {}  # a stored sample's bytes -> its token usage
+_usages_bytes = 0
+
+
+def usage_of(raw: bytes) -> Any:
+    """The token usage of a stored sample (``ProtocolError`` if it cannot be read).
+
+    A sample is served many times over (reused across namespaces, the cache's point);
+    its bytes never change, so one that was read before is counted without decoding it
+    again: up to ``USAGES_REMEMBERED_BYTES`` of samples are remembered."""
+    global _usages_bytes
+    if raw in _usages:
+        return _usages[raw]
+    usage = decode_sample(raw).get("usage")
+    if _usages_bytes + len(raw) > USAGES_REMEMBERED_BYTES:
+        _usages.clear()
+        _usages_bytes = 0
+    _usages[raw] = usage
+    _usages_bytes += len(raw)
+    return usage
+
 
 class Outbox:
     """Collects replies, counters and dead letters, then sends them in one pipeline.
@@ -80,7 +102,7 @@ class Outbox:
         False, counting nothing, when one of its samples cannot be read: the caller then
         answers it with ``reply_to``, which sets the sample aside and tells the client."""
         try:
-            usages = [decode_sample(raw).get("usage") for raw in samples]
+            usages = [usage_of(raw) for raw in samples]
         except ProtocolError:
             return False
         if first:

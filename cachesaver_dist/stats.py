@@ -34,30 +34,30 @@ def account(tally: Tally, run: str, model_id: str, flags: str,
             usages: list[dict[str, Any] | None]) -> None:
     """Add one completed request to ``tally`` (keyed by ``(run, field)``); ``usages``:
     each sample's token usage."""
-    names = _field_names(model_id)
-    key = run, names[""][0]
+    keys = _tally_keys(run, model_id)
+    key = keys[""][0]
     tally[key] = tally.get(key, 0) + 1
     for flag, usage in zip(flags, usages):
-        samples, prompt, completion = names[flag]
-        key = run, samples
-        tally[key] = tally.get(key, 0) + 1
+        samples, prompt, completion = keys[flag]
+        tally[samples] = tally.get(samples, 0) + 1
         if isinstance(usage, dict):
-            for name, value in ((prompt, usage.get("prompt_tokens")),
-                                (completion, usage.get("completion_tokens"))):
-                if isinstance(value, (int, float)):
-                    key = run, name
-                    tally[key] = tally.get(key, 0) + value
+            value = usage.get("prompt_tokens")
+            if isinstance(value, (int, float)):
+                tally[prompt] = tally.get(prompt, 0) + value
+            value = usage.get("completion_tokens")
+            if isinstance(value, (int, float)):
+                tally[completion] = tally.get(completion, 0) + value
 
 
 @lru_cache(maxsize=1024)
-def _field_names(model_id: str) -> dict[str, tuple[str, ...]]:
-    """flag -> the model's samples, prompt and completion token counters; ``""`` ->
-    its request counter."""
-    names: dict[str, tuple[str, ...]] = {"": (f"{model_id}|requests",)}
+def _tally_keys(run: str, model_id: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """flag -> the tally keys of the model's samples, prompt and completion token
+    counters in ``run``; ``""`` -> its request counter's."""
+    keys: dict[str, tuple[tuple[str, str], ...]] = {"": ((run, f"{model_id}|requests"),)}
     for flag, kind in KIND_NAMES.items():
-        names[flag] = (f"{model_id}|samples_{kind}", f"{model_id}|prompt_tokens_{kind}",
-                       f"{model_id}|completion_tokens_{kind}")
-    return names
+        keys[flag] = tuple((run, f"{model_id}|{what}_{kind}")
+                           for what in ("samples", "prompt_tokens", "completion_tokens"))
+    return keys
 
 
 REFRESH_EVERY_S = 60.0

@@ -105,3 +105,54 @@ def test_stats_of_an_unknown_run_is_an_error(redis_url, keys, as_json):
     assert done.stderr.startswith("cachesaver-dist: no statistics yet for run 'no-such-run' "
                                   f"under prefix {keys.prefix!r}"), done.stderr
     assert "'cachesaver-dist runs' lists the runs" in done.stderr
+
+
+def test_account_adds_requests_samples_and_tokens_per_kind():
+    from cachesaver_dist.protocol import CACHED, DUPLICATED, GENERATED
+    from cachesaver_dist.stats import account
+
+    tally: dict = {}
+    usage = {"prompt_tokens": 10, "completion_tokens": 4}
+    account(tally, "r1", "m", CACHED + DUPLICATED, [usage, {"prompt_tokens": 2.5}])
+    account(tally, "r1", "m", CACHED, [None])  # no usage: the sample counts, no tokens
+    account(tally, "r2", "m", GENERATED, [{"prompt_tokens": "7", "completion_tokens": 1}])
+    assert tally == {
+        ("r1", "m|requests"): 2, ("r1", "m|samples_cached"): 2,
+        ("r1", "m|prompt_tokens_cached"): 10, ("r1", "m|completion_tokens_cached"): 4,
+        ("r1", "m|samples_deduplicated"): 1, ("r1", "m|prompt_tokens_deduplicated"): 2.5,
+        ("r2", "m|requests"): 1, ("r2", "m|samples_generated"): 1,
+        ("r2", "m|completion_tokens_generated"): 1,  # a count that is not a number: left out
+    }
+
+
+def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatch):
+    from cachesaver_dist import outbox
+    from cachesaver_dist.errors import ProtocolError
+    from cachesaver_dist.protocol import encode_sample
+
+    decoded: list[bytes] = []
+    decode = outbox.decode_sample
+
+    def counting_decode(raw: bytes) -> dict:
+        decoded.append(raw)
+        return decode(raw)
+
+    monkeypatch.setattr(outbox, "decode_sample", counting_decode)
+    monkeypatch.setattr(outbox, "_usages", {})
+    monkeypatch.setattr(outbox, "_usages_bytes", 0)
+    samples = [encode_sample(f"answer {i}", {"usage": {"prompt_tokens": i}}) for i in range(3)]
+    monkeypatch.setattr(outbox, "USAGES_REMEMBERED_BYTES", 2 * max(map(len, samples)))
+
+    assert outbox.usage_of(samples[0]) == {"prompt_tokens": 0}
+    assert outbox.usage_of(bytes(samples[0])) == {"prompt_tokens": 0}  # equal bytes: known
+    assert len(decoded) == 1
+    for raw in samples:
+        outbox.usage_of(raw)
+    assert len(outbox._usages) <= 2  # bounded: the memory is emptied when full
+    assert outbox._usages_bytes <= outbox.USAGES_REMEMBERED_BYTES
+
+    bad = b"\xc1 not msgpack"
+    for _ in range(2):  # an unreadable sample is never remembered: refused every time
+        with pytest.raises(ProtocolError):
+            outbox.usage_of(bad)
+    assert bad not in outbox._usages
