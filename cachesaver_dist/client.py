@@ -70,7 +70,6 @@ MAX_REASK_WAIT_S = 30.0
 WAKE_TOKENS_KEPT = 1024
 ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 tokens at once)
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
-ACCOUNT_EVERY_S = 0.05  # direct mode: a client's accounting is written this often at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
 # Workers register again within one heartbeat: an empty registry, when workers answered
@@ -286,7 +285,7 @@ class CacheClient:
         script and ordering; complete requests are answered at once, the others get
         their replies from the batch workers. Samples are checked as a cache worker
         checks them (``Outbox``); the run's accounting is written within
-        ``ACCOUNT_EVERY_S``, several batches' in one round trip."""
+        ``defaults.ACCOUNT_EVERY_S``, several batches' in one round trip."""
         from .outbox import Outbox
         from .scripts import Reservation, reserve_jobs
         from .stats import account
@@ -321,13 +320,14 @@ class CacheClient:
             self._accounting = asyncio.create_task(self._write_accounts())
 
     async def _write_accounts(self) -> None:
-        """Direct mode: write the accounting gathered over ``ACCOUNT_EVERY_S`` (at once
-        when closing), with the deletion of answered batches' reservation records."""
+        """Direct mode: write the accounting gathered over ``defaults.ACCOUNT_EVERY_S``
+        (at once when closing), with the deletion of answered batches' reservation
+        records."""
         from . import metrics
-        from .stats import write_tally
+        from .stats import add_tally, write_tally
 
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), ACCOUNT_EVERY_S)
+            await asyncio.wait_for(self._closing.wait(), defaults.ACCOUNT_EVERY_S)
         tally, self._tally = self._tally, {}
         pipe = self.redis.pipeline(transaction=False)
         write_tally(pipe, self.keys, tally)
@@ -340,8 +340,7 @@ class CacheClient:
                 return
             log.warning("accounting not written (%s); trying again with the next batch",
                         redis_message(exc))
-            for field, value in tally.items():
-                self._tally[field] = self._tally.get(field, 0) + value
+            add_tally(self._tally, tally)
             return
         metrics.count(tally)
 

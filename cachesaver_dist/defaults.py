@@ -30,6 +30,9 @@ RUN_TTL_S = 7 * 24 * 3600  # u:<run> and m:<run>, refreshed by each reservation 
 # arithmetic even added to the current time, and inside datetime.timedelta.
 MAX_SECONDS = 10 * 365 * 24 * 3600
 STATS_TTL_S = 30 * 24 * 3600  # stats:<run> and the run's entry in `runs`, refreshed on use
+# A cache worker's accounting of the hits it served (a direct client's, of its own) is
+# written this often at most, several batches' in one write.
+ACCOUNT_EVERY_S = 0.05
 
 # Batch workers
 CONCURRENCY = 32

@@ -129,6 +129,11 @@ class Outbox:
                 "they are generated anew"), None
         return reply(request_uuid, start, flags, samples), records
 
+    def take_tally(self) -> Tally:
+        """The accounting gathered so far, taken out: its writer sends it later."""
+        tally, self.tally = self.tally, {}
+        return tally
+
     def error(self, waiter_id: str, kind: str, message: str) -> None:
         self._add(waiter_id, error_reply, kind, message)
 

@@ -49,6 +49,12 @@ def account(tally: Tally, run: str, model_id: str, flags: str,
                 tally[completion] = tally.get(completion, 0) + value
 
 
+def add_tally(into: Tally, tally: Tally) -> None:
+    """Add the increments of ``tally`` to ``into``."""
+    for key, value in tally.items():
+        into[key] = into.get(key, 0) + value
+
+
 @lru_cache(maxsize=1024)
 def _tally_keys(run: str, model_id: str) -> dict[str, tuple[tuple[str, str], ...]]:
     """flag -> the tally keys of the model's samples, prompt and completion token

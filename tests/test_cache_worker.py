@@ -438,3 +438,45 @@ async def test_the_reserve_call_publishes_nothing_when_writes_must_reach_replica
                                                       timeout=0.5)
         assert (message is not None) is (replicas == 0), message
     await pubsub.aclose()
+
+
+async def test_a_busy_worker_writes_its_accounting_once_per_interval_and_when_stopping(
+        redis_url, keys, redis, monkeypatch):
+    """Under load, the accounting of several pops goes out in one write, at most every
+    ``ACCOUNT_EVERY_S``; a worker that goes idle with some kept wakes up in time to write
+    it; a worker stopping writes what it kept."""
+    from cachesaver_dist import defaults
+    from cachesaver_dist.outbox import Outbox
+    from cachesaver_dist.stats import account, read_stats
+
+    monkeypatch.setattr(defaults, "ACCOUNT_EVERY_S", 0.5)
+    w = cache_worker(keys, redis_pool=ArqRedis(connection_pool=connection_pool(redis_url)),
+                     poll_delay=5.0)
+
+    def served(hits: int) -> Outbox:
+        outbox = Outbox(keys)
+        for _ in range(hits):
+            account(outbox.tally, "acc", "m", "c", [{"prompt_tokens": 3}])
+        return outbox
+
+    async def requests_counted() -> float:
+        return (await read_stats(redis, keys, "acc")).get("m", {}).get("requests", 0)
+
+    await w._pop_wake_tokens(None, served(1))  # the first: written at once
+    assert await requests_counted() == 1
+    await w._pop_wake_tokens(None, served(2))  # within the interval: kept
+    await w._pop_wake_tokens(None, served(3))
+    assert await requests_counted() == 1
+
+    started = time.monotonic()
+    assert await w._pop_wake_tokens(5.0, None) == []  # idle: waits until it is due only
+    assert time.monotonic() - started < 2.0
+    await w._pop_wake_tokens(None, None)
+    assert await requests_counted() == 6  # five requests, one write
+
+    await w._pop_wake_tokens(None, served(4))  # kept, then the worker stops
+    assert await requests_counted() == 6
+    await stop_worker(w, asyncio.create_task(asyncio.sleep(60)))
+    assert await requests_counted() == 10
+    stats = await read_stats(redis, keys, "acc")
+    assert stats["m"]["prompt_tokens_cached"] == 30 and stats["m"]["samples_cached"] == 10

@@ -84,7 +84,7 @@ async def test_direct_accounting_is_gathered_and_survives_a_failed_write(
     (no close needed); a write that fails is tried again with the next batch."""
     from redis.asyncio.client import Pipeline
 
-    from cachesaver_dist import client as client_mod
+    from cachesaver_dist import defaults
 
     model = SimModel("direct-accounting")
     async with api(model, redis_url, keys, run="fill") as pipe:
@@ -101,7 +101,7 @@ async def test_direct_accounting_is_gathered_and_survives_a_failed_write(
             raise ConnectionError("injected: accounting write lost")
         return await execute(self, *a, **kw)
 
-    monkeypatch.setattr(client_mod, "ACCOUNT_EVERY_S", 0.3)
+    monkeypatch.setattr(defaults, "ACCOUNT_EVERY_S", 0.3)
     async with api(model, redis_url, keys, run="hits", direct=True, batch_size=2) as pipe:
         monkeypatch.setattr(Pipeline, "execute", counted)
         await asyncio.gather(*(pipe.request(r) for r in BATCH))  # six batches of two

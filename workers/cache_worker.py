@@ -9,7 +9,8 @@ message) to a wake-up list. The worker blocks on that list between polls and ser
 the jobs it pops at once, up to ``WAKE_BATCH`` together, in one round trip whatever
 their number: one script call takes the jobs (arq's claim), reserves for all their
 requests, publishes their replies and finishes the jobs; the accounting goes out in
-the same pipeline as the next blocking pop (Redis runs it first). arq's full poll
+the same pipeline as a later blocking pop (Redis runs it first), gathered over
+``defaults.ACCOUNT_EVERY_S`` at most. arq's full poll
 still runs every ``poll_delay`` and runs, with arq's own steps and retry rules, whatever
 the list missed and every job started before.
 
@@ -51,6 +52,7 @@ from cachesaver_dist.protocol import (
     waiter_id,
 )
 from cachesaver_dist.scripts import Reservation, reserve_jobs, script
+from cachesaver_dist.stats import Tally, add_tally, write_tally
 
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
@@ -201,6 +203,9 @@ class CacheWorker(Worker):
         self._blmpop = True
         # woken jobs that wait for their client's batch before them: id -> (payload, since)
         self._held_back: dict[str, tuple[bytes | MalformedJob, float]] = {}
+        # the accounting of the jobs served since the last write, and when it is due
+        self._tally: Tally = {}
+        self._tally_due = 0.0
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -288,9 +293,21 @@ class CacheWorker(Worker):
         """Send ``replies`` and wait up to ``wait_s`` (``None``: not at all) for wake
         tokens, in one round trip; take up to ``WAKE_BATCH`` tokens at once (``BLMPOP``,
         Redis 7; one at a time with ``BRPOP`` on older servers). Redis runs the replies
-        first, so they go out at once."""
+        first, so they go out at once; their accounting is written with them once
+        ``defaults.ACCOUNT_EVERY_S`` has passed since the last write (under load, several
+        pops' in one write), else kept, and the wait ends in time to write it."""
         pipe = self.pool.pipeline(transaction=False)
-        tally = await replies.queue(self.pool, pipe) if replies else None
+        if replies:
+            add_tally(self._tally, replies.take_tally())
+            await replies.queue(self.pool, pipe)
+        tally: Tally = {}
+        now = time.monotonic()
+        if self._tally and now >= self._tally_due:
+            tally, self._tally = self._tally, {}
+            write_tally(pipe, self.keys, tally)
+            self._tally_due = now + defaults.ACCOUNT_EVERY_S
+        elif self._tally and wait_s is not None:
+            wait_s = max(0.01, min(wait_s, self._tally_due - now))
         if wait_s is None:
             if self._blmpop:
                 pipe.execute_command("LMPOP", 1, self.keys.cache_wake, "RIGHT", "COUNT",
@@ -320,6 +337,15 @@ class CacheWorker(Worker):
         if not self._blmpop:
             return [popped if wait_s is None else popped[1]]
         return list(popped[1])
+
+    async def write_tally(self) -> None:
+        """Write the accounting kept for later now (the worker is stopping)."""
+        tally, self._tally = self._tally, {}
+        if tally:
+            pipe = self.pool.pipeline(transaction=False)
+            write_tally(pipe, self.keys, tally)
+            await pipe.execute()
+            metrics.count(tally)
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -471,6 +497,12 @@ async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = default
         for t in late:
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+    if isinstance(worker, CacheWorker):
+        try:
+            await asyncio.wait_for(worker.write_tally(), 1.0)
+        except (*CONNECTION_ERRORS, asyncio.TimeoutError, ResponseError) as exc:
+            log.warning("the accounting of the last hits served was not written: %s",
+                        redis_message(exc))
     if worker.on_shutdown:
         await worker.on_shutdown(worker.ctx)
     if close_pool and worker._pool is not None:
