@@ -11,6 +11,7 @@ rest (dead letters, accounting).
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -31,27 +32,39 @@ from .protocol import (
 from .scripts import MalformedWaiter, discard, finish_jobs
 from .stats import Tally, account, write_tally
 
-USAGES_REMEMBERED_BYTES = 8 << 20  # samples whose usage is remembered, in bytes
-_usages: dict[bytes, Any] = {}  # a stored sample's bytes -> its token usage
+USAGES_REMEMBERED_BYTES = 8 << 20  # samples whose usage is remembered, about this much
+_ENTRY_BYTES = 200  # what remembering one sample costs beside its bytes, about
+_usages: dict[bytes, dict[str, Any] | None] = {}  # a sample's bytes -> its token counts
 _usages_bytes = 0
+_usages_lock = threading.Lock()
+_UNKNOWN: dict[str, Any] = {}
 
 
-def usage_of(raw: bytes) -> Any:
-    """The token usage of a stored sample (``ProtocolError`` if it cannot be read).
+def usage_of(raw: bytes) -> dict[str, Any] | None:
+    """The token counts of a stored sample (``ProtocolError`` if it cannot be read).
 
     A sample is served many times over (reused across namespaces, the cache's point);
     its bytes never change, so one that was read before is counted without decoding it
-    again: up to ``USAGES_REMEMBERED_BYTES`` of samples are remembered."""
+    again: about ``USAGES_REMEMBERED_BYTES`` of samples are remembered (the memory is
+    emptied when full), each with its prompt and completion token counts only."""
     global _usages_bytes
-    if raw in _usages:
-        return _usages[raw]
-    usage = decode_sample(raw).get("usage")
-    if _usages_bytes + len(raw) > USAGES_REMEMBERED_BYTES:
-        _usages.clear()
-        _usages_bytes = 0
-    _usages[raw] = usage
-    _usages_bytes += len(raw)
+    usage = _usages.get(raw, _UNKNOWN)
+    if usage is not _UNKNOWN:
+        return usage
+    found = decode_sample(raw).get("usage")
+    usage = {k: found[k] for k in _COUNTED if k in found} if isinstance(found, dict) else None
+    size = len(raw) + _ENTRY_BYTES
+    if size <= USAGES_REMEMBERED_BYTES // 16:  # (a huge sample is not worth its memory)
+        with _usages_lock:  # in-process workers run on threads of their own
+            if _usages_bytes + size > USAGES_REMEMBERED_BYTES:
+                _usages.clear()
+                _usages_bytes = 0
+            _usages[raw] = usage
+            _usages_bytes += size
     return usage
+
+
+_COUNTED = ("prompt_tokens", "completion_tokens")
 
 
 class Outbox:
@@ -179,7 +192,7 @@ class Outbox:
             queue_dead_letter(pipe, self.keys, kind, reason, raw, source)
         if self.finished:
             finish_jobs(pipe, self.keys, self.finished)
-        tally, self.tally = self.tally, {}
+        tally = self.take_tally()
         self.replies.clear()
         self.bad_samples.clear()
         self.dead.clear()

@@ -324,8 +324,8 @@ def wait_subscribed(url: str, count: int, timeout: float = 30.0) -> None:
 
 
 def wait_served(url: str, keys: Keys, more: int, timeout: float) -> None:
-    """Wait until ``more`` requests more were answered (the stats counter written with
-    every reply); Redis may still be unreachable at first."""
+    """Wait until ``more`` requests more were answered (the stats counter, which the
+    workers write within about 0.1 s of a reply); Redis may still be unreachable at first."""
     deadline = time.monotonic() + timeout
     base: int | None = None
     while time.monotonic() < deadline:

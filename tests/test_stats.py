@@ -140,16 +140,22 @@ def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatc
     monkeypatch.setattr(outbox, "decode_sample", counting_decode)
     monkeypatch.setattr(outbox, "_usages", {})
     monkeypatch.setattr(outbox, "_usages_bytes", 0)
-    samples = [encode_sample(f"answer {i}", {"usage": {"prompt_tokens": i}}) for i in range(3)]
-    monkeypatch.setattr(outbox, "USAGES_REMEMBERED_BYTES", 2 * max(map(len, samples)))
+    samples = [encode_sample(f"answer {i:02d}", {"usage": {"prompt_tokens": i, "other": "x"}})
+               for i in range(20)]
+    entry = max(map(len, samples)) + outbox._ENTRY_BYTES
+    monkeypatch.setattr(outbox, "USAGES_REMEMBERED_BYTES", 16 * entry)  # 16 such at most
 
-    assert outbox.usage_of(samples[0]) == {"prompt_tokens": 0}
-    assert outbox.usage_of(bytes(samples[0])) == {"prompt_tokens": 0}  # equal bytes: known
+    assert outbox.usage_of(samples[0]) == {"prompt_tokens": 0}  # the token counts only
+    assert outbox.usage_of(bytes(bytearray(samples[0]))) == {"prompt_tokens": 0}  # equal bytes
     assert len(decoded) == 1
     for raw in samples:
         outbox.usage_of(raw)
-    assert len(outbox._usages) <= 2  # bounded: the memory is emptied when full
+    assert 0 < len(outbox._usages) <= 16  # bounded: the memory is emptied when full
     assert outbox._usages_bytes <= outbox.USAGES_REMEMBERED_BYTES
+
+    huge = encode_sample("x" * entry, {"usage": {"prompt_tokens": 1}})  # over 1/16: not kept
+    assert outbox.usage_of(huge) == {"prompt_tokens": 1}
+    assert huge not in outbox._usages
 
     bad = b"\xc1 not msgpack"
     for _ in range(2):  # an unreadable sample is never remembered: refused every time

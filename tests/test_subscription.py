@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 
@@ -34,9 +36,7 @@ async def test_messages_that_arrive_together_are_delivered_a_loop_turn_apart(red
             for n in range(3):
                 pipe.publish(channel, encode_replies([error_reply(str(n), "test", "x")]))
             await pipe.execute()
-        async with asyncio.timeout(5):
-            while len(events) < 6:
-                await asyncio.sleep(0.01)
+        await until(lambda: len(events) == 6)
     finally:
         await sub.close()
         await client.aclose()
@@ -44,13 +44,19 @@ async def test_messages_that_arrive_together_are_delivered_a_loop_turn_apart(red
                       ("delivered", 2), ("next turn", 2)]
 
 
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within 5 s"
+        await asyncio.sleep(0.01)
+
+
 async def test_buffered_data_is_told_without_reading_and_only_on_our_connections(redis_url):
     ours = connect(redis_url)
     conn = await ours.connection_pool.get_connection()
     assert has_buffered_data(conn) is False
     await conn.send_command("PING")
-    await asyncio.sleep(0.1)  # the event loop buffers the reply
-    assert has_buffered_data(conn) is True
+    await until(lambda: has_buffered_data(conn))  # the event loop buffers the reply
     assert await conn.read_response() == b"PONG"  # still there: nothing was consumed
     assert has_buffered_data(conn) is False
     await ours.connection_pool.release(conn)
@@ -59,8 +65,8 @@ async def test_buffered_data_is_told_without_reading_and_only_on_our_connections
     plain = Redis.from_url(redis_url)  # a user's own client: not asked, not touched
     conn = await plain.connection_pool.get_connection()
     await conn.send_command("PING")
-    await asyncio.sleep(0.1)
-    assert has_buffered_data(conn) is False
+    await until(lambda: bool(conn._parser._reader.has_data() or conn._parser._stream._buffer))
+    assert has_buffered_data(conn) is False  # (the reply is there: above)
     assert await conn.read_response() == b"PONG"
     await plain.connection_pool.release(conn)
     await plain.aclose()

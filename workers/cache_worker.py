@@ -319,6 +319,8 @@ class CacheWorker(Worker):
                                  "COUNT", WAKE_BATCH)
         else:
             pipe.brpop([self.keys.cache_wake], timeout=wait_s)  # type: ignore[arg-type]
+        # (a pipeline that fails is not sent again with its counts: they may have been
+        # written, and the wait after them cut short; they are lost, not counted twice)
         *sent, popped = await pipe.execute(raise_on_error=False)
         for result in sent:
             if isinstance(result, Exception):  # the clients ask again
@@ -338,7 +340,7 @@ class CacheWorker(Worker):
             return [popped if wait_s is None else popped[1]]
         return list(popped[1])
 
-    async def write_tally(self) -> None:
+    async def flush_tally(self) -> None:
         """Write the accounting kept for later now (the worker is stopping)."""
         tally, self._tally = self._tally, {}
         if tally:
@@ -499,7 +501,7 @@ async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = default
         await asyncio.gather(*late, return_exceptions=True)
     if isinstance(worker, CacheWorker):
         try:
-            await asyncio.wait_for(worker.write_tally(), 1.0)
+            await asyncio.wait_for(worker.flush_tally(), 0.5)
         except (*CONNECTION_ERRORS, asyncio.TimeoutError, ResponseError) as exc:
             log.warning("the accounting of the last hits served was not written: %s",
                         redis_message(exc))

@@ -163,7 +163,7 @@ def serve_cache(url: str, keys: Keys, *, poll_delay: float, max_jobs: int, run_t
         task = asyncio.create_task(worker.async_run())
         await _first(task, stop)
         failed = task.done() and not task.cancelled() and task.exception()
-        await asyncio.wait_for(stop_worker(worker, task), defaults.STOP_GRACE_S + 1.5)
+        await asyncio.wait_for(stop_worker(worker, task), defaults.STOP_GRACE_S + 2.0)
         if exporter is not None:
             await exporter.stop()
         if isinstance(failed, ResponseError):
