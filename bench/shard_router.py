@@ -382,7 +382,7 @@ async def compare(ref_url: str, shard_urls: Sequence[str], prefix: str, w: Workl
             if hit_count else {}
     finally:
         await asyncio.gather(*(a.close() for a in apis), return_exceptions=True)
-    await asyncio.sleep(0.2)  # stats tallies are written with the last replies
+    await asyncio.sleep(0.2)  # stats tallies are written within 50 ms of the last replies
     ref_state = await read_state(ref_url, prefix, run)
     shard_states = [await read_state(url, prefix, run) for url in shard_urls]
     # the hit phase's namespaces are not part of the workload's checks (its requests are

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -92,9 +93,25 @@ async def _run_pass(url: str, keys: Keys, puzzles: list[str], label: str,
                 progress.advance(task)
 
             await asyncio.gather(*(one(m, p) for p in puzzles for m in METHODS))
-    [row] = [r for r in await collect(url, keys, api.run) if r["model"] == MODEL]
-    return {**row, "pass": label, "requests": requests,
-            "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    row = await _counted(url, keys, api.run, requests)
+    return {**row, "pass": label, "requests": requests, "seconds": seconds}
+
+
+async def _counted(url: str, keys: Keys, run: str, requests: int,
+                   wait_s: float = 2.0) -> dict[str, Any]:
+    """The run's stats row once it counts all ``requests`` (the workers write their
+    accounting within 50 ms of the replies), or as it stands after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = [r for r in await collect(url, keys, run) if r["model"] == MODEL]
+        if (rows and rows[0]["requests"] >= requests) or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    if not rows:
+        raise RuntimeError(f"the stats of run {run} are missing: is another process "
+                           "deleting this prefix's keys?")
+    return rows[0]
 
 
 def _money(value: float | None) -> str:

@@ -325,7 +325,7 @@ def wait_subscribed(url: str, count: int, timeout: float = 30.0) -> None:
 
 def wait_served(url: str, keys: Keys, more: int, timeout: float) -> None:
     """Wait until ``more`` requests more were answered (the stats counter, which the
-    workers write within about 0.1 s of a reply); Redis may still be unreachable at first."""
+    workers write within 50 ms of a reply); Redis may still be unreachable at first."""
     deadline = time.monotonic() + timeout
     base: int | None = None
     while time.monotonic() < deadline:

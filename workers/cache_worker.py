@@ -206,6 +206,7 @@ class CacheWorker(Worker):
         # the accounting of the jobs served since the last write, and when it is due
         self._tally: Tally = {}
         self._tally_due = 0.0
+        self._tally_writer: asyncio.Task | None = None  # writes it when due, if no pop does
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -295,7 +296,7 @@ class CacheWorker(Worker):
         Redis 7; one at a time with ``BRPOP`` on older servers). Redis runs the replies
         first, so they go out at once; their accounting is written with them once
         ``defaults.ACCOUNT_EVERY_S`` has passed since the last write (under load, several
-        pops' in one write), else kept, and the wait ends in time to write it."""
+        pops' in one write), else kept and written when due."""
         pipe = self.pool.pipeline(transaction=False)
         if replies:
             add_tally(self._tally, replies.take_tally())
@@ -306,8 +307,8 @@ class CacheWorker(Worker):
             tally, self._tally = self._tally, {}
             write_tally(pipe, self.keys, tally)
             self._tally_due = now + defaults.ACCOUNT_EVERY_S
-        elif self._tally and wait_s is not None:
-            wait_s = max(0.01, min(wait_s, self._tally_due - now))
+        elif self._tally and (self._tally_writer is None or self._tally_writer.done()):
+            self._tally_writer = asyncio.create_task(self._write_tally_when_due())
         if wait_s is None:
             if self._blmpop:
                 pipe.execute_command("LMPOP", 1, self.keys.cache_wake, "RIGHT", "COUNT",
@@ -340,14 +341,35 @@ class CacheWorker(Worker):
             return [popped if wait_s is None else popped[1]]
         return list(popped[1])
 
-    async def flush_tally(self) -> None:
-        """Write the accounting kept for later now (the worker is stopping)."""
+    async def _write_tally_when_due(self) -> None:
+        """Write the accounting kept when it is due, if no pop has by then (the worker
+        went idle, or waits on Redis)."""
+        await asyncio.sleep(max(0.0, self._tally_due - time.monotonic()))
+        if time.monotonic() < self._tally_due:  # a pop wrote meanwhile: the next is due later
+            await asyncio.sleep(self._tally_due - time.monotonic())
+        try:
+            await self._write_tally()
+        except (*CONNECTION_ERRORS, ResponseError) as exc:  # lost: see the pop's
+            log.warning("accounting of the last hits not written: %s", redis_message(exc))
+
+    async def _write_tally(self) -> None:
         tally, self._tally = self._tally, {}
         if tally:
+            self._tally_due = time.monotonic() + defaults.ACCOUNT_EVERY_S
             pipe = self.pool.pipeline(transaction=False)
             write_tally(pipe, self.keys, tally)
             await pipe.execute()
             metrics.count(tally)
+
+    async def stop_accounting(self) -> None:
+        """Write the accounting kept, at once (the worker is stopping)."""
+        if self._tally_writer is not None:
+            self._tally_writer.cancel()
+            await asyncio.gather(self._tally_writer, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._write_tally(), 0.5)
+        except (*CONNECTION_ERRORS, asyncio.TimeoutError, ResponseError) as exc:
+            log.warning("accounting of the last hits not written: %s", redis_message(exc))
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -500,11 +522,7 @@ async def stop_worker(worker: Worker, task: asyncio.Task, grace: float = default
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
     if isinstance(worker, CacheWorker):
-        try:
-            await asyncio.wait_for(worker.flush_tally(), 0.5)
-        except (*CONNECTION_ERRORS, asyncio.TimeoutError, ResponseError) as exc:
-            log.warning("the accounting of the last hits served was not written: %s",
-                        redis_message(exc))
+        await worker.stop_accounting()
     if worker.on_shutdown:
         await worker.on_shutdown(worker.ctx)
     if close_pool and worker._pool is not None:
