@@ -322,9 +322,9 @@ Measured and not adopted (see the rounds above this section):
   Overlap at c32 needs a batch's first requests sent before the rest are made, which
   gives up the batch window's `request_id` order (`eager=True` is that trade).
 
-Still proposed: keep token usage beside each sample (written by `fill.lua`) so a hit
-is accounted without a msgpack decode (the cache worker's count, now off the serial
-path, and a client's check of what it reads would then be its only decode).
+Still proposed: at c256 the client is the busiest process (fourteenth round): its
+per-request work (preparing, decoding the reply, building the response) is what a
+faster c256 needs next.
 """
 
 
