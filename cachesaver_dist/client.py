@@ -47,12 +47,12 @@ from .protocol import (
     CacheJob,
     Keys,
     WorkItem,
-    decode_sample,
     encode_arq_job,
     encode_job,
     encode_wake_token,
     unique_id,
 )
+from .samples import as_sample, read_sample
 from .subscription import ReplySubscription
 from .takeback import take_back
 
@@ -155,7 +155,7 @@ class CacheClient:
                 continue
             if "samples" in reply:
                 try:
-                    reply["records"] = [decode_sample(raw) for raw in reply["samples"]]
+                    reply["records"] = [read_sample(raw) for raw in reply["samples"]]
                 except ProtocolError as exc:
                     log.debug("request %s: a sample of its reply cannot be read (%s); its "
                               "cache worker sends the error", reply["id"], exc)
@@ -309,10 +309,11 @@ class CacheClient:
                 answer, records = outbox.answer(it.uuid, it.key, r.start, r.flags, r.samples)
                 replies.append(answer)
                 if records is not None:
-                    answer["records"] = records  # decoded once: the response is built from these
                     if r.new:
                         account(self._tally, it.run, it.model_id, r.flags,
                                 [rec.get("usage") for rec in records])
+                    # decoded once: the response is built from these
+                    answer["records"] = [as_sample(rec) for rec in records]
         if outbox.bad_samples:  # removed before the error is told, so asking again works
             await self._set_aside(outbox)
         self._deliver(replies)

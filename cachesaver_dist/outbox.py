@@ -11,7 +11,6 @@ rest (dead letters, accounting).
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from redis.asyncio import Redis
 from . import metrics
 from .deadletters import queue_dead_letter
 from .errors import ProtocolError
+from .memo import BytesMemo
 from .protocol import (
     Keys,
     decode_sample,
@@ -34,10 +34,7 @@ from .stats import Tally, account, write_tally
 
 USAGES_REMEMBERED_BYTES = 8 << 20  # samples whose usage is remembered, about this much
 _ENTRY_BYTES = 200  # what remembering one sample costs beside its bytes, about
-_usages: dict[bytes, dict[str, Any] | None] = {}  # a sample's bytes -> its token counts
-_usages_bytes = 0
-_usages_lock = threading.Lock()
-_UNKNOWN: dict[str, Any] = {}
+_usages: BytesMemo[tuple[dict[str, Any] | None]] = BytesMemo(USAGES_REMEMBERED_BYTES)
 
 
 def usage_of(raw: bytes) -> dict[str, Any] | None:
@@ -45,22 +42,14 @@ def usage_of(raw: bytes) -> dict[str, Any] | None:
 
     A sample is served many times over (reused across namespaces, the cache's point);
     its bytes never change, so one that was read before is counted without decoding it
-    again: about ``USAGES_REMEMBERED_BYTES`` of samples are remembered (the memory is
-    emptied when full), each with its prompt and completion token counts only."""
-    global _usages_bytes
-    usage = _usages.get(raw, _UNKNOWN)
-    if usage is not _UNKNOWN:
-        return usage
+    again: about ``USAGES_REMEMBERED_BYTES`` of samples are remembered, each with its
+    prompt and completion token counts only."""
+    known = _usages.get(raw)
+    if known is not None:
+        return known[0]
     found = decode_sample(raw).get("usage")
     usage = {k: found[k] for k in _COUNTED if k in found} if isinstance(found, dict) else None
-    size = len(raw) + _ENTRY_BYTES
-    if size <= USAGES_REMEMBERED_BYTES // 16:  # (a huge sample is not worth its memory)
-        with _usages_lock:  # in-process workers run on threads of their own
-            if _usages_bytes + size > USAGES_REMEMBERED_BYTES:
-                _usages.clear()
-                _usages_bytes = 0
-            _usages[raw] = usage
-            _usages_bytes += size
+    _usages.put(raw, (usage,), len(raw) + _ENTRY_BYTES)
     return usage
 
 

@@ -19,8 +19,9 @@ from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
 from .models import LocalCalls, check_model, model_identity, model_name_problem
 from .prepare import check_run, check_text, prepare
-from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem, decode_sample
+from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem
 from .replication import replicas_to_wait
+from .samples import read_sample
 from .server import EmbeddedServer, resolve_redis_url
 from .typedefs import Batch, Request, Response
 
@@ -548,16 +549,13 @@ def _response(reply: dict[str, Any]) -> Response:
     Raises ``ProtocolError`` for a sample that cannot be read (the workers check every
     sample before sending it, so this means a worker of another version)."""
     index, flags = reply["start"], reply["flags"]
-    records = reply.get("records") or [decode_sample(raw) for raw in reply["samples"]]
+    samples = reply.get("records") or [read_sample(raw) for raw in reply["samples"]]
     data, cached, duplicated, metadata = [], [], [], []
-    for meta, flag in zip(records, flags):  # fresh dicts: the metadata
-        data.append(meta.pop("data"))
-        first = meta.pop("call_first", True)
-        meta.pop("v", None)
-        meta["index"], meta["source"] = index, _SOURCES.get(flag, flag)
+    for sample, flag in zip(samples, flags):
+        data.append(sample.data)
+        metadata.append(sample.metadata(index, _SOURCES.get(flag, flag)))
         index += 1
         generated = flag == GENERATED
         cached.append(not generated)
-        duplicated.append(generated and not first)
-        metadata.append(meta)
+        duplicated.append(generated and not sample.first)
     return Response(data, cached, duplicated, metadata)

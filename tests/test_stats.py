@@ -128,6 +128,7 @@ def test_account_adds_requests_samples_and_tokens_per_kind():
 def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatch):
     from cachesaver_dist import outbox
     from cachesaver_dist.errors import ProtocolError
+    from cachesaver_dist.memo import BytesMemo
     from cachesaver_dist.protocol import encode_sample
 
     decoded: list[bytes] = []
@@ -138,12 +139,10 @@ def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatc
         return decode(raw)
 
     monkeypatch.setattr(outbox, "decode_sample", counting_decode)
-    monkeypatch.setattr(outbox, "_usages", {})
-    monkeypatch.setattr(outbox, "_usages_bytes", 0)
     samples = [encode_sample(f"answer {i:02d}", {"usage": {"prompt_tokens": i, "other": "x"}})
                for i in range(20)]
     entry = max(map(len, samples)) + outbox._ENTRY_BYTES
-    monkeypatch.setattr(outbox, "USAGES_REMEMBERED_BYTES", 16 * entry)  # 16 such at most
+    monkeypatch.setattr(outbox, "_usages", BytesMemo(16 * entry))  # 16 such at most
 
     assert outbox.usage_of(samples[0]) == {"prompt_tokens": 0}  # the token counts only
     assert outbox.usage_of(bytes(bytearray(samples[0]))) == {"prompt_tokens": 0}  # equal bytes
@@ -151,14 +150,13 @@ def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatc
     for raw in samples:
         outbox.usage_of(raw)
     assert 0 < len(outbox._usages) <= 16  # bounded: the memory is emptied when full
-    assert outbox._usages_bytes <= outbox.USAGES_REMEMBERED_BYTES
 
     huge = encode_sample("x" * entry, {"usage": {"prompt_tokens": 1}})  # over 1/16: not kept
     assert outbox.usage_of(huge) == {"prompt_tokens": 1}
-    assert huge not in outbox._usages
+    assert outbox._usages.get(huge) is None
 
     bad = b"\xc1 not msgpack"
     for _ in range(2):  # an unreadable sample is never remembered: refused every time
         with pytest.raises(ProtocolError):
             outbox.usage_of(bad)
-    assert bad not in outbox._usages
+    assert outbox._usages.get(bad) is None
