@@ -48,7 +48,7 @@ from .protocol import (
     Keys,
     WorkItem,
     encode_arq_job,
-    encode_job,
+    encode_job_and_copy,
     encode_wake_token,
     unique_id,
 )
@@ -261,13 +261,12 @@ class CacheClient:
             for out in taken:
                 job_id = self.keys.new_job_id()
                 self._queued.setdefault(out.batch, []).append(job_id)
-                job = (self.client_id, out.items, self._keep_s, out.batch,
-                       "" if out.again else last)
+                body, slim = encode_job_and_copy(self.client_id, out.items, self._keep_s,
+                                                 out.batch, "" if out.again else last)
                 pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
-                            encode_arq_job(encode_job(*job), now_ms))
+                            encode_arq_job(body, now_ms))
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
-                pipe.lpush(self.keys.cache_wake,
-                           encode_wake_token(job_id, encode_job(*job, specs=False)))
+                pipe.lpush(self.keys.cache_wake, encode_wake_token(job_id, slim))
                 last = job_id
             pipe.ltrim(self.keys.cache_wake, 0, WAKE_TOKENS_KEPT - 1)
             await self._with_deletes(pipe.execute, pipe)

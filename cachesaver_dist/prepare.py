@@ -102,6 +102,12 @@ def _check_request_id(request_id: Any) -> str:
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
+    if type(prompt) is list and prompt:  # the common chat prompt, checked at once
+        for m in prompt:
+            if type(m) is not dict or type(m.get("content")) is not str:
+                break
+        else:
+            return
     which = ""
     if isinstance(prompt, (list, tuple)) and prompt:
         for i, m in enumerate(prompt):

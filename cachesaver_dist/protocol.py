@@ -369,15 +369,33 @@ def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
     """A client batch; ``keep_s``: how long reservations must outlive it (re-asks);
     ``batch``: the same id on every re-ask of the batch; ``after``: see ``CacheJob``;
     ``specs=False``: every spec empty (a wake token's copy: see ``encode_wake_token``)."""
-    requests = [it.to_wire() for it in items]
+    msg = _job_message(client, items, keep_s, batch, after)
     if not specs:
-        for wire in requests:
-            wire[8] = b""
+        _drop_specs(msg)
+    return pack(msg)
+
+
+def encode_job_and_copy(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
+                        after: str = "") -> tuple[bytes, bytes]:
+    """``encode_job`` with specs and without (the wake token's copy), built once."""
+    msg = _job_message(client, items, keep_s, batch, after)
+    body = pack(msg)
+    _drop_specs(msg)
+    return body, pack(msg)
+
+
+def _job_message(client: str, items: list[WorkItem], keep_s: int, batch: str,
+                 after: str) -> dict[str, Any]:
     msg = {"v": SCHEMA_VERSION, "client": client, "batch": batch,
-           "requests": requests, "keep_s": keep_s}
+           "requests": [it.to_wire() for it in items], "keep_s": keep_s}
     if after:
         msg["after"] = after
-    return pack(msg)
+    return msg
+
+
+def _drop_specs(msg: dict[str, Any]) -> None:
+    for wire in msg["requests"]:
+        wire[8] = b""
 
 
 def decode_job(data: bytes, keys: Keys | None = None) -> CacheJob:
@@ -429,7 +447,8 @@ def encode_spec(route: str, model_id: str, fields: dict[str, Any], namespace: st
     The bytes of ``pack({"v": ..., "route": route, "model_id": ..., "fields": ...,
     "namespace": ..., "request_id": ...})``, put together from their parts."""
     return b"".join((_spec_head(route, model_id), pack(fields) if packed is None else packed,
-                     _NAMESPACE, pack(namespace), _REQUEST_ID, pack(request_id)))
+                     _namespace_entry(namespace) if type(namespace) is str else
+                     _NAMESPACE + pack(namespace), _REQUEST_ID, pack(request_id)))
 
 
 @lru_cache(maxsize=256)
@@ -437,6 +456,11 @@ def _spec_head(route: str, model_id: str) -> bytes:
     """A spec's map header and its entries before the fields' value."""
     return b"".join((b"\x86", pack("v"), pack(SCHEMA_VERSION), pack("route"), pack(route),
                      pack("model_id"), pack(model_id), pack("fields")))
+
+
+@lru_cache(maxsize=4096)  # (namespaces repeat)
+def _namespace_entry(namespace: str) -> bytes:
+    return _NAMESPACE + pack(namespace)
 
 
 _NAMESPACE, _REQUEST_ID = pack("namespace"), pack("request_id")
@@ -778,8 +802,8 @@ def arq_job_keys(job_id: str) -> tuple[str, str, str]:
 
 def encode_arq_job(payload: bytes, enqueue_time_ms: int) -> bytes:
     """The body of an arq job calling the cache job with ``payload``, as arq's
-    ``serialize_job`` writes it (with ``arq_serialize``)."""
-    return arq_serialize({"t": None, "f": CACHE_JOB, "a": [payload], "k": {},
+    ``serialize_job`` writes it (with ``arq_serialize``; every value here is plain)."""
+    return pack({"t": None, "f": CACHE_JOB, "a": [payload], "k": {},
                           "et": enqueue_time_ms})
 
 

@@ -301,12 +301,11 @@ async def test_an_enqueue_whose_reply_was_lost_keeps_its_order_and_its_records(
 
     keys = Keys(f"t{uuid.uuid4().hex[:10]}:")
     sent: list[tuple[str, str]] = []  # (batch, after) per job enqueued
-    encode_job = client_mod.encode_job
+    encode = client_mod.encode_job_and_copy
 
-    def recorded(client_id, items, keep_s, batch, after, **kw):  # type: ignore[no-untyped-def]
-        if kw.get("specs", True):  # the job's body (its wake token is the same, slimmer)
-            sent.append((batch, after))
-        return encode_job(client_id, items, keep_s, batch, after, **kw)
+    def recorded(client_id, items, keep_s, batch, after):  # type: ignore[no-untyped-def]
+        sent.append((batch, after))  # (its wake token's copy is the same, slimmer)
+        return encode(client_id, items, keep_s, batch, after)
 
     execute, lose = Pipeline.execute, {"n": 0}
 
@@ -318,7 +317,7 @@ async def test_an_enqueue_whose_reply_was_lost_keeps_its_order_and_its_records(
             raise ConnectionError("injected: the enqueue's reply was lost")
         return result
 
-    monkeypatch.setattr(client_mod, "encode_job", recorded)
+    monkeypatch.setattr(client_mod, "encode_job_and_copy", recorded)
     monkeypatch.setattr(Pipeline, "execute", losing)
     try:
         async with OnlineAPI(SimModel("lost-reply"), cache=redis_url, prefix=keys.prefix,

@@ -411,16 +411,16 @@ async def _(h: Hostile) -> Check:
 @entry("job-names-a-live-waiter", JOB, r"cache job has schema version 99")
 async def _(h: Hostile) -> Check:
     """The client's own batch is unreadable (a newer client): its request hears so."""
-    real = client_module.encode_job
+    real = client_module.encode_job_and_copy
     sent: list[str] = []
 
-    def newer_client(client: str, items: list, keep_s: int, batch: str, after: str,
-                     **kw: bool) -> bytes:
-        data = msgpack.unpackb(real(client, items, keep_s, batch, after, **kw))
+    def newer_client(client: str, items: list, keep_s: int, batch: str,
+                     after: str) -> tuple[bytes, bytes]:
         sent.append(items[0].uuid)
-        return mp({**data, "v": 99})
+        return tuple(mp({**msgpack.unpackb(data), "v": 99})  # type: ignore[return-value]
+                     for data in real(client, items, keep_s, batch, after))
 
-    client_module.encode_job = newer_client
+    client_module.encode_job_and_copy = newer_client
     try:
         started = time.monotonic()
         with pytest.raises(GenerationError, match=r"the request's batch could not be read by "
@@ -430,7 +430,7 @@ async def _(h: Hostile) -> Check:
                                    ERROR_WITHIN_S)
         assert time.monotonic() - started < ERROR_WITHIN_S
     finally:
-        client_module.encode_job = real
+        client_module.encode_job_and_copy = real
     again = await asyncio.wait_for(h.pipe.request(Request(h.marker, 1, "j2", "ns")), 10)
     assert again.metadata[0]["index"] == 0  # nothing was reserved for the unreadable batch
 
