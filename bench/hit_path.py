@@ -311,9 +311,10 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
 * **Where the CPU goes on the full path** (profiles above): the cache worker spends
   about half its samples in socket writes and `epoll`, the rest in packing the reserve
   call's arguments, decoding the job and accounting; the client spends most in
-  `prepare` (msgpack + BLAKE2b of the request, msgpack of its spec), the event loop,
-  and decoding the replies; the bench driver itself is about a tenth of the client
-  process.
+  `prepare` (reading the request, msgpack of its fields and spec, the key looked up),
+  the event loop, decoding the reply messages and building the responses (a sample
+  served before is not decoded again: fifteenth round); the bench driver itself is
+  about a sixth of the client process.
 
 Measured and not adopted (see the rounds above this section):
 
@@ -322,9 +323,12 @@ Measured and not adopted (see the rounds above this section):
   Overlap at c32 needs a batch's first requests sent before the rest are made, which
   gives up the batch window's `request_id` order (`eager=True` is that trade).
 
-Still proposed: at c256 the client is the busiest process (fourteenth round): its
-per-request work (preparing, decoding the reply, building the response) is what a
-faster c256 needs next.
+Still proposed: the cache worker's reserve call carries 12 arguments per request
+(its keys among them); every byte of it is packed, written over loopback TCP and
+parsed by Redis, whose Lua run is about four fifths of its CPU per hit (`INFO
+commandstats`, fifteenth round). Passing each request's prompt key once, and deriving
+its keys inside the script, would cut both; it changes the script's contract (keys
+not declared in `KEYS`), so it waits for a round that can re-measure ACL and sharding.
 """
 
 
