@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
@@ -48,6 +49,23 @@ def keys(redis_url: str) -> Iterator[Keys]:
             client.delete(*batch[i:i + 500])
     finally:
         client.close()
+
+
+@pytest.fixture
+def record_decodes(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[bytes]]:
+    """``record_decodes(module)``: a list of the samples ``module.decode_sample`` decodes
+    from then on."""
+    def record(module: Any) -> list[bytes]:
+        seen: list[bytes] = []
+        decode = module.decode_sample
+
+        def recording(raw: bytes) -> dict:
+            seen.append(raw)
+            return decode(raw)
+
+        monkeypatch.setattr(module, "decode_sample", recording)
+        return seen
+    return record
 
 
 @pytest.fixture

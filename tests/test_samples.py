@@ -16,18 +16,10 @@ from cachesaver_dist.protocol import CACHED, GENERATED, encode_sample
 
 
 @pytest.fixture
-def decoded(monkeypatch) -> list[bytes]:
+def decoded(monkeypatch, record_decodes) -> list[bytes]:
     """The samples decoded from here on (a fresh memory of decoded samples)."""
-    seen: list[bytes] = []
-    decode = samples.decode_sample
-
-    def counting(raw: bytes) -> dict:
-        seen.append(raw)
-        return decode(raw)
-
-    monkeypatch.setattr(samples, "decode_sample", counting)
     monkeypatch.setattr(samples, "_read", BytesMemo(samples.SAMPLES_REMEMBERED_BYTES))
-    return seen
+    return record_decodes(samples)
 
 
 def reply(raws: list[bytes], flags: str, start: int = 0) -> dict:

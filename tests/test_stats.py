@@ -125,20 +125,14 @@ def test_account_adds_requests_samples_and_tokens_per_kind():
     }
 
 
-def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatch):
+def test_a_sample_served_again_is_counted_without_being_decoded_again(monkeypatch,
+                                                                       record_decodes):
     from cachesaver_dist import outbox
     from cachesaver_dist.errors import ProtocolError
     from cachesaver_dist.memo import BytesMemo
     from cachesaver_dist.protocol import encode_sample
 
-    decoded: list[bytes] = []
-    decode = outbox.decode_sample
-
-    def counting_decode(raw: bytes) -> dict:
-        decoded.append(raw)
-        return decode(raw)
-
-    monkeypatch.setattr(outbox, "decode_sample", counting_decode)
+    decoded = record_decodes(outbox)
     samples = [encode_sample(f"answer {i:02d}", {"usage": {"prompt_tokens": i, "other": "x"}})
                for i in range(20)]
     entry = max(map(len, samples)) + outbox._ENTRY_BYTES
