@@ -32,6 +32,8 @@ class BytesMemo(Generic[V]):
         if cost > self.limit // 16:
             return
         with self._lock:
+            if raw in self._values:  # (two threads that read it at once)
+                return
             if self._bytes + cost > self.limit:
                 self._values.clear()
                 self._bytes = 0

@@ -707,6 +707,7 @@ def decode_replies(data: bytes) -> list[dict[str, Any]]:
             if not (isinstance(err, dict) and isinstance(err.get("kind"), str)
                     and isinstance(err.get("message"), str)):
                 raise ProtocolError(f"{kind}: 'error' needs str 'kind' and 'message'", "error")
+            r.pop("samples", None)  # an error reply has none: nothing to read
             continue
         _get(r, "start", int, kind)
         flags, samples = _get(r, "flags", str, kind), _get(r, "samples", list, kind)
@@ -803,8 +804,7 @@ def arq_job_keys(job_id: str) -> tuple[str, str, str]:
 def encode_arq_job(payload: bytes, enqueue_time_ms: int) -> bytes:
     """The body of an arq job calling the cache job with ``payload``, as arq's
     ``serialize_job`` writes it (with ``arq_serialize``; every value here is plain)."""
-    return pack({"t": None, "f": CACHE_JOB, "a": [payload], "k": {},
-                          "et": enqueue_time_ms})
+    return pack({"t": None, "f": CACHE_JOB, "a": [payload], "k": {}, "et": enqueue_time_ms})
 
 
 class Payload(bytes):

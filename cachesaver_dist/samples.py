@@ -9,13 +9,16 @@ its own copies of the dicts in it). A sample holding anything else (a list, or a
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
+from .errors import ProtocolError
 from .memo import BytesMemo
 from .protocol import decode_sample
 
 SAMPLES_REMEMBERED_BYTES = 16 << 20  # about this much memory for decoded samples
-_ENTRY_BYTES = 600  # what a decoded sample costs beside its bytes (counted twice), about
+_ENTRY_BYTES = 400  # what remembering a sample costs beside its bytes and data, about
+_FIELD_BYTES = 40  # and per field of its metadata (nested fields included), about
 _SCALARS = frozenset((str, int, float, bool, type(None), bytes))
 
 
@@ -49,12 +52,18 @@ def as_sample(record: dict[str, Any]) -> Sample:
 
 def read_sample(raw: bytes) -> Sample:
     """The sample stored as ``raw`` (``ProtocolError`` if it cannot be read)."""
+    if not isinstance(raw, bytes):
+        if not isinstance(raw, bytearray):
+            raise ProtocolError(f"sample is {type(raw).__name__}, not msgpack bytes")
+        raw = bytes(raw)
     known = _read.get(raw)
     if known is not None:
         return known
     sample = as_sample(decode_sample(raw))
     if _shareable(sample):
-        _read.put(raw, sample, 2 * len(raw) + _ENTRY_BYTES)
+        fields = len(sample.meta) + sum(len(sample.meta[name]) for name in sample.nested)
+        _read.put(raw, sample, len(raw) + sys.getsizeof(sample.data) + _ENTRY_BYTES +
+                  _FIELD_BYTES * fields)
     return sample
 
 

@@ -61,10 +61,12 @@ def _fields_reader(cls: type) -> Callable[[Any], dict[str, Any]]:
     names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in ROUTING_FIELDS)
     if not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
         return lambda request: {name: getattr(request, name) for name in names}
-    scope: dict[str, Any] = {}
+    scope: dict[str, Any] = {"__name__": __name__}
     exec("def read(r):\n    return {" + ", ".join(f"{n!r}: r.{n}" for n in names) + "}\n",
          scope)
-    return scope["read"]
+    read: Callable[[Any], dict[str, Any]] = scope["read"]
+    read.__qualname__ = f"{cls.__qualname__}.model_fields"
+    return read
 
 
 class _BatchFields(NamedTuple):

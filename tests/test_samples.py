@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -32,9 +33,10 @@ def test_a_sample_served_again_is_not_decoded_again(decoded):
     again = _response(reply([bytes(bytearray(raw))], CACHED, start=4))  # equal bytes
     assert decoded == [raw]
     assert first.data == again.data == ["text"] and first.cached == again.cached == [True]
-    assert first.metadata == [{"usage": {"prompt_tokens": 3}, "created": pytest.approx(
-        first.metadata[0]["created"]), "index": 0, "source": "stored"}]
-    assert again.metadata[0]["index"] == 4
+    created = first.metadata[0].pop("created")
+    assert isinstance(created, float) and again.metadata[0].pop("created") == created
+    assert first.metadata == [{"usage": {"prompt_tokens": 3}, "index": 0, "source": "stored"}]
+    assert again.metadata == [{"usage": {"prompt_tokens": 3}, "index": 4, "source": "stored"}]
 
 
 def test_responses_sharing_a_sample_never_share_what_users_can_change(decoded):
@@ -59,8 +61,7 @@ def test_a_sample_holding_lists_or_deep_dicts_is_decoded_for_every_response(deco
                                                                               meta):
     raw = encode_sample(data, meta)
     first = _response(reply([raw], CACHED))
-    first.data[0] = "changed" if isinstance(data, list) else first.data[0]
-    for value in first.metadata[0].values():
+    for value in [first.data[0], *first.metadata[0].values()]:  # changed where they are
         if isinstance(value, list):
             value.append("changed")
         elif isinstance(value, dict):
@@ -80,11 +81,41 @@ def test_flags_and_call_first_are_read_from_each_sample(decoded):
     assert all("call_first" not in m and "v" not in m and "data" not in m for m in r.metadata)
 
 
-def test_an_unreadable_sample_is_refused_every_time(decoded):
+@pytest.mark.parametrize("raw", [b"\xc1 not msgpack", [1], {"a": 1}, None, "text"])
+def test_an_unreadable_sample_is_refused_every_time(decoded, raw):
     for _ in range(2):
         with pytest.raises(ProtocolError):
-            samples.read_sample(b"\xc1 not msgpack")
+            samples.read_sample(raw)
     assert len(samples._read) == 0
+
+
+async def test_an_error_reply_with_samples_is_told_as_an_error(redis):
+    """A malformed error reply (samples beside its error, here unhashable ones) is
+    delivered as the error it carries; the client's reply reader goes on."""
+    from cachesaver_dist.client import CacheClient
+    from cachesaver_dist.protocol import Keys, decode_replies, encode_replies, error_reply
+
+    client = CacheClient(redis, Keys("t:"))
+    got: dict = {}
+
+    class Box:
+        def put(self, request_id, value):
+            got[request_id] = value
+
+    client._waiting["x"] = Box()  # type: ignore[assignment]
+    message = encode_replies([{**error_reply("x", "model_error", "boom"), "samples": [[1]]}])
+    client._received(decode_replies(message))
+    assert got == {"x": {"id": "x", "error": {"kind": "model_error", "message": "boom"}}}
+
+
+def test_what_a_remembered_sample_is_charged_follows_its_size_in_memory(monkeypatch):
+    memo: BytesMemo[samples.Sample] = BytesMemo(1 << 30)
+    monkeypatch.setattr(samples, "_read", memo)
+    for text in ("x" * 2000, "\U0001F600" * 2000):  # 2 and 8 kB in memory
+        raw = encode_sample(text, {"usage": {"prompt_tokens": 1}})
+        before = memo._bytes
+        data = samples.read_sample(raw).data
+        assert memo._bytes - before >= len(raw) + sys.getsizeof(data)
 
 
 def test_the_memory_of_decoded_samples_is_bounded():

@@ -431,7 +431,7 @@ async def test_fork_copies_counters_and_refuses_an_existing_run(r):
 
 def test_arq_job_bodies_and_keys_are_arqs_own():
     from arq import constants
-    from arq.jobs import deserialize_job
+    from arq.jobs import deserialize_job, serialize_job
 
     from cachesaver_dist.protocol import (
         ARQ_IN_PROGRESS,
@@ -439,6 +439,7 @@ def test_arq_job_bodies_and_keys_are_arqs_own():
         ARQ_RETRY,
         CACHE_JOB,
         arq_deserialize,
+        arq_serialize,
         encode_arq_job,
     )
 
@@ -448,6 +449,21 @@ def test_arq_job_bodies_and_keys_are_arqs_own():
     assert (job.function, list(job.args), job.kwargs, job.job_try) == (
         CACHE_JOB, [b"payload"], {}, None)
     assert job.enqueue_time.timestamp() == 1.234
+    assert encode_arq_job(b"payload", 1234) == serialize_job(
+        CACHE_JOB, (b"payload",), {}, None, 1234, serializer=arq_serialize)
+
+
+def test_a_job_and_its_wake_token_copy_are_encoded_as_apart():
+    from cachesaver_dist.protocol import decode_job, encode_job, encode_job_and_copy
+
+    items = [item("a"), item("b", n=3)._replace(manifest=True)]
+    for batch, after in (("", ""), ("b1", "")):
+        body, copy = encode_job_and_copy("c", items, 60, batch, after)
+        assert (body, copy) == (encode_job("c", items, 60, batch, after),
+                                encode_job("c", items, 60, batch, after, specs=False))
+        assert decode_job(body).items == items  # the body whole, its specs included
+        assert decode_job(copy).items == [it._replace(spec=b"") for it in items]
+        assert all(it.spec for it in items)  # (the copy did not empty the items' specs)
 
 
 async def test_batches_of_one_run_in_one_call_share_its_counters(r):
