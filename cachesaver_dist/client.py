@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import shlex
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,6 +54,7 @@ from .protocol import (
 from .samples import as_sample, read_sample
 from .subscription import ReplySubscription
 from .takeback import take_back
+from .timeouts import within
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -383,7 +383,7 @@ class CacheClient:
                 # reply READ_TIMEOUT_S late is given up (its connection with it) and the
                 # send tried again, on the current primary behind Sentinel
                 left = deadline - time.monotonic()
-                return await _within(send(), min(left, defaults.READ_TIMEOUT_S))
+                return await within(send(), min(left, defaults.READ_TIMEOUT_S))
             except (ResponseError, AuthenticationError) as exc:  # retrying cannot fix these
                 raise refused(exc, doing) from None
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -406,7 +406,7 @@ class CacheClient:
         worker, their claims are withdrawn (one that starts later would generate, and
         charge for, samples nobody waits for)."""
         try:
-            missing = await _within(self._missing_workers({it.route for it in pending}),
+            missing = await within(self._missing_workers({it.route for it in pending}),
                                     CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
@@ -467,7 +467,7 @@ class CacheClient:
     async def _timeout_message(self, pending: list[WorkItem]) -> str:
         hints: list[str] = []
         with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-            hints = list((await _within(self._missing_workers({it.route for it in pending}),
+            hints = list((await within(self._missing_workers({it.route for it in pending}),
                                         CHECK_WAIT_S)).values())
         hint = "; ".join(hints) or (
             "workers are alive but did not answer: their logs say why (slow model calls: "
@@ -502,14 +502,6 @@ class _Replies:
             self.got[request_id] = reply
             if len(self.got) == self.wanted:
                 self.complete.set_result(None)
-
-
-async def _within(aw: Awaitable[T], seconds: float) -> T:
-    """``aw``, cancelled after ``seconds`` (``asyncio.TimeoutError``)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(max(seconds, 0.0)):
-            return await aw
-    return await asyncio.wait_for(aw, max(seconds, 0.0))
 
 
 def _request_id(item: WorkItem) -> str:

@@ -369,11 +369,12 @@ class OnlineAPI:
         item = self._prepare(request)
         if item.n == 0:
             return _empty()
-        if not self._ready_here():
+        loop = asyncio.get_running_loop()
+        if not self._ready_here(loop):
             await self._start_for_call()
         if self._folder is not None:
             self._originals[item.uuid] = request
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         self._pending.append((item, future))
         if len(self._pending) >= self.batch_size:
             self._flush()
@@ -381,7 +382,7 @@ class OnlineAPI:
             # Wait up to ``timeout`` for the batch to fill; eager and idle: send at the
             # next loop turn (requests made together still share a batch).
             delay = 0 if self.eager and not self._batches_in_flight else self.timeout
-            self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
+            self._flush_timer = loop.call_later(delay, self._flush)
         if self._held is None:
             return await future
         self._hold([(item, request)])
@@ -417,12 +418,13 @@ class OnlineAPI:
                 out.append(_response(reply))
         return out
 
-    def _ready_here(self) -> bool:
-        """Started in this loop, and no ``close()`` under way: a call need not wait."""
+    def _ready_here(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Started in this loop (``loop``: the running one, if the caller has it), and no
+        ``close()`` under way: a call need not wait."""
         started = self._started
         return started is not None and started.done() and self._closed is None and \
-            self._loop is asyncio.get_running_loop() and not started.cancelled() and \
-            started.exception() is None
+            self._loop is (loop or asyncio.get_running_loop()) and \
+            not started.cancelled() and started.exception() is None
 
     async def _start_for_call(self) -> None:
         """``start()`` for a request: a ``close()`` meanwhile waits until it is sent."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 import uuid
 from typing import Any
@@ -341,3 +342,22 @@ async def test_an_enqueue_whose_reply_was_lost_keeps_its_order_and_its_records(
             found = [k async for k in redis.scan_iter(match=f"{keys.prefix}*")]
             if found:
                 await redis.delete(*found)
+
+
+async def test_within_runs_in_the_calling_task_and_gives_up_on_time():
+    from cachesaver_dist.timeouts import within
+
+    async def task_of() -> asyncio.Task | None:
+        return asyncio.current_task()
+
+    me = asyncio.current_task()
+    ran_in = await within(task_of(), 1.0)
+    if sys.version_info >= (3, 11):
+        assert ran_in is me  # no task of its own: no loop turns to start and to wake it
+    else:
+        assert ran_in is not None
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await within(asyncio.sleep(5), 0.05)
+    assert time.monotonic() - started < 1.0
+    assert await within(asyncio.sleep(0, "done"), 1.0) == "done"

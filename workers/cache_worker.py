@@ -53,6 +53,7 @@ from cachesaver_dist.protocol import (
 )
 from cachesaver_dist.scripts import Reservation, reserve_jobs, script
 from cachesaver_dist.stats import Tally, add_tally, write_tally
+from cachesaver_dist.timeouts import within
 
 log = logging.getLogger("cachesaver_dist.cache_worker")
 
@@ -422,7 +423,7 @@ class CacheWorker(Worker):
         started = time.perf_counter()
         waiting: set[str] = set()
         try:
-            replies = await asyncio.wait_for(
+            replies = await within(
                 serve_jobs(self.pool, self.keys, woken, self.ctx["run_ttl_s"],
                            self.ctx.get("replicas", 0), int(self.in_progress_timeout_s * 1000),
                            waiting=waiting, force=force),
