@@ -407,7 +407,7 @@ class CacheClient:
         charge for, samples nobody waits for)."""
         try:
             missing = await within(self._missing_workers({it.route for it in pending}),
-                                    CHECK_WAIT_S)
+                                   CHECK_WAIT_S)
         except (RedisError, OSError, asyncio.TimeoutError):
             return  # Redis is away: the next re-ask will tell
         if missing:
@@ -468,7 +468,7 @@ class CacheClient:
         hints: list[str] = []
         with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
             hints = list((await within(self._missing_workers({it.route for it in pending}),
-                                        CHECK_WAIT_S)).values())
+                                       CHECK_WAIT_S)).values())
         hint = "; ".join(hints) or (
             "workers are alive but did not answer: their logs say why (slow model calls: "
             "raise request_timeout; too few replicas for --wait-replicas; Redis refusing them)")
