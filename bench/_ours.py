@@ -192,6 +192,115 @@ async def round_trip_cost(spec: dict[str, Any]) -> dict[str, Any]:
             sock.recv(64)
         out["bare socket"] = ((time.process_time() - c0) / count * 1e6,
                               (time.perf_counter() - t0) / count * 1e6)
+    if hasattr(os, "fork"):
+        out.update(wake_up_cost(count * 4))
+    return out
+
+
+def wake_up_cost(count: int) -> dict[str, tuple[float, float]]:
+    """CPU and wall µs per round trip of one byte each way over loopback TCP: between two
+    processes that each block until the other's byte comes (a wake-up per message, as
+    on every hop of the full path), and the same sends and receives in one process."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for sock in (a, b):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = {}
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        a.send(b"x")
+        b.recv(1)
+        b.send(b"y")
+        a.recv(1)
+    out["one byte each way, one process at both ends (no wake-up; CPU per end)"] = (
+        (time.process_time() - c0) / 2 / count * 1e6, (time.perf_counter() - t0) / count * 1e6)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the peer: echoes, then reports its CPU per round trip
+        c0 = time.process_time()
+        for _ in range(count):
+            b.recv(1)
+            b.send(b"y")
+        os.write(w, repr(time.process_time() - c0).encode())
+        os._exit(0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        a.send(b"x")
+        a.recv(1)
+    mine, wall = time.process_time() - c0, time.perf_counter() - t0
+    os.waitpid(pid, 0)
+    peer = float(os.read(r, 64))
+    for fd in (r, w):
+        os.close(fd)
+    a.close()
+    b.close()
+    out["one byte each way, two processes, each woken per message (CPU per process)"] = (
+        (mine + peer) / 2 / count * 1e6, wall / count * 1e6)
+    return out
+
+
+async def client_split(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench.client_split``: this process's CPU per request at c32 (batch size 32),
+    with the path cut at three places, interleaved over ``rounds``:
+
+    * ``responses``: every batch answered in-process (``CacheClient.submit`` returns the
+      replies a real run gave for those prompts), so only the client's own work counts:
+      checking requests, batching, futures, responses, and this driver;
+    * ``enqueue``: the batch's job and wake token really enqueued (one round trip, under
+      a prefix no cache worker serves), then answered in-process: adds the enqueue;
+    * ``full``: the real path: adds the reply subscription's read and decoding."""
+    from cachesaver_dist.client import CacheClient
+
+    real_submit, real_enqueue = CacheClient.submit, CacheClient._enqueue
+    replies: dict[str, dict[str, Any]] = {}
+
+    def answered(items: list[Any]) -> list[dict[str, Any]]:
+        return [{**replies[it.key], "id": it.uuid} for it in items]
+
+    async def capturing(self: CacheClient, items: list[Any], batch: str | None = None
+                        ) -> list[Any]:
+        out = await real_submit(self, items, batch)
+        replies.update((it.key, dict(r)) for it, r in zip(items, out))
+        return out
+
+    async def given(self: CacheClient, items: list[Any], batch: str | None = None
+                    ) -> list[Any]:
+        await asyncio.sleep(0)  # a reply is never there before the loop turns
+        return answered(items)
+
+    async def enqueued(self: CacheClient, items: list[Any], deadline: float,
+                       batch: str) -> None:
+        await real_enqueue(self, items, deadline, batch)
+        self._deliver(answered(items))
+
+    patches = {"responses": {"submit": given},
+               "enqueue": {"_enqueue": enqueued},
+               "full": {}}
+    async with api_for(spec, batch_size=32, timeout=0.005) as api:
+        await W.warm(asker(api), spec["prompts"], workload=spec["workload"])
+        CacheClient.submit = capturing  # type: ignore[method-assign]
+        await W.closed_loop(asker(api), callers=32, duration=1e9, max_requests=spec["prompts"],
+                            prompts=spec["prompts"], tag="capture", workload=spec["workload"])
+    if any(r.get("flags") != "c" for r in replies.values()):
+        raise RuntimeError("the captured replies are not all hits of stored samples")
+    out: dict[str, list[float]] = {part: [] for part in patches}
+    for rnd in range(spec["rounds"]):
+        for part in (list(patches) if rnd % 2 == 0 else list(patches)[::-1]):
+            CacheClient.submit, CacheClient._enqueue = real_submit, real_enqueue
+            for name, fn in patches[part].items():
+                setattr(CacheClient, name, fn)
+            prefix = spec["prefix"] + ("split:" if part == "enqueue" else "")
+            async with api_for({**spec, "prefix": prefix}, batch_size=32,
+                               timeout=0.005) as api:
+                c0 = time.process_time()
+                await W.closed_loop(asker(api), callers=32, duration=1e9,
+                                    max_requests=spec["requests"], prompts=spec["prompts"],
+                                    tag=f"{part}-{rnd}", workload=spec["workload"])
+                out[part].append((time.process_time() - c0) / spec["requests"] * 1e6)
+    CacheClient.submit, CacheClient._enqueue = real_submit, real_enqueue
     return out
 
 
@@ -239,7 +348,8 @@ def dropin_sync(spec: dict[str, Any]) -> dict[str, Any]:
 
 MODES = {"hits": hits, "scaling": scaling, "dropin_hits": dropin_hits,
          "dropin_sync": dropin_sync, "round_trip_cost": round_trip_cost, "burst": burst,
-         "mp_client": mp_client, "savings": savings, "client_burst": client_burst}
+         "mp_client": mp_client, "savings": savings, "client_burst": client_burst,
+         "client_split": client_split}
 
 
 def main() -> None:

@@ -256,8 +256,11 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
         for title, prof in profiles.items():
             lines.append(C.profile_md(title, prof))
     lines += ["### What one Redis round trip costs here\n",
-              "2,000-3,000 PINGs in a row from one process; CPU = that process's CPU time "
-              "per round trip (the server's is not included).\n",
+              "3,000 PINGs in a row from one process; CPU = that process's CPU time "
+              "per round trip (the server's is not included). Then what a wake-up costs: "
+              "12,000 round trips of one byte each way over loopback TCP, between two "
+              "processes that each block until the other's byte comes (as every hop of the "
+              "full path does), and with one process at both ends, never blocking.\n",
               C.md_table(["path", "CPU µs", "wall µs"],
                          [[k, C.fmt(v[0], 0), C.fmt(v[1], 0)] for k, v in rt_cost.items()]),
               "", findings(agg, rt_cost)]
@@ -288,14 +291,23 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
                       f"{sum(xc.values()):.0f} µs of CPU per hit (client "
                       f"{xc.get('client', 0):.0f}, redis-server {xc.get('redis', 0):.0f})")
     rt_py, rt_bare = rt_cost["redis-py asyncio"][0], rt_cost["bare socket"][0]
+    woken = [v[0] for k, v in rt_cost.items() if "woken" in k]
+    alone = [v[0] for k, v in rt_cost.items() if "no wake-up" in k]
+    wake = (f" A process that blocks for each message and is woken spends {woken[0]:.0f} µs "
+            f"of CPU per round trip here, against {alone[0]:.0f} µs for the same sends and "
+            f"receives without blocking: about {woken[0] - alone[0]:.0f} µs per wake-up, "
+            "paid by each process on each hop (a batch wakes the client, Redis and the "
+            "cache worker about seven times, four of them on its serial path; the original, "
+            "in one process, none), and not made smaller by a faster CPU."
+            if woken and alone else "")
     return f"""### Findings (hot spots, what was fixed, what is proposed)
 
 * **Why c32 is short on the full path.** With 32 closed-loop callers and batch size 32
   exactly one batch is in flight, so throughput = 32 / batch latency, and the batch
   latency is the CPU spent on it in series. {parts[0]}; {parts[1]}. One Redis round
   trip costs a Python process {rt_py:.0f} µs of CPU here ({rt_bare:.0f} µs over a bare
-  socket: system calls, loopback TCP processing included, are expensive on this VM). A
-  batch makes two hops on its serial path: the client's enqueue, which wakes the
+  socket: system calls, loopback TCP processing included, are expensive on this VM).{wake}
+  A batch makes two hops on its serial path: the client's enqueue, which wakes the
   worker; the worker's reserve call, which publishes the replies itself (thirteenth
   round; the worker only counts the hits afterwards, off the client's path).
   More cache workers cannot help a single in-flight batch (see `scaling`); with several
@@ -309,7 +321,8 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
   workers' `cluster_*` gauges, not in their counters); under ACLs it logs in as the
   `direct-client` user. Misses go to the batch workers as usual.
 * **Where the CPU goes on the full path** (profiles above): the cache worker spends
-  about half its samples in socket writes and `epoll`, the rest in packing the reserve
+  about half its samples in socket writes and `epoll` (where it wakes Redis and is
+  woken: the wake-up cost above), the rest in packing the reserve
   call's arguments, decoding the job and accounting; the client spends most in
   `prepare` (reading the request, msgpack of its fields and spec, the key looked up),
   the event loop, decoding the reply messages and building the responses (a sample
