@@ -305,8 +305,9 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
 * **Why c32 is short on the full path.** With 32 closed-loop callers and batch size 32
   exactly one batch is in flight, so throughput = 32 / batch latency, and the batch
   latency is the CPU spent on it in series. {parts[0]}; {parts[1]}. One Redis round
-  trip costs a Python process {rt_py:.0f} µs of CPU here ({rt_bare:.0f} µs over a bare
-  socket: system calls, loopback TCP processing included, are expensive on this VM).{wake}
+  trip costs a Python process {rt_py:.0f} µs of CPU here through redis-py and asyncio
+  ({rt_bare:.0f} µs over a bare socket: system calls, loopback TCP processing included,
+  are expensive on this VM).{wake}
   A batch makes two hops on its serial path: the client's enqueue, which wakes the
   worker; the worker's reserve call, which publishes the replies itself (thirteenth
   round; the worker only counts the hits afterwards, off the client's path).
@@ -350,7 +351,7 @@ cost 20 µs of a 600 µs call, section *fcall*).
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=1.5, help="seconds per phase (1.5)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy pass")
     a = p.parse_args()
     run(a.duration, a.rounds, not a.no_profile)
