@@ -324,17 +324,11 @@ class WorkItem(NamedTuple):
 
     @classmethod
     def from_wire(cls, fields: Any, where: str = "work item") -> WorkItem:
+        """One request of a job, checked field by field (``work_items`` reads a job's)."""
         if not isinstance(fields, list) or len(fields) not in (9, 10):
             raise ProtocolError(f"{where} must be a list of 9 or 10 fields", "requests")
         uid, rid, key, ns, n, run, route, model_id, spec = fields[:9]
         manifest = fields[9] if len(fields) == 10 else False
-        m = MAX_ID_CHARS  # the common case, checked in one expression (a job has many)
-        if type(n) is int and n >= 0 and type(spec) is bytes and type(manifest) is bool \
-                and type(rid) is str and type(ns) is str and type(uid) is str \
-                and type(key) is str and type(run) is str and type(route) is str \
-                and type(model_id) is str and 0 < len(uid) <= m and 0 < len(key) <= m \
-                and 0 < len(run) <= m and 0 < len(route) <= m and 0 < len(model_id) <= m:
-            return cls(uid, rid, key, ns, n, run, route, model_id, spec, manifest)
         if not isinstance(manifest, bool):
             raise ProtocolError(f"{where}: manifest must be a bool", "manifest")
         for name, value in (("request_id", rid), ("namespace", ns)):
@@ -411,8 +405,37 @@ def decode_job(data: bytes, keys: Keys | None = None) -> CacheJob:
     after = msg.get("after", "")
     if after != "" and (keys is None or not is_job_id(after, keys)):
         raise ProtocolError(f"{kind}: 'after' is not a job id under this prefix", "after")
-    items = [WorkItem.from_wire(r, f"{kind} request {i}") for i, r in enumerate(requests)]
-    return CacheJob(client, items, keep_s, batch, after=after)
+    return CacheJob(client, work_items(requests, f"{kind} request"), keep_s, batch, after=after)
+
+
+def work_items(requests: list[Any], where: str) -> list[WorkItem]:
+    """``WorkItem.from_wire`` of each request (named ``where`` and its position in
+    errors), the common case checked inline: a job has many, and a worker decodes each
+    job before its reserve call."""
+    items: list[WorkItem] = []
+    m = MAX_ID_CHARS
+    for i, r in enumerate(requests):
+        if type(r) is list and len(r) == 9:
+            uid, rid, key, ns, n, run, route, model_id, spec = r
+            manifest = False
+        elif type(r) is list and len(r) == 10 and type(r[9]) is bool:
+            uid, rid, key, ns, n, run, route, model_id, spec, manifest = r
+        else:
+            items.append(WorkItem.from_wire(r, f"{where} {i}"))  # raises
+            continue
+        if type(n) is int and n >= 0 and type(spec) is bytes and type(rid) is str \
+                and type(ns) is str and type(uid) is str and type(key) is str \
+                and type(run) is str and type(route) is str and type(model_id) is str \
+                and 0 < len(uid) <= m and 0 < len(key) <= m and 0 < len(run) <= m \
+                and 0 < len(route) <= m and 0 < len(model_id) <= m:
+            items.append(_new_tuple(WorkItem, (uid, rid, key, ns, n, run, route, model_id,
+                                               spec, manifest)))
+        else:
+            items.append(WorkItem.from_wire(r, f"{where} {i}"))  # raises, or a subclass
+    return items
+
+
+_new_tuple = tuple.__new__
 
 
 def job_waiters(data: bytes) -> list[str]:

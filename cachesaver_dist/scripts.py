@@ -187,30 +187,32 @@ async def reserve_jobs(
         base = len(k) + 3 * len(pending) + 1
         records, job_of = "", None
         s_, g_, w_ = keys.samples(""), keys.generation(""), keys.waiters("")
-        for job, it in pending:
+        for job, (uuid, request_id, key, namespace, n, run, route, model_id, spec,
+                  manifest) in pending:
             if job is not job_of:
                 job_of, records = job, keys.reservations(job.client, job.batch)
-                client, job_number = job.client, number.get(id(job), 0)
-            key = it.key
-            k += [s_ + key, g_ + key, w_ + key]
-            found = groups.get((it.run, it.model_id, it.route, records))
+                waiter, job_number = job.client + ":", number.get(id(job), 0)
+            k += (s_ + key, g_ + key, w_ + key)
+            found = groups.get((run, model_id, route, records))
             if found is None:
-                found = groups[it.run, it.model_id, it.route, records] = (
-                    base + len(shared), waiter_tail(it.run, it.model_id))
-                shared += [keys.usage(it.run), keys.work_stream(it.route),
-                           keys.model_keys(it.model_id), keys.manifest(it.run), records]
-            argv += [it.namespace, it.n, f"{client}:{it.uuid}", found[1], key,
-                     b"" if take else it.spec, found[0],
-                     manifest_field(it.namespace, it.request_id)
-                     if it.manifest and it.request_id else "", job_number]
+                found = groups[run, model_id, route, records] = (
+                    base + len(shared), waiter_tail(run, model_id))
+                shared += [keys.usage(run), keys.work_stream(route),
+                           keys.model_keys(model_id), keys.manifest(run), records]
+            argv += (namespace, n, waiter + uuid, found[1], key, b"" if take else spec,
+                     found[0], manifest_field(namespace, request_id)
+                     if manifest and request_id else "", job_number)
         raw, stopped_at, held = await run_script(redis, "reserve", k + shared, argv, replicas)
         taken.update(id(job) for job, h in zip(arq_jobs, held) if h == 1)
         if waiting is not None:
             waiting.update(job.job_id for job, h in zip(arq_jobs, held) if h == 2)
+        job_of = None
         for (job, it), r in zip(pending, raw):
             if r is not None:
-                done[id(job)].append(Reservation(it, bool(r[0]), bool(r[1]), int(r[2]),
-                                                 text(r[3]), list(r[4:])))
+                if job is not job_of:
+                    job_of, reserved = job, done[id(job)]
+                reserved.append(Reservation(it, r[0] == 1, r[1] == 1, int(r[2]), text(r[3]),
+                                            r[4:]))
         if stopped_at < 0:
             return [done[id(job)] if id(job) in taken or id(job) in dropped else None
                     for job in jobs]
