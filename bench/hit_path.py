@@ -64,7 +64,7 @@ def phases(duration: float) -> list[dict[str, Any]]:
         {"name": "c32", "callers": 32, "batch_size": 32, "timeout": 0.005,
          "duration": duration, "max_requests": 200_000, "warmup": 0.3},
         {"name": "c256", "callers": 256, "batch_size": 32, "timeout": 0.005,
-         "duration": duration / 2, "max_requests": 200_000, "warmup": 0.3},
+         "duration": duration, "max_requests": 200_000, "warmup": 0.3},
     ]
 
 
