@@ -6,8 +6,9 @@ many times over (across namespaces): what a process reads from a sample is read 
 
 from __future__ import annotations
 
-import threading
 from typing import Generic, TypeVar
+
+from .forksafe import ForkSafeLock
 
 V = TypeVar("V")
 
@@ -21,7 +22,7 @@ class BytesMemo(Generic[V]):
         self.limit = limit
         self._values: dict[bytes, V] = {}
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def get(self, raw: bytes) -> V | None:
         """The value remembered for ``raw``, or None."""

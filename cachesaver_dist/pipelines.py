@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from . import defaults
 from .client import CacheClient
 from .connection import check_reachable, connect
 from .errors import CacheSaverError, InvalidRequestError, ProtocolError
+from .forksafe import ForkSafeLock
 from .models import LocalCalls, check_model, model_identity, model_name_problem
 from .prepare import check_run, check_text, prepare
 from .protocol import CACHED, DUPLICATED, GENERATED, MAX_ID_CHARS, Keys, WorkItem
@@ -48,7 +48,7 @@ def check_seconds(**durations: Any) -> None:
 # route -> (prompt key -> a request made for it, prompt key -> requests holding it): the
 # requests in-process models get, shared by the pipelines of one route (OnlineAPI._held)
 _HELD: dict[str, tuple[dict[str, Request], dict[str, int]]] = {}
-_HELD_LOCK = threading.Lock()  # (pipelines of several threads' loops)
+_HELD_LOCK = ForkSafeLock()  # (pipelines of several threads' loops)
 
 
 class OnlineAPI:

@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from .forksafe import ForkSafeLock
+
 log = logging.getLogger("cachesaver_dist.server")
 
 STATE_FILE, LOCK_FILE, LOG_FILE = "server.json", "server.lock", "server.log"
@@ -139,7 +141,7 @@ def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
 
 
 _SPAWNER: tuple[int, queue.SimpleQueue[Callable[[], None]]] | None = None
-_SPAWNER_LOCK = threading.Lock()
+_SPAWNER_LOCK = ForkSafeLock()
 
 
 def _spawner() -> queue.SimpleQueue[Callable[[], None]]:
@@ -175,7 +177,7 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 
 
 _USERS: dict[Path, list[EmbeddedServer]] = {}  # data dir -> this process's users of its server
-_USERS_LOCK = threading.RLock()  # start() and stop() of this process, one at a time
+_USERS_LOCK = ForkSafeLock(reentrant=True)  # start() and stop() of this process, one at a time
 
 
 class EmbeddedServer:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from .. import defaults
 from ..errors import CacheSaverError
+from ..forksafe import ForkSafeLock
 from .dropin import (
     CLOSE_WAIT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -41,7 +42,7 @@ class _LoopThread:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
