@@ -296,7 +296,7 @@ async def _run_command(url: str, keys: Keys, args: argparse.Namespace) -> int:
         from .top import run_top
 
         return await run_top(url, keys, args)
-    redis = connect(url)
+    redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
     try:
         if args.command == "drop-run":
             from .prepare import check_run

@@ -316,7 +316,7 @@ async def start(options: MetricsOptions | None, url: str, keys: Keys, routes: It
         raise CacheSaverError(f"cannot serve metrics on {options.host}:{options.port}: {exc} "
                               "(choose another --metrics-port, or 0 for a free one)") from exc
     routes = tuple(dict.fromkeys([CACHE_ROUTE, *routes]))
-    redis = connect(url)
+    redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
     task = asyncio.create_task(_refresh_loop(metrics, redis, keys, routes, options.refresh_s),
                                name="metrics-refresh")
     active = metrics

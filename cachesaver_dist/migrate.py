@@ -39,6 +39,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from . import defaults
 from .errors import CacheSaverError
 from .protocol import Keys, WorkItem, encode_sample, prompt_key
 from .scripts import MalformedWaiter, Waiter, _malformed, _waiters, script
@@ -633,7 +634,7 @@ async def import_command(url: str, keys: Keys, args: Any) -> int:
     from .connection import connect
 
     folder, requests, model_id, total = _command_inputs(args)
-    redis = connect(url)
+    redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
     err = Console(stderr=True)
     try:
         with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from . import logs
+from . import defaults, logs
 from .connection import connect
 from .protocol import Keys
 from .stats import list_runs, read_stats
@@ -69,7 +69,7 @@ async def collect(url: str, keys: Keys, run: str | None = None,
                   prices: dict[str, tuple[float, float]] | None = None) -> list[dict[str, Any]]:
     """Rows for one run, or for every run and the total (``run`` None in the last rows)."""
     prices = load_prices() if prices is None else prices
-    redis = connect(url)
+    redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
     try:
         runs: list[str | None] = [run] if run else [r for r, _ in await list_runs(redis, keys)]
         if not run:

@@ -139,7 +139,7 @@ async def run_top(url: str, keys: Keys, args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     if args.interval <= 0:
         raise ValueError(f"--interval must be > 0 seconds, got {args.interval}")
-    redis = connect(url)
+    redis = connect(url, read_timeout=defaults.READ_TIMEOUT_S)
     try:
         named = [CACHE_ROUTE, *dict.fromkeys(m for m in args.model or [] if m != CACHE_ROUTE)]
         routes = named if args.model else await find_routes(redis, keys)

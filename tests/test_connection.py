@@ -361,3 +361,37 @@ async def test_within_runs_in_the_calling_task_and_gives_up_on_time():
         await within(asyncio.sleep(5), 0.05)
     assert time.monotonic() - started < 1.0
     assert await within(asyncio.sleep(0, "done"), 1.0) == "done"
+
+
+def test_a_cli_command_gives_up_on_a_server_that_stops_answering(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A server that answers the reachability check, then nothing (writes paused for a
+    minute, as a frozen primary answers nothing): the command fails with what happened
+    once its reads time out (``READ_TIMEOUT_S``, here 0.2 s) and its retries run out,
+    instead of waiting as long as the server does."""
+    import redis
+
+    from cachesaver_dist import cli
+    from cachesaver_dist.server import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "paused", persist=False)
+    url = server.start()
+    admin = redis.Redis.from_url(url)
+    monkeypatch.setattr(defaults, "READ_TIMEOUT_S", 0.2)
+    monkeypatch.setenv("REDIS_URL", url)
+    try:
+        admin.hset("t:u:r1", "k", 1)  # the run's counters: drop-run deletes them (a write)
+        admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        started = time.monotonic()
+        status = cli.main(["drop-run", "r1", "--prefix", "t:"])
+        took = time.monotonic() - started
+        admin.execute_command("CLIENT", "UNPAUSE")
+        assert status == 1
+        assert took < 45, took  # the retries' backoff (about 17 s) and 13 reads of 0.2 s
+        said = capsys.readouterr().err
+        assert "Redis stopped answering during the drop-run command" in said, said
+        assert admin.exists("t:u:r1")  # nothing was dropped
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+        server.stop()
