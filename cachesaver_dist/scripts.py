@@ -33,6 +33,7 @@ from .protocol import (
     decode_waiter_record,
     manifest_field,
     text,
+    waiter_id,
     waiter_tail,
 )
 
@@ -191,7 +192,7 @@ async def reserve_jobs(
                   manifest) in pending:
             if job is not job_of:
                 job_of, records = job, keys.reservations(job.client, job.batch)
-                waiter, job_number = job.client + ":", number.get(id(job), 0)
+                client, job_number = job.client, number.get(id(job), 0)
             k += (s_ + key, g_ + key, w_ + key)
             found = groups.get((run, model_id, route, records))
             if found is None:
@@ -199,7 +200,7 @@ async def reserve_jobs(
                     base + len(shared), waiter_tail(run, model_id))
                 shared += [keys.usage(run), keys.work_stream(route),
                            keys.model_keys(model_id), keys.manifest(run), records]
-            argv += (namespace, n, waiter + uuid, found[1], key, b"" if take else spec,
+            argv += (namespace, n, waiter_id(client, uuid), found[1], key, b"" if take else spec,
                      found[0], manifest_field(namespace, request_id)
                      if manifest and request_id else "", job_number)
         raw, stopped_at, held = await run_script(redis, "reserve", k + shared, argv, replicas)
