@@ -171,10 +171,7 @@ def run(workloads: list[str], rounds: int, batches: int) -> None:
     results: dict[str, dict[str, list[float]]] = {}
     with C.Stack(STUDY) as st:
         env = C.environment(st.redis_version())
-        st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        st.start_worker("cache")
-        st.wait_alive(MODEL)
-        st.wait_alive("cache")
+        st.start_pool(MODEL)
         captured = {wl: asyncio.run(capture(st.url, st.prefix, wl)) for wl in workloads}
     for rnd in range(rounds):
         for wl in workloads:

@@ -44,10 +44,7 @@ def run(workloads: list[str], rounds: int, requests: int) -> None:
     results: dict[str, dict[str, list[float]]] = {}
     with C.Stack(STUDY) as st:
         env = C.environment(st.redis_version())
-        st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        st.start_worker("cache")
-        st.wait_alive(MODEL)
-        st.wait_alive("cache")
+        st.start_pool(MODEL)
         for wl in workloads:
             print(f"{wl} workload: {rounds} rounds of {len(PARTS)} parts", flush=True)
             results[wl] = C.run_driver("ours", {

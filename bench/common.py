@@ -351,6 +351,15 @@ class Stack:
         self.workers.append((route, proc))
         return proc
 
+    def start_pool(self, model: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+        """A batch worker for ``model`` (no model latency) and a cache worker, both at
+        their default flags, returned once alive: (batch, cache)."""
+        batch = self.start_worker("batch", "--model", model, "--sim-latency", "0")
+        cache = self.start_worker("cache")
+        self.wait_alive(model)
+        self.wait_alive("cache")
+        return batch, cache
+
     def wait_alive(self, route: str, count: int = 1, timeout: float = 30.0) -> None:
         from cachesaver_dist.heartbeat import alive_workers
         from cachesaver_dist.pipelines import connect

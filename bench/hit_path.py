@@ -82,10 +82,7 @@ def run(duration: float, rounds: int, profile: bool) -> None:
     with C.Stack(STUDY) as st:
         env = C.environment(st.redis_version())
         redis_pid = st.server_pid()
-        st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        st.wait_alive(MODEL)
-        worker = st.start_worker("cache")
-        st.wait_alive("cache")
+        _, worker = st.start_pool(MODEL)
         idle = C.idle_cpu({"cache worker": worker.pid,
                            **({"redis-server": redis_pid} if redis_pid else {})}, 2.0)
         watch = {"worker": worker.pid, **({"redis": redis_pid} if redis_pid else {})}

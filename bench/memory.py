@@ -194,10 +194,7 @@ def main() -> None:
     os.environ.pop("REDIS_URL", None)  # counted on a private server only
     t0 = time.monotonic()
     with C.Stack(STUDY) as st:
-        st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        st.start_worker("cache")
-        st.wait_alive(MODEL)
-        st.wait_alive("cache")
+        st.start_pool(MODEL)
         env = C.environment(st.redis_version())
         res = asyncio.run(measure(st.url, st.prefix))
     report(env, res, time.monotonic() - t0)

@@ -106,10 +106,8 @@ def run(duration: float) -> None:
         env = C.environment(st.redis_version())
         redis_pid = st.server_pid()
         own = st.own_cost()
-        batch = st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        workers = [st.start_worker("cache")]
-        st.wait_alive(MODEL)
-        st.wait_alive("cache")
+        batch, cache = st.start_pool(MODEL)
+        workers = [cache]
         C.run_driver("ours", {"mode": "hits", "url": st.url, "prefix": st.prefix,
                               "model": MODEL, "prompts": PROMPTS, "phases": []}, env=st.env())
         monitor = {}

@@ -89,10 +89,7 @@ def run(runs: int, profile: bool, baseline: str | None) -> dict[str, Any]:
         env = C.environment(st.redis_version())
         if not original:
             env.pop("original", None)
-        st.start_worker("batch", "--model", MODEL, "--sim-latency", "0")
-        st.start_worker("cache")
-        st.wait_alive("cache")
-        st.wait_alive(MODEL)
+        st.start_pool(MODEL)
         # As an installed package: bytecode cached (written by the warm-up runs).
         penv = {k: v for k, v in st.env().items() if k != "PYTHONDONTWRITEBYTECODE"}
         inproc_prefix = f"bench-{STUDY}-inproc-{uuid.uuid4().hex[:8]}:"
