@@ -53,7 +53,7 @@ from .protocol import (
 )
 from .samples import as_sample, read_sample
 from .subscription import ReplySubscription
-from .takeback import take_back
+from .takeback import give_back, take_back
 from .timeouts import within
 
 if TYPE_CHECKING:
@@ -209,6 +209,7 @@ class CacheClient:
         if asks == 1 and len(jobs) <= 1:
             self._answered.append(self.keys.reservations(self.client_id, batch))
         out: list[dict[str, Any] | GenerationError] = []
+        failed = []
         for it in items:
             reply = replies.got[it.uuid]
             if isinstance(reply, GenerationError):
@@ -217,6 +218,11 @@ class CacheClient:
                 out.append(GenerationError(f"{reply['error']['message']} ({describe(it)})"))
             else:
                 out.append(reply)
+                continue
+            failed.append(it)
+        if failed:  # their errors are final: asking again gets the same indices
+            await give_back(self.redis, self.keys, self.client_id, batch,
+                            sorted(failed, key=_request_id))  # in the order they reserved
         return out
 
     async def _enqueue(self, items: list[WorkItem], deadline: float, batch: str) -> None:

@@ -328,6 +328,21 @@ async def withdraw(redis: Redis, keys: Keys, route: str, key: str, waiter_ids: l
     return int(deleted), int(released)
 
 
+async def give_back(redis: Redis, keys: Keys, client: str, batch: str,
+                    items: list[WorkItem]) -> int:
+    """Give back the index ranges of ``items``, requests of ``client``'s ``batch`` that
+    failed, when each is the last range its counter handed out (see give_back.lua); how
+    many were given back."""
+    k: list[str] = []
+    argv: list[str] = []
+    for it in items:
+        k += [keys.usage(it.run), keys.reservations(client, batch), keys.manifest(it.run)]
+        argv += [it.key, it.namespace, waiter_id(client, it.uuid),
+                 manifest_field(it.namespace, it.request_id)
+                 if it.manifest and it.request_id else ""]
+    return int(await script(redis, "give_back")(keys=k, args=argv))
+
+
 async def discard(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> int:
     """Remove unreadable samples (if unchanged) so they are generated again."""
     argv: list[Any] = []

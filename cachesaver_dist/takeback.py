@@ -1,6 +1,7 @@
 """Taking back what requests that gave up asked for, so no worker started later works
 (and charges) for nobody: the queued jobs of a batch no cache worker served, or the
-claims of requests no batch worker serves (``withdraw.lua``)."""
+claims of requests no batch worker serves (``withdraw.lua``); and giving back the
+indices of requests that failed, so that asking again gets them (``give_back.lua``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,27 @@ async def take_back(redis: Any, keys: Keys, client: str, batch: str, jobs: list[
     except (RedisError, OSError, asyncio.TimeoutError) as exc:
         log.info("what the requests without a worker asked for was not taken back: %s",
                  redis_message(exc))
+
+
+async def give_back(redis: Any, keys: Keys, client: str, batch: str,
+                    items: list[WorkItem]) -> None:
+    """Best effort, for requests of ``client``'s ``batch`` that failed (their errors are
+    final): each one's indices go back to its namespace when no later request took indices
+    after them, so the same request asked again gets them, as in the original
+    CacheSaver. Not for a named ACL user: its role's rules do not allow it (the failed
+    range then stays unused in that namespace)."""
+    if _acl_user(redis):
+        return
+    from .scripts import give_back as give_back_script
+
+    try:
+        given = await asyncio.wait_for(give_back_script(redis, keys, client, batch, items),
+                                       TAKE_BACK_WAIT_S)
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        log.info("the indices of %d failed request(s) were not given back: %s", len(items),
+                 redis_message(exc))
+        return
+    log.debug("%d of %d failed request(s) gave their indices back", given, len(items))
 
 
 def _acl_user(redis: Any) -> bool:

@@ -177,8 +177,16 @@ async def test_permanent_error_reaches_every_waiter_and_releases_claim(
         assert (await sim_counters(sim))["faults"] == 1  # a 400 is not retried
         await admin(sim, "DELETE", "/admin/faults")
         later = await pipe.request(Request("bad", 1, "c", "ns3"))
+        served = (await sim_counters(sim))["requests"]
+        # the failed requests used up nothing: asked again, they get index 0, now stored
+        again = await asyncio.gather(pipe.request(Request("bad", 1, "a", "ns1")),
+                                     pipe.request(Request("bad", 1, "b", "ns2")))
+        assert (await sim_counters(sim))["requests"] == served
     assert len(later.data) == 1 and later.metadata[0]["index"] == 0
     assert later.cached == [False]
+    for response in again:
+        assert response.data == later.data and response.cached == [True]
+        assert response.metadata[0]["index"] == 0
 
 
 def test_worker_refuses_to_start_without_api_key_or_base_url(processes):

@@ -16,6 +16,7 @@ import redis as sync_redis
 from cachesaver_dist import (
     Batch,
     BatchRequestModel,
+    GenerationError,
     InvalidRequestError,
     LocalAPI,
     OnlineAPI,
@@ -374,6 +375,33 @@ async def test_a_local_models_failing_call_fails_only_its_requests():
     got = await LocalCalls(PickyBatch(), per_call=2).batch_request(batch)
     assert got[0].data == ["good!", "good!"]
     assert [str(g) for g in got[1:]] == ["bad chunk", "bad chunk"]
+
+
+async def test_a_failed_request_asked_again_gets_the_same_indices(redis_url, keys):
+    """A request whose model call failed uses up nothing, as in the original: asked again
+    in its namespace it gets the indices it would have got, and another namespace then
+    reuses those samples (one generation in all)."""
+
+    class Flaky(SingleRequestModel):
+        model = "flaky-once"
+        broken, calls = True, 0
+
+        async def request(self, request):
+            if self.broken:
+                raise ValueError("invalid api key")
+            self.calls += 1
+            return Response(data=[f"s{self.calls}"] * request.n)
+
+    model = Flaky()
+    async with api(model, redis_url, keys, batch_size=2) as pipe:
+        with pytest.raises(GenerationError, match="invalid api key"):
+            await pipe.request(Request("p", 2, "a", "ns1"))
+        model.broken = False
+        again = await pipe.request(Request("p", 2, "a", "ns1"))
+        other = await pipe.request(Request("p", 2, "a", "ns2"))
+    assert [m["index"] for m in again.metadata] == [0, 1] and again.cached == [False, False]
+    assert other.data == again.data and other.cached == [True, True]
+    assert model.calls == 1
 
 
 async def test_a_hash_callable_replaces_the_prompt_key(redis_url, keys):

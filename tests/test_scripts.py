@@ -512,6 +512,48 @@ async def test_withdraw_deletes_only_the_claims_of_requests_that_gave_up(r):
         claimed_indices(b"zero|gg")
 
 
+async def test_give_back_returns_a_failed_range_as_if_never_asked(r):
+    """give_back.lua: the range of a request that failed goes back to its namespace with
+    its reservation record and manifest entry, so the same request asked again gets it."""
+    from cachesaver_dist.scripts import give_back
+
+    failed = item("u1", n=2, rid="r1")._replace(manifest=True)
+    [res] = await reserve(r, KEYS, "c", [failed], batch="b")
+    mfield = protocol.manifest_field("ns", "r1")
+    assert (res.start, await r.hget(KEYS.manifest("run"), mfield)) == (0, b"k1|0|2")
+    assert await give_back(r, KEYS, "c", "b", [failed]) == 1
+    assert await r.hgetall(KEYS.usage("run")) == {}
+    assert await r.hget(KEYS.reservations("c", "b"), "c:u1") is None
+    assert await r.hget(KEYS.manifest("run"), mfield) is None
+    [again] = await reserve(r, KEYS, "c", [item("u2", n=2, rid="r1")._replace(manifest=True)],
+                            batch="b2")
+    assert again.start == 0 and await r.hget(KEYS.manifest("run"), mfield) == b"k1|0|2"
+    assert await give_back(r, KEYS, "c", "b", [failed]) == 0  # its record is gone
+
+
+async def test_give_back_never_returns_a_range_with_a_later_one_after_it(r):
+    """Only the last range of a counter goes back (else an index would be handed out
+    twice); several failures are taken last to first, so consecutive ones all go back."""
+    from cachesaver_dist.scripts import give_back
+
+    a, b, c = item("u1"), item("u2"), item("u3", n=2)
+    await reserve(r, KEYS, "c", [a, b, c], batch="b")  # 0, 1, 2-3
+    records = await r.hgetall(KEYS.reservations("c", "b"))
+    assert await give_back(r, KEYS, "c", "b", [a]) == 0
+    assert await give_back(r, KEYS, "c", "b", [a, b]) == 0
+    assert await r.hget(KEYS.usage("run"), "k1ns") == b"4"
+    assert await r.hgetall(KEYS.reservations("c", "b")) == records  # nothing touched
+    assert await give_back(r, KEYS, "c", "b", [b, c]) == 2
+    assert await r.hget(KEYS.usage("run"), "k1ns") == b"1"
+    assert list(await r.hgetall(KEYS.reservations("c", "b"))) == [b"c:u1"]
+    [again] = await reserve(r, KEYS, "c", [item("u4")], batch="b2")
+    assert again.start == 1
+    other = item("u5", ns="ns2")  # another namespace's counter is its own
+    await reserve(r, KEYS, "c", [other], batch="b3")
+    assert await give_back(r, KEYS, "c", "b3", [other]) == 1
+    assert await r.hget(KEYS.usage("run"), "k1ns") == b"2"
+
+
 async def test_a_time_to_live_redis_cannot_keep_is_refused_before_anything_is_written(
         redis, keys):
     """A PEXPIRE refused after a script's writes would leave them without expiry (a claim
