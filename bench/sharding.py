@@ -76,7 +76,8 @@ CHECKS = [  # (label, field of the 1-primary run or None, field of the sharded r
     ("keys whose stored indices differ from the reference's", None,
      "samples_differ_ref_vs_sharded"),
     ("model calls (prompt, n) not in both runs", None, "model_calls_differ"),
-    ("run stats counters (merged) ≠ the reference's", None, "stats_differ"),
+    ("run stats counters (merged; cached and deduplicated summed) ≠ the reference's", None,
+     "stats_differ"),
 ]
 
 
