@@ -222,7 +222,8 @@ class CacheClient:
             failed.append(it)
         if failed:  # their errors are final: asking again gets the same indices
             await give_back(self.redis, self.keys, self.client_id, batch,
-                            sorted(failed, key=_request_id))  # in the order they reserved
+                            sorted(failed, key=_request_id),  # in the order they reserved
+                            self.direct)
         return out
 
     async def _enqueue(self, items: list[WorkItem], deadline: float, batch: str) -> None:

@@ -41,13 +41,13 @@ async def take_back(redis: Any, keys: Keys, client: str, batch: str, jobs: list[
 
 
 async def give_back(redis: Any, keys: Keys, client: str, batch: str,
-                    items: list[WorkItem]) -> None:
+                    items: list[WorkItem], direct: bool = False) -> None:
     """Best effort, for requests of ``client``'s ``batch`` that failed (their errors are
     final): each one's indices go back to its namespace when no later request took indices
     after them, so the same request asked again gets them, as in the original
-    CacheSaver. Not for a named ACL user: its role's rules do not allow it (the failed
-    range then stays unused in that namespace)."""
-    if _acl_user(redis):
+    CacheSaver. Not for a named ACL user other than a direct client's: the plain
+    client's role may not write counters (the failed range then stays unused)."""
+    if _acl_user(redis) and not direct:
         return
     from .scripts import give_back as give_back_script
 

@@ -28,10 +28,11 @@ import pytest
 import redis as sync_redis
 
 from cachesaver_dist import OnlineAPI, Request
-from cachesaver_dist.errors import NoWorkerError
+from cachesaver_dist.errors import GenerationError, NoWorkerError
 from cachesaver_dist.protocol import Keys
 from cachesaver_dist.server import find_server_binary
 from tests.conftest import ROOT, Processes, subprocess_env
+from tests.support import admin as sim_admin
 from tests.test_rate_limit import simulator_process
 
 pytestmark = pytest.mark.processes
@@ -173,6 +174,22 @@ async def direct_miss_then_hit(url: str, prefix: str, model: str) -> None:
     assert again.data == first.data
 
 
+async def direct_failure_given_back(url: str, prefix: str, model: str, sim: str) -> None:
+    """A direct client's request that failed gives its indices back under the client's
+    own user (give_back.lua): asked again it gets index 0, which another namespace then
+    reuses."""
+    await sim_admin(sim, "POST", "/admin/faults",
+                    {"faults": [{"status": 400, "message": "bad request", "count": 1}]})
+    async with OnlineAPI(model, cache=url, prefix=prefix, run="acl-give-back", direct=True,
+                         reply_timeout=2, request_timeout=30) as api:
+        with pytest.raises(GenerationError, match="bad request"):
+            await api.request(Request("Fails once", 1, "g/q1", "ns1"))
+        again = await api.request(Request("Fails once", 1, "g/q1", "ns1"))
+        other = await api.request(Request("Fails once", 1, "g/q2", "ns2"))
+    assert again.metadata[0]["index"] == 0 and again.cached == [False]
+    assert other.cached == [True] and other.data == again.data
+
+
 async def no_worker(url: str, prefix: str) -> None:
     """A model nobody serves fails fast: the client reads the heartbeats (ZCOUNT)."""
     async with OnlineAPI("sim:nobody", cache=url, prefix=prefix, reply_timeout=0.5,
@@ -224,6 +241,8 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
                 direct_miss_then_hit(server.url("cachesaver", "direct-client"), "cachesaver:",
                                      "sim:x"),
                 no_worker(server.url("cachesaver", "client"), "cachesaver:"))
+            await direct_failure_given_back(server.url("cachesaver", "direct-client"),
+                                            "cachesaver:", LIMITED, sim)
 
             stats = [operator(server, t, "stats", "--json") for t in TENANTS]
             dead = operator(server, "cachesaver", "dead-letters", "--json")
@@ -406,7 +425,8 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("ZCOUNT", f"{p}workers:cache", "0", "+inf"),
             ("ZRANGEBYSCORE", f"{p}workers:sim:x", "0", "+inf"),
         ],
-        "direct-client": [  # reserve.lua, discard.lua, accounting, dead letters, fail fast
+        # reserve.lua, discard.lua, give_back.lua, accounting, dead letters, fail fast
+        "direct-client": [
             ("TIME",),
             ("HMGET", f"{p}s:k", "0", "1"),
             ("HSETNX", f"{p}g:k", "spec", "s"),
@@ -424,6 +444,11 @@ def test_commands_a_role_needs_on_its_own_keys_are_allowed_and_no_more(acl_serve
             ("EXPIRE", f"{p}stats:r", "100"),
             ("ZREMRANGEBYSCORE", f"{p}runs", "-inf", "1"),
             ("DEL", f"{p}r:c:b"),
+            ("HGET", f"{p}u:r", "kns"),
+            ("HDEL", f"{p}u:r", "kns"),
+            ("HDEL", f"{p}r:c:b", "c:u"),
+            ("HGET", f"{p}m:r", "ns\nq1"),
+            ("HDEL", f"{p}m:r", "ns\nq1"),
             ("ZCOUNT", f"{p}workers:sim:x", "0", "+inf"),
             ("SUBSCRIBE", f"{p}reply:abc"),
             ("WAIT", "1", "10"),
