@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -518,6 +518,34 @@ def _read_with_timeout(proc: subprocess.Popen, timeout: float) -> bytes:
     if t.is_alive():
         raise subprocess.TimeoutExpired(proc.args, timeout)
     return chunks[0] if chunks else b""
+
+
+# --- placement on the cores -------------------------------------------------------------
+
+
+def server_core() -> int | None:
+    """The CPU the studies place Redis and the cache worker on when they place them (the
+    last one this process may use), or None where that cannot be done (no
+    ``os.sched_setaffinity``, one CPU)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) > 1 else None
+
+
+@contextlib.contextmanager
+def placed(pids: Iterable[int], cpus: set[int]) -> Iterator[None]:
+    """Run the processes ``pids`` on ``cpus`` only (what ``taskset -pc`` does), and as
+    before afterwards. A process started meanwhile by one of them inherits the set."""
+    before = {pid: os.sched_getaffinity(pid) for pid in pids}
+    try:
+        for pid in before:
+            os.sched_setaffinity(pid, cpus)
+        yield
+    finally:
+        for pid, was in before.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, was)
 
 
 # --- CPU and profiles -----------------------------------------------------------------

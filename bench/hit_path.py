@@ -40,6 +40,7 @@ from bench import common as C
 C.reexec_in_project_venv()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -50,7 +51,9 @@ MODEL = "sim:bench"
 
 
 WORKLOADS = ("short", "chat")
-OURS = ("ours", "ours direct")  # the default path, and OnlineAPI(direct=True)
+# the default path, OnlineAPI(direct=True), and the default path with Redis and the cache
+# worker on one core (``bench.placement``; only where this study starts Redis itself)
+OURS = ("ours", "ours direct", "ours placed")
 PROMPTS = 512
 TARGET_RATIO = {"short": 6.0, "chat": 10.0}  # c32, × the original (issue #11)
 TARGET_C256, TARGET_CPU_SHARE, TARGET_REDIS_US, TARGET_SEQ_P50 = 15.0, 10.0, 25.0, 5.0
@@ -86,6 +89,8 @@ def run(duration: float, rounds: int, profile: bool) -> None:
         idle = C.idle_cpu({"cache worker": worker.pid,
                            **({"redis-server": redis_pid} if redis_pid else {})}, 2.0)
         watch = {"worker": worker.pid, **({"redis": redis_pid} if redis_pid else {})}
+        server_core = C.server_core() if redis_pid else None
+        ours = [s for s in OURS if s != "ours placed" or server_core is not None]
         rt_cost = C.run_driver("ours", {"mode": "round_trip_cost", "url": st.url})
         warmed: set[str] = set()
         for rnd in range(rounds):
@@ -95,13 +100,17 @@ def run(duration: float, rounds: int, profile: bool) -> None:
                     "mode": "hits", "cache_dir": str(cache_dir / wl), "workload": wl,
                     "prompts": PROMPTS, "phases": phases(duration)})
                 results.setdefault(label("original", wl), []).append(res["phases"])
-                for side in OURS if rnd % 2 == 0 else OURS[::-1]:
+                for side in ours if rnd % 2 == 0 else ours[::-1]:
                     print(f"round {rnd + 1}/{rounds}: {side}, {wl} workload", flush=True)
-                    res = C.run_driver("ours", {
-                        "mode": "hits", "url": st.url, "prefix": st.prefix, "model": MODEL,
-                        "workload": wl, "prompts": PROMPTS, "warm": wl not in warmed,
-                        "phases": phases(duration), "watch": watch,
-                        "direct": side == "ours direct"}, env=st.env())
+                    with contextlib.ExitStack() as placing:
+                        if side == "ours placed":
+                            placing.enter_context(C.placed([worker.pid, redis_pid],
+                                                           {server_core}))
+                        res = C.run_driver("ours", {
+                            "mode": "hits", "url": st.url, "prefix": st.prefix,
+                            "model": MODEL, "workload": wl, "prompts": PROMPTS,
+                            "warm": wl not in warmed, "phases": phases(duration),
+                            "watch": watch, "direct": side == "ours direct"}, env=st.env())
                     warmed.add(wl)
                     results.setdefault(label(side, wl), []).append(res["phases"])
         if profile:
@@ -144,7 +153,9 @@ def aggregate(rounds: list[dict[str, Any]], phase: str) -> dict[str, Any]:
     for r in rounds:
         for k, v in r[phase]["cpu"].items():
             cpu[k] = cpu.get(k, 0.0) + v
+    idle = [r[phase]["machine_idle"] for r in rounds if r[phase].get("machine_idle") is not None]
     return {**C.summary(lat), "thr": C.median(thr), "thr_all": thr, "count": count,
+            "idle": C.median(idle) if idle else float("nan"),
             "misses": sum(r[phase]["misses"] for r in rounds),
             "cpu_us": {k: 1e6 * v / count for k, v in cpu.items()} if count else {}}
 
@@ -189,13 +200,14 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
            duration: float, rounds: int, seconds: float, server_version: str) -> None:
     agg = {side: {ph: aggregate(rs, ph) for ph in ("seq", "c32", "c256")}
            for side, rs in results.items()}
+    ours = [s for s in OURS if label(s, WORKLOADS[0]) in agg]
     headers = ["workload", "side", "seq p50 ms", "seq p99 ms", "seq req/s", "c32 p50 ms",
                "c32 p99 ms", "c32 req/s", "c32 × original", "c256 req/s", "c256 × original",
                "CPU µs/hit (c32, all processes)", "CPU µs/hit (c256)"]
     rows, verdicts = [], []
     for wl in WORKLOADS:
         orig = agg[label("original", wl)]
-        for side in ("original", *OURS):
+        for side in ("original", *ours):
             a = agg[label(side, wl)]
             cpu_txt, cpu256_txt = (_cpu_text(a[ph]["cpu_us"]) for ph in ("c32", "c256"))
             rows.append([wl, side, C.fmt(a["seq"]["p50"]), C.fmt(a["seq"]["p99"]),
@@ -204,7 +216,7 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
                          C.fmt(a["c32"]["thr"] / orig["c32"]["thr"]),
                          C.fmt(a["c256"]["thr"], 0),
                          C.fmt(a["c256"]["thr"] / orig["c256"]["thr"]), cpu_txt, cpu256_txt])
-        for side in OURS:
+        for side in ours:
             verdicts += _verdicts(wl, side, agg[label(side, wl)], orig)
     table_txt = C.text_table(headers, rows)
     print()
@@ -226,8 +238,13 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
         f"batch size 32, batch timeout 5 ms (both sides); `c256` = 256 callers, batch size "
         f"32 (several batches in flight). Ours: one cache worker at its default flags, one "
         f"Redis; `ours direct` = `OnlineAPI(direct=True)` against the same server (the "
-        f"cache worker idles; its CPU is counted all the same); the two run in turn, "
-        f"first one then the other, swapped each round. req/s = median over rounds; "
+        f"cache worker idles; its CPU is counted all the same); `ours placed` = the "
+        f"default path with Redis and the cache worker placed on one core (the last CPU, "
+        f"with `os.sched_setaffinity`, as `taskset -pc` places them; the client and the "
+        f"original are not placed; `bench.placement` and `docs/scaling.md`, *Placement "
+        f"on one host*). " + ("" if "ours placed" in ours else "(Not run: Redis is not "
+        "this study's own, or one CPU.) ") + f"Ours' sides run in turn, their order "
+        f"reversed each round. req/s = median over rounds; "
         f"latencies pooled over rounds. CPU µs/hit = "
         f"CPU seconds of each process over the c32 (c256) phase / hits served (ours: "
         f"client + cache worker + redis-server; the original: its one process). Idle CPU with no "
@@ -240,9 +257,9 @@ def report(env: dict[str, Any], results: dict[str, list[dict[str, Any]]],
     sides = list(agg)
     link = C.plot(STUDY, {
         "kind": "hit_path", "sides": sides,
-        "ratio_sides": [label(o, wl) for wl in WORKLOADS for o in OURS],
+        "ratio_sides": [label(o, wl) for wl in WORKLOADS for o in ours],
         "ratios": [agg[label(o, wl)]["c32"]["thr"] / agg[label("original", wl)]["c32"]["thr"]
-                   for wl in WORKLOADS for o in OURS],
+                   for wl in WORKLOADS for o in ours],
         "c32": [agg[s]["c32"]["thr"] for s in sides],
         "seq_p50": [agg[s]["seq"]["p50"] for s in sides],
         "seq_p99": [agg[s]["seq"]["p99"] for s in sides]})
@@ -300,6 +317,21 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
             "cache worker about seven times, four of them on its serial path; the original, "
             "in one process, none), and not made smaller by a faster CPU."
             if woken and alone else "")
+    placed = []
+    for wl in WORKLOADS:
+        if label("ours placed", wl) in agg:
+            p, d = agg[label("ours placed", wl)], agg[label("ours", wl)]
+            placed.append(f"{wl}: c32 {p['c32']['thr'] / d['c32']['thr']:.2f}×, c256 "
+                          f"{p['c256']['thr'] / d['c256']['thr']:.2f}× the kernel's "
+                          f"placement, the machine idle {100 * d['c256']['idle']:.0f} % of "
+                          f"its CPU time at c256, placed {100 * p['c256']['idle']:.0f} %")
+    placement = ("" if not placed else f"""
+* **Placement** (`ours placed`): the same processes, with Redis and the cache worker on
+  one core. {"; ".join(placed)}. The cache worker and Redis work in turn (each waits for the
+  other's answer), so one core carries both, and the client, the busiest process, has
+  the other; left to itself the kernel moves the cache worker between the CPUs tens of
+  times a second and leaves CPU time idle while work waits. `bench.placement` runs the
+  other placements; `docs/scaling.md`, *Placement on one host*, says how to set it.""")
     return f"""### Findings (hot spots, what was fixed, what is proposed)
 
 * **Why c32 is short on the full path.** With 32 closed-loop callers and batch size 32
@@ -320,7 +352,7 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
   then does the cache worker's work: it checks the samples, and writes its accounting
   every 50 ms, several batches in one round trip (its hits are in `stats` and in the
   workers' `cluster_*` gauges, not in their counters); under ACLs it logs in as the
-  `direct-client` user. Misses go to the batch workers as usual.
+  `direct-client` user. Misses go to the batch workers as usual.{placement}
 * **Where the CPU goes on the full path** (profiles above): the cache worker spends
   about half its samples in socket writes and `epoll` (where it wakes Redis and is
   woken: the wake-up cost above), the rest in packing the reserve

@@ -7,7 +7,7 @@ PY=.venv/bin/python
 "$PY" bench/original_env.py          # bench/.venv-original (cachesaver==0.0.6), bench/.venv-tools
 studies=("$@")
 if [ ${#studies[@]} -eq 0 ]; then
-  studies=(hit_path dropin miss_backlog multiprocess scaling sharding memory savings_study)
+  studies=(hit_path placement dropin miss_backlog multiprocess scaling sharding memory savings_study)
 fi
 failed=()
 for s in "${studies[@]}"; do

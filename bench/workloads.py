@@ -136,6 +136,29 @@ def proc_cpu(pid: int) -> float:
         return float("nan")
 
 
+def machine_idle() -> tuple[int, int]:
+    """(idle ticks, all ticks) of the machine's CPUs so far (/proc/stat, Linux; idle
+    includes iowait), (0, 0) where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def migrations(pid: int) -> int:
+    """How often the kernel has moved a process from one CPU to another (Linux)."""
+    try:
+        with open(f"/proc/{pid}/sched") as f:
+            for line in f:
+                if line.startswith("se.nr_migrations"):
+                    return int(line.split(":")[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 async def closed_loop(ask: Ask, *, callers: int, duration: float, max_requests: int,
                       prompts: int, tag: str, start_at: float | None = None,
                       watch: dict[str, int] | None = None,
@@ -175,6 +198,8 @@ class _Meter:
     def __init__(self, watch: dict[str, int] | None) -> None:
         self.watch = {"client": os.getpid(), **(watch or {})}
         self.cpu0 = {k: proc_cpu(p) for k, p in self.watch.items()}
+        self.moved0 = {k: migrations(p) for k, p in self.watch.items()}
+        self.idle0 = machine_idle()
         self.latencies: list[float] = []
         self.misses = 0
         self.start = time.perf_counter()
@@ -186,9 +211,11 @@ class _Meter:
     def result(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.start
         cpu = {k: proc_cpu(p) - self.cpu0[k] for k, p in self.watch.items()}
+        moved = {k: migrations(p) - self.moved0[k] for k, p in self.watch.items()}
+        idle, ticks = (b - a for a, b in zip(self.idle0, machine_idle()))
         return {"latencies_ms": self.latencies, "wall": wall, "count": len(self.latencies),
                 "misses": self.misses, "throughput": len(self.latencies) / wall if wall else 0.0,
-                "cpu": cpu}
+                "cpu": cpu, "migrations": moved, "machine_idle": idle / ticks if ticks else None}
 
 
 async def hit_phase(ask: Ask, phase: dict[str, Any], spec: dict[str, Any],

