@@ -4,8 +4,9 @@ Same workload, same run: every request is a hit (sample 0 of a warmed prompt, as
 a namespace that has not used it yet). Ours, by default, goes the full worker path:
 client process → Redis (arq queue) → cache worker process (reserve script) → pub/sub
 reply; ``ours direct`` is the opt-in ``OnlineAPI(direct=True)``: the client process runs
-the reserve script itself. The original serves from its in-process pipeline and
-``diskcache``. Phases, each closed-loop:
+the reserve script itself; ``ours placed`` is the default path with Redis and the cache
+worker on one core (``bench.placement``; only with the Redis this study starts). The
+original serves from its in-process pipeline and ``diskcache``. Phases, each closed-loop:
 
 * ``seq``: 1 caller, one request at a time (batch size 1 on both sides);
 * ``c32``: 32 concurrent callers, batch size 32 (batch timeout 5 ms on both sides);
