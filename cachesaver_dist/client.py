@@ -43,6 +43,7 @@ from .errors import (
 from .heartbeat import REGISTRY_KEPT_S, alive_workers
 from .protocol import (
     ARQ_JOB,
+    ASK_AGAIN,
     CacheJob,
     Keys,
     WorkItem,
@@ -72,6 +73,7 @@ ENQUEUED_TOGETHER = 16  # batches per enqueue at most (a cache worker pops 16 to
 MAX_DELETES = 256  # answered batches' reservation records deleted per enqueue at most
 CLOSE_WAIT_S = 2.0  # direct mode: how long close() waits to write the last accounting
 CHECK_WAIT_S = 2.0  # the fail-fast check of live workers waits this long at most
+STORED_KEYS_KEPT = 16_384  # prompt keys known to have a stored spec, per client (~2 MB)
 # Workers register again within one heartbeat: an empty registry, when workers answered
 # this client lately, is waited out this long (Redis restarted without its data).
 REGISTRY_LOST_GRACE_S = 3 * defaults.HEARTBEAT_S
@@ -114,6 +116,10 @@ class CacheClient:
         self._outgoing: list[_Outgoing] = []
         self._enqueuing, self._last_job = asyncio.Lock(), ""
         self._replied_at = -math.inf  # when a worker's reply last came (monotonic)
+        # Prompt keys answered with samples: their spec is stored (the generation hash
+        # keeps the spec of a key's first claim), so a first send leaves their prompts
+        # out of the job's body; a worker rebuilds a claiming request's spec from it.
+        self._stored: set[str] = set()
         self._lost_since: dict[str, float] = {}  # route -> its registry found gone
 
     async def start(self) -> None:
@@ -190,10 +196,11 @@ class CacheClient:
                     await asyncio.wait([replies.complete], timeout=min(wait, left))
                 if replies.complete.cancelled():
                     raise asyncio.CancelledError  # the client was closed
+                again = replies.take_again()  # asked again at once, with their prompts
                 pending = [it for it in pending if it.uuid not in replies.got]
                 if pending and time.monotonic() >= deadline:
                     raise ReplyTimeoutError(await self._timeout_message(pending))
-                if pending:
+                if pending and len(again) < len(pending):
                     await self._fail_unserved(pending, replies, batch)
                     pending = [it for it in pending if it.uuid not in replies.got]
                 if pending:
@@ -218,6 +225,7 @@ class CacheClient:
                 out.append(GenerationError(f"{reply['error']['message']} ({describe(it)})"))
             else:
                 out.append(reply)
+                self._remember_stored(it.key)
                 continue
             failed.append(it)
         if failed:  # their errors are final: asking again gets the same indices
@@ -225,6 +233,11 @@ class CacheClient:
                             sorted(failed, key=_request_id),  # in the order they reserved
                             self.direct)
         return out
+
+    def _remember_stored(self, key: str) -> None:
+        if len(self._stored) >= STORED_KEYS_KEPT:
+            self._stored.clear()
+        self._stored.add(key)
 
     async def _enqueue(self, items: list[WorkItem], deadline: float, batch: str) -> None:
         """Enqueue one arq job and wake a cache worker, in one round trip.
@@ -268,8 +281,10 @@ class CacheClient:
             for out in taken:
                 job_id = self.keys.new_job_id()
                 self._queued.setdefault(out.batch, []).append(job_id)
+                # a re-ask carries every prompt (a spec left out may have been the cause)
                 body, slim = encode_job_and_copy(self.client_id, out.items, self._keep_s,
-                                                 out.batch, "" if out.again else last)
+                                                 out.batch, "" if out.again else last,
+                                                 () if out.again else self._stored)
                 pipe.psetex(ARQ_JOB + job_id, int(self.request_timeout * 1000),
                             encode_arq_job(body, now_ms))
                 pipe.zadd(self.keys.cache_queue, {job_id: now_ms})
@@ -495,20 +510,33 @@ class _Outgoing:
 
 class _Replies:
     """The replies of one batch as they come (request id -> reply, or the error to
-    raise); ``complete`` is done once every request has one."""
+    raise), and the requests to ask again at once (``ASK_AGAIN``); ``complete`` is done
+    once every request has one or the other."""
 
-    __slots__ = ("complete", "got", "wanted")
+    __slots__ = ("again", "complete", "got", "wanted")
 
     def __init__(self, wanted: int) -> None:
         self.got: dict[str, Any] = {}
+        self.again: set[str] = set()
         self.wanted = wanted
         self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def put(self, request_id: str, reply: Any) -> None:
-        if request_id not in self.got and not self.complete.done():
+        if request_id in self.got or self.complete.done():
+            return
+        if isinstance(reply, dict) and reply.get("error", {}).get("kind") == ASK_AGAIN:
+            self.again.add(request_id)
+        else:
             self.got[request_id] = reply
-            if len(self.got) == self.wanted:
-                self.complete.set_result(None)
+        if len(self.got) + len(self.again) == self.wanted:
+            self.complete.set_result(None)
+
+    def take_again(self) -> set[str]:
+        """The requests to ask again at once, taken out; the batch then waits anew."""
+        again, self.again = self.again, set()
+        if again and len(self.got) < self.wanted and not self.complete.cancelled():
+            self.complete = asyncio.get_running_loop().create_future()
+        return again
 
 
 def _request_id(item: WorkItem) -> str:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -370,9 +371,16 @@ def encode_job(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
 
 
 def encode_job_and_copy(client: str, items: list[WorkItem], keep_s: int, batch: str = "",
-                        after: str = "") -> tuple[bytes, bytes]:
-    """``encode_job`` with specs and without (the wake token's copy), built once."""
+                        after: str = "", stored: Container[str] = ()) -> tuple[bytes, bytes]:
+    """``encode_job`` with specs and without (the wake token's copy), built once; the
+    body leaves out the specs of requests whose prompt key is in ``stored`` (keys whose
+    spec the generation hash holds: a claim of one rebuilds the request's spec from it,
+    ``respec``)."""
     msg = _job_message(client, items, keep_s, batch, after)
+    if stored:
+        for wire in msg["requests"]:
+            if wire[2] in stored:
+                wire[8] = b""
     body = pack(msg)
     _drop_specs(msg)
     return body, pack(msg)
@@ -472,6 +480,16 @@ def encode_spec(route: str, model_id: str, fields: dict[str, Any], namespace: st
     return b"".join((_spec_head(route, model_id), pack(fields) if packed is None else packed,
                      _namespace_entry(namespace) if type(namespace) is str else
                      _NAMESPACE + pack(namespace), _REQUEST_ID, pack(request_id)))
+
+
+def respec(stored: bytes, route: str, model_id: str, namespace: str,
+           request_id: str) -> bytes:
+    """The spec of a request whose job left it out: the fields of ``stored`` (its prompt
+    key's spec, as the generation hash keeps it), with this request's own route, model,
+    namespace and request id (``""``: none). ``ProtocolError`` if ``stored`` cannot be
+    read."""
+    return encode_spec(route, model_id, decode_spec(stored).fields, namespace,
+                       request_id or None)
 
 
 @lru_cache(maxsize=256)
@@ -697,6 +715,11 @@ def decode_sample(data: bytes) -> dict[str, Any]:
 def reply(request_uuid: str, start: int, flags: str, samples: list[bytes]) -> dict[str, Any]:
     """Samples ``start, start+1, ...`` of a request, with their flags."""
     return {"id": request_uuid, "start": start, "flags": flags, "samples": samples}
+
+
+# The error kind of a reply that is not final: the request was left unreserved (its
+# prompt could not be read); its client asks again at once, with the prompt.
+ASK_AGAIN = "ask_again"
 
 
 def error_reply(request_uuid: str, kind: str, message: str) -> dict[str, Any]:

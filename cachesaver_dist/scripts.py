@@ -32,6 +32,7 @@ from .protocol import (
     decode_job,
     decode_waiter_record,
     manifest_field,
+    respec,
     text,
     waiter_id,
     waiter_tail,
@@ -234,12 +235,14 @@ def finish_jobs(pipe: Any, keys: Keys, job_ids: list[str]) -> None:
 async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, WorkItem]],
                       taken: set[int], dropped: set[int]) -> list[tuple[CacheJob, WorkItem]]:
     """``pending`` with the specs a wake token left out, read from the arq jobs' bodies in
-    one round trip. A job whose body is gone (expired), unreadable or not the token's
-    batch moves from ``taken`` to ``dropped``, and is finished as arq finishes an expired
-    job: its requests not reserved yet are left to its client, which asks again."""
+    one round trip, then those the bodies left out too, rebuilt from the specs stored
+    under their prompt keys (``_stored_specs``). A job whose body is gone (expired),
+    unreadable or not the token's batch, or a spec neither holds, moves from ``taken``
+    to ``dropped``; a woken one is finished as arq finishes an expired job. Its requests
+    not reserved yet are left to its client, which asks again with their prompts."""
     jobs = {job.job_id: job for job, it in pending if not it.spec and job.job_id}
     if not jobs:
-        return pending
+        return await _stored_specs(redis, keys, pending, taken, dropped)
     specs: dict[tuple[str, str], bytes] = {}
     for job_id, body in zip(jobs, await redis.mget([ARQ_JOB + j for j in jobs])):
         job = jobs[job_id]
@@ -250,7 +253,7 @@ async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, Wo
             if isinstance(payload, MalformedJob):
                 raise ProtocolError(payload.reason)
             full = {it.uuid: it.spec for it in decode_job(payload, keys).items}
-            if any(not full.get(it.uuid) for j, it in pending if j is job):
+            if any(it.uuid not in full for j, it in pending if j is job):
                 raise ProtocolError("it is not the batch its wake token named")
         except ProtocolError as exc:
             log.warning("job %s: its requests' prompts could not be read from its body (%s); "
@@ -259,13 +262,51 @@ async def _with_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, Wo
             dropped.add(id(job))
             continue
         specs.update(((job_id, uuid), spec) for uuid, spec in full.items())
+    pending = [(job, it._replace(spec=specs.get((job.job_id, it.uuid), b"")) if not it.spec
+                else it) for job, it in pending if id(job) in taken]
+    pending = await _stored_specs(redis, keys, pending, taken, dropped)
     gone = [job_id for job_id, job in jobs.items() if id(job) in dropped]
     if gone:
         pipe = redis.pipeline(transaction=False)
         finish_jobs(pipe, keys, gone)
         await pipe.execute()
-    return [(job, it._replace(spec=specs.get((job.job_id, it.uuid), b"")) if not it.spec
-             else it) for job, it in pending if id(job) in taken]
+    return pending
+
+
+async def _stored_specs(redis: Redis, keys: Keys, pending: list[tuple[CacheJob, WorkItem]],
+                        taken: set[int], dropped: set[int]
+                        ) -> list[tuple[CacheJob, WorkItem]]:
+    """``pending`` with the specs their clients left out (``encode_job_and_copy``'s
+    ``stored``) rebuilt from the specs their prompt keys' generation hashes keep, in one
+    round trip (``respec``); a job with a spec that is not there (the key pruned, or
+    imported without one) or cannot be read moves from ``taken`` to ``dropped``."""
+    wanted = sorted({it.key for _, it in pending if not it.spec})
+    if not wanted:
+        return pending
+    pipe = redis.pipeline(transaction=False)
+    for key in wanted:
+        pipe.hget(keys.generation(key), "spec")
+    stored = dict(zip(wanted, await pipe.execute()))
+    out = []
+    for job, it in pending:
+        if id(job) not in taken:
+            continue
+        if not it.spec:
+            try:
+                raw = stored.get(it.key)
+                if raw is None:
+                    raise ProtocolError("no spec is stored under its prompt key")
+                it = it._replace(spec=respec(raw, it.route, it.model_id, it.namespace,
+                                             it.request_id))
+            except ProtocolError as exc:
+                log.info("batch %s of client %s: the prompt of request %s could not be "
+                         "rebuilt (%s); left to its client, which asks again with it",
+                         job.batch, job.client, it.uuid, exc)
+                taken.discard(id(job))
+                dropped.add(id(job))
+                continue
+        out.append((job, it))
+    return [(job, it) for job, it in out if id(job) in taken]
 
 
 async def fill(redis: Redis, keys: Keys, key: str, samples: dict[int, bytes]) -> list[Waiter]:

@@ -28,6 +28,9 @@ class CountingModel(SimModel):
         pipe = self._redis.pipeline(transaction=False)
         pipe.hincrby(self.counter_key, str(request.prompt), request.n)
         pipe.hincrby(self.counter_key, "__calls__", 1)
+        # what each call was asked for: prompt, namespace and request id, in order
+        pipe.rpush(self.counter_key + ":calls", f"{request.prompt}|{request.namespace}|"
+                   f"{request.request_id}")
         await pipe.execute()
         return response
 

@@ -304,9 +304,9 @@ async def test_an_enqueue_whose_reply_was_lost_keeps_its_order_and_its_records(
     sent: list[tuple[str, str]] = []  # (batch, after) per job enqueued
     encode = client_mod.encode_job_and_copy
 
-    def recorded(client_id, items, keep_s, batch, after):  # type: ignore[no-untyped-def]
+    def recorded(client_id, items, keep_s, batch, after, stored):  # type: ignore[no-untyped-def]
         sent.append((batch, after))  # (its wake token's copy is the same, slimmer)
-        return encode(client_id, items, keep_s, batch, after)
+        return encode(client_id, items, keep_s, batch, after, stored)
 
     execute, lose = Pipeline.execute, {"n": 0}
 

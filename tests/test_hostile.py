@@ -415,10 +415,10 @@ async def _(h: Hostile) -> Check:
     sent: list[str] = []
 
     def newer_client(client: str, items: list, keep_s: int, batch: str,
-                     after: str) -> tuple[bytes, bytes]:
+                     after: str, stored: Any) -> tuple[bytes, bytes]:
         sent.append(items[0].uuid)
         return tuple(mp({**msgpack.unpackb(data), "v": 99})  # type: ignore[return-value]
-                     for data in real(client, items, keep_s, batch, after))
+                     for data in real(client, items, keep_s, batch, after, stored))
 
     client_module.encode_job_and_copy = newer_client
     try:

@@ -282,3 +282,45 @@ async def test_a_burst_of_batches_from_several_clients_is_served_from_the_wake_u
     finally:
         for api in apis:
             await api.close()
+
+
+async def test_a_stored_prompt_is_left_out_of_the_job_and_rebuilt_for_its_claim(
+        redis_url, keys, processes, monkeypatch):
+    """A client leaves out of its jobs the prompts of keys it was answered from (their
+    spec is stored); a claim hands the model this request's own namespace and request id,
+    and a request whose key lost its spec is asked again at once, with its prompt."""
+    from cachesaver_dist import OnlineAPI, Request
+    from cachesaver_dist import client as client_module
+    from cachesaver_dist.protocol import decode_job
+
+    counter = f"{keys.prefix}test-counter"
+    start_pool(processes, cache_workers=1, counter=counter)
+    sent = []  # per enqueued job: request id -> the spec its body carries
+
+    def spy(*args):
+        body, slim = encode_job(*args)
+        sent.append({it.request_id: it.spec for it in decode_job(body, keys).items})
+        return body, slim
+
+    encode_job = client_module.encode_job_and_copy
+    monkeypatch.setattr(client_module, "encode_job_and_copy", spy)
+    r = sync_redis.Redis.from_url(redis_url)
+    # reply_timeout beyond request_timeout: a request that is not asked again at once
+    # times out
+    async with OnlineAPI(MODEL, cache=redis_url, prefix=keys.prefix, run="left-out",
+                         batch_size=1, reply_timeout=60, request_timeout=20) as api:
+        async def ask(rid):
+            got = await api.request(Request(prompt="Left out?", n=1, namespace="a",
+                                            request_id=rid))
+            return got.metadata[0]["index"], got.cached[0]
+
+        assert await ask("1") == (0, False)
+        assert sent[-1]["1"] != b""  # not known yet: sent with its prompt
+        assert await ask("2") == (1, False)
+        assert sent[-1]["2"] == b""  # left out: the claim rebuilt it
+        r.hdel(keys.generation(prompt_key(MODEL, {"prompt": "Left out?"})), "spec")
+        assert await ask("3") == (2, False)
+        assert sent[-2]["3"] == b"" and sent[-1]["3"] != b""  # asked again with it
+    calls = [c.decode() for c in r.lrange(counter + ":calls", 0, -1)]
+    r.close()
+    assert calls == ["Left out?|a|1", "Left out?|a|2", "Left out?|a|3"]

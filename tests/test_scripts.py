@@ -17,6 +17,7 @@ from cachesaver_dist import protocol
 from cachesaver_dist.errors import ProtocolError
 from cachesaver_dist.protocol import (
     CONSUMER_GROUP,
+    CacheJob,
     Keys,
     WorkItem,
     arq_deserialize,
@@ -26,7 +27,7 @@ from cachesaver_dist.protocol import (
     prompt_key,
     unique_id,
 )
-from cachesaver_dist.scripts import fill, fill_many, release, reserve, script
+from cachesaver_dist.scripts import fill, fill_many, release, reserve, reserve_jobs, script
 
 KEYS = Keys("unit:")
 
@@ -153,6 +154,56 @@ async def test_a_pass_without_specs_leaves_a_claiming_request_untouched(r):
     assert await script(r, "reserve")(keys=keys, args=argv) == [[], 0, []]
     assert [await r.exists(k) for k in keys] == [0] * 9  # no counter, record, claim, entry,
     # spec, model index or manifest entry
+
+
+def spec_of(ns, rid, prompt="p1"):
+    return encode_spec("sim:x", "sim:x", {"prompt": prompt, "temperature": 0.5}, ns, rid)
+
+
+def asked(uuid, ns, rid, spec=b"", key="k1"):
+    """A request as a cache worker reads it from a job; ``spec`` b"": its client left the
+    prompt out (its key's spec is stored)."""
+    return WorkItem(uuid, rid, key, ns, 1, "run", "sim:x", "sim:x", spec)
+
+
+def test_a_job_body_leaves_out_only_the_prompts_of_stored_keys():
+    items = [asked("u1", "a", "r1", spec_of("a", "r1"), key="k1"),
+             asked("u2", "a", "r2", spec_of("a", "r2", "p2"), key="k2")]
+    body, slim = protocol.encode_job_and_copy("c", items, 60, "b", stored={"k1"})
+    assert [it.spec for it in decode_job(body).items] == [b"", items[1].spec]
+    assert [it.spec for it in decode_job(slim).items] == [b"", b""]
+    full, _ = protocol.encode_job_and_copy("c", items, 60, "b")
+    assert [it.spec for it in decode_job(full).items] == [it.spec for it in items]
+
+
+def test_a_rebuilt_spec_is_the_one_the_request_would_have_sent():
+    stored = spec_of("other", "r0")
+    assert protocol.respec(stored, "sim:x", "sim:x", "a", "r7") == spec_of("a", "r7")
+    assert protocol.respec(stored, "sim:x", "sim:x", "a", "") == spec_of("a", None)
+    with pytest.raises(ProtocolError):
+        protocol.respec(b"not a spec", "sim:x", "sim:x", "a", "r7")
+
+
+async def test_a_claim_rebuilds_a_left_out_prompt_from_the_stored_spec(r):
+    """The claim hands the batch workers this request's spec (its namespace and request
+    id), built from the one its prompt key keeps."""
+    await reserve(r, KEYS, "c", [asked("u1", "a", "r1", spec_of("a", "r1"))])
+    assert await r.hget(KEYS.generation("k1"), "spec") == spec_of("a", "r1")
+    [got] = await reserve_jobs(r, KEYS, [CacheJob("c", [asked("u2", "a", "r2")], 60, "b2")])
+    assert [(x.item.uuid, x.start, x.flags) for x in got or []] == [("u2", 1, "g")]
+    assert await stream_entries(r) == [("k1", "0"), ("k1", "1")]
+    assert (await stream_specs(r))[-1] == spec_of("a", "r2")
+
+
+async def test_a_left_out_prompt_that_is_not_stored_leaves_the_request_to_its_client(r):
+    await reserve(r, KEYS, "c", [asked("u1", "a", "r1", spec_of("a", "r1"))])
+    await r.hdel(KEYS.generation("k1"), "spec")  # pruned, or imported without one
+    hit_first = [asked("u0", "b", "r0"), asked("u2", "a", "r2")]
+    [got] = await reserve_jobs(r, KEYS, [CacheJob("c", hit_first, 60, "b2")])
+    # u0 waits on index 0 (in flight); u2 would claim index 1: left untouched
+    assert [(x.item.uuid, x.start) for x in got or []] == [("u0", 0)]
+    assert await r.hget(KEYS.usage("run"), "k1a") == b"1"
+    assert await stream_entries(r) == [("k1", "0")]
 
 
 async def test_late_fill_never_overwrites(r):

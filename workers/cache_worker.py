@@ -40,6 +40,7 @@ from cachesaver_dist.errors import NotReplicatedError, ProtocolError, redis_mess
 from cachesaver_dist.heartbeat import heartbeat_loop, retire, worker_name
 from cachesaver_dist.outbox import Outbox
 from cachesaver_dist.protocol import (
+    ASK_AGAIN,
     CACHE_JOB,
     CacheJob,
     Keys,
@@ -135,6 +136,13 @@ async def serve_jobs(
                     outbox.reply_to(job.client, it.uuid, it.key, r.start, r.flags, r.samples,
                                     it.run, it.model_id, first=r.new)
                 outbox.answered += 1
+        if len(reservations) < len(job.items):  # its prompts could not be read: the rest
+            reserved = {r.item.uuid for r in reservations}  # is asked again at once
+            for it in job.items:
+                if it.uuid not in reserved:
+                    outbox.error(waiter_id(job.client, it.uuid), ASK_AGAIN,
+                                 "the request's prompt was neither in its batch's job nor "
+                                 "stored under its prompt key; it is asked again with it")
     log.debug("%d batch(es): %d requests answered from cache", len(payloads), outbox.answered)
     return outbox
 
