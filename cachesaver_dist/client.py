@@ -217,6 +217,9 @@ class CacheClient:
             self._answered.append(self.keys.reservations(self.client_id, batch))
         out: list[dict[str, Any] | GenerationError] = []
         failed = []
+        stored = self._stored
+        if len(stored) >= STORED_KEYS_KEPT:
+            stored.clear()
         for it in items:
             reply = replies.got[it.uuid]
             if isinstance(reply, GenerationError):
@@ -225,7 +228,7 @@ class CacheClient:
                 out.append(GenerationError(f"{reply['error']['message']} ({describe(it)})"))
             else:
                 out.append(reply)
-                self._remember_stored(it.key)
+                stored.add(it.key)
                 continue
             failed.append(it)
         if failed:  # their errors are final: asking again gets the same indices
@@ -233,11 +236,6 @@ class CacheClient:
                             sorted(failed, key=_request_id),  # in the order they reserved
                             self.direct)
         return out
-
-    def _remember_stored(self, key: str) -> None:
-        if len(self._stored) >= STORED_KEYS_KEPT:
-            self._stored.clear()
-        self._stored.add(key)
 
     async def _enqueue(self, items: list[WorkItem], deadline: float, batch: str) -> None:
         """Enqueue one arq job and wake a cache worker, in one round trip.
@@ -524,7 +522,7 @@ class _Replies:
     def put(self, request_id: str, reply: Any) -> None:
         if request_id in self.got or self.complete.done():
             return
-        if isinstance(reply, dict) and reply.get("error", {}).get("kind") == ASK_AGAIN:
+        if type(reply) is dict and "error" in reply and reply["error"]["kind"] == ASK_AGAIN:
             self.again.add(request_id)
         else:
             self.got[request_id] = reply
