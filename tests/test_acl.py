@@ -150,14 +150,19 @@ def finished(proc: subprocess.Popen) -> str:
 
 
 async def miss_then_hit(url: str, prefix: str, model: str) -> None:
-    """The same prompt in a second namespace is served from the cache; the run keeps a
-    manifest (reserve.lua) and is replayed with the client's rights."""
+    """The same prompt in a second namespace is served from the cache; asked again in the
+    first, it claims with its prompt left out of the job (the cache worker rebuilds it
+    from the key's spec, with its user's rights); the run keeps a manifest (reserve.lua)
+    and is replayed with the client's rights."""
     async with OnlineAPI(model, cache=url, prefix=prefix, run="acl-run", reply_timeout=2,
                          request_timeout=30, manifest=True) as api:
         first = await api.request(Request("What is an ACL?", 2, f"{model}/q1", "ns1"))
         again = await api.request(Request("What is an ACL?", 2, f"{model}/q2", "ns2"))
+        more = await api.request(Request("What is an ACL?", 2, f"{model}/q3", "ns1"))
     assert first.cached == [False, False], (prefix, model)
     assert again.cached == [True, True] and again.data == first.data, (prefix, model)
+    assert more.cached == [False, False], (prefix, model)
+    assert [m["index"] for m in more.metadata] == [2, 3], (prefix, model)
     async with OnlineAPI(model, cache=url, prefix=prefix, replay="acl-run") as api:
         replayed = await api.request(Request("What is an ACL?", 2, f"{model}/q1", "ns1"))
     assert replayed.data == first.data, (prefix, model)
@@ -266,8 +271,9 @@ async def test_every_role_works_with_its_own_user_alongside_another_tenant(acl_s
     for procs in tenants:
         assert all(p.returncode == 0 for p in procs.procs), logs
     mine = {(r["run"], r["model"]): r for r in rows[0]}
-    for run, model in (("acl-run", "sim:x"), ("acl-run", LIMITED), ("acl-direct", "sim:x")):
-        assert mine[run, model]["samples_generated"] == 2
+    for run, model, generated in (("acl-run", "sim:x", 4), ("acl-run", LIMITED, 4),
+                                  ("acl-direct", "sim:x", 2)):
+        assert mine[run, model]["samples_generated"] == generated
         assert mine[run, model]["samples_cached"] == 2
     assert {r["model"] for r in rows[1]} == {"sim:x"}  # the other tenant's counters only
     assert "sim:x" in plain
