@@ -141,8 +141,9 @@ async def serve_jobs(
             for it in job.items:
                 if it.uuid not in reserved:
                     outbox.error(waiter_id(job.client, it.uuid), ASK_AGAIN,
-                                 "the request's prompt was neither in its batch's job nor "
-                                 "stored under its prompt key; it is asked again with it")
+                                 "the request's prompt could not be read (its batch's job "
+                                 "is gone or unreadable, or left it out and its prompt key "
+                                 "keeps none); it is asked again with it")
     log.debug("%d batch(es): %d requests answered from cache", len(payloads), outbox.answered)
     return outbox
 
