@@ -463,6 +463,7 @@ async def test_a_busy_worker_writes_its_accounting_once_per_interval_and_when_st
         return (await read_stats(redis, keys, "acc")).get("m", {}).get("requests", 0)
 
     await w._pop_wake_tokens(None, served(1))  # the first: written at once
+    await asyncio.gather(*w._tally_sends)  # (by a write of its own)
     assert await requests_counted() == 1
     await w._pop_wake_tokens(None, served(2))  # within the interval: kept
     await w._pop_wake_tokens(None, served(3))
@@ -479,3 +480,32 @@ async def test_a_busy_worker_writes_its_accounting_once_per_interval_and_when_st
     assert await requests_counted() == 10
     stats = await read_stats(redis, keys, "acc")
     assert stats["m"]["prompt_tokens_cached"] == 30 and stats["m"]["samples_cached"] == 10
+
+
+async def test_a_stopping_worker_finishes_the_accounting_write_it_had_begun(
+        redis_url, keys, redis, monkeypatch):
+    """A write of the accounting that has not gone out when the worker stops is finished,
+    not cut short with what it carried (the counts would be lost without a word)."""
+    from redis.asyncio.client import Pipeline
+
+    from cachesaver_dist.stats import read_stats
+
+    w = cache_worker(keys, redis_pool=ArqRedis(connection_pool=connection_pool(redis_url)),
+                     poll_delay=5.0)
+    w._tally = {("acc", "m|requests"): 3}
+    w._tally_due = time.monotonic()
+    gate, execute = asyncio.Event(), Pipeline.execute
+
+    async def held(self, *args, **kwargs):  # not sent yet when the stop comes
+        await gate.wait()
+        return await execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", held)
+    w._tally_writer = asyncio.create_task(w._write_tally_when_due())
+    while not w._tally_sends:
+        await asyncio.sleep(0)
+    stopping = asyncio.create_task(stop_worker(w, asyncio.create_task(asyncio.sleep(60))))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await stopping
+    assert (await read_stats(redis, keys, "acc"))["m"]["requests"] == 3

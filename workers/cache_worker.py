@@ -8,9 +8,9 @@ arq finds jobs by polling; clients also push a wake token (the job's id and its
 message) to a wake-up list. The worker blocks on that list between polls and serves
 the jobs it pops at once, up to ``WAKE_BATCH`` together, in one round trip whatever
 their number: one script call takes the jobs (arq's claim), reserves for all their
-requests, publishes their replies and finishes the jobs; the accounting goes out in
-the same pipeline as a later blocking pop (Redis runs it first), gathered over
-``defaults.ACCOUNT_EVERY_S`` at most. arq's full poll
+requests, publishes their replies and finishes the jobs; the accounting goes out in a
+write of its own, gathered over ``defaults.ACCOUNT_EVERY_S`` at most (a stopping worker
+finishes the writes it began). arq's full poll
 still runs every ``poll_delay`` and runs, with arq's own steps and retry rules, whatever
 the list missed and every job started before.
 
@@ -71,6 +71,7 @@ POLL_GRACE_MS = 1000
 # the next rounds): one round trip each, and all served in the next reserve call.
 JOBS_BEFORE_READ = 64
 HEALTH_CHECK_S = 15  # arq's health-check key (arq --check) is rewritten this often
+STOP_ACCOUNTING_S = 2.0  # a stopping worker waits this long for its accounting's writes
 
 
 async def handle_jobs(
@@ -217,6 +218,7 @@ class CacheWorker(Worker):
         self._tally: Tally = {}
         self._tally_due = 0.0
         self._tally_writer: asyncio.Task | None = None  # writes it when due, if no pop does
+        self._tally_sends: set[asyncio.Task] = set()  # writes under way
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs`` with its per-job WATCH/EXISTS/ZSCORE/MULTI claim (four
@@ -271,6 +273,7 @@ class CacheWorker(Worker):
             try:
                 if time.monotonic() >= next_poll:
                     if replies:
+                        add_tally(self._tally, replies.take_tally())
                         await replies.send(self.pool)
                     replies = None
                     await self._poll_iteration()
@@ -304,19 +307,15 @@ class CacheWorker(Worker):
         """Send ``replies`` and wait up to ``wait_s`` (``None``: not at all) for wake
         tokens, in one round trip; take up to ``WAKE_BATCH`` tokens at once (``BLMPOP``,
         Redis 7; one at a time with ``BRPOP`` on older servers). Redis runs the replies
-        first, so they go out at once; their accounting is written with them once
+        first, so they go out at once; their accounting is written once
         ``defaults.ACCOUNT_EVERY_S`` has passed since the last write (under load, several
-        pops' in one write), else kept and written when due."""
+        pops' in one write), else kept and written when due (``_send_tally``)."""
         pipe = self.pool.pipeline(transaction=False)
         if replies:
             add_tally(self._tally, replies.take_tally())
             await replies.queue(self.pool, pipe)
-        tally: Tally = {}
-        now = time.monotonic()
-        if self._tally and now >= self._tally_due:
-            tally, self._tally = self._tally, {}
-            write_tally(pipe, self.keys, tally)
-            self._tally_due = now + defaults.ACCOUNT_EVERY_S
+        if self._tally and time.monotonic() >= self._tally_due:
+            self._send_tally()
         elif self._tally and (self._tally_writer is None or self._tally_writer.done()):
             self._tally_writer = asyncio.create_task(self._write_tally_when_due())
         if wait_s is None:
@@ -336,8 +335,6 @@ class CacheWorker(Worker):
         for result in sent:
             if isinstance(result, Exception):  # the clients ask again
                 log.error("replies not sent: %s", redis_message(result))
-        if tally:
-            metrics.count(tally)
         if isinstance(popped, ResponseError) and self._blmpop and \
                 "unknown command" in str(popped).lower():
             log.info("this Redis has no BLMPOP: wake tokens are taken one at a time")
@@ -357,29 +354,45 @@ class CacheWorker(Worker):
         await asyncio.sleep(max(0.0, self._tally_due - time.monotonic()))
         if time.monotonic() < self._tally_due:  # a pop wrote meanwhile: the next is due later
             await asyncio.sleep(self._tally_due - time.monotonic())
-        try:
-            await self._write_tally()
-        except (*CONNECTION_ERRORS, ResponseError) as exc:  # lost: see the pop's
-            log.warning("accounting of the last hits not written: %s", redis_message(exc))
+        sending = self._send_tally()
+        if sending is not None:
+            await asyncio.shield(sending)
 
-    async def _write_tally(self) -> None:
+    def _send_tally(self) -> asyncio.Task | None:
+        """Write the accounting kept, in a task of its own: cancelled before its command
+        went out (a stop), a write would lose it."""
         tally, self._tally = self._tally, {}
-        if tally:
-            self._tally_due = time.monotonic() + defaults.ACCOUNT_EVERY_S
-            pipe = self.pool.pipeline(transaction=False)
-            write_tally(pipe, self.keys, tally)
+        if not tally:
+            return None
+        self._tally_due = time.monotonic() + defaults.ACCOUNT_EVERY_S
+        task = asyncio.create_task(self._write_counts(tally))
+        self._tally_sends.add(task)
+        task.add_done_callback(self._tally_sends.discard)
+        return task
+
+    async def _write_counts(self, tally: Tally) -> None:
+        pipe = self.pool.pipeline(transaction=False)
+        write_tally(pipe, self.keys, tally)
+        try:
             await pipe.execute()
-            metrics.count(tally)
+        except (*CONNECTION_ERRORS, ResponseError) as exc:  # (not sent again: it may be in)
+            log.warning("accounting of the last hits not written: %s", redis_message(exc))
+            return
+        metrics.count(tally)
 
     async def stop_accounting(self) -> None:
-        """Write the accounting kept, at once (the worker is stopping)."""
+        """Write the accounting kept, at once, and wait for the writes under way (the
+        worker is stopping)."""
         if self._tally_writer is not None:
             self._tally_writer.cancel()
             await asyncio.gather(self._tally_writer, return_exceptions=True)
-        try:
-            await asyncio.wait_for(self._write_tally(), 0.5)
-        except (*CONNECTION_ERRORS, asyncio.TimeoutError, ResponseError) as exc:
-            log.warning("accounting of the last hits not written: %s", redis_message(exc))
+        self._send_tally()
+        if self._tally_sends:
+            _, late = await asyncio.wait(self._tally_sends, timeout=STOP_ACCOUNTING_S)
+            for task in late:
+                task.cancel()
+                log.warning("accounting of the last hits not written: Redis did not answer "
+                            "within %g s", STOP_ACCOUNTING_S)
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
@@ -405,7 +418,8 @@ class CacheWorker(Worker):
     async def _send_when_done(self, task: asyncio.Task) -> None:
         with contextlib.suppress(Exception):
             replies = await task
-            if replies:
+            if replies:  # its accounting goes with the stop's (stop_accounting)
+                add_tally(self._tally, replies.take_tally())
                 await replies.send(self.pool)
 
     async def _serve_woken(self, tokens: list[bytes]) -> Outbox | None:
