@@ -333,9 +333,9 @@ def findings(agg: dict[str, Any], rt_cost: dict[str, list[float]]) -> str:
   the other; left to itself the kernel moves the cache worker between the CPUs tens of
   times a second and leaves CPU time idle while work waits. `bench.placement` runs the
   other placements; `docs/scaling.md`, *Placement on one host*, says how to set it.""")
-    return f"""### Findings (hot spots, what was fixed, what is proposed)
+    return f"""### Findings (hot spots, what was fixed, what was not adopted)
 
-* **Why c32 is short on the full path.** With 32 closed-loop callers and batch size 32
+* **What bounds c32 on the full path.** With 32 closed-loop callers and batch size 32
   exactly one batch is in flight, so throughput = 32 / batch latency, and the batch
   latency is the CPU spent on it in series. {parts[0]}; {parts[1]}. One Redis round
   trip costs a Python process {rt_py:.0f} µs of CPU here through redis-py and asyncio
@@ -369,15 +369,13 @@ Measured and not adopted (see the rounds above this section):
   the same: c32 0.8-0.9× (the parts travel and are served together; twelfth round).
   Overlap at c32 needs a batch's first requests sent before the rest are made, which
   gives up the batch window's `request_id` order (`eager=True` is that trade).
-
-Still proposed: the cache worker's reserve call carries 12 arguments per request
-(its keys among them); packing and writing them is about a fifth of the worker's
-CPU at c32 (`HiredisRespSerializer.pack` and socket writes in its profile). Passing
-each request's prompt key once, and deriving its keys inside the script, would cut
-that share; it changes the script's contract (keys not declared in `KEYS`), so it
-waits for a round that can re-measure ACLs and sharding with it. Redis's own share
-would not move: its time is the script's body (the same arguments with an empty body
-cost 20 µs of a 600 µs call, section *fcall*).
+* **Each request's prompt key passed once**, its three keys derived inside the script
+  (12 keys and arguments per request down to 8): packing the call of 32 requests
+  costs the cache worker 30 µs instead of 41 (0.3 µs per hit), and Redis parses a
+  third fewer arguments (the same arguments with an empty body cost 20 µs of a
+  600 µs call, section *fcall*), while the script would join three key names per
+  request (about 0.35 µs each in Redis's Lua, sixth round): no gain on the serial
+  path, for a script that names keys outside `KEYS` (twentieth round).
 """
 
 
